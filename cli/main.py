@@ -1,8 +1,12 @@
 """The `approxdarts-np` command line: thin typer commands over library functions."""
 import typer
 
+from approxdarts_np_cli import data, multipliers
+
 app = typer.Typer(help="ApproxDARTS in NumPy/Numba: architecture search with approximate multipliers.",
                   no_args_is_help=True, add_completion=False)
+app.add_typer(multipliers.app, name="multipliers", help="List and characterise multiplier tables.")
+app.add_typer(data.app, name="data", help="CIFAR-10 data: fetch the full set.")
 
 
 @app.command()

@@ -1,0 +1,4 @@
+"""`approxdarts-np multipliers` commands."""
+import typer
+
+app = typer.Typer(no_args_is_help=True)
