@@ -1,0 +1,341 @@
+"""Element-wise, reduction, shape and loss ops, one Function each.
+
+Convolution, pooling and batch-norm ops live in :mod:`approxdarts_np.autodiff.conv`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from approxdarts_np.autodiff.tensor import DTYPE, Function, Tensor, unbroadcast
+
+# ------------------------------------------------------------------ arithmetic
+
+
+class Add(Function):
+    def forward(self, a, b):
+        self.shapes = (a.shape, b.shape)
+        return np.add(a, b, dtype=DTYPE)
+
+    def backward(self, g):
+        sa, sb = self.shapes
+        return (unbroadcast(g, sa) if self.needs_grad(0) else None,
+                unbroadcast(g, sb) if self.needs_grad(1) else None)
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        self.shapes = (a.shape, b.shape)
+        return np.subtract(a, b, dtype=DTYPE)
+
+    def backward(self, g):
+        sa, sb = self.shapes
+        return (unbroadcast(g, sa) if self.needs_grad(0) else None,
+                unbroadcast(-g, sb) if self.needs_grad(1) else None)
+
+
+class Mul(Function):
+    def forward(self, a, b):
+        self.a = a if self.needs_grad(1) else None
+        self.b = b if self.needs_grad(0) else None
+        self.shapes = (a.shape, b.shape)
+        return np.multiply(a, b, dtype=DTYPE)
+
+    def backward(self, g):
+        sa, sb = self.shapes
+        return (unbroadcast(g * self.b, sa) if self.needs_grad(0) else None,
+                unbroadcast(g * self.a, sb) if self.needs_grad(1) else None)
+
+
+class Neg(Function):
+    def forward(self, a):
+        return np.negative(a)
+
+    def backward(self, g):
+        return -g
+
+
+class MatMul(Function):
+    """2-D matrix product ``a @ b``."""
+
+    def forward(self, a, b):
+        if a.ndim != 2 or b.ndim != 2:
+            raise ValueError(f"matmul takes 2-D operands, got {a.shape} and {b.shape}")
+        self.a, self.b = a, b
+        return a @ b
+
+    def backward(self, g):
+        ga = g @ self.b.T if self.needs_grad(0) else None
+        gb = self.a.T @ g if self.needs_grad(1) else None
+        return ga, gb
+
+
+class WeightedSum(Function):
+    """``Σ_i w[i] · x_i`` for a weight vector ``w`` and same-shape tensors ``x_i`` (DARTS MixedOp)."""
+
+    def forward(self, w, *xs):
+        if w.ndim != 1 or w.shape[0] != len(xs):
+            raise ValueError(f"weighted_sum needs one weight per tensor, got {w.shape} for {len(xs)}")
+        self.w = w
+        self.xs = xs if self.needs_grad(0) else None
+        out = np.multiply(xs[0], w[0], dtype=DTYPE)
+        for wi, x in zip(w[1:], xs[1:]):
+            out += wi * x
+        return out
+
+    def backward(self, g):
+        gw = None
+        if self.needs_grad(0):
+            gw = np.array([np.dot(g.ravel(), x.ravel()) for x in self.xs], dtype=DTYPE)
+        gxs = tuple(g * wi if self.needs_grad(i + 1) else None for i, wi in enumerate(self.w))
+        return (gw,) + gxs
+
+
+# ------------------------------------------------------------------ element-wise
+
+
+class ReLU(Function):
+    def forward(self, a):
+        out = np.maximum(a, 0)
+        self.mask = out > 0
+        return out
+
+    def backward(self, g):
+        return g * self.mask
+
+
+class Exp(Function):
+    def forward(self, a):
+        self.out = np.exp(a)
+        return self.out
+
+    def backward(self, g):
+        return g * self.out
+
+
+class Log(Function):
+    def forward(self, a):
+        self.a = a
+        return np.log(a)
+
+    def backward(self, g):
+        return g / self.a
+
+
+# ------------------------------------------------------------------ reductions
+
+
+def _norm_axes(axis, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(sorted(a % ndim for a in axes))
+
+
+class Sum(Function):
+    def forward(self, a, axis=None, keepdims=False):
+        self.shape = a.shape
+        self.axes = _norm_axes(axis, a.ndim)
+        return np.asarray(a.sum(axis=self.axes, keepdims=keepdims, dtype=DTYPE))
+
+    def backward(self, g):
+        kept = list(self.shape)
+        for ax in self.axes:
+            kept[ax] = 1
+        return np.broadcast_to(g.reshape(kept), self.shape).astype(DTYPE)
+
+
+class Mean(Function):
+    def forward(self, a, axis=None, keepdims=False):
+        self.shape = a.shape
+        self.axes = _norm_axes(axis, a.ndim)
+        self.count = int(np.prod([a.shape[ax] for ax in self.axes]))
+        return np.asarray(a.mean(axis=self.axes, keepdims=keepdims, dtype=DTYPE))
+
+    def backward(self, g):
+        kept = list(self.shape)
+        for ax in self.axes:
+            kept[ax] = 1
+        scaled = g.reshape(kept) * DTYPE(1.0 / self.count)
+        return np.broadcast_to(scaled, self.shape).astype(DTYPE)
+
+
+# ------------------------------------------------------------------ shape
+
+
+class Reshape(Function):
+    def forward(self, a, shape=()):
+        self.shape = a.shape
+        return a.reshape(shape)
+
+    def backward(self, g):
+        return g.reshape(self.shape)
+
+
+class Transpose(Function):
+    def forward(self, a, axes=None):
+        self.axes = tuple(range(a.ndim))[::-1] if axes is None else tuple(axes)
+        return np.transpose(a, self.axes)
+
+    def backward(self, g):
+        return np.ascontiguousarray(np.transpose(g, np.argsort(self.axes)))
+
+
+class GetItem(Function):
+    """Basic indexing (ints, slices, Ellipsis, None) and integer-array indexing."""
+
+    def forward(self, a, index=None):
+        self.shape = a.shape
+        self.index = index
+        return np.ascontiguousarray(a[index])
+
+    def backward(self, g):
+        out = np.zeros(self.shape, dtype=DTYPE)
+        np.add.at(out, self.index, g) if _has_array_index(self.index) else out.__setitem__(self.index, g)
+        return out
+
+
+def _has_array_index(index) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, (list, np.ndarray)) for p in parts)
+
+
+class Concat(Function):
+    def forward(self, *arrays, axis=0):
+        self.axis = axis
+        self.sizes = [a.shape[axis] for a in arrays]
+        return np.concatenate(arrays, axis=axis)
+
+    def backward(self, g):
+        bounds = np.cumsum(self.sizes)[:-1]
+        parts = np.split(g, bounds, axis=self.axis)
+        return tuple(np.ascontiguousarray(p) if self.needs_grad(i) else None
+                     for i, p in enumerate(parts))
+
+
+# ------------------------------------------------------------------ softmax and loss
+
+
+def _log_softmax(a: np.ndarray, axis: int) -> np.ndarray:
+    shifted = a - a.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+class Softmax(Function):
+    def forward(self, a, axis=-1):
+        self.axis = axis
+        self.out = np.exp(_log_softmax(a, axis)).astype(DTYPE)
+        return self.out
+
+    def backward(self, g):
+        y = self.out
+        return (y * (g - (g * y).sum(axis=self.axis, keepdims=True))).astype(DTYPE)
+
+
+class LogSoftmax(Function):
+    def forward(self, a, axis=-1):
+        self.axis = axis
+        self.out = _log_softmax(a, axis).astype(DTYPE)
+        return self.out
+
+    def backward(self, g):
+        soft = np.exp(self.out)
+        return (g - soft * g.sum(axis=self.axis, keepdims=True)).astype(DTYPE)
+
+
+class CrossEntropy(Function):
+    """Mean negative log-likelihood of integer ``labels`` under ``softmax(logits)``."""
+
+    def forward(self, logits, labels=None):
+        labels = np.asarray(labels)
+        if logits.ndim != 2 or labels.shape != (logits.shape[0],):
+            raise ValueError(f"cross_entropy needs logits (N, K) and labels (N,), got "
+                             f"{logits.shape} and {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+            raise ValueError("labels out of range for the number of classes")
+        logp = _log_softmax(logits, 1)
+        self.logp, self.labels = logp, labels
+        n = logits.shape[0]
+        return np.asarray(-logp[np.arange(n), labels].mean(), dtype=DTYPE)
+
+    def backward(self, g):
+        n = self.logp.shape[0]
+        grad = np.exp(self.logp)
+        grad[np.arange(n), self.labels] -= 1.0
+        return (grad * (g / n)).astype(DTYPE)
+
+
+# ------------------------------------------------------------------ public functions
+
+
+def add(a, b) -> Tensor:
+    return Add.apply(a, b)
+
+
+def sub(a, b) -> Tensor:
+    return Sub.apply(a, b)
+
+
+def mul(a, b) -> Tensor:
+    return Mul.apply(a, b)
+
+
+def neg(a) -> Tensor:
+    return Neg.apply(a)
+
+
+def matmul(a, b) -> Tensor:
+    return MatMul.apply(a, b)
+
+
+def weighted_sum(weights, tensors) -> Tensor:
+    """``Σ_i weights[i] · tensors[i]`` with one fused op (weights: a 1-D Tensor)."""
+    return WeightedSum.apply(weights, *tensors)
+
+
+def relu(a) -> Tensor:
+    return ReLU.apply(a)
+
+
+def exp(a) -> Tensor:
+    return Exp.apply(a)
+
+
+def log(a) -> Tensor:
+    return Log.apply(a)
+
+
+def sum(a, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001 - mirrors numpy
+    return Sum.apply(a, axis=axis, keepdims=keepdims)
+
+
+def mean(a, axis=None, keepdims: bool = False) -> Tensor:
+    return Mean.apply(a, axis=axis, keepdims=keepdims)
+
+
+def reshape(a, shape) -> Tensor:
+    return Reshape.apply(a, shape=tuple(shape))
+
+
+def transpose(a, axes=None) -> Tensor:
+    return Transpose.apply(a, axes=axes)
+
+
+def getitem(a, index) -> Tensor:
+    return GetItem.apply(a, index=index)
+
+
+def concat(tensors, axis: int = 0) -> Tensor:
+    return Concat.apply(*tensors, axis=axis)
+
+
+def softmax(a, axis: int = -1) -> Tensor:
+    return Softmax.apply(a, axis=axis)
+
+
+def log_softmax(a, axis: int = -1) -> Tensor:
+    return LogSoftmax.apply(a, axis=axis)
+
+
+def cross_entropy(logits, labels) -> Tensor:
+    """Mean cross-entropy of ``logits`` (N, K) against integer ``labels`` (N,)."""
+    return CrossEntropy.apply(logits, labels=np.asarray(labels))

@@ -1,0 +1,298 @@
+"""Tensor and Function: the reverse-mode autodiff engine.
+
+A :class:`Tensor` wraps a float32 ndarray. Every differentiable op is a
+:class:`Function` subclass with ``forward`` and ``backward`` side by side; the
+state backward needs is saved on the function instance (the "ctx"). The engine
+sorts the graph once per :meth:`Tensor.backward` (iteratively, so depth is not
+limited by Python's recursion limit) and checks that every gradient a backward
+returns has exactly its input's shape and dtype, so a wrong backward fails at
+its source.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Sequence
+
+import numpy as np
+
+DTYPE = np.float32
+
+# Whether new results record their graph. A ContextVar (not a module global) so
+# that ``no_grad`` is safe across threads and generators.
+_GRAD_ENABLED = contextvars.ContextVar("approxdarts_np_grad_enabled", default=True)
+
+
+@contextlib.contextmanager
+def no_grad() -> Iterator[None]:
+    """Inside this block no op records a graph (evaluation, optimizer updates)."""
+    token = _GRAD_ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _GRAD_ENABLED.reset(token)
+
+
+def is_grad_enabled() -> bool:
+    """True when ops record the graph for backward."""
+    return _GRAD_ENABLED.get()
+
+
+def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum ``grad`` down to ``shape``: the one place where broadcasting is undone."""
+    if grad.shape == shape:
+        return grad
+    lead = grad.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        i + lead for i, n in enumerate(shape) if n == 1 and grad.shape[i + lead] != 1)
+    out = grad.sum(axis=axes, keepdims=True, dtype=DTYPE) if axes else grad
+    if lead:
+        out = out.reshape(out.shape[lead:])
+    return out.reshape(shape).astype(DTYPE, copy=False)
+
+
+class Tensor:
+    """A float32 array that can record the ops applied to it and back-propagate."""
+
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "name", "__weakref__")
+    # Make ``ndarray op Tensor`` defer to Tensor's reflected operators.
+    __array_ufunc__ = None
+
+    def __init__(self, data, requires_grad: bool = False, name: str | None = None):
+        arr = np.asarray(data)
+        if arr.dtype != DTYPE:
+            arr = arr.astype(DTYPE)
+        self.data: np.ndarray = arr
+        self.grad: np.ndarray | None = None
+        self.requires_grad = bool(requires_grad)
+        self._ctx: Function | None = None
+        self.name = name
+
+    # ------------------------------------------------------------ properties
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    def numpy(self) -> np.ndarray:
+        """The underlying array (not a copy)."""
+        return self.data
+
+    def item(self) -> float:
+        return float(self.data.reshape(-1)[0]) if self.data.size == 1 else float(self.data)
+
+    def detach(self) -> "Tensor":
+        """The same data, cut from the graph."""
+        return Tensor(self.data, requires_grad=False)
+
+    def __repr__(self) -> str:
+        flag = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={self.shape}{flag})"
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    # -------------------------------------------------------------- backward
+    def backward(self, grad: np.ndarray | None = None) -> None:
+        """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
+
+        The graph is released as it is consumed: intermediate results keep no
+        gradient and functions drop their saved state.
+        """
+        if grad is None:
+            if self.data.size != 1:
+                raise ValueError("backward() without a gradient needs a scalar tensor")
+            grad = np.ones_like(self.data)
+        grad = np.asarray(grad, dtype=DTYPE)
+        if grad.shape != self.shape:
+            raise ValueError(f"gradient shape {grad.shape} != tensor shape {self.shape}")
+
+        order = _topological_order(self)
+        grads: dict[int, np.ndarray] = {id(self): grad}
+        for node in order:
+            g = grads.pop(id(node), None)
+            ctx = node._ctx
+            if ctx is None:
+                if node.requires_grad and g is not None:
+                    node.grad = g.copy() if node.grad is None else node.grad + g
+                continue
+            node._ctx = None
+            if g is None:
+                continue
+            in_grads = ctx.backward(g)
+            if not isinstance(in_grads, tuple):
+                in_grads = (in_grads,)
+            if len(in_grads) != len(ctx.parents):
+                raise RuntimeError(f"{type(ctx).__name__}.backward returned {len(in_grads)} "
+                                   f"gradients for {len(ctx.parents)} inputs")
+            for parent, pg in zip(ctx.parents, in_grads):
+                if pg is None or not parent.requires_grad:
+                    continue
+                _check_grad(ctx, parent, pg)
+                key = id(parent)
+                if key in grads:
+                    grads[key] = grads[key] + pg
+                else:
+                    grads[key] = pg
+            ctx.parents = ()
+            ctx.release()
+
+    # ------------------------------------------------------------- operators
+    def __add__(self, other):
+        return F.add(self, other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return F.sub(self, other)
+
+    def __rsub__(self, other):
+        return F.sub(other, self)
+
+    def __mul__(self, other):
+        return F.mul(self, other)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        if isinstance(other, Tensor):
+            raise TypeError("division by a Tensor is not supported; multiply by its reciprocal")
+        return F.mul(self, 1.0 / float(other))
+
+    def __neg__(self):
+        return F.neg(self)
+
+    def __matmul__(self, other):
+        return F.matmul(self, other)
+
+    def __getitem__(self, index):
+        return F.getitem(self, index)
+
+    def sum(self, axis=None, keepdims: bool = False):
+        return F.sum(self, axis=axis, keepdims=keepdims)
+
+    def mean(self, axis=None, keepdims: bool = False):
+        return F.mean(self, axis=axis, keepdims=keepdims)
+
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return F.reshape(self, shape)
+
+    def transpose(self, *axes):
+        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+            axes = tuple(axes[0])
+        return F.transpose(self, axes or None)
+
+    @property
+    def T(self):
+        return F.transpose(self, None)
+
+    def relu(self):
+        return F.relu(self)
+
+    def exp(self):
+        return F.exp(self)
+
+    def log(self):
+        return F.log(self)
+
+    def softmax(self, axis: int = -1):
+        return F.softmax(self, axis=axis)
+
+    def log_softmax(self, axis: int = -1):
+        return F.log_softmax(self, axis=axis)
+
+
+def as_tensor(value) -> Tensor:
+    """A Tensor for ``value`` (returned unchanged when it already is one)."""
+    return value if isinstance(value, Tensor) else Tensor(value)
+
+
+def _check_grad(ctx: "Function", parent: Tensor, grad) -> None:
+    if not isinstance(grad, np.ndarray) or grad.shape != parent.shape or grad.dtype != DTYPE:
+        got = (grad.shape, grad.dtype) if isinstance(grad, np.ndarray) else type(grad).__name__
+        raise RuntimeError(f"{type(ctx).__name__}.backward returned a gradient {got} for an input "
+                           f"of shape {parent.shape} and dtype {DTYPE.__name__}")
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Nodes reachable from ``root``, each after every node that consumes it."""
+    order: list[Tensor] = []
+    visited: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        if node._ctx is not None:
+            for parent in node._ctx.parents:
+                if id(parent) not in visited and parent.requires_grad:
+                    stack.append((parent, False))
+    order.reverse()
+    return order
+
+
+class Function:
+    """One differentiable op: ``forward`` on arrays, ``backward`` from the output gradient.
+
+    Subclasses save what backward needs on ``self`` and return from ``backward``
+    one gradient (float32 array of the input's shape, or None) per Tensor input,
+    in the order the inputs were given to :meth:`apply`.
+    """
+
+    parents: Sequence[Tensor] = ()
+
+    def forward(self, *arrays, **kwargs) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def backward(self, grad: np.ndarray):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop saved state once backward has run (frees memory early)."""
+        self.__dict__.clear()
+
+    def needs_grad(self, i: int) -> bool:
+        """Whether the i-th Tensor input wants a gradient (skip work when it does not)."""
+        return self._record and self.parents[i].requires_grad
+
+    @classmethod
+    def apply(cls, *inputs, **kwargs) -> Tensor:
+        """Run forward on the inputs' arrays and record the op when a gradient may be needed."""
+        tensors = tuple(as_tensor(x) for x in inputs)
+        ctx = cls()
+        record = is_grad_enabled() and any(t.requires_grad for t in tensors)
+        ctx.parents = tensors
+        ctx._record = record
+        out = ctx.forward(*(t.data for t in tensors), **kwargs)
+        if not isinstance(out, np.ndarray) or out.dtype != DTYPE:
+            raise RuntimeError(f"{cls.__name__}.forward must return a float32 ndarray, "
+                               f"got {getattr(out, 'dtype', type(out))}")
+        result = Tensor(out, requires_grad=record)
+        if record:
+            result._ctx = ctx
+        else:
+            ctx.parents = ()
+            ctx.release()
+        return result
+
+
+# Bound late so that the operator methods above can reach the op library.
+from approxdarts_np.autodiff import functional as F  # noqa: E402
