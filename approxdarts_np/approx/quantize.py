@@ -1,0 +1,149 @@
+"""Per-tensor asymmetric unsigned 8-bit quantisation, following TFApprox.
+
+For a tensor ``x`` (DESIGN §4):
+
+- range: ``lo = min(min(x), 0)``, ``hi = max(max(x), 0)`` — widened so that 0 is inside;
+- scale ``s = (hi - lo) / 255``; zero point ``z = round(-lo / s)`` clamped to 0..255;
+- ``q = clamp(round(x / s) + z, 0, 255)``; de-quantised value ``(q - z) * s``.
+
+Choices, so that results are exactly reproducible:
+
+- **Rounding is half up** (``round(v) = floor(v + 1/2)``, computed exactly as ``floor(v)`` plus
+  one when ``v - floor(v) >= 1/2``). This is TFApprox's rule: its kernels quantise with
+  ``(uint8) clamp((x - nudged_min) * inv_scale + 0.5, 0, 255)`` (truncation of a non-negative
+  value, i.e. floor) and take the zero point from TensorFlow's ``Nudge``, which uses
+  ``std::round`` on a non-negative number (half away from zero = half up). NumPy's ``np.rint``
+  (half to even) would differ on exact ties.
+- **Arithmetic is float64.** ``s`` is a Python float computed from the float32 min and max
+  (converted exactly); ``x / s`` is evaluated in float64 with IEEE division, no fast-math.
+  TFApprox does the same steps in float32 via ``1/s``, so a value sitting within float32
+  rounding of a tie can land one step apart; the rule is the same, the bits are ours.
+- **Zero is exact**: ``x == 0`` quantises to ``z`` and de-quantises to exactly 0, so zero padding
+  is ``q = z``. Every ``x`` in ``[min(x), max(x)]`` de-quantises to within ``s / 2`` of itself
+  (plus float32 rounding of the result).
+- **The all-zero tensor** (``lo == hi == 0``) gets ``s = 1.0, z = 0``: every value quantises to
+  0 and de-quantises to 0. (TFApprox stores ``s = 0`` there; a unit scale avoids dividing by 0
+  and gives the same numbers.)
+- **Widening, not nudging**: TFApprox's ``fake_approx_conv2d`` passes the raw batch min/max to
+  TensorFlow's ``Nudge``, which for an all-positive tensor *shifts* the range to
+  ``[0, max - min]`` rather than widening it to ``[0, max]``. We widen as DESIGN §4 says (as
+  TensorFlow's quantisation-aware training does with ``min(batch_min, 0)``); the two agree
+  whenever the tensor already spans 0, as ReLU outputs and weights do.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+from numba import njit
+
+QMIN = 0
+QMAX = 255
+
+
+def _as_float_array(x, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    if x.size == 0:
+        raise ValueError(f"{name} is empty; quantisation needs at least one value")
+    return x
+
+
+def _round_half_up(v: float) -> int:
+    floor = np.floor(v)
+    return int(floor) + (1 if v - floor >= 0.5 else 0)
+
+
+def quant_params(x) -> tuple[float, int]:
+    """Return ``(scale, zero_point)`` for quantising ``x`` per tensor to unsigned 8 bit.
+
+    ``scale`` is a Python float (float64), ``zero_point`` a Python int in 0..255. Raises
+    ValueError if ``x`` is empty or holds NaN or infinity, TypeError if it is not floating point.
+    """
+    x = _as_float_array(x, "x")
+    lo = float(x.min())
+    hi = float(x.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError("cannot quantise a tensor that contains NaN or infinity")
+    lo = min(lo, 0.0)
+    hi = max(hi, 0.0)
+    if hi == lo:
+        return 1.0, 0
+    scale = (hi - lo) / float(QMAX - QMIN)
+    zero_point = min(max(_round_half_up(-lo / scale), QMIN), QMAX)
+    return scale, zero_point
+
+
+def _check_params(scale, zero_point) -> tuple[float, int]:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number, got {scale!r}")
+    scale = float(scale)
+    if not (np.isfinite(scale) and scale > 0.0):
+        raise ValueError(f"scale must be finite and > 0, got {scale!r}")
+    if isinstance(zero_point, bool) or not isinstance(zero_point, numbers.Integral):
+        raise TypeError(f"zero_point must be an integer, got {zero_point!r}")
+    zero_point = int(zero_point)
+    if not QMIN <= zero_point <= QMAX:
+        raise ValueError(f"zero_point must lie in {QMIN}..{QMAX}, got {zero_point}")
+    return scale, zero_point
+
+
+# The element-wise kernels are serial on purpose: they are memory-bound at about 1 ns per
+# element, and on a 2-core machine a thread team costs more than it saves.
+@njit(cache=True)
+def _quantize_kernel(x, scale, zero_point, out):
+    """``out[i] = clamp(round_half_up(x[i] / scale) + zero_point, 0, 255)``; returns #NaN."""
+    bad = 0
+    for i in range(x.size):
+        v = np.float64(x[i]) / scale
+        if v != v:
+            bad += 1
+            out[i] = zero_point
+            continue
+        f = np.floor(v)
+        f = f + (1.0 if v - f >= 0.5 else 0.0)
+        q = min(max(f + zero_point, 0.0), 255.0)
+        out[i] = np.uint8(np.int32(q))
+    return bad
+
+
+@njit(cache=True)
+def _dequantize_kernel(q, scale, zero_point, out):
+    """``out[i] = float32((q[i] - zero_point) * scale)``, the product taken in float64."""
+    for i in range(q.size):
+        out[i] = np.float32(np.float64(np.int32(q[i]) - zero_point) * scale)
+
+
+def quantize_with(x, scale: float, zero_point: int) -> np.ndarray:
+    """Return ``x`` quantised with the given parameters as a uint8 array of ``x``'s shape.
+
+    Values outside the representable range ``[-z*s, (255-z)*s]`` saturate to 0 or 255; ±inf
+    saturate too. Raises ValueError for NaN, a non-positive scale or a zero point outside 0..255.
+    """
+    x = _as_float_array(x, "x")
+    scale, zero_point = _check_params(scale, zero_point)
+    flat = np.ascontiguousarray(x).reshape(-1)
+    out = np.empty(flat.size, dtype=np.uint8)
+    bad = _quantize_kernel(flat, scale, zero_point, out)
+    if bad:
+        raise ValueError(f"cannot quantise a tensor that contains NaN ({bad} values)")
+    return out.reshape(x.shape)
+
+
+def quantize_per_tensor(x) -> tuple[np.ndarray, float, int]:
+    """Return ``(q, scale, zero_point)``: ``x`` quantised with its own :func:`quant_params`."""
+    scale, zero_point = quant_params(x)
+    return quantize_with(x, scale, zero_point), scale, zero_point
+
+
+def dequantize(q, scale: float, zero_point: int) -> np.ndarray:
+    """Return ``(q - zero_point) * scale`` as float32 (computed in float64, rounded once)."""
+    q = np.asarray(q)
+    if q.dtype != np.uint8:
+        raise TypeError(f"q must be a uint8 array, got dtype {q.dtype}")
+    scale, zero_point = _check_params(scale, zero_point)
+    flat = np.ascontiguousarray(q).reshape(-1)
+    out = np.empty(flat.size, dtype=np.float32)
+    _dequantize_kernel(flat, scale, zero_point, out)
+    return out.reshape(q.shape)

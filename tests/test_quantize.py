@@ -1,0 +1,187 @@
+"""Per-tensor asymmetric uint8 quantisation.
+
+References: a slow NumPy twin of the kernels (must match exactly), the round-trip bound
+``|dequantize(quantize(x)) - x| <= s/2`` (plus float32 rounding of the result: ``|x| * 2^-23``
+and ``s * 1e-9`` for the float64 division), and TFApprox's own float32 formula (agrees except
+within float32 rounding of a tie: at most one step, on a tiny share of values).
+"""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from approxdarts_np.approx.quantize import (
+    dequantize, quant_params, quantize_per_tensor, quantize_with,
+)
+
+
+def _twin_quantize(x, scale, zero_point):
+    """Obvious NumPy version: half-up rounding of x/s in float64, plus z, clamped."""
+    v = np.asarray(x, dtype=np.float64) / scale
+    f = np.floor(v)
+    rounded = f + (v - f >= 0.5)
+    return np.clip(rounded + zero_point, 0, 255).astype(np.uint8)
+
+
+def _twin_dequantize(q, scale, zero_point):
+    return ((q.astype(np.float64) - zero_point) * scale).astype(np.float32)
+
+
+def _roundtrip_error_ok(x, back, scale):
+    x64 = np.asarray(x, dtype=np.float64)
+    bound = scale / 2 + scale * 1e-9 + np.abs(x64) * 2.0 ** -23 + 1e-45
+    return bool(np.all(np.abs(back.astype(np.float64) - x64) <= bound))
+
+
+_shapes = hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=6)
+
+
+@st.composite
+def _tensors(draw):
+    """float32 tensors: mixed sign, all positive, all negative, constant, tiny or wide range."""
+    kind = draw(st.sampled_from(["mixed", "positive", "negative", "constant", "tiny", "wide"]))
+    shape = draw(_shapes)
+    if kind == "constant":
+        value = draw(st.floats(-1e3, 1e3, width=32))
+        return np.full(shape, value, dtype=np.float32)
+    lo, hi = {"mixed": (-10.0, 10.0), "positive": (0.5, 20.0), "negative": (-20.0, -0.5),
+              "tiny": (-2.0 ** -20, 2.0 ** -20), "wide": (-2.0 ** 20, 2.0 ** 20)}[kind]
+    return draw(hnp.arrays(np.float32, shape, elements=st.floats(lo, hi, width=32)))
+
+
+@given(_tensors())
+def test_round_trip_within_half_a_step(x):
+    q, scale, zp = quantize_per_tensor(x)
+    assert q.dtype == np.uint8 and q.shape == x.shape
+    assert scale > 0 and 0 <= zp <= 255 and isinstance(zp, int) and isinstance(scale, float)
+    back = dequantize(q, scale, zp)
+    assert back.dtype == np.float32 and back.shape == x.shape
+    assert _roundtrip_error_ok(x, back, scale)
+
+
+@given(_tensors())
+def test_kernels_match_numpy_twin_exactly(x):
+    q, scale, zp = quantize_per_tensor(x)
+    np.testing.assert_array_equal(q, _twin_quantize(x, scale, zp))
+    np.testing.assert_array_equal(dequantize(q, scale, zp), _twin_dequantize(q, scale, zp))
+
+
+@given(_tensors())
+def test_params_follow_the_definition(x):
+    scale, zp = quant_params(x)
+    lo = min(float(x.min()), 0.0)
+    hi = max(float(x.max()), 0.0)
+    if hi == lo:
+        assert (scale, zp) == (1.0, 0)
+        return
+    assert scale == (hi - lo) / 255.0
+    assert abs(zp - (-lo / scale)) <= 0.5 + 1e-9
+    if lo == 0.0:
+        assert zp == 0
+    if hi == 0.0:
+        assert zp == 255
+
+
+@given(_tensors())
+def test_zero_is_exactly_representable(x):
+    scale, zp = quant_params(x)
+    q0 = quantize_with(np.zeros(3, np.float32), scale, zp)
+    assert np.all(q0 == zp)
+    assert np.all(dequantize(q0, scale, zp) == 0.0)
+
+
+def test_all_positive_and_all_negative_ranges_are_widened_to_zero():
+    q, scale, zp = quantize_per_tensor(np.array([1.0, 2.0, 3.0], np.float32))
+    assert zp == 0 and scale == 3.0 / 255 and q[-1] == 255
+    q, scale, zp = quantize_per_tensor(np.array([-3.0, -2.0, -1.0], np.float32))
+    assert zp == 255 and scale == 3.0 / 255 and q[0] == 0
+
+
+def test_all_zero_tensor():
+    q, scale, zp = quantize_per_tensor(np.zeros((2, 3), np.float32))
+    assert (scale, zp) == (1.0, 0)
+    assert np.all(q == 0) and np.all(dequantize(q, scale, zp) == 0.0)
+
+
+def test_ties_round_half_up_like_tfapprox():
+    x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999999999999994], dtype=np.float64)
+    np.testing.assert_array_equal(quantize_with(x, 1.0, 10), [11, 12, 13, 10, 9, 8, 10])
+    # Test the tester: half-to-even rounding (np.rint) gives other codes on these ties.
+    rint = np.clip(np.rint(x) + 10, 0, 255).astype(np.uint8)
+    assert not np.array_equal(rint, quantize_with(x, 1.0, 10))
+
+
+def test_zero_point_rounds_half_up():
+    # -lo/s = 127.5 exactly: lo = -127.5, hi = 127.5, s = 1.
+    scale, zp = quant_params(np.array([-127.5, 127.5], np.float32))
+    assert scale == 1.0 and zp == 128
+
+
+def test_saturation_and_float64_input():
+    q = quantize_with(np.array([-1e9, 1e9, np.inf, -np.inf]), 0.1, 100)
+    np.testing.assert_array_equal(q, [0, 255, 255, 0])
+    x = np.linspace(-1, 2, 17)
+    q, scale, zp = quantize_per_tensor(x)
+    assert _roundtrip_error_ok(x, dequantize(q, scale, zp), scale)
+
+
+def test_non_contiguous_input_matches_contiguous_copy():
+    x = np.random.default_rng(0).standard_normal((4, 5, 6)).astype(np.float32)
+    view = x.transpose(2, 0, 1)[:, ::2]
+    q, scale, zp = quantize_per_tensor(view)
+    q2, scale2, zp2 = quantize_per_tensor(np.ascontiguousarray(view))
+    assert (scale, zp) == (scale2, zp2)
+    np.testing.assert_array_equal(q, q2)
+
+
+def test_agrees_with_tfapprox_float32_formula():
+    """TFApprox: q = uint8(clamp((x - nudged_min) * inv_scale + 0.5, 0, 255)), all in float32."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(20000) * 3).astype(np.float32)
+    scale, zp = quant_params(x)
+    s32 = np.float32((np.float32(x.max()) - np.float32(x.min())) / np.float32(255))
+    inv32 = np.float32(255) / (np.float32(x.max()) - np.float32(x.min()))
+    nudged_min = np.float32(-zp) * s32
+    v = (x - nudged_min) * inv32 + np.float32(0.5)
+    tf_q = np.floor(np.clip(v, 0, 255)).astype(np.uint8)
+    ours = quantize_with(x, scale, zp)
+    diff = np.abs(ours.astype(int) - tf_q.astype(int))
+    assert diff.max() <= 1
+    assert np.count_nonzero(diff) <= 0.001 * x.size
+
+
+def test_the_tester_wrong_zero_point_breaks_round_trip():
+    x = np.linspace(-1, 1, 101, dtype=np.float32)
+    q, scale, zp = quantize_per_tensor(x)
+    assert _roundtrip_error_ok(x, dequantize(q, scale, zp), scale)
+    assert not _roundtrip_error_ok(x, dequantize(q, scale, zp + 1), scale)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (np.array([1.0, np.nan], np.float32), ValueError),
+    (np.array([1.0, np.inf], np.float32), ValueError),
+    (np.array([], np.float32), ValueError),
+    (np.array([1, 2], np.int32), TypeError),
+])
+def test_bad_tensors(bad, error):
+    with pytest.raises(error):
+        quantize_per_tensor(bad)
+
+
+def test_bad_parameters():
+    x = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_with(np.array([np.nan], np.float32), 1.0, 0)
+    with pytest.raises(ValueError):
+        quantize_with(x, 0.0, 0)
+    with pytest.raises(ValueError):
+        quantize_with(x, float("nan"), 0)
+    with pytest.raises(ValueError):
+        quantize_with(x, 1.0, 256)
+    with pytest.raises(TypeError):
+        quantize_with(x, 1.0, 1.5)
+    with pytest.raises(TypeError):
+        dequantize(np.ones(3, np.int32), 1.0, 0)
+    with pytest.raises(ValueError):
+        dequantize(np.ones(3, np.uint8), -1.0, 0)
