@@ -2,10 +2,12 @@
 import typer
 
 from approxdarts_np_cli import data, multipliers
+from approxdarts_np_cli.search import search
 
 app = typer.Typer(help="ApproxDARTS in NumPy/Numba: architecture search with approximate multipliers.",
                   no_args_is_help=True, add_completion=False)
 app.add_typer(multipliers.app, name="multipliers", help="List and characterise multiplier tables.")
+app.command()(search)
 app.add_typer(data.app, name="data", help="CIFAR-10 data: fetch the full set.")
 
 
