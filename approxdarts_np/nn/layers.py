@@ -11,6 +11,7 @@ from approxdarts_np.autodiff import Tensor
 from approxdarts_np.autodiff import conv as C
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.kernels._util import as_pair, conv_output_size
+from approxdarts_np.nn.costs import note_call
 from approxdarts_np.nn.module import Module, Parameter
 
 
@@ -64,6 +65,7 @@ class Conv2d(_ConvBase):
         self.weight = Parameter(_uniform(rng, (out_channels, in_channels // groups, kh, kw), fan_in))
 
     def forward(self, x: Tensor) -> Tensor:
+        note_call(self, x.shape)
         if self.multiplier is not None:
             return self.multiplier.conv2d(x, self.weight, self.stride, self.padding,
                                           self.dilation, self.groups)
@@ -79,6 +81,7 @@ class DepthwiseConv2d(_ConvBase):
         self.weight = Parameter(_uniform(rng, (channels, 1, kh, kw), kh * kw))
 
     def forward(self, x: Tensor) -> Tensor:
+        note_call(self, x.shape)
         if self.multiplier is not None:
             return self.multiplier.conv2d(x, self.weight, self.stride, self.padding,
                                           self.dilation, self.weight.shape[0])
@@ -163,6 +166,7 @@ class Linear(Module):
         self.bias = Parameter(_uniform(rng, (out_features,), in_features)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
+        note_call(self, x.shape)
         y = F.matmul(x, F.transpose(self.weight))
         return y + self.bias if self.bias is not None else y
 

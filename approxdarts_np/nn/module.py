@@ -44,37 +44,49 @@ class Module:
                     if isinstance(item, Module):
                         yield f"{name}.{i}", item
 
-    def modules(self) -> Iterator["Module"]:
-        """This module and every module below it, depth first."""
-        yield self
-        for _, child in self.named_children():
-            yield from child.modules()
+    def named_modules(self) -> Iterator[tuple[str, "Module"]]:
+        """``(dotted name, module)`` for this module ("" at the top) and every module below it.
 
-    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
-        for name, value in vars(self).items():
-            if isinstance(value, Parameter):
-                yield prefix + name, value
-        for name, child in self.named_children():
-            yield from child.named_parameters(prefix + name + ".")
+        A module reachable by two paths (e.g. a layer held as an attribute and
+        inside a Sequential) is listed once, under the first path.
+        """
+        seen: set[int] = set()
+        stack = [("", self)]
+        while stack:
+            prefix, module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            yield prefix, module
+            children = list(module.named_children())
+            for name, child in reversed(children):
+                stack.append((f"{prefix}.{name}" if prefix else name, child))
+
+    def modules(self) -> Iterator["Module"]:
+        """This module and every module below it, depth first, each once."""
+        for _, m in self.named_modules():
+            yield m
+
+    def named_parameters(self) -> Iterator[tuple[str, Parameter]]:
+        """``(dotted name, parameter)`` for every Parameter, each once, in a fixed order."""
+        seen: set[int] = set()
+        for prefix, module in self.named_modules():
+            for name, value in vars(module).items():
+                if isinstance(value, Parameter) and id(value) not in seen:
+                    seen.add(id(value))
+                    yield (f"{prefix}.{name}" if prefix else name), value
 
     def parameters(self) -> list[Parameter]:
         """Every Parameter of this module and its children, each once, in a fixed order."""
-        seen: set[int] = set()
-        out = []
-        for _, p in self.named_parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-        return out
+        return [p for _, p in self.named_parameters()]
 
     def register_buffer(self, name: str, value: np.ndarray) -> None:
         self._buffers[name] = np.asarray(value, dtype=np.float32)
 
-    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
-        for name, value in self._buffers.items():
-            yield prefix + name, value
-        for name, child in self.named_children():
-            yield from child.named_buffers(prefix + name + ".")
+    def named_buffers(self) -> Iterator[tuple[str, np.ndarray]]:
+        for prefix, module in self.named_modules():
+            for name, value in module._buffers.items():
+                yield (f"{prefix}.{name}" if prefix else name), value
 
     # ---------------------------------------------------------------- modes
     def train(self, mode: bool = True) -> "Module":
@@ -99,8 +111,8 @@ class Module:
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Load values saved by :meth:`state_dict`; names and shapes must match exactly."""
         own = dict(self.named_parameters())
-        buffers = {name: (module, key) for module_prefix, module in _named_modules(self)
-                   for key in module._buffers for name in [module_prefix + key]}
+        buffers = {(f"{prefix}.{key}" if prefix else key): (module, key)
+                   for prefix, module in self.named_modules() for key in module._buffers}
         expected = set(own) | set(buffers)
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
@@ -110,12 +122,6 @@ class Module:
             _copy_into(name, p.data, state[name])
         for name, (module, key) in buffers.items():
             _copy_into(name, module._buffers[key], state[name])
-
-
-def _named_modules(module: Module, prefix: str = "") -> Iterator[tuple[str, Module]]:
-    yield prefix, module
-    for name, child in module.named_children():
-        yield from _named_modules(child, prefix + name + ".")
 
 
 def _copy_into(name: str, target: np.ndarray, value) -> None:
