@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as TF
 
 from approxdarts_np import nn
+from approxdarts_np.nas import model_eval as me
 from approxdarts_np.nas import model_search as ms
 from approxdarts_np.nas import operations as ops
 
@@ -22,6 +23,8 @@ class TorchMirror:
     def __init__(self, model: nn.Module):
         self.model = model
         self.leaf = {id(p): torch.tensor(p.data.copy(), requires_grad=True) for p in model.parameters()}
+        self.macs: list[tuple[str, int]] = []  # (kind, MACs) of every conv/linear call, in order
+        self.drop_masks = None  # iterator of (N,1,1,1) keep masks for drop-path, when training with it
         # Running statistics are updated on copies, to compare with ours afterwards.
         self.buffers = {id(m): (torch.tensor(m._buffers["running_mean"].copy()),
                                 torch.tensor(m._buffers["running_var"].copy()))
@@ -36,6 +39,12 @@ class TorchMirror:
 
     # ------------------------------------------------------------ dispatch
     def run(self, m, x, *extra):
+        if isinstance(m, me.NetworkCIFAR):
+            return self.network_cifar(m, x)
+        if isinstance(m, me.EvalCell):
+            return self.eval_cell(m, x, *extra)
+        if isinstance(m, me.AuxiliaryHead):
+            return self.run(m.classifier, self.run(m.features, x).flatten(1))
         if isinstance(m, ms.Network):
             return self.network(m, x)
         if isinstance(m, ms.SearchCell):
@@ -72,13 +81,17 @@ class TorchMirror:
         if isinstance(m, nn.GlobalAvgPool2d):
             return x.mean(dim=(2, 3))
         if isinstance(m, nn.Linear):
+            self.macs.append(("linear", x.shape[0] * m.weight.shape[0] * m.weight.shape[1]))
             y = x @ self.p(m.weight).T
             return y + self.p(m.bias) if m.bias is not None else y
         raise TypeError(f"no torch mirror for {type(m).__name__}")
 
     def conv(self, m, x):
         groups = m.weight.shape[0] if isinstance(m, nn.DepthwiseConv2d) else m.groups
-        return TF.conv2d(x, self.p(m.weight), None, m.stride, m.padding, m.dilation, groups)
+        y = TF.conv2d(x, self.p(m.weight), None, m.stride, m.padding, m.dilation, groups)
+        w = m.weight.shape
+        self.macs.append(("conv", y.numel() * w[1] * w[2] * w[3]))
+        return y
 
     def batch_norm(self, m, x):
         rm, rv = self.buffers[id(m)]
@@ -111,6 +124,31 @@ class TorchMirror:
             weights = torch.softmax(self.p(alphas), dim=-1)
             s0, s1 = s1, self.search_cell(cell, s0, s1, weights)
         return self.run(net.classifier, self.run(net.global_pooling, s1))
+
+
+    # ------------------------------------------------------------ DARTS evaluation network
+    def eval_cell(self, cell, s0, s1, drop_prob=0.0):
+        states = [self.run(cell.preprocess0, s0), self.run(cell.preprocess1, s1)]
+        pairs = cell.op_names
+        for i in range(len(pairs) // 2):
+            hs = []
+            for k in (2 * i, 2 * i + 1):
+                h = self.run(cell.ops[k], states[cell.indices[k]])
+                if cell.training and drop_prob > 0 and not isinstance(cell.ops[k], nn.Identity):
+                    keep = 1.0 - drop_prob
+                    h = h / keep * torch.tensor(next(self.drop_masks))
+                hs.append(h)
+            states.append(hs[0] + hs[1])
+        return torch.cat([states[i] for i in cell.concat], dim=1)
+
+    def network_cifar(self, net, x):
+        aux = None
+        s0 = s1 = self.run(net.stem, x)
+        for i, cell in enumerate(net.cells):
+            s0, s1 = s1, self.eval_cell(cell, s0, s1, net.drop_path_prob)
+            if i == 2 * net.layers // 3 and net.auxiliary_head is not None and net.training:
+                aux = self.run(net.auxiliary_head, s1)
+        return self.run(net.classifier, self.run(net.global_pooling, s1)), aux
 
 
 def _edge_stride(mixed: ms.MixedOp) -> int:

@@ -139,6 +139,8 @@ class Tensor:
             for parent, pg in zip(ctx.parents, in_grads):
                 if pg is None or not parent.requires_grad:
                     continue
+                if isinstance(pg, np.generic):  # numpy turns 0-d results into scalars
+                    pg = np.asarray(pg)
                 _check_grad(ctx, parent, pg)
                 key = id(parent)
                 if key in grads:
@@ -282,6 +284,8 @@ class Function:
         ctx.parents = tensors
         ctx._record = record
         out = ctx.forward(*(t.data for t in tensors), **kwargs)
+        if isinstance(out, np.generic):  # numpy turns 0-d results into scalars
+            out = np.asarray(out)
         if not isinstance(out, np.ndarray) or out.dtype != DTYPE:
             raise RuntimeError(f"{cls.__name__}.forward must return a float32 ndarray, "
                                f"got {getattr(out, 'dtype', type(out))}")
