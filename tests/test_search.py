@@ -113,7 +113,7 @@ def test_bad_settings_fail_before_writing_anything(tmp_path, kw, message):
 
 def test_existing_search_is_not_overwritten(reference_run):
     out, _ = reference_run
-    with pytest.raises(UserError, match="already holds a search"):
+    with pytest.raises(UserError, match="already holds a run"):
         run_search(_config(out))
 
 

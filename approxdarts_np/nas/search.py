@@ -11,34 +11,32 @@ checkpoint ends bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from approxdarts_np.autodiff import Tensor, no_grad
+from approxdarts_np.autodiff import Tensor
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.data.augment import AugmentConfig, BatchLoader
 from approxdarts_np.data.cifar import load_cifar10, search_split
 from approxdarts_np.errors import UserError
 from approxdarts_np.io.checkpoint import load_tree, save_tree, write_json, write_text
+from approxdarts_np.io.rundir import CHECKPOINT, CONFIG, RunClock, prepare_output_dir, refuse_existing_run, saved_config
+from approxdarts_np.nas.config import RunConfig
+from approxdarts_np.nas.evaluate import evaluate
 from approxdarts_np.nas.model_search import Network
 from approxdarts_np.nas.operations import PRIMITIVES
 from approxdarts_np.nn import SGD, Adam, clip_grad_norm, cosine_lr
 
 ProgressCallback = Callable[[dict], None]
 
-CHECKPOINT = "checkpoint.h5"
-CONFIG = "config.json"
-
 
 @dataclass
-class SearchConfig:
+class SearchConfig(RunConfig):
     """Every setting of a search. ``quick()`` fits a CPU in minutes; ``paper()`` is DARTS's."""
 
     data_dir: str | None = None
@@ -73,40 +71,11 @@ class SearchConfig:
 
     def validate(self) -> None:
         """Raise UserError for settings that cannot run."""
-        if self.layers < 3:
-            raise UserError(f"--layers must be at least 3 (two reduction cells and a normal one), got {self.layers}")
-        if self.channels <= 0:
-            raise UserError(f"--channels must be positive, got {self.channels}")
-        if self.epochs <= 0:
-            raise UserError(f"--epochs must be positive, got {self.epochs}")
-        if self.batch_size <= 0:
-            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.max_train_images is not None and self.max_train_images < 2:
-            raise UserError(f"--max-train-images must be at least 2, got {self.max_train_images}")
-        if self.threads is not None and self.threads <= 0:
-            raise UserError(f"--threads must be positive, got {self.threads}")
-        for name in ("lr", "arch_lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lr_min < 0 or self.weight_decay < 0 or self.arch_weight_decay < 0:
-            raise UserError("learning-rate floor and weight decays must be >= 0")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["arch_betas"] = list(self.arch_betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SearchConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k != "resolved"}  # facts of a run, not settings
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"config has unknown settings: {sorted(unknown)}")
-        d = dict(d)
-        if "arch_betas" in d:
-            d["arch_betas"] = tuple(d["arch_betas"])
-        return cls(**d)
+        self.validate_common()
+        if not self.arch_lr > 0:
+            raise UserError(f"--arch-lr must be positive, got {self.arch_lr}")
+        if self.arch_weight_decay < 0:
+            raise UserError(f"--arch-weight-decay must be >= 0, got {self.arch_weight_decay}")
 
 
 @dataclass
@@ -193,7 +162,7 @@ class Searcher:
         self.a_optimizer = Adam(self.model.arch_parameters(), lr=config.arch_lr, betas=config.arch_betas,
                                 weight_decay=config.arch_weight_decay)
         self.state = SearchState()
-        self._clock = (time.perf_counter(), 0.0)  # (session start, seconds before it)
+        self.clock = RunClock()
 
     # ------------------------------------------------------------- the loop
     def run(self, output_dir: Path, progress: ProgressCallback | None = None) -> dict:
@@ -204,7 +173,7 @@ class Searcher:
         """
         progress = progress or (lambda event: None)
         cfg, st = self.config, self.state
-        self._clock = (time.perf_counter(), self._clock[1])
+        self.clock = RunClock(self.clock.before)
         progress({"event": "start", "epochs": cfg.epochs, "steps_per_epoch": self.steps_per_epoch,
                   "epoch": st.epoch, "step": st.step, "parameters": sum(p.size for p in self.model.weights())})
         try:
@@ -234,7 +203,7 @@ class Searcher:
                     progress({"event": "step", "epoch": st.epoch, "step": st.step,
                               "steps_per_epoch": self.steps_per_epoch, "train_loss": t_loss,
                               "train_acc": t_correct / bs, "arch_loss": a_loss, "lr": lr,
-                              "elapsed": self.elapsed()})
+                              "elapsed": self.clock.seconds()})
                 self._finish_epoch(output_dir, lr, progress)
         except KeyboardInterrupt:
             self.save_checkpoint(output_dir)
@@ -242,14 +211,9 @@ class Searcher:
         self.save_checkpoint(output_dir)
         return self.summary()
 
-    def elapsed(self) -> float:
-        """Seconds of search so far, over all sessions of this run."""
-        start, before = self._clock
-        return before + time.perf_counter() - start
-
     def _finish_epoch(self, output_dir: Path, lr: float, progress: ProgressCallback) -> None:
         st = self.state
-        elapsed = self.elapsed()
+        elapsed = self.clock.seconds()
         val_loss, val_acc = self.evaluate_val()
         s = st.sums
         record = {"epoch": st.epoch + 1, "lr": lr,
@@ -268,19 +232,8 @@ class Searcher:
 
     def evaluate_val(self) -> tuple[float, float]:
         """Loss and accuracy on the whole architecture-val half, eval mode (running BN statistics)."""
-        self.model.eval()
-        loader = BatchLoader(self.val_loader.x, self.val_loader.y, self.config.batch_size,
-                             seed=self.config.seed, indices=self.val_loader.indices, augment=None,
-                             shuffle=False)
-        total_loss, correct, seen = 0.0, 0, 0
-        with no_grad():
-            for _, images, labels in loader.iter_epoch(0):
-                logits = self.model(Tensor(images))
-                total_loss += F.cross_entropy(logits, labels).item() * len(labels)
-                correct += int((logits.data.argmax(axis=1) == labels).sum())
-                seen += len(labels)
-        self.model.train()
-        return total_loss / seen, correct / seen
+        v = self.val_loader
+        return evaluate(self.model, v.x, v.y, self.config.batch_size, indices=v.indices)
 
     # ------------------------------------------------------------- files
     def write_results(self, output_dir: Path) -> None:
@@ -304,7 +257,7 @@ class Searcher:
         save_tree(output_dir / CHECKPOINT, {
             "format": "approxdarts-np search checkpoint v1",
             "config": json.dumps(self.config.to_dict()),
-            "position": {"epoch": st.epoch, "step": st.step, "elapsed": self.elapsed()},
+            "position": {"epoch": st.epoch, "step": st.step, "elapsed": self.clock.seconds()},
             "sums": st.sums,
             "metrics": json.dumps(st.metrics),
             "alpha_history": np.array(st.alpha_history, dtype=np.float32).reshape(-1, 2, 14, len(PRIMITIVES)),
@@ -324,13 +277,13 @@ class Searcher:
         self.state = SearchState(epoch=int(pos["epoch"]), step=int(pos["step"]),
                                  sums=dict(tree["sums"]), metrics=json.loads(tree["metrics"]),
                                  alpha_history=[list(a) for a in tree["alpha_history"]])
-        self._clock = (time.perf_counter(), float(pos["elapsed"]))
+        self.clock = RunClock(float(pos["elapsed"]))
 
     def summary(self) -> dict:
         last = self.state.metrics[-1] if self.state.metrics else {}
         genotype = self.model.genotype()
         return {"epochs": self.state.epoch, "val_acc": last.get("val_acc"), "val_loss": last.get("val_loss"),
-                "train_acc": last.get("train_acc"), "elapsed_s": self.elapsed(),
+                "train_acc": last.get("train_acc"), "elapsed_s": self.clock.seconds(),
                 "genotype": genotype.to_dict(), "genotype_string": genotype.to_darts_string()}
 
 
@@ -346,22 +299,15 @@ def run_search(config: SearchConfig, resume: str | Path | None = None,
 
     if resume is not None:
         output_dir = Path(resume)
-        if not (output_dir / CHECKPOINT).is_file() or not (output_dir / CONFIG).is_file():
-            raise UserError(f"{output_dir} holds no search to resume ({CONFIG} and {CHECKPOINT} expected)")
-        try:
-            config = SearchConfig.from_dict(json.loads((output_dir / CONFIG).read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise UserError(f"{output_dir / CONFIG} is not a valid config: {exc}") from None
+        config = SearchConfig.from_dict(saved_config(output_dir))
     else:
         output_dir = Path(config.output_dir)
-        if (output_dir / CHECKPOINT).exists():
-            raise UserError(f"{output_dir} already holds a search; resume it with --resume {output_dir} "
-                            f"or choose another --output-dir")
+        refuse_existing_run(output_dir)
     config.validate()
     threads = configure_threads(config.threads)
     arithmetic = arithmetic_from_spec(config.multiplier)
     searcher = Searcher(config, multiplier=arithmetic)
-    _prepare_output_dir(output_dir)
+    prepare_output_dir(output_dir)
     if resume is not None:
         searcher.load_checkpoint(output_dir / CHECKPOINT)
     else:
@@ -371,12 +317,3 @@ def run_search(config: SearchConfig, resume: str | Path | None = None,
         write_json(output_dir / CONFIG, resolved)
     return searcher.run(output_dir, progress)
 
-
-def _prepare_output_dir(output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write to the output folder {output_dir}: {exc.strerror or exc}") from None
