@@ -7,3 +7,7 @@ else is a bug and keeps its traceback.
 
 class UserError(Exception):
     """Bad input from the user: the message alone must say what is wrong and where."""
+
+
+class DivergedError(UserError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""

@@ -3,11 +3,15 @@ import typer
 
 from approxdarts_np_cli import data, multipliers
 from approxdarts_np_cli.search import search
+from approxdarts_np_cli.train import energy, evaluate, train
 
 app = typer.Typer(help="ApproxDARTS in NumPy/Numba: architecture search with approximate multipliers.",
                   no_args_is_help=True, add_completion=False)
 app.add_typer(multipliers.app, name="multipliers", help="List and characterise multiplier tables.")
 app.command()(search)
+app.command()(train)
+app.command()(evaluate)
+app.command()(energy)
 app.add_typer(data.app, name="data", help="CIFAR-10 data: fetch the full set.")
 
 

@@ -23,7 +23,7 @@ from approxdarts_np.autodiff import Tensor
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.data.augment import AugmentConfig, BatchLoader
 from approxdarts_np.data.cifar import load_cifar10, search_split
-from approxdarts_np.errors import UserError
+from approxdarts_np.errors import DivergedError, UserError
 from approxdarts_np.io.checkpoint import load_tree, save_tree, write_json, write_text
 from approxdarts_np.io.rundir import CHECKPOINT, CONFIG, RunClock, prepare_output_dir, refuse_existing_run, saved_config
 from approxdarts_np.nas.config import RunConfig
@@ -92,10 +92,6 @@ class SearchState:
 def _zero_sums() -> dict:
     return {"train_loss": 0.0, "train_correct": 0, "arch_loss": 0.0, "arch_correct": 0, "seen": 0,
             "arch_seen": 0}
-
-
-class DivergedError(UserError):
-    """The loss became NaN or infinite."""
 
 
 def architecture_step(model: Network, optimizer: Adam, images, labels) -> tuple[float, int]:
