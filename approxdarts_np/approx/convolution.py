@@ -1,0 +1,90 @@
+"""Quantised 8-bit convolution through a multiplier table, as an autodiff op (TFApprox semantics).
+
+Forward: both operands are quantised per tensor (activations with the current
+batch's range), the integer accumulation Σ M(q_x, q_w) − z_w·q_x − z_x·q_w + z_x·z_w
+runs through the table (:func:`~approxdarts_np.approx.lut_conv.lut_conv2d`), and
+the result is scaled by s_x·s_w. Backward: the straight-through estimator — the
+exact float convolution gradient taken at the de-quantised operands.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from approxdarts_np.approx.lut_conv import lut_conv2d, make_lut_plan
+from approxdarts_np.approx.multipliers import Multiplier, load_multiplier
+from approxdarts_np.approx.quantize import dequantize, quantize_per_tensor
+from approxdarts_np.autodiff import DTYPE, Function, Tensor
+from approxdarts_np.kernels import conv as kconv
+from approxdarts_np.kernels import depthwise as kdw
+
+
+def _is_depthwise(x_shape, w_shape, groups) -> bool:
+    return groups > 1 and groups == x_shape[1] == w_shape[0] and w_shape[1] == 1
+
+
+class ApproxConv2d(Function):
+    """Convolution of quantised operands through ``plan``'s table, straight-through gradient."""
+
+    def forward(self, x, w, plan=None, stride=1, padding=0, dilation=1, groups=1):
+        qx, sx, zx = quantize_per_tensor(x)
+        qw, sw, zw = quantize_per_tensor(w)
+        acc = lut_conv2d(qx, zx, qw, zw, plan, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups)
+        self.geometry = (stride, padding, dilation)
+        self.groups = groups
+        self.depthwise = _is_depthwise(x.shape, w.shape, groups)
+        self.x_shape, self.w_shape = x.shape, w.shape
+        if self.needs_grad(1):
+            self.x_deq = dequantize(qx, sx, zx)
+        if self.needs_grad(0):
+            self.w_deq = dequantize(qw, sw, zw)
+        return (acc * (sx * sw)).astype(DTYPE)
+
+    def backward(self, g):
+        g = np.ascontiguousarray(g)
+        gx = gw = None
+        if self.depthwise:
+            if self.needs_grad(0):
+                gx = kdw.depthwise_conv2d_grad_input(g, self.w_deq, self.x_shape, *self.geometry)
+            if self.needs_grad(1):
+                gw = kdw.depthwise_conv2d_grad_weight(g, self.x_deq, self.w_shape, *self.geometry)
+        else:
+            if self.needs_grad(0):
+                gx = kconv.conv2d_grad_input(g, self.w_deq, self.x_shape, *self.geometry, self.groups)
+            if self.needs_grad(1):
+                gw = kconv.conv2d_grad_weight(g, self.x_deq, self.w_shape, *self.geometry, self.groups)
+        return gx, gw
+
+
+class QuantizedArithmetic:
+    """8-bit arithmetic with one multiplier: what a layer's ``multiplier`` attribute holds.
+
+    Built once per multiplier (the table's plan, e.g. its low-rank
+    decomposition, is computed here, not per batch) and shared by every layer
+    that uses it.
+    """
+
+    def __init__(self, multiplier: Multiplier):
+        self.multiplier = multiplier
+        self.plan = make_lut_plan(multiplier.table)
+
+    @property
+    def name(self) -> str:
+        return self.multiplier.name
+
+    def conv2d(self, x: Tensor, w: Tensor, stride=1, padding=0, dilation=1, groups=1) -> Tensor:
+        return ApproxConv2d.apply(x, w, plan=self.plan, stride=stride, padding=padding,
+                                  dilation=dilation, groups=groups)
+
+    def __repr__(self) -> str:
+        return f"QuantizedArithmetic({self.name})"
+
+
+def arithmetic_from_spec(spec: str | None) -> QuantizedArithmetic | None:
+    """``none``/None: float32; ``exact``: exact 8-bit; a bundled name or a table path: that multiplier.
+
+    Raises UserError for an unknown name or a bad table file.
+    """
+    if spec is None or str(spec).lower() in ("none", "fp32", "float"):
+        return None
+    return QuantizedArithmetic(load_multiplier(spec))

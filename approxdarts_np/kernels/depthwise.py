@@ -1,0 +1,567 @@
+"""Depthwise 2-D convolution (groups == channels): forward, input gradient and weight gradient.
+
+Layout: x (N, C, H, W), w (C, 1, kh, kw), y (N, C, OH, OW), all float32 C-contiguous.
+Padding is symmetric zero padding; stride, padding and dilation are an int or an (h, w) pair.
+
+How the kernels are laid out (the reason they vectorise):
+
+* Each (image, channel) plane is copied into a zero-bordered scratch buffer. With stride s the
+  padded plane is stored as s_h * s_w *phase planes* (phase (a, b) holds padded rows a, a+s_h, ...
+  and columns b, b+s_w, ...), each hq x wq, flattened. In that layout every kernel tap (i, j)
+  reads one phase plane at a constant offset, so for every tap the whole output plane, taken on
+  a grid with row stride wq, is one contiguous run of the scratch buffer.
+* The output plane is computed on that oh x wq grid (the wq - OW extra columns per row are
+  scratch) as one long loop per group of taps, then copied out row by row.
+* The input gradient is the same gather, run per phase plane of the padded input over the
+  taps that land in that phase, reading a zero-bordered copy of the output gradient.
+* The weight gradient takes, per plane and tap, one dot product of the gridded output gradient
+  (extra columns zero) with the scratch buffer at the tap's offset; the per-plane partials are
+  then added over images per channel, in float64, in image order.
+
+Parallelism: ``prange`` over contiguous blocks of (image, channel) planes (forward, input
+gradient) or of channels (weight gradient). Every output element is computed by exactly one
+thread in an order that does not depend on the thread count, so results are bit-reproducible.
+"""
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+from ._util import as_pair, conv_output_size
+
+# Scratch elements (padded input of one work item) that set how many images share an item.
+_STACK_BUDGET = 1200
+
+__all__ = [
+    "depthwise_conv2d",
+    "depthwise_conv2d_grad_input",
+    "depthwise_conv2d_grad_weight",
+]
+
+# ----------------------------------------------------------------------------- helpers (Numba)
+
+@njit(cache=True)
+def _gather_taps(out, o0, length, src, offs, ws, t0, t1, assign):
+    """out[o0+q] (=|+=) sum over taps t in [t0, t1) of ws[t] * src[offs[t]+q], q < length.
+
+    Taps are taken three at a time so each pass over ``out`` does three multiply-adds per
+    element; the summation order is fixed by the tap order.
+    """
+    ov = out[o0:o0 + length]
+    t = t0
+    first = assign
+    while t < t1:
+        left = t1 - t
+        if left >= 3:
+            s0 = src[offs[t]:offs[t] + length]
+            s1 = src[offs[t + 1]:offs[t + 1] + length]
+            s2 = src[offs[t + 2]:offs[t + 2] + length]
+            w0 = ws[t]
+            w1 = ws[t + 1]
+            w2 = ws[t + 2]
+            if first:
+                for q in range(length):
+                    ov[q] = w0 * s0[q] + w1 * s1[q] + w2 * s2[q]
+            else:
+                for q in range(length):
+                    ov[q] += w0 * s0[q] + w1 * s1[q] + w2 * s2[q]
+            t += 3
+        elif left == 2:
+            s0 = src[offs[t]:offs[t] + length]
+            s1 = src[offs[t + 1]:offs[t + 1] + length]
+            w0 = ws[t]
+            w1 = ws[t + 1]
+            if first:
+                for q in range(length):
+                    ov[q] = w0 * s0[q] + w1 * s1[q]
+            else:
+                for q in range(length):
+                    ov[q] += w0 * s0[q] + w1 * s1[q]
+            t += 2
+        else:
+            s0 = src[offs[t]:offs[t] + length]
+            w0 = ws[t]
+            if first:
+                for q in range(length):
+                    ov[q] = w0 * s0[q]
+            else:
+                for q in range(length):
+                    ov[q] += w0 * s0[q]
+            t += 1
+        first = False
+
+
+# Copies between the planes of one work item (images n0 .. n0+count-1 of channel ci of a 4-D
+# array) and the stacked scratch layout: plane g at offset g*plane of every phase, each phase
+# ``phase_stride`` long. Every stride case is its own small function that walks the whole
+# stack, so its row loops vectorise on their own and no per-plane call overhead remains.
+
+@njit(cache=True)
+def _stack_rows_to_buf(a, n0, count, ci, buf, base, wq, plane):
+    """buf[base + g*plane + r*wq + c] = a[n0+g, ci, r, c] (stride 1: rows at row stride wq)."""
+    h, w = a.shape[2], a.shape[3]
+    for g in range(count):
+        src = a[n0 + g, ci]
+        b0 = base + g * plane
+        for r in range(h):
+            row = src[r]
+            seg = buf[b0 + r * wq:b0 + r * wq + w]
+            for k in range(w):
+                seg[k] = row[k]
+
+
+@njit(cache=True)
+def _stack_rows_from_buf(buf, a, n0, count, ci, base, wq, plane):
+    """a[n0+g, ci, r, c] = buf[base + g*plane + r*wq + c], the inverse of the above."""
+    h, w = a.shape[2], a.shape[3]
+    for g in range(count):
+        dst = a[n0 + g, ci]
+        b0 = base + g * plane
+        for r in range(h):
+            row = dst[r]
+            seg = buf[b0 + r * wq:b0 + r * wq + w]
+            for k in range(w):
+                row[k] = seg[k]
+
+
+@njit(cache=True)
+def _s2_row_bases(r, pad_h, pad_w, wq, phase_stride):
+    """Offsets (within a plane) of row r's even and odd columns in the stride-(2, 2) layout."""
+    rp = r + pad_h
+    row_base = (rp % 2) * 2 * phase_stride + (rp // 2) * wq
+    b_even = pad_w % 2  # phase column of column 0
+    base_e = row_base + b_even * phase_stride + pad_w // 2
+    base_o = row_base + (1 - b_even) * phase_stride + (pad_w + 1) // 2
+    return base_e, base_o
+
+
+@njit(cache=True)
+def _stack_to_phases_s2(a, n0, count, ci, buf, pad_h, pad_w, wq, plane, phase_stride):
+    """Stride (2, 2): even and odd columns of a row split into their phases in one loop."""
+    h, w = a.shape[2], a.shape[3]
+    n_pairs = w // 2
+    for g in range(count):
+        src = a[n0 + g, ci]
+        for r in range(h):
+            base_e, base_o = _s2_row_bases(r, pad_h, pad_w, wq, phase_stride)
+            base_e += g * plane
+            base_o += g * plane
+            row = src[r]
+            seg_e = buf[base_e:base_e + n_pairs]
+            seg_o = buf[base_o:base_o + n_pairs]
+            for k in range(n_pairs):
+                seg_e[k] = row[2 * k]
+                seg_o[k] = row[2 * k + 1]
+            if w % 2 == 1:
+                buf[base_e + n_pairs] = row[w - 1]
+
+
+@njit(cache=True)
+def _stack_from_phases_s2(buf, a, n0, count, ci, pad_h, pad_w, wq, plane, phase_stride):
+    """Stride (2, 2) inverse: a row's even and odd columns read back from their phases."""
+    h, w = a.shape[2], a.shape[3]
+    n_pairs = w // 2
+    for g in range(count):
+        dst = a[n0 + g, ci]
+        for r in range(h):
+            base_e, base_o = _s2_row_bases(r, pad_h, pad_w, wq, phase_stride)
+            base_e += g * plane
+            base_o += g * plane
+            row = dst[r]
+            seg_e = buf[base_e:base_e + n_pairs]
+            seg_o = buf[base_o:base_o + n_pairs]
+            for k in range(n_pairs):
+                row[2 * k] = seg_e[k]
+                row[2 * k + 1] = seg_o[k]
+            if w % 2 == 1:
+                row[w - 1] = buf[base_e + n_pairs]
+
+
+@njit(cache=True)
+def _stack_phases_generic(a, n0, count, ci, buf, pad_h, pad_w, s_h, s_w, wq, plane,
+                          phase_stride, to_buf):
+    """Any stride, both directions (``to_buf``: a -> buf, else buf -> a)."""
+    h, w = a.shape[2], a.shape[3]
+    for g in range(count):
+        img = a[n0 + g, ci]
+        for r in range(h):
+            rp = r + pad_h
+            row_base = g * plane + (rp % s_h) * s_w * phase_stride + (rp // s_h) * wq
+            row = img[r]
+            for b in range(s_w):
+                c0 = (b - pad_w) % s_w  # first column that lands in phase column b
+                if c0 >= w:
+                    continue
+                n_cols = (w - c0 + s_w - 1) // s_w
+                base = row_base + b * phase_stride + (c0 + pad_w) // s_w
+                seg = buf[base:base + n_cols]
+                if to_buf:
+                    for k in range(n_cols):
+                        seg[k] = row[c0 + k * s_w]
+                else:
+                    for k in range(n_cols):
+                        row[c0 + k * s_w] = seg[k]
+
+
+@njit(cache=True)
+def _stack_to_phases(a, n0, count, ci, buf, pad_h, pad_w, s_h, s_w, wq, plane, phase_stride):
+    """Write an item's planes into the phase layout of their zero-padded versions.
+
+    Padded pixel (r, c) of plane g lives in phase (r % s_h, c % s_w), at
+    (r % s_h * s_w + c % s_w) * phase_stride + g*plane + (r // s_h)*wq + c // s_w. Only pixels
+    are written: the borders keep the zeros the buffer was created with.
+    """
+    if s_h == 1 and s_w == 1:
+        _stack_rows_to_buf(a, n0, count, ci, buf, pad_h * wq + pad_w, wq, plane)
+    elif s_h == 2 and s_w == 2:
+        _stack_to_phases_s2(a, n0, count, ci, buf, pad_h, pad_w, wq, plane, phase_stride)
+    else:
+        _stack_phases_generic(a, n0, count, ci, buf, pad_h, pad_w, s_h, s_w, wq, plane,
+                              phase_stride, True)
+
+
+@njit(cache=True)
+def _stack_from_phases(buf, a, n0, count, ci, pad_h, pad_w, s_h, s_w, wq, plane,
+                       phase_stride):
+    """Read an item's planes back out of the phase layout (inverse of :func:`_stack_to_phases`)."""
+    if s_h == 1 and s_w == 1:
+        _stack_rows_from_buf(buf, a, n0, count, ci, pad_h * wq + pad_w, wq, plane)
+    elif s_h == 2 and s_w == 2:
+        _stack_from_phases_s2(buf, a, n0, count, ci, pad_h, pad_w, wq, plane, phase_stride)
+    else:
+        _stack_phases_generic(a, n0, count, ci, buf, pad_h, pad_w, s_h, s_w, wq, plane,
+                              phase_stride, False)
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _dot_taps(g, src, offs, out_row):
+    """out_row[t] = sum_q g[q] * src[offs[t]+q] in float32, for every tap t (three at a time).
+
+    ``reassoc`` lets the compiler keep each sum as several partial sums in vector registers
+    (otherwise a float reduction cannot vectorise). That order is fixed by the compiled code,
+    not by the data or the threads, so the results are reproducible run to run.
+    """
+    length = g.shape[0]
+    n_taps = offs.shape[0]
+    t = 0
+    while t < n_taps:
+        left = n_taps - t
+        if left >= 3:
+            s0 = src[offs[t]:offs[t] + length]
+            s1 = src[offs[t + 1]:offs[t + 1] + length]
+            s2 = src[offs[t + 2]:offs[t + 2] + length]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            for q in range(length):
+                gq = g[q]
+                a0 += gq * s0[q]
+                a1 += gq * s1[q]
+                a2 += gq * s2[q]
+            out_row[t] = a0
+            out_row[t + 1] = a1
+            out_row[t + 2] = a2
+            t += 3
+        elif left == 2:
+            s0 = src[offs[t]:offs[t] + length]
+            s1 = src[offs[t + 1]:offs[t + 1] + length]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            for q in range(length):
+                gq = g[q]
+                a0 += gq * s0[q]
+                a1 += gq * s1[q]
+            out_row[t] = a0
+            out_row[t + 1] = a1
+            t += 2
+        else:
+            s0 = src[offs[t]:offs[t] + length]
+            a0 = np.float32(0.0)
+            for q in range(length):
+                a0 += g[q] * s0[q]
+            out_row[t] = a0
+            t += 1
+
+
+@njit(cache=True)
+def _block_bounds(block, n_blocks, n_items):
+    """Contiguous share [start, stop) of ``n_items`` owned by ``block`` of ``n_blocks``."""
+    return block * n_items // n_blocks, (block + 1) * n_items // n_blocks
+
+
+@njit(cache=True)
+def _tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq, phase_stride):
+    """Offset of tap (i, j) in the phase layout: its phase's start plus (i*d_h//s_h, j*d_w//s_w)."""
+    offs = np.empty(k_h * k_w, np.int64)
+    for i in range(k_h):
+        for j in range(k_w):
+            phase = ((i * d_h) % s_h) * s_w + (j * d_w) % s_w
+            offs[i * k_w + j] = (phase * phase_stride
+                                 + ((i * d_h) // s_h) * wq + (j * d_w) // s_w)
+    return offs
+
+
+# ----------------------------------------------------------------------------- kernels
+#
+# Work items are (channel, group of ``stack`` consecutive images). An item's planes share the
+# channel's weights, so they are laid out one after another in the scratch buffers (plane g of
+# a phase at g * hq*wq) and every tap is one loop over the whole stack: short planes (16x16,
+# 8x8) still give long vectorised loops. Rows beyond a plane's output are computed and dropped.
+
+@njit(cache=True, parallel=True)
+def _depthwise_forward_kernel(x, w_taps, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w, out_h, out_w,
+                              stack, n_threads):
+    n_img, n_ch, h, wd = x.shape
+    n_taps = k_h * k_w
+    hq = (h + 2 * p_h + s_h - 1) // s_h
+    wq = (wd + 2 * p_w + s_w - 1) // s_w
+    plane = hq * wq
+    phase_stride = stack * plane
+    offs = _tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq, phase_stride)
+
+    y = np.empty((n_img, n_ch, out_h, out_w), np.float32)
+    n_groups = (n_img + stack - 1) // stack
+    n_items = n_ch * n_groups
+    n_blocks = min(n_items, n_threads)
+    for blk in prange(n_blocks):
+        xbuf = np.zeros(s_h * s_w * phase_stride, np.float32)
+        acc = np.empty(phase_stride, np.float32)
+        start, stop = _block_bounds(blk, n_blocks, n_items)
+        for item in range(start, stop):
+            ci = item % n_ch
+            n0 = (item // n_ch) * stack
+            count = min(stack, n_img - n0)
+            _stack_to_phases(x, n0, count, ci, xbuf, p_h, p_w, s_h, s_w, wq, plane,
+                             phase_stride)
+            length = (count - 1) * plane + (out_h - 1) * wq + out_w
+            _gather_taps(acc, 0, length, xbuf, offs, w_taps[ci], 0, n_taps, True)
+            _stack_rows_from_buf(acc, y, n0, count, ci, 0, wq, plane)
+    return y
+
+
+@njit(cache=True, parallel=True)
+def _depthwise_grad_input_kernel(gy, w_taps, h, wd, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
+                                 stack, n_threads):
+    n_img, n_ch, out_h, out_w = gy.shape
+    n_taps = k_h * k_w
+    hq = (h + 2 * p_h + s_h - 1) // s_h
+    wq = (wd + 2 * p_w + s_w - 1) // s_w
+    plane = hq * wq
+    phase_stride = stack * plane
+    n_phases = s_h * s_w
+
+    # gx_phase[P] = sum over the phase's taps of w * gy_grid[P - ai*wq - bj]: a gather from the
+    # output gradient laid out on the same grid (plane g at g*plane, rows out_h.. and columns
+    # out_w.. zero) below ``margin`` zero rows, so every read index stays >= 0. Reads only go
+    # up and left, so a plane never reads the planes after it.
+    margin = (d_h * (k_h - 1)) // s_h + 1
+    # Taps grouped by phase: ``order`` lists tap indices phase by phase, phase ph owning
+    # slots first[ph]:first[ph+1].
+    first = np.zeros(n_phases + 1, np.int64)
+    for i in range(k_h):
+        for j in range(k_w):
+            first[((i * d_h) % s_h) * s_w + (j * d_w) % s_w + 1] += 1
+    for ph in range(n_phases):
+        first[ph + 1] += first[ph]
+    fill = first[:n_phases].copy()
+    order = np.empty(n_taps, np.int64)
+    offs = np.empty(n_taps, np.int64)
+    for i in range(k_h):
+        for j in range(k_w):
+            ph = ((i * d_h) % s_h) * s_w + (j * d_w) % s_w
+            slot = fill[ph]
+            fill[ph] += 1
+            order[slot] = i * k_w + j
+            offs[slot] = (margin - (i * d_h) // s_h) * wq - (j * d_w) // s_w
+
+    gx = np.empty((n_img, n_ch, h, wd), np.float32)
+    n_groups = (n_img + stack - 1) // stack
+    n_items = n_ch * n_groups
+    n_blocks = min(n_items, n_threads)
+    for blk in prange(n_blocks):
+        gybuf = np.zeros(margin * wq + phase_stride, np.float32)
+        gxbuf = np.zeros(n_phases * phase_stride, np.float32)  # phases without taps stay 0
+        ws = np.empty(n_taps, np.float32)
+        start, stop = _block_bounds(blk, n_blocks, n_items)
+        for item in range(start, stop):
+            ci = item % n_ch
+            n0 = (item // n_ch) * stack
+            count = min(stack, n_img - n0)
+            for t in range(n_taps):
+                ws[t] = w_taps[ci, order[t]]
+            _stack_rows_to_buf(gy, n0, count, ci, gybuf, margin * wq, wq, plane)
+            for ph in range(n_phases):
+                if first[ph + 1] > first[ph]:
+                    _gather_taps(gxbuf, ph * phase_stride, count * plane, gybuf, offs, ws,
+                                 first[ph], first[ph + 1], True)
+            _stack_from_phases(gxbuf, gx, n0, count, ci, p_h, p_w, s_h, s_w, wq, plane,
+                               phase_stride)
+    return gx
+
+
+@njit(cache=True, parallel=True)
+def _depthwise_grad_weight_kernel(gy, x, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w, stack,
+                                  n_threads):
+    n_img, n_ch, h, wd = x.shape
+    out_h, out_w = gy.shape[2], gy.shape[3]
+    n_taps = k_h * k_w
+    hq = (h + 2 * p_h + s_h - 1) // s_h
+    wq = (wd + 2 * p_w + s_w - 1) // s_w
+    plane = hq * wq
+    phase_stride = stack * plane
+    offs = _tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq, phase_stride)
+
+    # Pass 1: per item and tap, one dot product over the item's stacked planes of the output
+    # gradient (zero outside each plane's out_h x out_w corner) with the input at the tap.
+    n_groups = (n_img + stack - 1) // stack
+    n_items = n_ch * n_groups
+    partial = np.empty((n_ch, n_groups, n_taps), np.float32)
+    n_blocks = min(n_items, n_threads)
+    for blk in prange(n_blocks):
+        xbuf = np.zeros(s_h * s_w * phase_stride, np.float32)
+        gybuf = np.zeros(phase_stride, np.float32)
+        start, stop = _block_bounds(blk, n_blocks, n_items)
+        for item in range(start, stop):
+            ci = item % n_ch
+            grp = item // n_ch
+            n0 = grp * stack
+            count = min(stack, n_img - n0)
+            _stack_to_phases(x, n0, count, ci, xbuf, p_h, p_w, s_h, s_w, wq, plane,
+                             phase_stride)
+            _stack_rows_to_buf(gy, n0, count, ci, gybuf, 0, wq, plane)
+            length = (count - 1) * plane + (out_h - 1) * wq + out_w
+            _dot_taps(gybuf[:length], xbuf, offs, partial[ci, grp])
+
+    # Pass 2: per channel, the image groups added in order in float64.
+    gw = np.empty((n_ch, n_taps), np.float32)
+    for ci in prange(n_ch):
+        for t in range(n_taps):
+            total = 0.0
+            for grp in range(n_groups):
+                total += np.float64(partial[ci, grp, t])
+            gw[ci, t] = np.float32(total)
+    return gw
+
+
+def _stack_size(n_img, h, wd, k_geom):
+    """Images per work item: enough stacked planes for long loops, scratch kept near L1/L2.
+
+    Depends on the shapes only (never on the thread count), so results do not either.
+    """
+    s_h, s_w, p_h, p_w = k_geom
+    padded = (h + 2 * p_h + s_h - 1) // s_h * s_h * ((wd + 2 * p_w + s_w - 1) // s_w * s_w)
+    return max(1, min(n_img, _STACK_BUDGET // max(1, padded)))
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _geometry(stride, padding, dilation):
+    s_h, s_w = as_pair(stride, "stride")
+    p_h, p_w = as_pair(padding, "padding")
+    d_h, d_w = as_pair(dilation, "dilation")
+    if s_h < 1 or s_w < 1:
+        raise ValueError(f"stride must be >= 1, got {(s_h, s_w)}")
+    if p_h < 0 or p_w < 0:
+        raise ValueError(f"padding must be >= 0, got {(p_h, p_w)}")
+    if d_h < 1 or d_w < 1:
+        raise ValueError(f"dilation must be >= 1, got {(d_h, d_w)}")
+    return s_h, s_w, p_h, p_w, d_h, d_w
+
+
+def _check_float32_4d(a, name):
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype != np.float32:
+        raise ValueError(f"{name} must be float32, got {a.dtype}")
+    if a.ndim != 4:
+        raise ValueError(f"{name} must be 4-D, got shape {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def _check_shape(shape, name):
+    try:
+        dims = tuple(int(d) for d in shape)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of 4 ints, got {shape!r}") from None
+    if len(dims) != 4 or any(d < 0 for d in dims):
+        raise ValueError(f"{name} must be 4 non-negative ints, got {shape!r}")
+    return dims
+
+
+def _check_weight_shape(w_shape, n_ch, name):
+    c_w, one, k_h, k_w = w_shape
+    if one != 1 or c_w != n_ch or k_h < 1 or k_w < 1:
+        raise ValueError(
+            f"{name} must be (C, 1, kh, kw) with C={n_ch} and kh, kw >= 1, got {tuple(w_shape)}")
+    return k_h, k_w
+
+
+def _output_hw(h, wd, k_h, k_w, geom):
+    s_h, s_w, p_h, p_w, d_h, d_w = geom
+    out_h = conv_output_size(h, k_h, s_h, p_h, d_h)
+    out_w = conv_output_size(wd, k_w, s_w, p_w, d_w)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(
+            f"empty output: input {h}x{wd}, kernel {k_h}x{k_w}, stride {(s_h, s_w)}, "
+            f"padding {(p_h, p_w)}, dilation {(d_h, d_w)} give {out_h}x{out_w}")
+    return out_h, out_w
+
+
+def depthwise_conv2d(x, w, stride=1, padding=0, dilation=1):
+    """Return the depthwise convolution y (N, C, OH, OW) of x (N, C, H, W) with w (C, 1, kh, kw).
+
+    y[n, c, oh, ow] = sum_{i, j} w[c, 0, i, j] * xpad[n, c, oh*s_h + i*d_h, ow*s_w + j*d_w],
+    xpad being x zero-padded by ``padding`` on each side (cross-correlation, as torch).
+    """
+    geom = _geometry(stride, padding, dilation)
+    x = _check_float32_4d(x, "x")
+    w = _check_float32_4d(w, "w")
+    n_img, n_ch, h, wd = x.shape
+    k_h, k_w = _check_weight_shape(w.shape, n_ch, "w")
+    out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)
+    s_h, s_w, p_h, p_w, d_h, d_w = geom
+    stack = _stack_size(n_img, h, wd, (s_h, s_w, p_h, p_w))
+    return _depthwise_forward_kernel(x, w.reshape(n_ch, k_h * k_w), s_h, s_w, p_h, p_w,
+                                     d_h, d_w, k_h, k_w, out_h, out_w, stack,
+                                     get_num_threads())
+
+
+def depthwise_conv2d_grad_input(gy, w, input_shape, stride=1, padding=0, dilation=1):
+    """Return dL/dx (``input_shape``) of :func:`depthwise_conv2d` given dL/dy ``gy`` and weights w."""
+    geom = _geometry(stride, padding, dilation)
+    gy = _check_float32_4d(gy, "gy")
+    w = _check_float32_4d(w, "w")
+    n_img, n_ch, h, wd = _check_shape(input_shape, "input_shape")
+    k_h, k_w = _check_weight_shape(w.shape, n_ch, "w")
+    out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)
+    if gy.shape != (n_img, n_ch, out_h, out_w):
+        raise ValueError(
+            f"gy must have shape {(n_img, n_ch, out_h, out_w)} for input_shape "
+            f"{(n_img, n_ch, h, wd)}, got {gy.shape}")
+    s_h, s_w, p_h, p_w, d_h, d_w = geom
+    stack = _stack_size(n_img, h, wd, (s_h, s_w, p_h, p_w))
+    return _depthwise_grad_input_kernel(gy, w.reshape(n_ch, k_h * k_w), h, wd, s_h, s_w,
+                                        p_h, p_w, d_h, d_w, k_h, k_w, stack,
+                                        get_num_threads())
+
+
+def depthwise_conv2d_grad_weight(gy, x, weight_shape, stride=1, padding=0, dilation=1):
+    """Return dL/dw (``weight_shape`` = (C, 1, kh, kw)) of :func:`depthwise_conv2d` given gy and x.
+
+    Per plane the positions are summed in float32 vector lanes (fixed order), then the planes
+    are added over images in order in float64: the result does not depend on thread count.
+    """
+    geom = _geometry(stride, padding, dilation)
+    gy = _check_float32_4d(gy, "gy")
+    x = _check_float32_4d(x, "x")
+    n_img, n_ch, h, wd = x.shape
+    k_h, k_w = _check_weight_shape(_check_shape(weight_shape, "weight_shape"), n_ch,
+                                   "weight_shape")
+    out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)
+    if gy.shape != (n_img, n_ch, out_h, out_w):
+        raise ValueError(
+            f"gy must have shape {(n_img, n_ch, out_h, out_w)} for x of shape {x.shape}, "
+            f"got {gy.shape}")
+    s_h, s_w, p_h, p_w, d_h, d_w = geom
+    stack = _stack_size(n_img, h, wd, (s_h, s_w, p_h, p_w))
+    gw = _depthwise_grad_weight_kernel(gy, x, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w, stack,
+                                       get_num_threads())
+    return gw.reshape(n_ch, 1, k_h, k_w)

@@ -1,0 +1,516 @@
+"""Integer convolutions through a 256 x 256 product table (approximate 8-bit multipliers).
+
+Operands are quantised codes: activations ``qx`` uint8 with zero point ``zx``, weights ``qw``
+uint8 with zero point ``zw``, and the table ``M[a, b]`` gives the (approximate) product of the
+activation code ``a`` and the weight code ``b``. Every output element is the exact integer
+
+    acc = sum over the receptive field of ( M[qx, qw] - zw*qx - zx*qw + zx*zw ),
+
+padding positions holding the code ``zx`` (the value 0). With ``M[a, b] = a*b`` this is the
+ordinary integer convolution of ``qx - zx`` with ``qw - zw``.
+
+Kernels, all deterministic (integer sums, each output element written by one thread):
+
+* :func:`lut_bag_conv` - the "bag" gather for pointwise and dense convolutions. The convolution
+  is first written as columns: ``cols[n, k, p]`` is the code seen by tap ``k`` (input channel x
+  kernel offset) at output position ``p``. For every tap the table rows are laid out once per
+  call as ``rows[k, a, :] = M[a, qw[:, k]]`` (one contiguous row of Co products per activation
+  code), so an output pixel is the sum of K contiguous rows: the inner loop is a vector add over
+  output channels instead of a gather per multiply-accumulate. Rows are stored as uint16 when
+  the table fits (EvoApprox tables do), halving the memory the rows occupy.
+* :func:`lut_depthwise_conv` - one table lookup per multiply-accumulate, from a small per-channel
+  table that already holds the zero-point terms (``taps x 256`` int32 values, in L1).
+* :func:`lowrank_bag_conv` - the low-rank engine's pointwise/dense step: code features gathered
+  per output-pixel block (the exact part ``code - zx`` computed, the R error features looked
+  up), then a single-threaded BLAS GEMM per block inside the parallel loop.
+* :func:`lowrank_depthwise_conv` - the low-rank engine's depthwise step, fused: per plane the
+  J feature planes are built one at a time in a zero-bordered scratch and their taps added
+  into one float accumulator plane (the public float depthwise kernel would need the J-times
+  larger feature tensor written out, convolved and summed back, four extra memory passes).
+* :func:`im2col_codes` - the column layout of the codes, padded with ``zx``.
+"""
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+__all__ = [
+    "im2col_codes",
+    "lut_bag_conv",
+    "lut_depthwise_conv",
+    "lowrank_bag_conv",
+    "lowrank_depthwise_conv",
+]
+
+# Output pixels per job in the bag kernels: the int32 accumulator block (pixels x Co) is kept
+# to about 256 KiB so that it stays in L2 while the tap rows stream through L1.
+_BAG_ACC_BYTES = 1 << 18
+# Gathered low-rank features per job: about 512 KiB of float32 (or float64) per thread.
+_LOWRANK_X_BYTES = 1 << 19
+
+
+# ----------------------------------------------------------------------------- kernels (Numba)
+
+@njit(cache=True, parallel=True)
+def _im2col_codes_kernel(qx, pad_code, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w):
+    n_img, n_ch, h, wd = qx.shape
+    n_taps = k_h * k_w
+    cols = np.empty((n_img, n_ch * n_taps, out_h * out_w), np.uint8)
+    for job in prange(n_img * n_ch):
+        ni = job // n_ch
+        ci = job % n_ch
+        plane = qx[ni, ci]
+        for i in range(k_h):
+            for j in range(k_w):
+                dst = cols[ni, ci * n_taps + i * k_w + j]
+                for oh in range(out_h):
+                    r = oh * s_h + i * d_h - p_h
+                    base = oh * out_w
+                    if r < 0 or r >= h:
+                        for ow in range(out_w):
+                            dst[base + ow] = pad_code
+                        continue
+                    src = plane[r]
+                    for ow in range(out_w):
+                        c = ow * s_w + j * d_w - p_w
+                        if c < 0 or c >= wd:
+                            dst[base + ow] = pad_code
+                        else:
+                            dst[base + ow] = src[c]
+    return cols
+
+
+@njit(cache=True, parallel=True)
+def _bag_rows_kernel(table, qw_cols, rows):
+    """rows[k, a, co] = table[a, qw_cols[co, k]] (rows has the table's dtype)."""
+    n_out, n_taps = qw_cols.shape
+    for k in prange(n_taps):
+        for a in range(256):
+            src = table[a]
+            dst = rows[k, a]
+            for co in range(n_out):
+                dst[co] = src[qw_cols[co, k]]
+
+
+@njit(cache=True, parallel=True)
+def _lut_bag_kernel(cols, rows_flat, n_out, cst, zw, block):
+    """out[n, co, p] = sum_k rows[k, cols[n, k, p], co] - zw * sum_k cols[n, k, p] + cst[co].
+
+    Sums run in int32 (the caller guarantees K * max|row| < 2**31), four taps per pass over an
+    accumulator row, taps in increasing order; the result is exact, hence thread-independent.
+    """
+    n_img, n_taps, n_pix = cols.shape
+    n_blk = (n_pix + block - 1) // block
+    out = np.empty((n_img, n_out, n_pix), np.int64)
+    for job in prange(n_img * n_blk):
+        ni = job // n_blk
+        p0 = (job % n_blk) * block
+        m = min(n_pix, p0 + block) - p0
+        acc = np.zeros(m * n_out, np.int32)
+        code_sum = np.zeros(m, np.int32)
+        k = 0
+        while k + 4 <= n_taps:
+            x0 = cols[ni, k, p0:p0 + m]
+            x1 = cols[ni, k + 1, p0:p0 + m]
+            x2 = cols[ni, k + 2, p0:p0 + m]
+            x3 = cols[ni, k + 3, p0:p0 + m]
+            b0 = k * 256
+            for q in range(m):
+                c0 = np.int64(x0[q])
+                c1 = np.int64(x1[q])
+                c2 = np.int64(x2[q])
+                c3 = np.int64(x3[q])
+                code_sum[q] += np.int32(c0 + c1 + c2 + c3)
+                o0 = (b0 + c0) * n_out
+                o1 = (b0 + 256 + c1) * n_out
+                o2 = (b0 + 512 + c2) * n_out
+                o3 = (b0 + 768 + c3) * n_out
+                oa = q * n_out
+                for co in range(n_out):
+                    acc[oa + co] += ((np.int32(rows_flat[o0 + co]) + np.int32(rows_flat[o1 + co]))
+                                     + (np.int32(rows_flat[o2 + co])
+                                        + np.int32(rows_flat[o3 + co])))
+            k += 4
+        while k < n_taps:
+            x0 = cols[ni, k, p0:p0 + m]
+            for q in range(m):
+                c0 = np.int64(x0[q])
+                code_sum[q] += np.int32(c0)
+                o0 = (k * 256 + c0) * n_out
+                oa = q * n_out
+                for co in range(n_out):
+                    acc[oa + co] += np.int32(rows_flat[o0 + co])
+            k += 1
+        for co in range(n_out):
+            dst = out[ni, co]
+            c = cst[co]
+            for q in range(m):
+                dst[p0 + q] = np.int64(acc[q * n_out + co]) - zw * np.int64(code_sum[q]) + c
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _lut_depthwise_kernel(qx, taps, zx, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
+                          n_blocks):
+    """out[n, c, oh, ow] = sum_{i, j} taps[c, i*k_w + j, xpad[n, c, oh*s_h + i*d_h, ow*s_w + j*d_w]].
+
+    ``taps`` already holds the zero-point terms; ``xpad`` is the plane bordered with code zx.
+    Accumulation in the table's dtype (int32 when the caller proved it cannot overflow). The
+    planes are split into ``n_blocks`` contiguous blocks, one padded scratch plane per block
+    (the count comes from the caller: ``get_num_threads()`` inside a kernel stops Numba from
+    caching it).
+    """
+    n_img, n_ch, h, wd = qx.shape
+    hp = h + 2 * p_h
+    wp = wd + 2 * p_w
+    out = np.empty((n_img, n_ch, out_h, out_w), np.int64)
+    n_planes = n_img * n_ch
+    for blk in prange(n_blocks):
+        xpad = np.empty((hp, wp), np.uint8)
+        for r in range(hp):
+            for c in range(wp):
+                xpad[r, c] = zx
+        acc = np.zeros(out_w, taps.dtype)
+        start = blk * n_planes // n_blocks
+        stop = (blk + 1) * n_planes // n_blocks
+        for pl in range(start, stop):
+            ni = pl // n_ch
+            ci = pl % n_ch
+            for r in range(h):
+                src = qx[ni, ci, r]
+                dst = xpad[r + p_h, p_w:p_w + wd]
+                for c in range(wd):
+                    dst[c] = src[c]
+            for oh in range(out_h):
+                for ow in range(out_w):
+                    acc[ow] = 0
+                for i in range(k_h):
+                    row = xpad[oh * s_h + i * d_h]
+                    for j in range(k_w):
+                        t = taps[ci, i * k_w + j]
+                        off = j * d_w
+                        if s_w == 1:
+                            seg = row[off:off + out_w]
+                            for ow in range(out_w):
+                                acc[ow] += t[seg[ow]]
+                        else:
+                            for ow in range(out_w):
+                                acc[ow] += t[row[off + ow * s_w]]
+                dst = out[ni, ci, oh]
+                for ow in range(out_w):
+                    dst[ow] = np.int64(acc[ow])
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _lowrank_bag_kernel(cols, zx, err_feat_t, w_chunks, cst, chunk_taps, block):
+    """out[n, co, p] = sum over chunks of w_chunks[c] @ X_c (exact integers) + cst[co].
+
+    X_c holds the features of the taps k of chunk c, J = 1 + R rows per tap:
+    X_c[(k - c*chunk_taps)*J, q] = code - zx and X_c[(k - c*chunk_taps)*J + 1 + r, q] =
+    err_feat_t[r, code], code = cols[n, k, p0 + q]; rows past the last tap are zero (as are the
+    matching weight columns). Each chunk's GEMM gives exact integers in the float type (the
+    caller checked the bound); they are converted to int64 and added. The GEMM runs
+    single-threaded inside this parallel loop.
+    """
+    n_img, n_taps, n_pix = cols.shape
+    n_err = err_feat_t.shape[0]
+    n_feat = 1 + n_err
+    n_chunks, n_out, chunk_rows = w_chunks.shape
+    n_blk = (n_pix + block - 1) // block
+    shift = err_feat_t.dtype.type(zx)
+    out = np.empty((n_img, n_out, n_pix), np.int64)
+    for job in prange(n_img * n_blk):
+        ni = job // n_blk
+        p0 = (job % n_blk) * block
+        m = min(n_pix, p0 + block) - p0
+        x = np.empty((n_chunks, chunk_rows, m), err_feat_t.dtype)
+        for k in range(n_taps):
+            c = k // chunk_taps
+            r0 = (k - c * chunk_taps) * n_feat
+            codes = cols[ni, k, p0:p0 + m]
+            dst = x[c, r0]
+            for q in range(m):
+                dst[q] = codes[q] - shift
+            for r in range(n_err):
+                f = err_feat_t[r]
+                dst = x[c, r0 + 1 + r]
+                for q in range(m):
+                    dst[q] = f[codes[q]]
+        used = (n_taps - (n_chunks - 1) * chunk_taps) * n_feat
+        for r in range(used, chunk_rows):
+            x[n_chunks - 1, r, :] = 0
+        acc = np.empty((n_out, m), np.int64)
+        for co in range(n_out):
+            acc[co, :] = cst[co]
+        for c in range(n_chunks):
+            y = np.dot(w_chunks[c], x[c])
+            for co in range(n_out):
+                for q in range(m):
+                    acc[co, q] += np.int64(y[co, q])
+        for co in range(n_out):
+            dst_out = out[ni, co]
+            for q in range(m):
+                dst_out[p0 + q] = acc[co, q]
+    return out
+
+
+@njit(cache=True)
+def _add_tap_row(acc, src, n, step, w0, w1, w2, n_w):
+    """acc[q] += w0*s0[q*step] (+ w1*s1[q*step] + w2*s2[q*step]) for q < n, (s0, s1, s2) = src.
+
+    ``src`` holds three row views, each starting at its tap; only the first ``n_w`` are used.
+    """
+    if n_w == 3:
+        s0, s1, s2 = src
+        if step == 1:
+            for q in range(n):
+                acc[q] += w0 * s0[q] + w1 * s1[q] + w2 * s2[q]
+        else:
+            for q in range(n):
+                acc[q] += w0 * s0[q * step] + w1 * s1[q * step] + w2 * s2[q * step]
+    elif n_w == 2:
+        s0, s1 = src[0], src[1]
+        if step == 1:
+            for q in range(n):
+                acc[q] += w0 * s0[q] + w1 * s1[q]
+        else:
+            for q in range(n):
+                acc[q] += w0 * s0[q * step] + w1 * s1[q * step]
+    else:
+        s0 = src[0]
+        if step == 1:
+            for q in range(n):
+                acc[q] += w0 * s0[q]
+        else:
+            for q in range(n):
+                acc[q] += w0 * s0[q * step]
+
+
+@njit(cache=True, parallel=True)
+def _lowrank_depthwise_kernel(qx, zx, err_feat_t, w_feat, cst, k_h, k_w, s_h, s_w, p_h, p_w,
+                              d_h, d_w, out_h, out_w, n_blocks):
+    """out[n, c] = sum_j dwconv(feature_j(qx[n, c]), w_feat[c, j]) + cst[c], exact integers.
+
+    Per plane and feature j (j = 0: code - zx, j > 0: err_feat_t[j-1, code]) the feature plane
+    is written into a zero-bordered float scratch (features vanish at code zx, so zero is the
+    right border) and its taps are added into one float accumulator plane, a kernel row (up to
+    three taps) per pass. The caller guarantees taps * max per-tap sum <= 2**24 (float32) so
+    every partial sum is an exact integer; the planes are split into ``n_blocks`` blocks.
+    """
+    n_img, n_ch, h, wd = qx.shape
+    n_err = err_feat_t.shape[0]
+    n_feat = 1 + n_err
+    hp = h + 2 * p_h
+    wp = wd + 2 * p_w
+    shift = err_feat_t.dtype.type(zx)
+    out = np.empty((n_img, n_ch, out_h, out_w), np.int64)
+    n_planes = n_img * n_ch
+    for blk in prange(n_blocks):
+        fpad = np.zeros((hp, wp), err_feat_t.dtype)
+        acc = np.empty((out_h, out_w), err_feat_t.dtype)
+        start = blk * n_planes // n_blocks
+        stop = (blk + 1) * n_planes // n_blocks
+        for pl in range(start, stop):
+            ni = pl // n_ch
+            ci = pl % n_ch
+            for r in range(out_h):
+                for c in range(out_w):
+                    acc[r, c] = 0
+            for j in range(n_feat):
+                for r in range(h):
+                    src = qx[ni, ci, r]
+                    dst = fpad[r + p_h, p_w:p_w + wd]
+                    if j == 0:
+                        for c in range(wd):
+                            dst[c] = src[c] - shift
+                    else:
+                        f = err_feat_t[j - 1]
+                        for c in range(wd):
+                            dst[c] = f[src[c]]
+                wj = w_feat[ci, j]
+                for i in range(k_h):
+                    for j0 in range(0, k_w, 3):
+                        n_w = min(3, k_w - j0)
+                        t = i * k_w + j0
+                        w0 = wj[t]
+                        w1 = wj[t + 1] if n_w > 1 else w0
+                        w2 = wj[t + 2] if n_w > 2 else w0
+                        o0 = j0 * d_w
+                        o1 = o0 + d_w if n_w > 1 else o0
+                        o2 = o0 + 2 * d_w if n_w > 2 else o0
+                        span = (out_w - 1) * s_w + 1
+                        for oh in range(out_h):
+                            row = fpad[oh * s_h + i * d_h]
+                            rows = (row[o0:o0 + span], row[o1:o1 + span], row[o2:o2 + span])
+                            _add_tap_row(acc[oh], rows, out_w, s_w, w0, w1, w2, n_w)
+            c0 = cst[ci]
+            for r in range(out_h):
+                dst_out = out[ni, ci, r]
+                for c in range(out_w):
+                    dst_out[c] = np.int64(acc[r, c]) + c0
+    return out
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _check_codes(a, name, ndim):
+    if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D uint8 array, got "
+                         f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+    return np.ascontiguousarray(a)
+
+
+def _check_code_value(z, name):
+    z = int(z)
+    if not 0 <= z <= 255:
+        raise ValueError(f"{name} must be in 0..255, got {z}")
+    return z
+
+
+def _check_table(table):
+    if (not isinstance(table, np.ndarray) or table.shape != (256, 256)
+            or table.dtype not in (np.uint16, np.int32)):
+        raise ValueError("table must be a (256, 256) uint16 or int32 array, got "
+                         f"{getattr(table, 'dtype', type(table).__name__)} "
+                         f"{getattr(table, 'shape', '')}")
+    return np.ascontiguousarray(table)
+
+
+def im2col_codes(qx, pad_code, kernel_size, stride, padding, dilation, out_size):
+    """Return cols (N, C*kh*kw, OH*OW) uint8: cols[n, c*kh*kw + i*kw + j, oh*OW + ow] is the code
+    at padded position (oh*s_h + i*d_h, ow*s_w + j*d_w) of qx[n, c]; padding reads ``pad_code``.
+
+    ``kernel_size``, ``stride``, ``padding``, ``dilation``, ``out_size`` are (h, w) int pairs.
+    """
+    qx = _check_codes(qx, "qx", 4)
+    pad_code = _check_code_value(pad_code, "pad_code")
+    (k_h, k_w), (s_h, s_w), (p_h, p_w), (d_h, d_w), (out_h, out_w) = (
+        kernel_size, stride, padding, dilation, out_size)
+    return _im2col_codes_kernel(qx, np.uint8(pad_code), k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w,
+                                out_h, out_w)
+
+
+def lut_bag_conv(cols, zx, qw_cols, zw, table):
+    """Return out (N, Co, P) int64, the table convolution of code columns with weight codes.
+
+    out[n, co, p] = sum_k ( table[cols[n,k,p], qw_cols[co,k]] - zw*cols[n,k,p] - zx*qw_cols[co,k]
+    + zx*zw ). ``cols`` (N, K, P) uint8 (padding already holds zx), ``qw_cols`` (Co, K) uint8,
+    ``table`` (256, 256) uint16 or int32. Raises ValueError if K * max|table| could overflow the
+    int32 accumulator (split K and add the parts instead).
+    """
+    cols = _check_codes(cols, "cols", 3)
+    qw_cols = _check_codes(qw_cols, "qw_cols", 2)
+    table = _check_table(table)
+    zx = _check_code_value(zx, "zx")
+    zw = _check_code_value(zw, "zw")
+    n_img, n_taps, n_pix = cols.shape
+    n_out = qw_cols.shape[0]
+    if qw_cols.shape[1] != n_taps:
+        raise ValueError(f"qw_cols must be (Co, {n_taps}), got {qw_cols.shape}")
+    peak = int(np.abs(table.astype(np.int64)).max()) if table.size else 0
+    if n_taps * peak + 255 * n_taps >= 2 ** 31:
+        raise ValueError(f"K={n_taps} taps with table values up to {peak} could overflow int32")
+    rows = np.empty((n_taps, 256, n_out), table.dtype)
+    if n_taps and n_out:
+        _bag_rows_kernel(table, qw_cols, rows)
+    cst = (n_taps * zx * zw - zx * qw_cols.astype(np.int64).sum(axis=1)).astype(np.int64)
+    block = max(16, min(n_pix, _BAG_ACC_BYTES // (4 * max(n_out, 1))))
+    if n_img == 0 or n_pix == 0 or n_out == 0:
+        return np.zeros((n_img, n_out, n_pix), np.int64)
+    return _lut_bag_kernel(cols, rows.reshape(-1), n_out, cst, np.int64(zw), block)
+
+
+def lut_depthwise_conv(qx, zx, qw, zw, table, stride, padding, dilation, out_size):
+    """Return out (N, C, OH, OW) int64, the depthwise table convolution of qx with qw (C, 1, kh, kw).
+
+    out[n, c, oh, ow] = sum_{i,j} ( table[xpad, w] - zw*xpad - zx*w + zx*zw ) with
+    xpad = qx[n, c] bordered by code zx, w = qw[c, 0, i, j]; ``stride``, ``padding``,
+    ``dilation``, ``out_size`` are (h, w) int pairs.
+    """
+    qx = _check_codes(qx, "qx", 4)
+    qw = _check_codes(qw, "qw", 4)
+    table = _check_table(table)
+    zx = _check_code_value(zx, "zx")
+    zw = _check_code_value(zw, "zw")
+    n_img, n_ch, h, wd = qx.shape
+    if qw.shape[0] != n_ch or qw.shape[1] != 1:
+        raise ValueError(f"qw must be ({n_ch}, 1, kh, kw), got {qw.shape}")
+    k_h, k_w = qw.shape[2], qw.shape[3]
+    (s_h, s_w), (p_h, p_w), (d_h, d_w), (out_h, out_w) = stride, padding, dilation, out_size
+    codes = np.arange(256, dtype=np.int64)
+    w = qw.reshape(n_ch, k_h * k_w).astype(np.int64)
+    # taps[c, t, a] = M[a, w] - zw*a - zx*w + zx*zw, one 256-entry row per (channel, tap)
+    taps = (table.astype(np.int64).T[w] - zw * codes[None, None, :]
+            - zx * w[:, :, None] + zx * zw)
+    peak = int(np.abs(taps).max()) if taps.size else 0
+    dtype = np.int32 if k_h * k_w * peak < 2 ** 31 else np.int64
+    taps = np.ascontiguousarray(taps.astype(dtype))
+    if n_img * n_ch == 0:
+        return np.zeros((n_img, n_ch, out_h, out_w), np.int64)
+    n_blocks = min(n_img * n_ch, get_num_threads())
+    return _lut_depthwise_kernel(qx, taps, np.uint8(zx), k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w,
+                                 out_h, out_w, n_blocks)
+
+
+def lowrank_bag_conv(cols, zx, err_feat_t, w_chunks, cst, chunk_taps):
+    """Return out (N, Co, P) int64 = sum over tap chunks of the GEMM of gathered code features.
+
+    ``cols`` (N, K, P) uint8; each code has J = 1 + R features, ``code - zx`` then
+    ``err_feat_t[:, code]`` (``err_feat_t`` (R, 256) float32/float64); ``w_chunks``
+    (n_chunks, Co, chunk_taps*J), same float dtype, the weight features of each chunk of
+    ``chunk_taps`` consecutive taps (tap-major, feature-minor, zero past K); ``cst`` (Co,) int64
+    is added to every pixel. Every chunk product must be an exact integer in the float type (the
+    caller's bound); call with BLAS limited to one thread (the GEMMs run inside Numba threads).
+    """
+    cols = _check_codes(cols, "cols", 3)
+    zx = _check_code_value(zx, "zx")
+    n_img, n_taps, n_pix = cols.shape
+    n_feat = 1 + err_feat_t.shape[0]
+    n_chunks, n_out, chunk_rows = w_chunks.shape
+    if (err_feat_t.dtype != w_chunks.dtype or err_feat_t.dtype not in (np.float32, np.float64)
+            or err_feat_t.ndim != 2 or err_feat_t.shape[1] != 256
+            or chunk_rows != chunk_taps * n_feat
+            or n_chunks != max(1, -(-n_taps // chunk_taps)) or cst.shape != (n_out,)):
+        raise ValueError("inconsistent low-rank operands: err_feat_t "
+                         f"{err_feat_t.dtype}{err_feat_t.shape}, w_chunks {w_chunks.dtype}"
+                         f"{w_chunks.shape}, cst {cst.shape}, K={n_taps}, chunk={chunk_taps}")
+    if n_img == 0 or n_pix == 0 or n_out == 0:
+        return np.zeros((n_img, n_out, n_pix), np.int64)
+    itemsize = err_feat_t.dtype.itemsize
+    block = max(16, min(n_pix, _LOWRANK_X_BYTES // (itemsize * max(1, n_chunks * chunk_rows))))
+    return _lowrank_bag_kernel(cols, zx, np.ascontiguousarray(err_feat_t),
+                               np.ascontiguousarray(w_chunks),
+                               np.ascontiguousarray(cst, dtype=np.int64), chunk_taps, block)
+
+
+def lowrank_depthwise_conv(qx, zx, err_feat_t, w_feat, cst, kernel_size, stride, padding,
+                           dilation, out_size):
+    """Return out (N, C, OH, OW) int64 = sum_j dwconv(feature_j(qx), w_feat[:, j]) + cst[c].
+
+    Features per code as in :func:`lowrank_bag_conv` (``code - zx``, then ``err_feat_t[:, code]``,
+    ``err_feat_t`` (R, 256) float32); ``w_feat`` (C, 1 + R, kh*kw) float32 the weight features
+    of each channel's taps; ``cst`` (C,) int64; geometry as (h, w) int pairs. Zero padding
+    (features vanish at code zx). The caller guarantees taps * (max per-tap sum of |products|)
+    <= 2**24, so every float32 partial sum is an exact integer.
+    """
+    qx = _check_codes(qx, "qx", 4)
+    zx = _check_code_value(zx, "zx")
+    n_img, n_ch, h, wd = qx.shape
+    n_feat = 1 + err_feat_t.shape[0]
+    (k_h, k_w), (s_h, s_w), (p_h, p_w), (d_h, d_w), (out_h, out_w) = (
+        kernel_size, stride, padding, dilation, out_size)
+    if (err_feat_t.dtype != np.float32 or w_feat.dtype != np.float32
+            or err_feat_t.ndim != 2 or err_feat_t.shape[1] != 256
+            or w_feat.shape != (n_ch, n_feat, k_h * k_w) or cst.shape != (n_ch,)):
+        raise ValueError("inconsistent low-rank depthwise operands: err_feat_t "
+                         f"{err_feat_t.dtype}{err_feat_t.shape}, w_feat {w_feat.dtype}"
+                         f"{w_feat.shape}, cst {cst.shape}, C={n_ch}")
+    if n_img * n_ch == 0:
+        return np.zeros((n_img, n_ch, out_h, out_w), np.int64)
+    n_blocks = min(n_img * n_ch, get_num_threads())
+    return _lowrank_depthwise_kernel(qx, zx, np.ascontiguousarray(err_feat_t),
+                                     np.ascontiguousarray(w_feat),
+                                     np.ascontiguousarray(cst, dtype=np.int64),
+                                     k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
+                                     n_blocks)
+
+
