@@ -150,3 +150,26 @@ def test_unwritable_output_dir_is_a_user_error(tmp_path):
         target = str(locked / "out")
     with pytest.raises(UserError, match="cannot write"):
         run_search(_config(target))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import approxdarts_np.nas.search as search_module
+    from approxdarts_np.errors import DivergedError
+    from approxdarts_np.io.checkpoint import load_tree
+
+    out = tmp_path / "nan"
+    real_step = search_module.weight_step
+    calls = {"n": 0}
+
+    def poisoned(model, optimizer, images, labels, grad_clip):
+        calls["n"] += 1
+        if calls["n"] > 3:  # the first epoch (3 steps) is fine, then the loss is NaN
+            return float("nan"), 0
+        return real_step(model, optimizer, images, labels, grad_clip)
+
+    monkeypatch.setattr(search_module, "weight_step", poisoned)
+    with pytest.raises(DivergedError, match="nan at epoch 2, step 1"):
+        run_search(_config(out))
+    tree = load_tree(out / "checkpoint.h5")
+    assert tree["position"]["epoch"] == 1 and tree["position"]["step"] == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
