@@ -21,7 +21,7 @@ def as_pair(v, name):
 
 
 def conv_output_size(size, k, stride, padding, dilation):
-    """Return the output length of a convolution along one axis (may be <= 0 if the window never fits).
+    """Return the output length of a convolution along one axis (<= 0: the window never fits).
 
     ``size`` input length, ``k`` kernel length, symmetric zero ``padding`` on both ends.
     """

@@ -23,6 +23,16 @@ _LANES = 8
 
 # ----------------------------------------------------------------------------- Numba kernels
 
+@njit(cache=True, inline="always")
+def _u(i):
+    """Cast a (known non-negative) index to unsigned.
+
+    Numba wraps negative signed indices around, a check that keeps LLVM from vectorising
+    the row loops below; unsigned indices skip it.
+    """
+    return np.uint64(i)
+
+
 @njit(cache=True)
 def _lane_total(lanes):
     """Sum the partial sums in lane order."""
@@ -33,90 +43,92 @@ def _lane_total(lanes):
 
 
 @njit(cache=True)
-def _channel_sum(x3, c, lanes):
-    """Return sum over n, i of x3[n, c, i] in float64, with a fixed lane pattern."""
+def _channel_sum(xf, shape, c, lanes):
+    """Return the float64 sum of channel c of the flat (N, C, HW) array ``xf``, fixed lanes."""
+    n_img, n_ch, size = shape
     n_lanes = lanes.shape[0]
-    lanes[:] = 0.0
-    size = x3.shape[2]
     body = size - size % n_lanes
-    for n in range(x3.shape[0]):
-        row = x3[n, c]
-        for i in range(0, body, n_lanes):
+    lanes[:] = 0.0
+    for n in range(n_img):
+        base = (n * n_ch + c) * size
+        for i in range(base, base + body, n_lanes):
             for k in range(n_lanes):
-                lanes[k] += row[i + k]
+                lanes[_u(k)] += xf[_u(i + k)]
         for i in range(body, size):
-            lanes[i - body] += row[i]
+            lanes[_u(i - body)] += xf[_u(base + i)]
     return _lane_total(lanes)
 
 
 @njit(cache=True)
-def _channel_sq_dev(x3, c, mean, lanes):
-    """Return sum over n, i of (x3[n, c, i] - mean)**2 in float64, with a fixed lane pattern."""
+def _channel_sq_dev(xf, shape, c, mean, lanes):
+    """Return the float64 sum of (x - mean)**2 over channel c of ``xf``, fixed lanes."""
+    n_img, n_ch, size = shape
     n_lanes = lanes.shape[0]
-    lanes[:] = 0.0
-    size = x3.shape[2]
     body = size - size % n_lanes
-    for n in range(x3.shape[0]):
-        row = x3[n, c]
-        for i in range(0, body, n_lanes):
+    lanes[:] = 0.0
+    for n in range(n_img):
+        base = (n * n_ch + c) * size
+        for i in range(base, base + body, n_lanes):
             for k in range(n_lanes):
-                d = np.float64(row[i + k]) - mean
-                lanes[k] += d * d
+                d = np.float64(xf[_u(i + k)]) - mean
+                lanes[_u(k)] += d * d
         for i in range(body, size):
-            d = np.float64(row[i]) - mean
-            lanes[i - body] += d * d
+            d = np.float64(xf[_u(base + i)]) - mean
+            lanes[_u(i - body)] += d * d
     return _lane_total(lanes)
 
 
 @njit(cache=True)
-def _channel_grad_sums(gy3, x3, c, mean, lanes_g, lanes_gx):
-    """Return (sum gy, sum gy * (x - mean)) over channel c, float64, fixed lane pattern."""
+def _channel_grad_sums(gf, xf, shape, c, mean, lanes_g, lanes_gx):
+    """Return float64 (sum gy, sum gy * (x - mean)) over channel c, fixed lanes."""
+    n_img, n_ch, size = shape
     n_lanes = lanes_g.shape[0]
+    body = size - size % n_lanes
     lanes_g[:] = 0.0
     lanes_gx[:] = 0.0
-    size = x3.shape[2]
-    body = size - size % n_lanes
-    for n in range(x3.shape[0]):
-        g_row = gy3[n, c]
-        x_row = x3[n, c]
-        for i in range(0, body, n_lanes):
+    for n in range(n_img):
+        base = (n * n_ch + c) * size
+        for i in range(base, base + body, n_lanes):
             for k in range(n_lanes):
-                g = np.float64(g_row[i + k])
-                lanes_g[k] += g
-                lanes_gx[k] += g * (np.float64(x_row[i + k]) - mean)
+                g = np.float64(gf[_u(i + k)])
+                lanes_g[_u(k)] += g
+                lanes_gx[_u(k)] += g * (np.float64(xf[_u(i + k)]) - mean)
         for i in range(body, size):
-            g = np.float64(g_row[i])
-            lanes_g[i - body] += g
-            lanes_gx[i - body] += g * (np.float64(x_row[i]) - mean)
+            g = np.float64(gf[_u(base + i)])
+            lanes_g[_u(i - body)] += g
+            lanes_gx[_u(i - body)] += g * (np.float64(xf[_u(base + i)]) - mean)
     return _lane_total(lanes_g), _lane_total(lanes_gx)
 
 
 @njit(cache=True)
-def _channel_affine(x3, y3, c, scale, shift):
-    """y3[:, c] = x3[:, c] * scale + shift, evaluated in float64."""
-    for n in range(x3.shape[0]):
-        x_row = x3[n, c]
-        y_row = y3[n, c]
-        for i in range(x_row.shape[0]):
-            y_row[i] = np.float64(x_row[i]) * scale + shift
+def _channel_affine(xf, yf, shape, c, scale, shift):
+    """Channel c of ``yf`` = x * scale + shift, evaluated in float64."""
+    n_img, n_ch, size = shape
+    for n in range(n_img):
+        base = (n * n_ch + c) * size
+        for i in range(base, base + size):
+            yf[_u(i)] = np.float64(xf[_u(i)]) * scale + shift
 
 
 @njit(parallel=True, cache=True)
 def _batch_norm_train_kernel(x3, gamma, beta, eps, n_lanes):
     """Return (y, mean, var, invstd) for x3 (N, C, HW); gamma/beta float64 (C,)."""
     n_img, n_ch, size = x3.shape
+    shape = (n_img, n_ch, size)
     count = n_img * size
     y = np.empty_like(x3)
+    xf = x3.reshape(x3.size)
+    yf = y.reshape(y.size)
     mean_out = np.empty(n_ch, np.float32)
     var_out = np.empty(n_ch, np.float32)
     invstd_out = np.empty(n_ch, np.float32)
     for c in prange(n_ch):
         lanes = np.empty(n_lanes, np.float64)
-        mean = _channel_sum(x3, c, lanes) / count
-        var = _channel_sq_dev(x3, c, mean, lanes) / count
+        mean = _channel_sum(xf, shape, c, lanes) / count
+        var = _channel_sq_dev(xf, shape, c, mean, lanes) / count
         invstd = 1.0 / np.sqrt(var + eps)
         scale = invstd * gamma[c]
-        _channel_affine(x3, y, c, scale, beta[c] - mean * scale)
+        _channel_affine(xf, yf, shape, c, scale, beta[c] - mean * scale)
         mean_out[c] = mean
         var_out[c] = var
         invstd_out[c] = invstd
@@ -130,8 +142,12 @@ def _batch_norm_grad_kernel(gy3, x3, mean, invstd, gamma, n_lanes):
     gx = (gy - sum(gy)/n - (x - mean) * invstd**2 * sum(gy*(x - mean))/n) * invstd * gamma.
     """
     n_img, n_ch, size = x3.shape
+    shape = (n_img, n_ch, size)
     count = n_img * size
     gx = np.empty_like(x3)
+    xf = x3.reshape(x3.size)
+    gf = gy3.reshape(gy3.size)
+    of = gx.reshape(gx.size)
     ggamma = np.empty(n_ch, np.float32)
     gbeta = np.empty(n_ch, np.float32)
     for c in prange(n_ch):
@@ -139,17 +155,15 @@ def _batch_norm_grad_kernel(gy3, x3, mean, invstd, gamma, n_lanes):
         lanes_gx = np.empty(n_lanes, np.float64)
         m = mean[c]
         s = invstd[c]
-        sum_g, sum_gx = _channel_grad_sums(gy3, x3, c, m, lanes_g, lanes_gx)
+        sum_g, sum_gx = _channel_grad_sums(gf, xf, shape, c, m, lanes_g, lanes_gx)
         mean_g = sum_g / count
         proj = sum_gx * s * s / count
         scale = s * gamma[c]
         for n in range(n_img):
-            g_row = gy3[n, c]
-            x_row = x3[n, c]
-            out = gx[n, c]
-            for i in range(size):
-                out[i] = (np.float64(g_row[i]) - mean_g
-                          - (np.float64(x_row[i]) - m) * proj) * scale
+            base = (n * n_ch + c) * size
+            for i in range(base, base + size):
+                of[_u(i)] = (np.float64(gf[_u(i)]) - mean_g
+                             - (np.float64(xf[_u(i)]) - m) * proj) * scale
         ggamma[c] = sum_gx * s
         gbeta[c] = sum_g
     return gx, ggamma, gbeta
@@ -159,9 +173,12 @@ def _batch_norm_grad_kernel(gy3, x3, mean, invstd, gamma, n_lanes):
 def _batch_norm_eval_kernel(x3, scale, shift):
     """Return y = x3 * scale[c] + shift[c] for x3 (N, C, HW); scale/shift float64 (C,)."""
     n_ch = x3.shape[1]
+    shape = x3.shape
     y = np.empty_like(x3)
+    xf = x3.reshape(x3.size)
+    yf = y.reshape(y.size)
     for c in prange(n_ch):
-        _channel_affine(x3, y, c, scale[c], shift[c])
+        _channel_affine(xf, yf, shape, c, scale[c], shift[c])
     return y
 
 

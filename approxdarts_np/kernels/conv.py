@@ -98,13 +98,31 @@ def _valid_range(n_out, offset, stride, size):
     return lo, hi
 
 
+@njit(cache=True, inline="always")
+def _u(i):
+    """Cast a (known non-negative) index to unsigned.
+
+    Numba wraps negative signed indices around, a check that keeps LLVM from vectorising
+    the copy loops below (measured 8x slower on a 1000-element copy); unsigned indices skip it.
+    """
+    return np.uint64(i)
+
+
 @njit(cache=True)
 def _im2col(xg, col, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w):
     """Fill col[(c*k_h + i)*k_w + j, oh*out_w + ow] = xpad[c, oh*s_h + i*d_h, ow*s_w + j*d_w].
 
-    ``xg`` is one image's (channels, H, W) block; padded positions give 0.
+    ``xg`` is one image's (channels, H, W) block; padded positions give 0. Indexing is flat
+    (no per-row views): rows are short, and per-row overhead would dominate. When s_w == 1
+    and s_h * W == out_w (stride 1 with "same" padding), a col row is the input plane shifted
+    by a constant, so it is copied as one run and the columns that fall in the padding are
+    zeroed afterwards.
     """
     n_ch, h, wd = xg.shape
+    xf = xg.reshape(n_ch * h * wd)
+    cf = col.reshape(col.shape[0] * col.shape[1])
+    n_out = out_h * out_w
+    linear = s_w == 1 and s_h * wd == out_w
     for c in range(n_ch):
         for i in range(k_h):
             off_h = i * d_h - p_h
@@ -112,33 +130,57 @@ def _im2col(xg, col, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w):
             for j in range(k_w):
                 off_w = j * d_w - p_w
                 ow_lo, ow_hi = _valid_range(out_w, off_w, s_w, wd)
-                row = col[(c * k_h + i) * k_w + j]
-                for q in range(oh_lo * out_w):
-                    row[q] = 0.0
-                for oh in range(oh_lo, oh_hi):
-                    dst = row[oh * out_w:(oh + 1) * out_w]
-                    src = xg[c, oh * s_h + off_h]
-                    for ow in range(ow_lo):
-                        dst[ow] = 0.0
-                    if s_w == 1:
-                        for ow in range(ow_lo, ow_hi):
-                            dst[ow] = src[ow + off_w]
-                    else:
-                        for ow in range(ow_lo, ow_hi):
-                            dst[ow] = src[ow * s_w + off_w]
-                    for ow in range(ow_hi, out_w):
-                        dst[ow] = 0.0
-                for q in range(oh_hi * out_w, out_h * out_w):
-                    row[q] = 0.0
+                base = ((c * k_h + i) * k_w + j) * n_out
+                if oh_lo >= oh_hi or ow_lo >= ow_hi:
+                    for q in range(base, base + n_out):
+                        cf[_u(q)] = 0.0
+                    continue
+                q_lo = oh_lo * out_w + ow_lo
+                q_hi = (oh_hi - 1) * out_w + ow_hi
+                for q in range(base, base + q_lo):
+                    cf[_u(q)] = 0.0
+                if linear:
+                    # src index = q + shift for every q; [q_lo, q_hi) reads only inside the plane.
+                    shift = (c * h + off_h) * wd + off_w
+                    for q in range(q_lo, q_hi):
+                        cf[_u(base + q)] = xf[_u(q + shift)]
+                    for oh in range(oh_lo, oh_hi):
+                        row = base + oh * out_w
+                        for ow in range(ow_lo):
+                            cf[_u(row + ow)] = 0.0
+                        for ow in range(ow_hi, out_w):
+                            cf[_u(row + ow)] = 0.0
+                else:
+                    for oh in range(oh_lo, oh_hi):
+                        row = base + oh * out_w
+                        src = (c * h + oh * s_h + off_h) * wd + off_w
+                        for ow in range(ow_lo):
+                            cf[_u(row + ow)] = 0.0
+                        if s_w == 1:
+                            for ow in range(ow_lo, ow_hi):
+                                cf[_u(row + ow)] = xf[_u(src + ow)]
+                        else:
+                            for ow in range(ow_lo, ow_hi):
+                                cf[_u(row + ow)] = xf[_u(src + ow * s_w)]
+                        for ow in range(ow_hi, out_w):
+                            cf[_u(row + ow)] = 0.0
+                for q in range(base + q_hi, base + n_out):
+                    cf[_u(q)] = 0.0
 
 
 @njit(cache=True)
 def _col2im_add(col, gxg, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w):
-    """Add every col entry back onto the padded-input position it was read from (pads dropped).
+    """Add every col entry onto the padded-input position it was read from (pads dropped).
 
     The adjoint of :func:`_im2col`; entries land in a fixed (channel, tap, position) order.
+    ``col`` is scratch: in the linear case (see :func:`_im2col`) its padding columns are set
+    to zero so that a whole row is added as one run.
     """
     n_ch, h, wd = gxg.shape
+    gf = gxg.reshape(n_ch * h * wd)
+    cf = col.reshape(col.shape[0] * col.shape[1])
+    n_out = out_h * out_w
+    linear = s_w == 1 and s_h * wd == out_w
     for c in range(n_ch):
         for i in range(k_h):
             off_h = i * d_h - p_h
@@ -146,16 +188,29 @@ def _col2im_add(col, gxg, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w):
             for j in range(k_w):
                 off_w = j * d_w - p_w
                 ow_lo, ow_hi = _valid_range(out_w, off_w, s_w, wd)
-                row = col[(c * k_h + i) * k_w + j]
-                for oh in range(oh_lo, oh_hi):
-                    src = row[oh * out_w:(oh + 1) * out_w]
-                    dst = gxg[c, oh * s_h + off_h]
-                    if s_w == 1:
-                        for ow in range(ow_lo, ow_hi):
-                            dst[ow + off_w] += src[ow]
-                    else:
-                        for ow in range(ow_lo, ow_hi):
-                            dst[ow * s_w + off_w] += src[ow]
+                if oh_lo >= oh_hi or ow_lo >= ow_hi:
+                    continue
+                base = ((c * k_h + i) * k_w + j) * n_out
+                if linear:
+                    shift = (c * h + off_h) * wd + off_w
+                    for oh in range(oh_lo, oh_hi):
+                        row = base + oh * out_w
+                        for ow in range(ow_lo):
+                            cf[_u(row + ow)] = 0.0
+                        for ow in range(ow_hi, out_w):
+                            cf[_u(row + ow)] = 0.0
+                    for q in range(oh_lo * out_w + ow_lo, (oh_hi - 1) * out_w + ow_hi):
+                        gf[_u(q + shift)] += cf[_u(base + q)]
+                else:
+                    for oh in range(oh_lo, oh_hi):
+                        row = base + oh * out_w
+                        dst = (c * h + oh * s_h + off_h) * wd + off_w
+                        if s_w == 1:
+                            for ow in range(ow_lo, ow_hi):
+                                gf[_u(dst + ow)] += cf[_u(row + ow)]
+                        else:
+                            for ow in range(ow_lo, ow_hi):
+                                gf[_u(dst + ow * s_w)] += cf[_u(row + ow)]
 
 
 @njit(parallel=True, cache=True)

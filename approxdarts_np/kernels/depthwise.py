@@ -2,32 +2,43 @@
 
 Layout: x (N, C, H, W), w (C, 1, kh, kw), y (N, C, OH, OW), all float32 C-contiguous.
 Padding is symmetric zero padding; stride, padding and dilation are an int or an (h, w) pair.
+The convolution is a cross-correlation, as in torch.
 
-How the kernels are laid out (the reason they vectorise):
+How the kernels are laid out (the reason their inner loops vectorise):
 
-* Each (image, channel) plane is copied into a zero-bordered scratch buffer. With stride s the
-  padded plane is stored as s_h * s_w *phase planes* (phase (a, b) holds padded rows a, a+s_h, ...
-  and columns b, b+s_w, ...), each hq x wq, flattened. In that layout every kernel tap (i, j)
-  reads one phase plane at a constant offset, so for every tap the whole output plane, taken on
-  a grid with row stride wq, is one contiguous run of the scratch buffer.
-* The output plane is computed on that oh x wq grid (the wq - OW extra columns per row are
-  scratch) as one long loop per group of taps, then copied out row by row.
-* The input gradient is the same gather, run per phase plane of the padded input over the
-  taps that land in that phase, reading a zero-bordered copy of the output gradient.
-* The weight gradient takes, per plane and tap, one dot product of the gridded output gradient
-  (extra columns zero) with the scratch buffer at the tap's offset; the per-plane partials are
-  then added over images per channel, in float64, in image order.
+* Work item = one channel and a group of ``stack`` images (more images for smaller planes, so
+  8x8 planes still give long loops). The item's planes are copied into a zero-bordered scratch
+  buffer, one plane after another. With stride 1 the planes share their zero borders (one
+  plane's bottom/right padding is the next plane's top / the next row's left padding, see
+  :func:`_layout`). With stride s each padded plane is split into s_h * s_w *phase planes*
+  (phase (a, b) holds padded rows a, a+s_h, ... and columns b, b+s_w, ...).
+* In that layout every tap (i, j) reads the buffer at one constant offset, so the outputs of
+  all the item's planes, taken on a grid with the buffer's row stride, are one contiguous loop
+  per group of taps (:func:`_gather_taps`, up to 9 taps per pass). Grid positions outside a
+  plane's OH x OW outputs are computed and dropped when the planes are copied out.
+* Input gradient, stride 1: the forward kernel run on the output gradient with the kernel
+  flipped and padding d*(k-1) - p. Other strides: the same gather per phase plane of the padded
+  input, over the taps that land in that phase, reading a zero-bordered copy of the output
+  gradient.
+* Weight gradient: per item and tap, one dot product of the output gradient on the grid (zero
+  off the outputs) with the scratch buffer at the tap's offset (:func:`_dot_taps`), then the
+  items' partial sums are added per channel over the image groups, in float64, in order.
 
-Parallelism: ``prange`` over contiguous blocks of (image, channel) planes (forward, input
-gradient) or of channels (weight gradient). Every output element is computed by exactly one
-thread in an order that does not depend on the thread count, so results are bit-reproducible.
+Parallelism and determinism: ``prange`` over contiguous blocks of work items, items ordered
+image group by image group and channel by channel within a group, so the memory is read in
+order. Every output element is computed by exactly one thread, and how the work is cut into
+items depends on the shapes only, never on the thread count: results are bit-reproducible and
+the same for any number of threads. The forward and input-gradient sums are plain IEEE float32
+in the tap order; the weight-gradient dot products use ``reassoc`` (see :func:`_dot_taps`).
 """
 import numpy as np
 from numba import get_num_threads, njit, prange
 
 from ._util import as_pair, conv_output_size
 
-# Scratch elements (padded input of one work item) that set how many images share an item.
+# Target size, in float32 elements, of one work item's padded input: sets how many images of a
+# channel share an item. Measured on 2-core AMD EPYC: 32x32 planes run best alone (stacking
+# them was slower), 16x16 planes 3-4 to an item, 8x8 planes 6 or more.
 _STACK_BUDGET = 1200
 
 __all__ = [
@@ -40,53 +51,150 @@ __all__ = [
 
 @njit(cache=True)
 def _gather_taps(out, o0, length, src, offs, ws, t0, t1, assign):
-    """out[o0+q] (=|+=) sum over taps t in [t0, t1) of ws[t] * src[offs[t]+q], q < length.
+    """out[o0+q] (= if ``assign`` else +=) sum over taps t in [t0, t1) of ws[t] * src[offs[t]+q].
 
-    Taps are taken three at a time so each pass over ``out`` does three multiply-adds per
-    element; the summation order is fixed by the tap order.
+    For q < length. Taps are taken in groups of up to 9 (a 3x3 kernel in one pass over
+    ``out``, 25 taps as 9 + 9 + 5 + 2) so each pass does several multiply-adds per element.
+    A group's products are summed left to right and then added to the running value: the
+    summation order is fixed by the tap order alone.
     """
     ov = out[o0:o0 + length]
     t = t0
     first = assign
     while t < t1:
         left = t1 - t
-        if left >= 3:
-            s0 = src[offs[t]:offs[t] + length]
-            s1 = src[offs[t + 1]:offs[t + 1] + length]
-            s2 = src[offs[t + 2]:offs[t + 2] + length]
-            w0 = ws[t]
-            w1 = ws[t + 1]
-            w2 = ws[t + 2]
-            if first:
-                for q in range(length):
-                    ov[q] = w0 * s0[q] + w1 * s1[q] + w2 * s2[q]
-            else:
-                for q in range(length):
-                    ov[q] += w0 * s0[q] + w1 * s1[q] + w2 * s2[q]
+        if left >= 9:
+            _taps9(ov, src, offs, ws, t, first)
+            t += 9
+        elif left >= 5:
+            _taps5(ov, src, offs, ws, t, first)
+            t += 5
+        elif left >= 3:
+            _taps3(ov, src, offs, ws, t, first)
             t += 3
         elif left == 2:
-            s0 = src[offs[t]:offs[t] + length]
-            s1 = src[offs[t + 1]:offs[t + 1] + length]
-            w0 = ws[t]
-            w1 = ws[t + 1]
-            if first:
-                for q in range(length):
-                    ov[q] = w0 * s0[q] + w1 * s1[q]
-            else:
-                for q in range(length):
-                    ov[q] += w0 * s0[q] + w1 * s1[q]
+            _taps2(ov, src, offs, ws, t, first)
             t += 2
         else:
-            s0 = src[offs[t]:offs[t] + length]
-            w0 = ws[t]
-            if first:
-                for q in range(length):
-                    ov[q] = w0 * s0[q]
-            else:
-                for q in range(length):
-                    ov[q] += w0 * s0[q]
+            _taps1(ov, src, offs, ws, t, first)
             t += 1
         first = False
+
+
+@njit(cache=True)
+def _taps9(ov, src, offs, ws, t, first):
+    """ov[q] (= if ``first`` else +=) taps t .. t+8 of :func:`_gather_taps`."""
+    n = ov.shape[0]
+    s0 = src[offs[t]:offs[t] + n]
+    s1 = src[offs[t + 1]:offs[t + 1] + n]
+    s2 = src[offs[t + 2]:offs[t + 2] + n]
+    s3 = src[offs[t + 3]:offs[t + 3] + n]
+    s4 = src[offs[t + 4]:offs[t + 4] + n]
+    s5 = src[offs[t + 5]:offs[t + 5] + n]
+    s6 = src[offs[t + 6]:offs[t + 6] + n]
+    s7 = src[offs[t + 7]:offs[t + 7] + n]
+    s8 = src[offs[t + 8]:offs[t + 8] + n]
+    w0 = ws[t]
+    w1 = ws[t + 1]
+    w2 = ws[t + 2]
+    w3 = ws[t + 3]
+    w4 = ws[t + 4]
+    w5 = ws[t + 5]
+    w6 = ws[t + 6]
+    w7 = ws[t + 7]
+    w8 = ws[t + 8]
+    if first:
+        for q in range(n):
+            ov[q] = (w0 * s0[q]
+                     + w1 * s1[q]
+                     + w2 * s2[q]
+                     + w3 * s3[q]
+                     + w4 * s4[q]
+                     + w5 * s5[q]
+                     + w6 * s6[q]
+                     + w7 * s7[q]
+                     + w8 * s8[q])
+    else:
+        for q in range(n):
+            ov[q] += (w0 * s0[q]
+                      + w1 * s1[q]
+                      + w2 * s2[q]
+                      + w3 * s3[q]
+                      + w4 * s4[q]
+                      + w5 * s5[q]
+                      + w6 * s6[q]
+                      + w7 * s7[q]
+                      + w8 * s8[q])
+
+
+@njit(cache=True)
+def _taps5(ov, src, offs, ws, t, first):
+    """ov[q] (= if ``first`` else +=) taps t .. t+4 of :func:`_gather_taps`."""
+    n = ov.shape[0]
+    s0 = src[offs[t]:offs[t] + n]
+    s1 = src[offs[t + 1]:offs[t + 1] + n]
+    s2 = src[offs[t + 2]:offs[t + 2] + n]
+    s3 = src[offs[t + 3]:offs[t + 3] + n]
+    s4 = src[offs[t + 4]:offs[t + 4] + n]
+    w0 = ws[t]
+    w1 = ws[t + 1]
+    w2 = ws[t + 2]
+    w3 = ws[t + 3]
+    w4 = ws[t + 4]
+    if first:
+        for q in range(n):
+            ov[q] = w0 * s0[q] + w1 * s1[q] + w2 * s2[q] + w3 * s3[q] + w4 * s4[q]
+    else:
+        for q in range(n):
+            ov[q] += w0 * s0[q] + w1 * s1[q] + w2 * s2[q] + w3 * s3[q] + w4 * s4[q]
+
+
+@njit(cache=True)
+def _taps3(ov, src, offs, ws, t, first):
+    """ov[q] (= if ``first`` else +=) taps t .. t+2 of :func:`_gather_taps`."""
+    n = ov.shape[0]
+    s0 = src[offs[t]:offs[t] + n]
+    s1 = src[offs[t + 1]:offs[t + 1] + n]
+    s2 = src[offs[t + 2]:offs[t + 2] + n]
+    w0 = ws[t]
+    w1 = ws[t + 1]
+    w2 = ws[t + 2]
+    if first:
+        for q in range(n):
+            ov[q] = w0 * s0[q] + w1 * s1[q] + w2 * s2[q]
+    else:
+        for q in range(n):
+            ov[q] += w0 * s0[q] + w1 * s1[q] + w2 * s2[q]
+
+
+@njit(cache=True)
+def _taps2(ov, src, offs, ws, t, first):
+    """ov[q] (= if ``first`` else +=) taps t .. t+1 of :func:`_gather_taps`."""
+    n = ov.shape[0]
+    s0 = src[offs[t]:offs[t] + n]
+    s1 = src[offs[t + 1]:offs[t + 1] + n]
+    w0 = ws[t]
+    w1 = ws[t + 1]
+    if first:
+        for q in range(n):
+            ov[q] = w0 * s0[q] + w1 * s1[q]
+    else:
+        for q in range(n):
+            ov[q] += w0 * s0[q] + w1 * s1[q]
+
+
+@njit(cache=True)
+def _taps1(ov, src, offs, ws, t, first):
+    """ov[q] (= if ``first`` else +=) tap t of :func:`_gather_taps`."""
+    n = ov.shape[0]
+    s0 = src[offs[t]:offs[t] + n]
+    w0 = ws[t]
+    if first:
+        for q in range(n):
+            ov[q] = w0 * s0[q]
+    else:
+        for q in range(n):
+            ov[q] += w0 * s0[q]
 
 
 # Copies between the planes of one work item (images n0 .. n0+count-1 of channel ci of a 4-D
@@ -231,54 +339,154 @@ def _stack_from_phases(buf, a, n0, count, ci, pad_h, pad_w, s_h, s_w, wq, plane,
                               phase_stride, False)
 
 
-@njit(cache=True, fastmath={"reassoc"})
+@njit(cache=True)
 def _dot_taps(g, src, offs, out_row):
-    """out_row[t] = sum_q g[q] * src[offs[t]+q] in float32, for every tap t (three at a time).
+    """out_row[t] = sum_q g[q] * src[offs[t]+q] in float32, for every tap t.
 
-    ``reassoc`` lets the compiler keep each sum as several partial sums in vector registers
-    (otherwise a float reduction cannot vectorise). That order is fixed by the compiled code,
-    not by the data or the threads, so the results are reproducible run to run.
+    Taps are taken in groups of up to 9 that share each load of ``g``. The group functions are
+    compiled with ``reassoc``: it lets the compiler keep each sum as several partial sums in
+    vector registers (a float reduction cannot vectorise otherwise). That order is fixed by
+    the compiled code, not by the data or the threads, so results are reproducible.
     """
-    length = g.shape[0]
     n_taps = offs.shape[0]
     t = 0
     while t < n_taps:
         left = n_taps - t
-        if left >= 3:
-            s0 = src[offs[t]:offs[t] + length]
-            s1 = src[offs[t + 1]:offs[t + 1] + length]
-            s2 = src[offs[t + 2]:offs[t + 2] + length]
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            for q in range(length):
-                gq = g[q]
-                a0 += gq * s0[q]
-                a1 += gq * s1[q]
-                a2 += gq * s2[q]
-            out_row[t] = a0
-            out_row[t + 1] = a1
-            out_row[t + 2] = a2
+        if left >= 9:
+            _dots9(g, src, offs, t, out_row)
+            t += 9
+        elif left >= 5:
+            _dots5(g, src, offs, t, out_row)
+            t += 5
+        elif left >= 3:
+            _dots3(g, src, offs, t, out_row)
             t += 3
         elif left == 2:
-            s0 = src[offs[t]:offs[t] + length]
-            s1 = src[offs[t + 1]:offs[t + 1] + length]
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            for q in range(length):
-                gq = g[q]
-                a0 += gq * s0[q]
-                a1 += gq * s1[q]
-            out_row[t] = a0
-            out_row[t + 1] = a1
+            _dots2(g, src, offs, t, out_row)
             t += 2
         else:
-            s0 = src[offs[t]:offs[t] + length]
-            a0 = np.float32(0.0)
-            for q in range(length):
-                a0 += g[q] * s0[q]
-            out_row[t] = a0
+            _dots1(g, src, offs, t, out_row)
             t += 1
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _dots9(g, src, offs, t, out_row):
+    """out_row[t .. t+8]: the dot products of :func:`_dot_taps` for 9 taps."""
+    n = g.shape[0]
+    s0 = src[offs[t]:offs[t] + n]
+    s1 = src[offs[t + 1]:offs[t + 1] + n]
+    s2 = src[offs[t + 2]:offs[t + 2] + n]
+    s3 = src[offs[t + 3]:offs[t + 3] + n]
+    s4 = src[offs[t + 4]:offs[t + 4] + n]
+    s5 = src[offs[t + 5]:offs[t + 5] + n]
+    s6 = src[offs[t + 6]:offs[t + 6] + n]
+    s7 = src[offs[t + 7]:offs[t + 7] + n]
+    s8 = src[offs[t + 8]:offs[t + 8] + n]
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    a4 = np.float32(0.0)
+    a5 = np.float32(0.0)
+    a6 = np.float32(0.0)
+    a7 = np.float32(0.0)
+    a8 = np.float32(0.0)
+    for q in range(n):
+        gq = g[q]
+        a0 += gq * s0[q]
+        a1 += gq * s1[q]
+        a2 += gq * s2[q]
+        a3 += gq * s3[q]
+        a4 += gq * s4[q]
+        a5 += gq * s5[q]
+        a6 += gq * s6[q]
+        a7 += gq * s7[q]
+        a8 += gq * s8[q]
+    out_row[t] = a0
+    out_row[t + 1] = a1
+    out_row[t + 2] = a2
+    out_row[t + 3] = a3
+    out_row[t + 4] = a4
+    out_row[t + 5] = a5
+    out_row[t + 6] = a6
+    out_row[t + 7] = a7
+    out_row[t + 8] = a8
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _dots5(g, src, offs, t, out_row):
+    """out_row[t .. t+4]: the dot products of :func:`_dot_taps` for 5 taps."""
+    n = g.shape[0]
+    s0 = src[offs[t]:offs[t] + n]
+    s1 = src[offs[t + 1]:offs[t + 1] + n]
+    s2 = src[offs[t + 2]:offs[t + 2] + n]
+    s3 = src[offs[t + 3]:offs[t + 3] + n]
+    s4 = src[offs[t + 4]:offs[t + 4] + n]
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    a4 = np.float32(0.0)
+    for q in range(n):
+        gq = g[q]
+        a0 += gq * s0[q]
+        a1 += gq * s1[q]
+        a2 += gq * s2[q]
+        a3 += gq * s3[q]
+        a4 += gq * s4[q]
+    out_row[t] = a0
+    out_row[t + 1] = a1
+    out_row[t + 2] = a2
+    out_row[t + 3] = a3
+    out_row[t + 4] = a4
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _dots3(g, src, offs, t, out_row):
+    """out_row[t .. t+2]: the dot products of :func:`_dot_taps` for 3 taps."""
+    n = g.shape[0]
+    s0 = src[offs[t]:offs[t] + n]
+    s1 = src[offs[t + 1]:offs[t + 1] + n]
+    s2 = src[offs[t + 2]:offs[t + 2] + n]
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    for q in range(n):
+        gq = g[q]
+        a0 += gq * s0[q]
+        a1 += gq * s1[q]
+        a2 += gq * s2[q]
+    out_row[t] = a0
+    out_row[t + 1] = a1
+    out_row[t + 2] = a2
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _dots2(g, src, offs, t, out_row):
+    """out_row[t .. t+1]: the dot products of :func:`_dot_taps` for 2 taps."""
+    n = g.shape[0]
+    s0 = src[offs[t]:offs[t] + n]
+    s1 = src[offs[t + 1]:offs[t + 1] + n]
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    for q in range(n):
+        gq = g[q]
+        a0 += gq * s0[q]
+        a1 += gq * s1[q]
+    out_row[t] = a0
+    out_row[t + 1] = a1
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _dots1(g, src, offs, t, out_row):
+    """out_row[t]: the dot product of :func:`_dot_taps` for tap t."""
+    n = g.shape[0]
+    s0 = src[offs[t]:offs[t] + n]
+    a0 = np.float32(0.0)
+    for q in range(n):
+        gq = g[q]
+        a0 += gq * s0[q]
+    out_row[t] = a0
 
 
 @njit(cache=True)
@@ -299,6 +507,23 @@ def _tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq, phase_stride):
     return offs
 
 
+@njit(cache=True)
+def _layout(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, shared):
+    """Scratch geometry (hq, wq, lead): plane slot hq x wq per phase, ``lead`` zeros before slot 0.
+
+    Phase layout (any stride): each plane is zero-padded on all sides, hq = ceil((h+2p_h)/s_h),
+    wq = ceil((wd+2p_w)/s_w), lead = 0. Shared layout (stride 1 only, ``shared``): a plane's
+    bottom and right padding double as the next plane's top and the next row's left padding,
+    so the slot is only max(h+p_h, out_h) x max(wd+p_w, out_w), the pixels start at lead =
+    p_h*wq + p_w, and a slot's padding rows/columns are the zeros after its pixels. The shared
+    layout computes fewer discarded outputs (144 instead of 256 for an 8x8 plane, padding 4).
+    """
+    if shared:
+        wq = max(wd + p_w, out_w)
+        return max(h + p_h, out_h), wq, p_h * wq + p_w
+    return (h + 2 * p_h + s_h - 1) // s_h, (wd + 2 * p_w + s_w - 1) // s_w, 0
+
+
 # ----------------------------------------------------------------------------- kernels
 #
 # Work items are (channel, group of ``stack`` consecutive images). An item's planes share the
@@ -311,8 +536,7 @@ def _depthwise_forward_kernel(x, w_taps, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
                               stack, n_threads):
     n_img, n_ch, h, wd = x.shape
     n_taps = k_h * k_w
-    hq = (h + 2 * p_h + s_h - 1) // s_h
-    wq = (wd + 2 * p_w + s_w - 1) // s_w
+    hq, wq, lead = _layout(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
     plane = hq * wq
     phase_stride = stack * plane
     offs = _tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq, phase_stride)
@@ -322,7 +546,7 @@ def _depthwise_forward_kernel(x, w_taps, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
     n_items = n_ch * n_groups
     n_blocks = min(n_items, n_threads)
     for blk in prange(n_blocks):
-        xbuf = np.zeros(s_h * s_w * phase_stride, np.float32)
+        xbuf = np.zeros(lead + s_h * s_w * phase_stride, np.float32)
         acc = np.empty(phase_stride, np.float32)
         start, stop = _block_bounds(blk, n_blocks, n_items)
         for item in range(start, stop):
@@ -342,8 +566,7 @@ def _depthwise_grad_input_kernel(gy, w_taps, h, wd, s_h, s_w, p_h, p_w, d_h, d_w
                                  stack, n_threads):
     n_img, n_ch, out_h, out_w = gy.shape
     n_taps = k_h * k_w
-    hq = (h + 2 * p_h + s_h - 1) // s_h
-    wq = (wd + 2 * p_w + s_w - 1) // s_w
+    hq, wq, _ = _layout(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, False)
     plane = hq * wq
     phase_stride = stack * plane
     n_phases = s_h * s_w
@@ -403,8 +626,7 @@ def _depthwise_grad_weight_kernel(gy, x, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
     n_img, n_ch, h, wd = x.shape
     out_h, out_w = gy.shape[2], gy.shape[3]
     n_taps = k_h * k_w
-    hq = (h + 2 * p_h + s_h - 1) // s_h
-    wq = (wd + 2 * p_w + s_w - 1) // s_w
+    hq, wq, lead = _layout(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
     plane = hq * wq
     phase_stride = stack * plane
     offs = _tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq, phase_stride)
@@ -416,7 +638,7 @@ def _depthwise_grad_weight_kernel(gy, x, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
     partial = np.empty((n_ch, n_groups, n_taps), np.float32)
     n_blocks = min(n_items, n_threads)
     for blk in prange(n_blocks):
-        xbuf = np.zeros(s_h * s_w * phase_stride, np.float32)
+        xbuf = np.zeros(lead + s_h * s_w * phase_stride, np.float32)
         gybuf = np.zeros(phase_stride, np.float32)
         start, stop = _block_bounds(blk, n_blocks, n_items)
         for item in range(start, stop):
@@ -441,14 +663,13 @@ def _depthwise_grad_weight_kernel(gy, x, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
     return gw
 
 
-def _stack_size(n_img, h, wd, k_geom):
+def _stack_size(n_img, h, wd, out_h, out_w, s_h, s_w, p_h, p_w, shared):
     """Images per work item: enough stacked planes for long loops, scratch kept near L1/L2.
 
     Depends on the shapes only (never on the thread count), so results do not either.
     """
-    s_h, s_w, p_h, p_w = k_geom
-    padded = (h + 2 * p_h + s_h - 1) // s_h * s_h * ((wd + 2 * p_w + s_w - 1) // s_w * s_w)
-    return max(1, min(n_img, _STACK_BUDGET // max(1, padded)))
+    hq, wq, _ = _layout(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, shared)
+    return max(1, min(n_img, _STACK_BUDGET // (s_h * s_w * hq * wq)))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -518,14 +739,14 @@ def depthwise_conv2d(x, w, stride=1, padding=0, dilation=1):
     k_h, k_w = _check_weight_shape(w.shape, n_ch, "w")
     out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)
     s_h, s_w, p_h, p_w, d_h, d_w = geom
-    stack = _stack_size(n_img, h, wd, (s_h, s_w, p_h, p_w))
+    stack = _stack_size(n_img, h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
     return _depthwise_forward_kernel(x, w.reshape(n_ch, k_h * k_w), s_h, s_w, p_h, p_w,
                                      d_h, d_w, k_h, k_w, out_h, out_w, stack,
                                      get_num_threads())
 
 
 def depthwise_conv2d_grad_input(gy, w, input_shape, stride=1, padding=0, dilation=1):
-    """Return dL/dx (``input_shape``) of :func:`depthwise_conv2d` given dL/dy ``gy`` and weights w."""
+    """Return dL/dx (``input_shape``) of :func:`depthwise_conv2d` given dL/dy ``gy`` and w."""
     geom = _geometry(stride, padding, dilation)
     gy = _check_float32_4d(gy, "gy")
     w = _check_float32_4d(w, "w")
@@ -537,10 +758,19 @@ def depthwise_conv2d_grad_input(gy, w, input_shape, stride=1, padding=0, dilatio
             f"gy must have shape {(n_img, n_ch, out_h, out_w)} for input_shape "
             f"{(n_img, n_ch, h, wd)}, got {gy.shape}")
     s_h, s_w, p_h, p_w, d_h, d_w = geom
-    stack = _stack_size(n_img, h, wd, (s_h, s_w, p_h, p_w))
-    return _depthwise_grad_input_kernel(gy, w.reshape(n_ch, k_h * k_w), h, wd, s_h, s_w,
-                                        p_h, p_w, d_h, d_w, k_h, k_w, stack,
-                                        get_num_threads())
+    w_taps = w.reshape(n_ch, k_h * k_w)
+    # With stride 1 the input gradient is the forward convolution of gy, zero-padded by the
+    # kernel's reach minus the padding, with the kernel flipped (when that padding is >= 0).
+    e_h = d_h * (k_h - 1) - p_h
+    e_w = d_w * (k_w - 1) - p_w
+    if s_h == 1 and s_w == 1 and e_h >= 0 and e_w >= 0:
+        stack = _stack_size(n_img, out_h, out_w, h, wd, 1, 1, e_h, e_w, True)
+        return _depthwise_forward_kernel(gy, np.ascontiguousarray(w_taps[:, ::-1]), 1, 1,
+                                         e_h, e_w, d_h, d_w, k_h, k_w, h, wd, stack,
+                                         get_num_threads())
+    stack = _stack_size(n_img, h, wd, out_h, out_w, s_h, s_w, p_h, p_w, False)
+    return _depthwise_grad_input_kernel(gy, w_taps, h, wd, s_h, s_w, p_h, p_w, d_h, d_w,
+                                        k_h, k_w, stack, get_num_threads())
 
 
 def depthwise_conv2d_grad_weight(gy, x, weight_shape, stride=1, padding=0, dilation=1):
@@ -561,7 +791,7 @@ def depthwise_conv2d_grad_weight(gy, x, weight_shape, stride=1, padding=0, dilat
             f"gy must have shape {(n_img, n_ch, out_h, out_w)} for x of shape {x.shape}, "
             f"got {gy.shape}")
     s_h, s_w, p_h, p_w, d_h, d_w = geom
-    stack = _stack_size(n_img, h, wd, (s_h, s_w, p_h, p_w))
+    stack = _stack_size(n_img, h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
     gw = _depthwise_grad_weight_kernel(gy, x, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w, stack,
                                        get_num_threads())
     return gw.reshape(n_ch, 1, k_h, k_w)

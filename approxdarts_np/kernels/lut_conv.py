@@ -41,19 +41,23 @@ __all__ = [
 ]
 
 # Output pixels per job in the bag kernels: the int32 accumulator block (pixels x Co) is kept
-# to about 256 KiB so that it stays in L2 while the tap rows stream through L1.
+# to about 256 KiB, so that it stays in L2 while the rows of each tap (256 x Co) are read.
 _BAG_ACC_BYTES = 1 << 18
 # Gathered low-rank features per job: about 512 KiB of float32 (or float64) per thread.
 _LOWRANK_X_BYTES = 1 << 19
+
+# Outputs are allocated by the NumPy wrappers and filled by the kernels: NumPy asks the kernel
+# for huge pages on large buffers, Numba's allocator does not, and the first touch of a fresh
+# 32 MiB int64 output (B64 C64 32x32) then costs about half as much.
 
 
 # ----------------------------------------------------------------------------- kernels (Numba)
 
 @njit(cache=True, parallel=True)
-def _im2col_codes_kernel(qx, pad_code, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w):
+def _im2col_codes_kernel(qx, pad_code, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
+                         cols):
     n_img, n_ch, h, wd = qx.shape
     n_taps = k_h * k_w
-    cols = np.empty((n_img, n_ch * n_taps, out_h * out_w), np.uint8)
     for job in prange(n_img * n_ch):
         ni = job // n_ch
         ci = job % n_ch
@@ -79,78 +83,93 @@ def _im2col_codes_kernel(qx, pad_code, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, o
 
 
 @njit(cache=True, parallel=True)
-def _bag_rows_kernel(table, qw_cols, rows):
-    """rows[k, a, co] = table[a, qw_cols[co, k]] (rows has the table's dtype)."""
-    n_out, n_taps = qw_cols.shape
+def _bag_rows_kernel(table, qw_taps, rows):
+    """rows[k, a, co] = table[a, qw_taps[k, co]] (rows has the table's dtype)."""
+    n_taps, n_out = qw_taps.shape
     for k in prange(n_taps):
+        w = qw_taps[k]
         for a in range(256):
             src = table[a]
             dst = rows[k, a]
             for co in range(n_out):
-                dst[co] = src[qw_cols[co, k]]
+                dst[co] = src[w[co]]
 
 
 @njit(cache=True, parallel=True)
-def _lut_bag_kernel(cols, rows_flat, n_out, cst, zw, block):
+def _lut_bag_kernel(cols, rows_flat, n_out, cst, zw, block, n_threads, out):
     """out[n, co, p] = sum_k rows[k, cols[n, k, p], co] - zw * sum_k cols[n, k, p] + cst[co].
 
-    Sums run in int32 (the caller guarantees K * max|row| < 2**31), four taps per pass over an
-    accumulator row, taps in increasing order; the result is exact, hence thread-independent.
+    Jobs are (image, block of ``block`` pixels), split into ``n_threads`` contiguous ranges with
+    one scratch accumulator each. Sums run in int32 (the caller guarantees K * max|row| <
+    2**31), four taps per pass over an accumulator row, taps in increasing order; the result is
+    exact, hence independent of the thread count.
     """
     n_img, n_taps, n_pix = cols.shape
     n_blk = (n_pix + block - 1) // block
-    out = np.empty((n_img, n_out, n_pix), np.int64)
-    for job in prange(n_img * n_blk):
-        ni = job // n_blk
-        p0 = (job % n_blk) * block
-        m = min(n_pix, p0 + block) - p0
-        acc = np.zeros(m * n_out, np.int32)
-        code_sum = np.zeros(m, np.int32)
-        k = 0
-        while k + 4 <= n_taps:
-            x0 = cols[ni, k, p0:p0 + m]
-            x1 = cols[ni, k + 1, p0:p0 + m]
-            x2 = cols[ni, k + 2, p0:p0 + m]
-            x3 = cols[ni, k + 3, p0:p0 + m]
-            b0 = k * 256
-            for q in range(m):
-                c0 = np.int64(x0[q])
-                c1 = np.int64(x1[q])
-                c2 = np.int64(x2[q])
-                c3 = np.int64(x3[q])
-                code_sum[q] += np.int32(c0 + c1 + c2 + c3)
-                o0 = (b0 + c0) * n_out
-                o1 = (b0 + 256 + c1) * n_out
-                o2 = (b0 + 512 + c2) * n_out
-                o3 = (b0 + 768 + c3) * n_out
-                oa = q * n_out
-                for co in range(n_out):
-                    acc[oa + co] += ((np.int32(rows_flat[o0 + co]) + np.int32(rows_flat[o1 + co]))
-                                     + (np.int32(rows_flat[o2 + co])
-                                        + np.int32(rows_flat[o3 + co])))
-            k += 4
-        while k < n_taps:
-            x0 = cols[ni, k, p0:p0 + m]
-            for q in range(m):
-                c0 = np.int64(x0[q])
-                code_sum[q] += np.int32(c0)
-                o0 = (k * 256 + c0) * n_out
-                oa = q * n_out
-                for co in range(n_out):
-                    acc[oa + co] += np.int32(rows_flat[o0 + co])
-            k += 1
-        for co in range(n_out):
-            dst = out[ni, co]
-            c = cst[co]
-            for q in range(m):
-                dst[p0 + q] = np.int64(acc[q * n_out + co]) - zw * np.int64(code_sum[q]) + c
+    n_jobs = n_img * n_blk
+    for thread in prange(n_threads):
+        acc_buf = np.empty(block * n_out, np.int32)
+        sum_buf = np.empty(block, np.int32)
+        for job in range(thread * n_jobs // n_threads, (thread + 1) * n_jobs // n_threads):
+            ni = job // n_blk
+            p0 = (job % n_blk) * block
+            m = min(n_pix, p0 + block) - p0
+            _bag_block(cols[ni], rows_flat, n_out, cst, zw, p0, m, acc_buf, sum_buf, out[ni])
     return out
+
+
+@njit(cache=True)
+def _bag_block(cols, rows_flat, n_out, cst, zw, p0, m, acc_buf, sum_buf, out):
+    """One job of :func:`_lut_bag_kernel`: pixels p0 .. p0+m of one image (cols (K, P))."""
+    n_taps = cols.shape[0]
+    acc = acc_buf[:m * n_out]
+    code_sum = sum_buf[:m]
+    acc[:] = 0
+    code_sum[:] = 0
+    k = 0
+    while k + 4 <= n_taps:
+        x0 = cols[k, p0:p0 + m]
+        x1 = cols[k + 1, p0:p0 + m]
+        x2 = cols[k + 2, p0:p0 + m]
+        x3 = cols[k + 3, p0:p0 + m]
+        b0 = k * 256
+        for q in range(m):
+            c0 = np.int64(x0[q])
+            c1 = np.int64(x1[q])
+            c2 = np.int64(x2[q])
+            c3 = np.int64(x3[q])
+            code_sum[q] += np.int32(c0 + c1 + c2 + c3)
+            o0 = (b0 + c0) * n_out
+            o1 = (b0 + 256 + c1) * n_out
+            o2 = (b0 + 512 + c2) * n_out
+            o3 = (b0 + 768 + c3) * n_out
+            oa = q * n_out
+            for co in range(n_out):
+                acc[oa + co] += ((np.int32(rows_flat[o0 + co]) + np.int32(rows_flat[o1 + co]))
+                                 + (np.int32(rows_flat[o2 + co])
+                                    + np.int32(rows_flat[o3 + co])))
+        k += 4
+    while k < n_taps:
+        x0 = cols[k, p0:p0 + m]
+        for q in range(m):
+            c0 = np.int64(x0[q])
+            code_sum[q] += np.int32(c0)
+            o0 = (k * 256 + c0) * n_out
+            oa = q * n_out
+            for co in range(n_out):
+                acc[oa + co] += np.int32(rows_flat[o0 + co])
+        k += 1
+    for co in range(n_out):
+        dst = out[co]
+        c = cst[co]
+        for q in range(m):
+            dst[p0 + q] = np.int64(acc[q * n_out + co]) - zw * np.int64(code_sum[q]) + c
 
 
 @njit(cache=True, parallel=True)
 def _lut_depthwise_kernel(qx, taps, zx, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
-                          n_blocks):
-    """out[n, c, oh, ow] = sum_{i, j} taps[c, i*k_w + j, xpad[n, c, oh*s_h + i*d_h, ow*s_w + j*d_w]].
+                          n_blocks, out):
+    """out[n, c, oh, ow] = sum_{i,j} taps[c, i*k_w + j, xpad[n, c, oh*s_h + i*d_h, ow*s_w + j*d_w]].
 
     ``taps`` already holds the zero-point terms; ``xpad`` is the plane bordered with code zx.
     Accumulation in the table's dtype (int32 when the caller proved it cannot overflow). The
@@ -161,7 +180,6 @@ def _lut_depthwise_kernel(qx, taps, zx, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, 
     n_img, n_ch, h, wd = qx.shape
     hp = h + 2 * p_h
     wp = wd + 2 * p_w
-    out = np.empty((n_img, n_ch, out_h, out_w), np.int64)
     n_planes = n_img * n_ch
     for blk in prange(n_blocks):
         xpad = np.empty((hp, wp), np.uint8)
@@ -201,99 +219,133 @@ def _lut_depthwise_kernel(qx, taps, zx, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, 
 
 
 @njit(cache=True, parallel=True)
-def _lowrank_bag_kernel(cols, zx, err_feat_t, w_chunks, cst, chunk_taps, block):
+def _lowrank_bag_kernel(cols, zx, err_feat_t, w_chunks, cst, chunk_taps, block, n_threads, out):
     """out[n, co, p] = sum over chunks of w_chunks[c] @ X_c (exact integers) + cst[co].
 
     X_c holds the features of the taps k of chunk c, J = 1 + R rows per tap:
     X_c[(k - c*chunk_taps)*J, q] = code - zx and X_c[(k - c*chunk_taps)*J + 1 + r, q] =
     err_feat_t[r, code], code = cols[n, k, p0 + q]; rows past the last tap are zero (as are the
     matching weight columns). Each chunk's GEMM gives exact integers in the float type (the
-    caller checked the bound); they are converted to int64 and added. The GEMM runs
+    caller checked the bound); they are converted to int64 and added. Jobs (image, pixel block)
+    are split into ``n_threads`` contiguous ranges with one scratch each; the GEMM runs
     single-threaded inside this parallel loop.
     """
     n_img, n_taps, n_pix = cols.shape
-    n_err = err_feat_t.shape[0]
-    n_feat = 1 + n_err
     n_chunks, n_out, chunk_rows = w_chunks.shape
     n_blk = (n_pix + block - 1) // block
-    shift = err_feat_t.dtype.type(zx)
-    out = np.empty((n_img, n_out, n_pix), np.int64)
-    for job in prange(n_img * n_blk):
-        ni = job // n_blk
-        p0 = (job % n_blk) * block
-        m = min(n_pix, p0 + block) - p0
-        x = np.empty((n_chunks, chunk_rows, m), err_feat_t.dtype)
-        for k in range(n_taps):
-            c = k // chunk_taps
-            r0 = (k - c * chunk_taps) * n_feat
-            codes = cols[ni, k, p0:p0 + m]
-            dst = x[c, r0]
-            for q in range(m):
-                dst[q] = codes[q] - shift
-            for r in range(n_err):
-                f = err_feat_t[r]
-                dst = x[c, r0 + 1 + r]
-                for q in range(m):
-                    dst[q] = f[codes[q]]
-        used = (n_taps - (n_chunks - 1) * chunk_taps) * n_feat
-        for r in range(used, chunk_rows):
-            x[n_chunks - 1, r, :] = 0
-        acc = np.empty((n_out, m), np.int64)
-        for co in range(n_out):
-            acc[co, :] = cst[co]
-        for c in range(n_chunks):
-            y = np.dot(w_chunks[c], x[c])
-            for co in range(n_out):
-                for q in range(m):
-                    acc[co, q] += np.int64(y[co, q])
-        for co in range(n_out):
-            dst_out = out[ni, co]
-            for q in range(m):
-                dst_out[p0 + q] = acc[co, q]
+    n_jobs = n_img * n_blk
+    for thread in prange(n_threads):
+        x_buf = np.empty(n_chunks * chunk_rows * block, err_feat_t.dtype)
+        y_buf = np.empty(n_out * block, err_feat_t.dtype)
+        for job in range(thread * n_jobs // n_threads, (thread + 1) * n_jobs // n_threads):
+            ni = job // n_blk
+            p0 = (job % n_blk) * block
+            m = min(n_pix, p0 + block) - p0
+            x = x_buf[:n_chunks * chunk_rows * m].reshape((n_chunks, chunk_rows, m))
+            y = y_buf[:n_out * m].reshape((n_out, m))
+            _lowrank_features(cols[ni], zx, err_feat_t, chunk_taps, p0, m, x)
+            for c in range(n_chunks):
+                np.dot(w_chunks[c], x[c], y)
+                for co in range(n_out):
+                    dst = out[ni, co, p0:p0 + m]
+                    yc = y[co]
+                    if c == 0:
+                        base = cst[co]
+                        for q in range(m):
+                            dst[q] = np.int64(yc[q]) + base
+                    else:
+                        for q in range(m):
+                            dst[q] += np.int64(yc[q])
     return out
 
 
 @njit(cache=True)
-def _add_tap_row(acc, src, n, step, w0, w1, w2, n_w):
-    """acc[q] += w0*s0[q*step] (+ w1*s1[q*step] + w2*s2[q*step]) for q < n, (s0, s1, s2) = src.
+def _lowrank_features(cols, zx, err_feat_t, chunk_taps, p0, m, x):
+    """Fill x (n_chunks, chunk_taps*J, m) with the features of pixels p0 .. p0+m (cols (K, P)).
 
-    ``src`` holds three row views, each starting at its tap; only the first ``n_w`` are used.
+    Rows past the last tap are zeroed.
     """
-    if n_w == 3:
-        s0, s1, s2 = src
-        if step == 1:
-            for q in range(n):
-                acc[q] += w0 * s0[q] + w1 * s1[q] + w2 * s2[q]
+    n_taps = cols.shape[0]
+    n_err = err_feat_t.shape[0]
+    n_feat = 1 + n_err
+    n_chunks, chunk_rows = x.shape[0], x.shape[1]
+    shift = err_feat_t.dtype.type(zx)
+    for k in range(n_taps):
+        c = k // chunk_taps
+        r0 = (k - c * chunk_taps) * n_feat
+        codes = cols[k, p0:p0 + m]
+        dst = x[c, r0]
+        for q in range(m):
+            dst[q] = codes[q] - shift
+        for r in range(n_err):
+            f = err_feat_t[r]
+            dst = x[c, r0 + 1 + r]
+            for q in range(m):
+                dst[q] = f[codes[q]]
+    used = (n_taps - (n_chunks - 1) * chunk_taps) * n_feat
+    for r in range(used, chunk_rows):
+        x[n_chunks - 1, r, :] = 0
+
+
+@njit(cache=True)
+def _add_row_taps(acc, fpad, wj, t, n_taps, r0, c0, d_w, s_h, s_w, out_h, out_w):
+    """acc[oh, q] += sum over the n_taps (<= 3) taps t.. of wj[t'] * fpad[oh*s_h + r0, ...].
+
+    Tap t + m reads column c0 + m*d_w + q*s_w. One branch per call, not per row, so each
+    variant's row loop is a plain vectorisable multiply-add.
+    """
+    w0 = wj[t]
+    w1 = wj[t + 1] if n_taps > 1 else np.float32(0)
+    w2 = wj[t + 2] if n_taps > 2 else np.float32(0)
+    c1 = c0 + d_w
+    c2 = c1 + d_w
+    if s_w == 1:
+        if n_taps == 3:
+            for oh in range(out_h):
+                row = fpad[oh * s_h + r0]
+                a = acc[oh]
+                s0 = row[c0:c0 + out_w]
+                s1 = row[c1:c1 + out_w]
+                s2 = row[c2:c2 + out_w]
+                for q in range(out_w):
+                    a[q] += w0 * s0[q] + w1 * s1[q] + w2 * s2[q]
+        elif n_taps == 2:
+            for oh in range(out_h):
+                row = fpad[oh * s_h + r0]
+                a = acc[oh]
+                s0 = row[c0:c0 + out_w]
+                s1 = row[c1:c1 + out_w]
+                for q in range(out_w):
+                    a[q] += w0 * s0[q] + w1 * s1[q]
         else:
-            for q in range(n):
-                acc[q] += w0 * s0[q * step] + w1 * s1[q * step] + w2 * s2[q * step]
-    elif n_w == 2:
-        s0, s1 = src[0], src[1]
-        if step == 1:
-            for q in range(n):
-                acc[q] += w0 * s0[q] + w1 * s1[q]
-        else:
-            for q in range(n):
-                acc[q] += w0 * s0[q * step] + w1 * s1[q * step]
+            for oh in range(out_h):
+                row = fpad[oh * s_h + r0]
+                a = acc[oh]
+                s0 = row[c0:c0 + out_w]
+                for q in range(out_w):
+                    a[q] += w0 * s0[q]
     else:
-        s0 = src[0]
-        if step == 1:
-            for q in range(n):
-                acc[q] += w0 * s0[q]
-        else:
-            for q in range(n):
-                acc[q] += w0 * s0[q * step]
+        for oh in range(out_h):
+            row = fpad[oh * s_h + r0]
+            a = acc[oh]
+            for q in range(out_w):
+                v = w0 * row[c0 + q * s_w]
+                if n_taps > 1:
+                    v += w1 * row[c1 + q * s_w]
+                if n_taps > 2:
+                    v += w2 * row[c2 + q * s_w]
+                a[q] += v
 
 
 @njit(cache=True, parallel=True)
 def _lowrank_depthwise_kernel(qx, zx, err_feat_t, w_feat, cst, k_h, k_w, s_h, s_w, p_h, p_w,
-                              d_h, d_w, out_h, out_w, n_blocks):
+                              d_h, d_w, out_h, out_w, n_blocks, out):
     """out[n, c] = sum_j dwconv(feature_j(qx[n, c]), w_feat[c, j]) + cst[c], exact integers.
 
     Per plane and feature j (j = 0: code - zx, j > 0: err_feat_t[j-1, code]) the feature plane
     is written into a zero-bordered float scratch (features vanish at code zx, so zero is the
-    right border) and its taps are added into one float accumulator plane, a kernel row (up to
-    three taps) per pass. The caller guarantees taps * max per-tap sum <= 2**24 (float32) so
+    right border) and its taps are added into one float accumulator plane, up to three taps of
+    a kernel row per pass. The caller guarantees taps * max per-tap sum <= 2**24 (float32) so
     every partial sum is an exact integer; the planes are split into ``n_blocks`` blocks.
     """
     n_img, n_ch, h, wd = qx.shape
@@ -301,12 +353,11 @@ def _lowrank_depthwise_kernel(qx, zx, err_feat_t, w_feat, cst, k_h, k_w, s_h, s_
     n_feat = 1 + n_err
     hp = h + 2 * p_h
     wp = wd + 2 * p_w
-    shift = err_feat_t.dtype.type(zx)
-    out = np.empty((n_img, n_ch, out_h, out_w), np.int64)
+    shift = np.float32(zx)
     n_planes = n_img * n_ch
     for blk in prange(n_blocks):
-        fpad = np.zeros((hp, wp), err_feat_t.dtype)
-        acc = np.empty((out_h, out_w), err_feat_t.dtype)
+        fpad = np.zeros((hp, wp), np.float32)
+        acc = np.empty((out_h, out_w), np.float32)
         start = blk * n_planes // n_blocks
         stop = (blk + 1) * n_planes // n_blocks
         for pl in range(start, stop):
@@ -321,7 +372,7 @@ def _lowrank_depthwise_kernel(qx, zx, err_feat_t, w_feat, cst, k_h, k_w, s_h, s_
                     dst = fpad[r + p_h, p_w:p_w + wd]
                     if j == 0:
                         for c in range(wd):
-                            dst[c] = src[c] - shift
+                            dst[c] = np.float32(src[c]) - shift
                     else:
                         f = err_feat_t[j - 1]
                         for c in range(wd):
@@ -329,19 +380,8 @@ def _lowrank_depthwise_kernel(qx, zx, err_feat_t, w_feat, cst, k_h, k_w, s_h, s_
                 wj = w_feat[ci, j]
                 for i in range(k_h):
                     for j0 in range(0, k_w, 3):
-                        n_w = min(3, k_w - j0)
-                        t = i * k_w + j0
-                        w0 = wj[t]
-                        w1 = wj[t + 1] if n_w > 1 else w0
-                        w2 = wj[t + 2] if n_w > 2 else w0
-                        o0 = j0 * d_w
-                        o1 = o0 + d_w if n_w > 1 else o0
-                        o2 = o0 + 2 * d_w if n_w > 2 else o0
-                        span = (out_w - 1) * s_w + 1
-                        for oh in range(out_h):
-                            row = fpad[oh * s_h + i * d_h]
-                            rows = (row[o0:o0 + span], row[o1:o1 + span], row[o2:o2 + span])
-                            _add_tap_row(acc[oh], rows, out_w, s_w, w0, w1, w2, n_w)
+                        _add_row_taps(acc, fpad, wj, i * k_w + j0, min(3, k_w - j0),
+                                      i * d_h, j0 * d_w, d_w, s_h, s_w, out_h, out_w)
             c0 = cst[ci]
             for r in range(out_h):
                 dst_out = out[ni, ci, r]
@@ -385,8 +425,9 @@ def im2col_codes(qx, pad_code, kernel_size, stride, padding, dilation, out_size)
     pad_code = _check_code_value(pad_code, "pad_code")
     (k_h, k_w), (s_h, s_w), (p_h, p_w), (d_h, d_w), (out_h, out_w) = (
         kernel_size, stride, padding, dilation, out_size)
+    cols = np.empty((qx.shape[0], qx.shape[1] * k_h * k_w, out_h * out_w), np.uint8)
     return _im2col_codes_kernel(qx, np.uint8(pad_code), k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w,
-                                out_h, out_w)
+                                out_h, out_w, cols)
 
 
 def lut_bag_conv(cols, zx, qw_cols, zw, table):
@@ -411,16 +452,19 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table):
         raise ValueError(f"K={n_taps} taps with table values up to {peak} could overflow int32")
     rows = np.empty((n_taps, 256, n_out), table.dtype)
     if n_taps and n_out:
-        _bag_rows_kernel(table, qw_cols, rows)
+        _bag_rows_kernel(table, np.ascontiguousarray(qw_cols.T), rows)
     cst = (n_taps * zx * zw - zx * qw_cols.astype(np.int64).sum(axis=1)).astype(np.int64)
     block = max(16, min(n_pix, _BAG_ACC_BYTES // (4 * max(n_out, 1))))
     if n_img == 0 or n_pix == 0 or n_out == 0:
         return np.zeros((n_img, n_out, n_pix), np.int64)
-    return _lut_bag_kernel(cols, rows.reshape(-1), n_out, cst, np.int64(zw), block)
+    out = np.empty((n_img, n_out, n_pix), np.int64)
+    n_threads = min(get_num_threads(), n_img * (-(-n_pix // block)))
+    return _lut_bag_kernel(cols, rows.reshape(-1), n_out, cst, np.int64(zw), block, n_threads,
+                           out)
 
 
 def lut_depthwise_conv(qx, zx, qw, zw, table, stride, padding, dilation, out_size):
-    """Return out (N, C, OH, OW) int64, the depthwise table convolution of qx with qw (C, 1, kh, kw).
+    """Return out (N, C, OH, OW) int64, the depthwise table conv of qx with qw (C, 1, kh, kw).
 
     out[n, c, oh, ow] = sum_{i,j} ( table[xpad, w] - zw*xpad - zx*w + zx*zw ) with
     xpad = qx[n, c] bordered by code zx, w = qw[c, 0, i, j]; ``stride``, ``padding``,
@@ -447,8 +491,9 @@ def lut_depthwise_conv(qx, zx, qw, zw, table, stride, padding, dilation, out_siz
     if n_img * n_ch == 0:
         return np.zeros((n_img, n_ch, out_h, out_w), np.int64)
     n_blocks = min(n_img * n_ch, get_num_threads())
+    out = np.empty((n_img, n_ch, out_h, out_w), np.int64)
     return _lut_depthwise_kernel(qx, taps, np.uint8(zx), k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w,
-                                 out_h, out_w, n_blocks)
+                                 out_h, out_w, n_blocks, out)
 
 
 def lowrank_bag_conv(cols, zx, err_feat_t, w_chunks, cst, chunk_taps):
@@ -477,9 +522,12 @@ def lowrank_bag_conv(cols, zx, err_feat_t, w_chunks, cst, chunk_taps):
         return np.zeros((n_img, n_out, n_pix), np.int64)
     itemsize = err_feat_t.dtype.itemsize
     block = max(16, min(n_pix, _LOWRANK_X_BYTES // (itemsize * max(1, n_chunks * chunk_rows))))
+    out = np.empty((n_img, n_out, n_pix), np.int64)
+    n_threads = min(get_num_threads(), n_img * (-(-n_pix // block)))
     return _lowrank_bag_kernel(cols, zx, np.ascontiguousarray(err_feat_t),
                                np.ascontiguousarray(w_chunks),
-                               np.ascontiguousarray(cst, dtype=np.int64), chunk_taps, block)
+                               np.ascontiguousarray(cst, dtype=np.int64), chunk_taps, block,
+                               n_threads, out)
 
 
 def lowrank_depthwise_conv(qx, zx, err_feat_t, w_feat, cst, kernel_size, stride, padding,
@@ -507,10 +555,11 @@ def lowrank_depthwise_conv(qx, zx, err_feat_t, w_feat, cst, kernel_size, stride,
     if n_img * n_ch == 0:
         return np.zeros((n_img, n_ch, out_h, out_w), np.int64)
     n_blocks = min(n_img * n_ch, get_num_threads())
+    out = np.empty((n_img, n_ch, out_h, out_w), np.int64)
     return _lowrank_depthwise_kernel(qx, zx, np.ascontiguousarray(err_feat_t),
                                      np.ascontiguousarray(w_feat),
                                      np.ascontiguousarray(cst, dtype=np.int64),
                                      k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
-                                     n_blocks)
+                                     n_blocks, out)
 
 

@@ -5,12 +5,21 @@ average pooling leaves them out of the divisor unless ``count_include_pad`` (tor
 no ceil mode). ``kernel_size``, ``stride`` and ``padding`` are an int or an (h, w) pair;
 padding may be at most half the kernel, so every window holds at least one input pixel.
 
-Parallelism: ``prange`` over (image, channel) planes. Each plane of the output -- and, for
-the gradients, of the input gradient -- is written by one thread in a fixed order, so
-overlapping windows accumulate deterministically and results are bit-reproducible.
+How the forward kernels are laid out: each (image, channel) plane is copied into a scratch
+buffer holding its padded version (border -inf for max, 0 for average) as s_h * s_w *phase
+planes* (phase (a, b) holds padded rows a, a+s_h, ... and columns b, b+s_w, ...). Every window
+tap (i, j) then reads one contiguous run per output row, and the loops over an output row
+vectorise. Windows are scanned in row-major tap order, so results match a plain window loop
+bit for bit. The average-pool gradient adds its shares into such a buffer and reads the
+interior back.
+
+Parallelism: ``prange`` over contiguous blocks of (image, channel) planes, one scratch buffer
+per block. Each plane of the output -- and, for the gradients, of the input gradient -- is
+written by one thread in a fixed order, so overlapping windows accumulate deterministically and
+results are bit-reproducible and independent of the thread count.
 """
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from ._util import as_pair, conv_output_size
 
@@ -19,35 +28,108 @@ __all__ = ["max_pool2d", "max_pool2d_grad", "avg_pool2d", "avg_pool2d_grad"]
 
 # ----------------------------------------------------------------------------- Numba kernels
 
+@njit(cache=True, inline="always")
+def _u(i):
+    """Cast a (known non-negative) index to unsigned.
+
+    Numba wraps negative signed indices around, a check that keeps LLVM from vectorising
+    the row loops below; unsigned indices skip it.
+    """
+    return np.uint64(i)
+
+
+@njit(cache=True)
+def _block_bounds(block, n_blocks, n_items):
+    """Return [lo, hi) of the ``block``-th of ``n_blocks`` near-equal contiguous item ranges."""
+    base = n_items // n_blocks
+    extra = n_items % n_blocks
+    lo = block * base + min(block, extra)
+    return lo, lo + base + (1 if block < extra else 0)
+
+
+@njit(cache=True)
+def _plane_to_phases(plane, buf, p_h, p_w, s_h, s_w, hq, wq):
+    """Write ``plane`` into the interior of the phase layout of its padded version.
+
+    Padded pixel (r, c) lives in phase (r % s_h, c % s_w) at (r // s_h, c // s_w); each phase
+    is an hq x wq block of the flat ``buf``. The border keeps whatever value it was given.
+    """
+    h, wd = plane.shape
+    pf = plane.reshape(h * wd)
+    for r in range(h):
+        rp = r + p_h
+        for b in range(s_w):
+            c0 = (b - p_w) % s_w
+            if c0 >= wd:
+                continue
+            count = (wd - c0 + s_w - 1) // s_w
+            dst = (((rp % s_h) * s_w + b) * hq + rp // s_h) * wq + (c0 + p_w) // s_w
+            src = r * wd + c0
+            for k in range(count):
+                buf[_u(dst + k)] = pf[_u(src + k * s_w)]
+
+
+@njit(cache=True)
+def _phases_to_plane(buf, plane, p_h, p_w, s_h, s_w, hq, wq):
+    """Read the interior of a phase-layout buffer back into ``plane`` (inverse of the above)."""
+    h, wd = plane.shape
+    pf = plane.reshape(h * wd)
+    for r in range(h):
+        rp = r + p_h
+        for b in range(s_w):
+            c0 = (b - p_w) % s_w
+            if c0 >= wd:
+                continue
+            count = (wd - c0 + s_w - 1) // s_w
+            src = (((rp % s_h) * s_w + b) * hq + rp // s_h) * wq + (c0 + p_w) // s_w
+            dst = r * wd + c0
+            for k in range(count):
+                pf[_u(dst + k * s_w)] = buf[_u(src + k)]
+
+
+@njit(cache=True, inline="always")
+def _tap_offset(oh, i, j, s_h, s_w, hq, wq):
+    """Flat offset in the phase buffer of tap (i, j) of output row oh at ow = 0."""
+    return ((((i % s_h) * s_w + j % s_w) * hq + oh + i // s_h) * wq + j // s_w)
+
+
 @njit(parallel=True, cache=True)
-def _max_pool2d_kernel(x3, k_h, k_w, s_h, s_w, p_h, p_w, out_h, out_w):
+def _max_pool2d_kernel(x3, k_h, k_w, s_h, s_w, p_h, p_w, out_h, out_w, hq, wq, n_threads):
     """Return (y, argmax) over planes x3 (P, H, W); argmax is the flat index ih*W + iw.
 
-    Ties keep the first maximum in row-major window order; a NaN wins and the last NaN is
-    kept (as torch's CPU kernel does).
+    Each plane is copied into a phase buffer whose border is -inf, so every tap (i, j) reads
+    one contiguous run per output row; taps are visited in row-major window order and a value
+    replaces the running maximum when it is greater or NaN. Hence ties keep the first maximum,
+    a NaN wins and the last NaN is kept, and a window of -inf keeps its first input pixel --
+    torch's CPU semantics.
     """
     n_planes, h, wd = x3.shape
     y = np.empty((n_planes, out_h, out_w), np.float32)
     arg = np.empty((n_planes, out_h, out_w), np.int32)
-    for p in prange(n_planes):
-        plane = x3[p]
-        for oh in range(out_h):
-            ih0 = max(oh * s_h - p_h, 0)
-            ih1 = min(oh * s_h - p_h + k_h, h)
-            for ow in range(out_w):
-                iw0 = max(ow * s_w - p_w, 0)
-                iw1 = min(ow * s_w - p_w + k_w, wd)
-                best = -np.inf
-                best_idx = ih0 * wd + iw0
-                for ih in range(ih0, ih1):
-                    row = plane[ih]
-                    for iw in range(iw0, iw1):
-                        v = row[iw]
-                        if v > best or np.isnan(v):
-                            best = v
-                            best_idx = ih * wd + iw
-                y[p, oh, ow] = best
-                arg[p, oh, ow] = best_idx
+    n_blocks = min(n_threads, n_planes)
+    for block in prange(n_blocks):
+        lo, hi = _block_bounds(block, n_blocks, n_planes)
+        buf = np.full(s_h * s_w * hq * wq, -np.inf, np.float32)
+        for p in range(lo, hi):
+            _plane_to_phases(x3[p], buf, p_h, p_w, s_h, s_w, hq, wq)
+            yf = y[p].reshape(out_h * out_w)
+            af = arg[p].reshape(out_h * out_w)
+            for oh in range(out_h):
+                o0 = oh * out_w
+                ih0 = max(oh * s_h - p_h, 0)
+                for ow in range(out_w):
+                    yf[_u(o0 + ow)] = -np.inf
+                    af[_u(o0 + ow)] = ih0 * wd + max(ow * s_w - p_w, 0)
+                for i in range(k_h):
+                    for j in range(k_w):
+                        src = _tap_offset(oh, i, j, s_h, s_w, hq, wq)
+                        flat = (oh * s_h + i - p_h) * wd + j - p_w
+                        for ow in range(out_w):
+                            v = buf[_u(src + ow)]
+                            best = yf[_u(o0 + ow)]
+                            take = (v > best) | (v != v)
+                            yf[_u(o0 + ow)] = v if take else best
+                            af[_u(o0 + ow)] = np.int32(flat + ow * s_w) if take else af[_u(o0 + ow)]
     return y, arg
 
 
@@ -58,63 +140,84 @@ def _max_pool2d_grad_kernel(gy3, arg3, h, wd):
     gx = np.zeros((n_planes, h * wd), np.float32)
     for p in prange(n_planes):
         dst = gx[p]
-        g = gy3[p]
-        a = arg3[p]
-        for oh in range(out_h):
-            for ow in range(out_w):
-                dst[a[oh, ow]] += g[oh, ow]
+        g = gy3[p].reshape(out_h * out_w)
+        a = arg3[p].reshape(out_h * out_w)
+        for o in range(out_h * out_w):
+            dst[_u(a[_u(o)])] += g[_u(o)]
     return gx.reshape(n_planes, h, wd)
 
 
+@njit(cache=True, inline="always")
+def _window_count(oh, ow, k_h, k_w, s_h, s_w, p_h, p_w, h, wd, count_include_pad):
+    """Divisor of window (oh, ow): input pixels it covers, or k_h*k_w with the padding."""
+    if count_include_pad:
+        return np.float32(k_h * k_w)
+    rows = min(oh * s_h - p_h + k_h, h) - max(oh * s_h - p_h, 0)
+    cols = min(ow * s_w - p_w + k_w, wd) - max(ow * s_w - p_w, 0)
+    return np.float32(rows * cols)
+
+
 @njit(parallel=True, cache=True)
-def _avg_pool2d_kernel(x3, k_h, k_w, s_h, s_w, p_h, p_w, out_h, out_w, count_include_pad):
-    """Return y (P, OH, OW): window sums in row-major order divided by the window count."""
+def _avg_pool2d_kernel(x3, k_h, k_w, s_h, s_w, p_h, p_w, out_h, out_w, count_include_pad,
+                       hq, wq, n_threads):
+    """Return y (P, OH, OW): window sums in row-major tap order divided by the window count.
+
+    The phase buffer's border is 0, and adding 0 leaves a partial sum unchanged, so each
+    window is summed over its input pixels in row-major order.
+    """
     n_planes, h, wd = x3.shape
     y = np.empty((n_planes, out_h, out_w), np.float32)
-    full = np.float32(k_h * k_w)
-    for p in prange(n_planes):
-        plane = x3[p]
-        for oh in range(out_h):
-            ih0 = max(oh * s_h - p_h, 0)
-            ih1 = min(oh * s_h - p_h + k_h, h)
-            for ow in range(out_w):
-                iw0 = max(ow * s_w - p_w, 0)
-                iw1 = min(ow * s_w - p_w + k_w, wd)
-                acc = np.float32(0.0)
-                for ih in range(ih0, ih1):
-                    row = plane[ih]
-                    for iw in range(iw0, iw1):
-                        acc += row[iw]
-                if count_include_pad:
-                    y[p, oh, ow] = acc / full
-                else:
-                    y[p, oh, ow] = acc / np.float32((ih1 - ih0) * (iw1 - iw0))
+    n_blocks = min(n_threads, n_planes)
+    for block in prange(n_blocks):
+        lo, hi = _block_bounds(block, n_blocks, n_planes)
+        buf = np.zeros(s_h * s_w * hq * wq, np.float32)
+        for p in range(lo, hi):
+            _plane_to_phases(x3[p], buf, p_h, p_w, s_h, s_w, hq, wq)
+            yf = y[p].reshape(out_h * out_w)
+            for oh in range(out_h):
+                o0 = oh * out_w
+                for ow in range(out_w):
+                    yf[_u(o0 + ow)] = 0.0
+                for i in range(k_h):
+                    for j in range(k_w):
+                        src = _tap_offset(oh, i, j, s_h, s_w, hq, wq)
+                        for ow in range(out_w):
+                            yf[_u(o0 + ow)] += buf[_u(src + ow)]
+                for ow in range(out_w):
+                    yf[_u(o0 + ow)] /= _window_count(oh, ow, k_h, k_w, s_h, s_w, p_h, p_w, h,
+                                                     wd, count_include_pad)
     return y
 
 
 @njit(parallel=True, cache=True)
-def _avg_pool2d_grad_kernel(gy3, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, count_include_pad):
-    """Return gx (P, H, W): each gy / count spread over its window, outputs in row-major order."""
+def _avg_pool2d_grad_kernel(gy3, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, count_include_pad,
+                            hq, wq, n_threads):
+    """Return gx (P, H, W): each gy / count added over its window, in a fixed order.
+
+    Shares are added into a zeroed phase buffer (outputs row by row, taps in row-major order)
+    and the interior is read back; whatever lands on the border is dropped.
+    """
     n_planes, out_h, out_w = gy3.shape
-    gx = np.zeros((n_planes, h, wd), np.float32)
-    full = np.float32(k_h * k_w)
-    for p in prange(n_planes):
-        dst = gx[p]
-        g = gy3[p]
-        for oh in range(out_h):
-            ih0 = max(oh * s_h - p_h, 0)
-            ih1 = min(oh * s_h - p_h + k_h, h)
-            for ow in range(out_w):
-                iw0 = max(ow * s_w - p_w, 0)
-                iw1 = min(ow * s_w - p_w + k_w, wd)
-                if count_include_pad:
-                    share = g[oh, ow] / full
-                else:
-                    share = g[oh, ow] / np.float32((ih1 - ih0) * (iw1 - iw0))
-                for ih in range(ih0, ih1):
-                    row = dst[ih]
-                    for iw in range(iw0, iw1):
-                        row[iw] += share
+    gx = np.empty((n_planes, h, wd), np.float32)
+    n_blocks = min(n_threads, n_planes)
+    for block in prange(n_blocks):
+        lo, hi = _block_bounds(block, n_blocks, n_planes)
+        buf = np.empty(s_h * s_w * hq * wq, np.float32)
+        share = np.empty(out_w, np.float32)
+        for p in range(lo, hi):
+            buf[:] = 0.0
+            gf = gy3[p].reshape(out_h * out_w)
+            for oh in range(out_h):
+                o0 = oh * out_w
+                for ow in range(out_w):
+                    share[_u(ow)] = gf[_u(o0 + ow)] / _window_count(
+                        oh, ow, k_h, k_w, s_h, s_w, p_h, p_w, h, wd, count_include_pad)
+                for i in range(k_h):
+                    for j in range(k_w):
+                        dst = _tap_offset(oh, i, j, s_h, s_w, hq, wq)
+                        for ow in range(out_w):
+                            buf[_u(dst + ow)] += share[_u(ow)]
+            _phases_to_plane(buf, gx[p], p_h, p_w, s_h, s_w, hq, wq)
     return gx
 
 
@@ -165,6 +268,12 @@ def _output_hw(h, wd, geom):
     return out_h, out_w
 
 
+def _phase_size(h, wd, geom):
+    """(hq, wq): rows and columns of one phase plane of the padded input."""
+    k_h, k_w, s_h, s_w, p_h, p_w = geom
+    return -(-(h + 2 * p_h) // s_h), -(-(wd + 2 * p_w) // s_w)
+
+
 def _check_grad(gy, input_shape, geom):
     """Validate gy against input_shape; return (gy, (N, C, H, W))."""
     gy = _check_float32_4d(gy, "gy")
@@ -189,7 +298,8 @@ def max_pool2d(x, kernel_size=3, stride=1, padding=1):
     x = _check_float32_4d(x, "x")
     n_img, n_ch, h, wd = x.shape
     out_h, out_w = _output_hw(h, wd, geom)
-    y, arg = _max_pool2d_kernel(x.reshape(n_img * n_ch, h, wd), *geom, out_h, out_w)
+    y, arg = _max_pool2d_kernel(x.reshape(n_img * n_ch, h, wd), *geom, out_h, out_w,
+                                *_phase_size(h, wd, geom), get_num_threads())
     return y.reshape(n_img, n_ch, out_h, out_w), arg.reshape(n_img, n_ch, out_h, out_w)
 
 
@@ -226,7 +336,8 @@ def avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False):
     n_img, n_ch, h, wd = x.shape
     out_h, out_w = _output_hw(h, wd, geom)
     y = _avg_pool2d_kernel(x.reshape(n_img * n_ch, h, wd), *geom, out_h, out_w,
-                           bool(count_include_pad))
+                           bool(count_include_pad), *_phase_size(h, wd, geom),
+                           get_num_threads())
     return y.reshape(n_img, n_ch, out_h, out_w)
 
 
@@ -237,5 +348,6 @@ def avg_pool2d_grad(gy, input_shape, kernel_size=3, stride=1, padding=1,
     gy, (n_img, n_ch, h, wd) = _check_grad(gy, input_shape, geom)
     out_h, out_w = gy.shape[2:]
     gx = _avg_pool2d_grad_kernel(gy.reshape(n_img * n_ch, out_h, out_w), h, wd, *geom,
-                                 bool(count_include_pad))
+                                 bool(count_include_pad), *_phase_size(h, wd, geom),
+                                 get_num_threads())
     return gx.reshape(n_img, n_ch, h, wd)

@@ -1,0 +1,271 @@
+"""Time the approximate (product-table) convolutions beside float convolutions of the same shape.
+
+Cases (forward only): depthwise 3x3 (pad 1) and pointwise 64->64 on B64 C64 32x32 codes, for the
+tables 1446 (rank 1), JQQ (rank 3), 2P7 (rank 6), 7C1 (rank 8), 17KS (rank 19) and L40 (rank
+192); every engine that applies ("gather" always, "lowrank" when the table has factors; plans
+are built with max_rank=32 so that 17KS has them) and the engine the default plan picks
+("auto"). Beside them, in the same process: our float kernels
+(``kernels.depthwise.depthwise_conv2d``, ``kernels.conv.conv2d``) and torch's ``F.conv2d`` on
+float32 tensors of the same shape.
+
+Method: Numba at ``--threads`` threads, torch at the same count; BLAS held at one thread for the
+whole run (the low-rank engine and our float conv call single-threaded GEMMs from Numba threads).
+Each callable is run in blocks: one untimed warm-up call, then ``--repeats`` timed calls; all
+callables of a shape alternate block by block for ``--rounds`` rounds, so a change of machine
+load hits all of them. Reported: median and min over the timed calls, GMAC/s from the median, and
+ratios of medians (approximate / our float, approximate / torch). Every approximate result is
+checked against the gather engine (bit-exact) on the benchmark data itself.
+
+Codes: uniform random activation codes with zx = 0 (post-ReLU activations quantise with zero
+point 0) and weight codes with zw = 128.
+
+Shared machine: before each shape the script waits (up to ``--max-wait`` seconds) until the CPUs
+are at least ``--idle`` idle over one second, and it records, per round, the CPU time other
+processes used while it measured (``others_cpu_share``: busy CPU time from /proc/stat minus this
+process's own, over wall time x cores). Figures taken with a large share are not comparable.
+
+Run:  /work/venv/bin/python benchmarks/bench_approx.py [--repeats 5] [--rounds 3] [--quick]
+Writes benchmarks/results/bench_approx.json (or ``--out``) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from importlib import resources
+from pathlib import Path
+
+import numba
+import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls, for threadpoolctl)
+import torch
+import torch.nn.functional as F
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from approxdarts_np.approx.lut_conv import LOWRANK_MAX_TERMS, lut_conv2d, make_lut_plan
+from approxdarts_np.kernels import depthwise as kdw
+
+try:
+    from approxdarts_np.kernels import conv as kconv
+    CONV_IMPORT_ERROR = None
+except ImportError as err:
+    kconv = None
+    CONV_IMPORT_ERROR = f"{type(err).__name__}: {err}"
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_approx.json"
+TABLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "evoapprox-mul8u"
+if not TABLE_DIR.is_dir():
+    TABLE_DIR = Path(str(resources.files("approxdarts_np.approx").joinpath("tables")))
+TABLES = ["1446", "JQQ", "2P7", "7C1", "17KS", "L40"]
+ZX, ZW = 0, 128
+
+# name, groups ("C" = depthwise), c_out, kernel, padding
+SHAPES = [
+    ("depthwise 3x3", "C", 64, 3, 1),
+    ("pointwise 64->64", 1, 64, 1, 0),
+]
+
+
+def machine_info(threads):
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    keep = ("user_api", "internal_api", "prefix", "num_threads", "version")
+    return {
+        "cpu_model": cpu,
+        "logical_cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "numba_threading_layer": numba.threading_layer(),
+        "torch": torch.__version__,
+        "numba_threads": numba.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
+        "requested_threads": threads,
+        "blas": [{k: lib.get(k) for k in keep} for lib in threadpool_info()],
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def load_table(name):
+    raw = np.fromfile(TABLE_DIR / f"mul8u_{name}.bin", dtype="<u2")
+    return raw.reshape(256, 256).astype(np.int32)
+
+
+def cpu_counters():
+    """(busy jiffies of all CPUs, this process's CPU seconds, wall seconds)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, time.process_time(), time.perf_counter()
+
+
+def others_share(before, after):
+    """Fraction of all CPUs used by other processes between two cpu_counters() samples."""
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = (after[0] - before[0]) / hz
+    ours = after[1] - before[1]
+    wall = after[2] - before[2]
+    return max(0.0, (busy - ours) / (wall * (os.cpu_count() or 1)))
+
+
+def wait_for_quiet(min_idle, max_wait):
+    """Wait until the machine is ``min_idle`` idle over 1 s (or ``max_wait`` s). Return idle."""
+    deadline = time.perf_counter() + max_wait
+    while True:
+        with open("/proc/stat") as f:
+            a = [int(v) for v in f.readline().split()[1:]]
+        time.sleep(1.0)
+        with open("/proc/stat") as f:
+            b = [int(v) for v in f.readline().split()[1:]]
+        total = sum(b) - sum(a)
+        idle = ((b[3] + b[4]) - (a[3] + a[4])) / total if total else 1.0
+        if idle >= min_idle or time.perf_counter() >= deadline:
+            return idle
+
+
+def time_block(fn, repeats):
+    fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def shape_callables(shape, batch, rng):
+    """Callables {label: fn}, their MAC count, config and the exactness checks for one shape."""
+    name, groups, c_out, k, padding = shape
+    c_in, size = 64, 32
+    groups = c_in if groups == "C" else groups
+    qx = rng.integers(0, 256, (batch, c_in, size, size), dtype=np.uint8)
+    qw = rng.integers(0, 256, (c_out, c_in // groups, k, k), dtype=np.uint8)
+    x = rng.standard_normal(qx.shape).astype(np.float32)
+    w = rng.standard_normal(qw.shape).astype(np.float32)
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    macs = batch * c_out * size * size * (c_in // groups) * k * k
+    config = {"batch": batch, "c_in": c_in, "c_out": c_out, "height": size, "width": size,
+              "kernel": k, "stride": 1, "padding": padding, "dilation": 1, "groups": groups,
+              "zx": ZX, "zw": ZW}
+    fns = {}
+    if groups == c_in:
+        fns["float ours"] = lambda: kdw.depthwise_conv2d(x, w, 1, padding, 1)
+    elif kconv is not None:
+        fns["float ours"] = lambda: kconv.conv2d(x, w, 1, padding, 1, groups)
+
+    def torch_conv():
+        with torch.no_grad():
+            return F.conv2d(xt, wt, None, 1, padding, 1, groups)
+
+    fns["float torch"] = torch_conv
+    checks = {}
+    for table in TABLES:
+        full = make_lut_plan(load_table(table), max_rank=32)
+        default = make_lut_plan(load_table(table))
+        engines = ["gather"] + (["lowrank"] if full.factors is not None else [])
+        for engine in engines:
+            fns[f"{table} {engine}"] = (
+                lambda p=full, e=engine: lut_conv2d(qx, ZX, qw, ZW, p, padding=padding,
+                                                    groups=groups, engine=e))
+        fns[f"{table} auto"] = (
+            lambda p=default: lut_conv2d(qx, ZX, qw, ZW, p, padding=padding, groups=groups))
+        gather = lut_conv2d(qx, ZX, qw, ZW, full, padding=padding, groups=groups,
+                            engine="gather")
+        checks[table] = {
+            "rank": full.rank,
+            "auto_engine": default.engine,
+            "auto_reason": default.reason,
+            "lowrank_equals_gather": (None if full.factors is None else bool(np.array_equal(
+                lut_conv2d(qx, ZX, qw, ZW, full, padding=padding, groups=groups,
+                           engine="lowrank"), gather))),
+            "auto_equals_gather": bool(np.array_equal(fns[f"{table} auto"](), gather)),
+        }
+    return name, fns, macs, config, checks
+
+
+def run(args):
+    numba.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    batch = 8 if args.quick else 64
+    results = []
+    for shape in SHAPES:
+        name, fns, macs, config, checks = shape_callables(shape, batch, rng)
+        idle_before = wait_for_quiet(args.idle, args.max_wait)
+        times = {label: [] for label in fns}
+        shares = []
+        for _ in range(args.rounds):
+            before = cpu_counters()
+            for label, fn in fns.items():
+                times[label] += time_block(fn, args.repeats)
+            shares.append(others_share(before, cpu_counters()))
+        med = {label: float(np.median(t)) for label, t in times.items()}
+        rows = {}
+        for label, t in times.items():
+            row = {"median_ms": med[label] * 1e3, "min_ms": float(np.min(t)) * 1e3,
+                   "n": len(t), "gmac_per_s": macs / med[label] / 1e9}
+            if "float ours" in med and not label.startswith("float"):
+                row["ratio_vs_float_ours"] = med[label] / med["float ours"]
+            if not label.startswith("float torch"):
+                row["ratio_vs_torch"] = med[label] / med["float torch"]
+            rows[label] = row
+        results.append({"name": name, "config": config, "macs": macs, "tables": checks,
+                        "idle_before": idle_before, "others_cpu_share_per_round": shares,
+                        "timings": rows})
+        print(f"\n{name}  (B{batch}, {macs / 1e6:.0f} M MAC; idle before {idle_before:.0%}, "
+              f"others' CPU share per round {', '.join(f'{v:.0%}' for v in shares)})")
+        print(f"{'':22s}{'median ms':>11s}{'GMAC/s':>9s}{'/ours':>8s}{'/torch':>8s}")
+        for label, row in rows.items():
+            print(f"{label:22s}{row['median_ms']:11.2f}{row['gmac_per_s']:9.2f}"
+                  f"{row.get('ratio_vs_float_ours', float('nan')):8.2f}"
+                  f"{row.get('ratio_vs_torch', float('nan')):8.2f}")
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="batch 8 instead of 64")
+    parser.add_argument("--idle", type=float, default=0.9,
+                        help="idle fraction to wait for before each shape")
+    parser.add_argument("--max-wait", type=float, default=300.0,
+                        help="longest wait for an idle machine, seconds")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    with threadpool_limits(limits=1, user_api="blas"):
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        t0 = time.perf_counter()
+        cases = run(args)
+        report = {
+            "benchmark": "bench_approx",
+            "started_utc": started,
+            "wall_seconds": time.perf_counter() - t0,
+            "machine": machine_info(args.threads),
+            "method": {"repeats": args.repeats, "rounds": args.rounds, "warmup_per_block": 1,
+                       "statistic": "median of all timed calls; ratios of medians",
+                       "blas_threads": 1, "lowrank_max_terms": LOWRANK_MAX_TERMS,
+                       "float_conv_ours": ("kernels.conv.conv2d" if kconv is not None
+                                           else f"not available ({CONV_IMPORT_ERROR})")},
+            "cases": cases,
+        }
+        report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The quantised convolution op: forward bit-exact against a plain NumPy table gather, STE backward.
+
+The reference quantises with the library's quantiser (checked in
+test_quantize.py) and then computes every output as an explicit int64 sum of
+``M[q_x, q_w] − z_w·q_x − z_x·q_w + z_x·z_w`` over the receptive field, padding
+with ``q = z_x``.
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+from hypothesis import given
+from hypothesis import strategies as st
+
+from approxdarts_np import nn
+from approxdarts_np.approx.convolution import QuantizedArithmetic, arithmetic_from_spec
+from approxdarts_np.approx.multipliers import Multiplier, load_multiplier
+from approxdarts_np.approx.quantize import dequantize, quantize_per_tensor
+from approxdarts_np.autodiff import Tensor
+
+torch.set_num_threads(2)
+
+
+def gather_reference(qx, zx, qw, zw, table, stride, padding, dilation, groups):
+    """int64 (N, Co, Ho, Wo) by explicit gathering, one output position at a time."""
+    n, ci, h, w = qx.shape
+    co, cig, kh, kw = qw.shape
+    padded = np.full((n, ci, h + 2 * padding, w + 2 * padding), zx, dtype=np.int64)
+    padded[:, :, padding:padding + h, padding:padding + w] = qx
+    ho = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+    wo = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    out = np.zeros((n, co, ho, wo), dtype=np.int64)
+    cog = co // groups
+    t = table.astype(np.int64)
+    for o in range(co):
+        g = o // cog
+        wq = qw[o].astype(np.int64)  # (cig, kh, kw)
+        for i in range(ho):
+            for j in range(wo):
+                rows = i * stride + dilation * np.arange(kh)
+                cols = j * stride + dilation * np.arange(kw)
+                patch = padded[:, g * cig:(g + 1) * cig][:, :, rows][:, :, :, cols]  # (n, cig, kh, kw)
+                terms = t[patch, wq[None]] - zw * patch - zx * wq[None] + zx * zw
+                out[:, o, i, j] = terms.reshape(n, -1).sum(axis=1)
+    return out
+
+
+TABLES = ["exact", "mul8u_1446", "mul8u_17KS", "mul8u_L40", "mul8u_2P7"]
+
+
+@given(st.sampled_from(TABLES), st.sampled_from(["dense", "depthwise", "pointwise"]),
+       st.integers(1, 2), st.integers(1, 3), st.sampled_from([1, 3, 5]), st.sampled_from([1, 2]),
+       st.sampled_from([1, 2]), st.integers(0, 2), st.integers(0, 10_000))
+def test_forward_equals_gather_reference(name, kind, n, c, k, stride, dilation, padding, seed):
+    size = 7
+    if kind == "pointwise":
+        k, padding, dilation = 1, 0, 1
+    if size + 2 * padding - dilation * (k - 1) - 1 < 0:
+        return
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, size, size)).astype(np.float32)
+    if seed % 3 == 0:
+        x = np.maximum(x, 0)  # ReLU outputs: zero point 0
+    groups = c if kind == "depthwise" else 1
+    co = c if kind == "depthwise" else 2
+    w = (0.3 * rng.standard_normal((co, c // groups, k, k))).astype(np.float32)
+    arith = arithmetic_from_spec(name)
+    y = arith.conv2d(Tensor(x), Tensor(w), stride, padding, dilation, groups)
+    qx, sx, zx = quantize_per_tensor(x)
+    qw, sw, zw = quantize_per_tensor(w)
+    ref = gather_reference(qx, zx, qw, zw, arith.multiplier.table, stride, padding, dilation, groups)
+    np.testing.assert_array_equal(y.data, (ref * (sx * sw)).astype(np.float32))
+
+
+def test_exact_table_equals_integer_convolution():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    y = arithmetic_from_spec("exact").conv2d(Tensor(x), Tensor(w), 1, 1, 1, 1)
+    qx, sx, zx = quantize_per_tensor(x)
+    qw, sw, zw = quantize_per_tensor(w)
+    ints = TF.conv2d(torch.tensor(qx.astype(np.float64) - zx), torch.tensor(qw.astype(np.float64) - zw),
+                     padding=1).numpy()
+    np.testing.assert_array_equal(y.data, (np.rint(ints).astype(np.int64) * (sx * sw)).astype(np.float32))
+    # and it is close to the float convolution (quantisation error only)
+    fl = TF.conv2d(torch.tensor(x), torch.tensor(w), padding=1).numpy()
+    assert np.abs(y.data - fl).max() < 0.05 * np.abs(fl).max()
+
+
+def test_straight_through_gradient_is_the_float_gradient_at_dequantised_operands():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((3, 1, 3, 3)).astype(np.float32)
+    tx, tw = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
+    y = arithmetic_from_spec("mul8u_2P7").conv2d(tx, tw, 2, 2, 2, 3)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    y.backward(g)
+    xd = torch.tensor(dequantize(*quantize_per_tensor(x)), requires_grad=True)
+    wd = torch.tensor(dequantize(*quantize_per_tensor(w)), requires_grad=True)
+    TF.conv2d(xd, wd, None, 2, 2, 2, groups=3).backward(torch.tensor(g))
+    np.testing.assert_allclose(tx.grad, xd.grad.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tw.grad, wd.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_corrupted_table_entry_is_caught():
+    rng = np.random.default_rng(2)
+    x = np.abs(rng.standard_normal((1, 2, 5, 5))).astype(np.float32)
+    w = rng.standard_normal((2, 2, 3, 3)).astype(np.float32)
+    good = load_multiplier("mul8u_1446")
+    qx, sx, zx = quantize_per_tensor(x)
+    qw, sw, zw = quantize_per_tensor(w)
+    bad_table = good.table.copy()
+    bad_table[qx[0, 0, 2, 2], qw[0, 0, 1, 1]] += 1  # an entry the centre output uses
+    bad = QuantizedArithmetic(Multiplier("corrupt", bad_table, "test"))
+    ref = gather_reference(qx, zx, qw, zw, good.table, 1, 1, 1, 1)
+    y_bad = bad.conv2d(Tensor(x), Tensor(w), 1, 1, 1, 1)
+    with pytest.raises(AssertionError):
+        np.testing.assert_array_equal(y_bad.data, (ref * (sx * sw)).astype(np.float32))
+
+
+def test_layers_switch_to_the_multiplier():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 2, 5, 5)).astype(np.float32)
+    conv = nn.Conv2d(2, 2, 3, padding=1, rng=rng)
+    float_out = conv(Tensor(x)).data
+    conv.multiplier = arithmetic_from_spec("mul8u_17KS")
+    approx_out = conv(Tensor(x)).data
+    assert not np.array_equal(float_out, approx_out)
+    assert np.abs(float_out - approx_out).max() < 0.2 * np.abs(float_out).max()
