@@ -23,12 +23,12 @@ def search(
     data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder (python batches); default: the bundled sample."),
     output_dir: Path = typer.Option(Path("runs/search"), help="Folder for config, metrics, α, genotype, checkpoint."),
     preset: Preset = typer.Option(Preset.quick, help="quick: minutes on a CPU; paper: DARTS's settings."),
-    epochs: Optional[int] = typer.Option(None, help="Search epochs [quick 2, paper 50]."),
+    epochs: Optional[int] = typer.Option(None, help="Search epochs [quick 4, paper 50]."),
     channels: Optional[int] = typer.Option(None, help="Initial channels C [quick 8, paper 16]."),
     layers: Optional[int] = typer.Option(None, help="Cells [quick 5, paper 8]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size [quick 32, paper 64]."),
     max_train_images: Optional[int] = typer.Option(
-        None, help="Use only the first N training images, 0 = all [quick 1024, paper all]."),
+        None, help="Use only the first N training images, 0 = all [quick 2560, paper all]."),
     seed: int = typer.Option(0, help="Seed of weights, α, data order and augmentation."),
     multiplier: str = typer.Option(
         "none", help="none (FP32), exact (8-bit), a bundled table (e.g. mul8u_2P7) or a .bin/.npy path."),

@@ -41,11 +41,11 @@ class SearchConfig(RunConfig):
 
     data_dir: str | None = None
     output_dir: str = "runs/search"
-    epochs: int = 2
+    epochs: int = 4
     channels: int = 8
     layers: int = 5
     batch_size: int = 32
-    max_train_images: int | None = 1024  # images of the training set used (None: all)
+    max_train_images: int | None = 2560  # images of the training set used (None: all)
     seed: int = 0
     multiplier: str = "none"  # none | exact | table name | path to a .bin/.npy table
     threads: int | None = None
