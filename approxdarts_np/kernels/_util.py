@@ -1,5 +1,7 @@
-"""Small helpers shared by the kernel modules: argument normalisation and output sizes."""
+"""Small helpers shared by the kernel modules: argument validation and output sizes."""
 import numbers
+
+import numpy as np
 
 
 def as_pair(v, name):
@@ -26,3 +28,40 @@ def conv_output_size(size, k, stride, padding, dilation):
     ``size`` input length, ``k`` kernel length, symmetric zero ``padding`` on both ends.
     """
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def conv_geometry(stride, padding, dilation):
+    """``(s_h, s_w, p_h, p_w, d_h, d_w)`` from int-or-pair arguments; ValueError when out of range."""
+    s_h, s_w = as_pair(stride, "stride")
+    p_h, p_w = as_pair(padding, "padding")
+    d_h, d_w = as_pair(dilation, "dilation")
+    if s_h < 1 or s_w < 1:
+        raise ValueError(f"stride must be >= 1, got {(s_h, s_w)}")
+    if p_h < 0 or p_w < 0:
+        raise ValueError(f"padding must be >= 0, got {(p_h, p_w)}")
+    if d_h < 1 or d_w < 1:
+        raise ValueError(f"dilation must be >= 1, got {(d_h, d_w)}")
+    return s_h, s_w, p_h, p_w, d_h, d_w
+
+
+def check_float32_4d(a, name):
+    """``a`` as a C-contiguous float32 4-D array; ValueError naming ``name`` otherwise."""
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype != np.float32:
+        raise ValueError(f"{name} must be float32, got {a.dtype}")
+    if a.ndim != 4:
+        raise ValueError(f"{name} must be 4-D, got shape {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def check_shape4(shape, name, minimum=1):
+    """``shape`` as a tuple of 4 ints each >= ``minimum``; ValueError naming ``name`` otherwise."""
+    try:
+        dims = tuple(int(d) for d in shape)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of 4 ints, got {shape!r}") from None
+    if len(dims) != 4 or any(d < minimum for d in dims):
+        what = "positive" if minimum == 1 else f">= {minimum}"
+        raise ValueError(f"{name} must be 4 ints {what}, got {shape!r}")
+    return dims

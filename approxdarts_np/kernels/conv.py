@@ -43,7 +43,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 from threadpoolctl import ThreadpoolController
 
-from ._util import as_pair, conv_output_size
+from ._util import check_float32_4d, check_shape4, conv_geometry, conv_output_size
 
 __all__ = ["conv2d", "conv2d_grad_input", "conv2d_grad_weight"]
 
@@ -318,37 +318,10 @@ def _conv2d_grad_weight_kernel(gy4, x5, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, 
 
 # ----------------------------------------------------------------------------- validation
 
-def _geometry(stride, padding, dilation):
-    s_h, s_w = as_pair(stride, "stride")
-    p_h, p_w = as_pair(padding, "padding")
-    d_h, d_w = as_pair(dilation, "dilation")
-    if s_h < 1 or s_w < 1:
-        raise ValueError(f"stride must be >= 1, got {(s_h, s_w)}")
-    if p_h < 0 or p_w < 0:
-        raise ValueError(f"padding must be >= 0, got {(p_h, p_w)}")
-    if d_h < 1 or d_w < 1:
-        raise ValueError(f"dilation must be >= 1, got {(d_h, d_w)}")
-    return s_h, s_w, p_h, p_w, d_h, d_w
 
 
-def _check_float32_4d(a, name):
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype != np.float32:
-        raise ValueError(f"{name} must be float32, got {a.dtype}")
-    if a.ndim != 4:
-        raise ValueError(f"{name} must be 4-D, got shape {a.shape}")
-    return np.ascontiguousarray(a)
 
 
-def _check_shape(shape, name):
-    try:
-        dims = tuple(int(d) for d in shape)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of 4 ints, got {shape!r}") from None
-    if len(dims) != 4 or any(d < 1 for d in dims):
-        raise ValueError(f"{name} must be 4 positive ints, got {shape!r}")
-    return dims
 
 
 def _check_groups(groups, c_in, c_out):
@@ -400,9 +373,9 @@ def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1):
                               * xpad[n, g*Cig + c, oh*s_h + i*d_h, ow*s_w + j*d_w],
     xpad being x zero-padded by ``padding`` on each side (Cig = Ci/groups, Cog = Co/groups).
     """
-    geom = _geometry(stride, padding, dilation)
-    x = _check_float32_4d(x, "x")
-    w = _check_float32_4d(w, "w")
+    geom = conv_geometry(stride, padding, dilation)
+    x = check_float32_4d(x, "x")
+    w = check_float32_4d(w, "w")
     n_img, c_in, h, wd = x.shape
     k_h, k_w, groups = _check_layout(x.shape, w.shape, groups)
     out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)
@@ -422,10 +395,10 @@ def conv2d_grad_input(gy, w, input_shape, stride=1, padding=0, dilation=1, group
     Input positions that no window reaches (stride larger than the kernel's reach, or rows and
     columns beyond the last window) get 0.
     """
-    geom = _geometry(stride, padding, dilation)
-    gy = _check_float32_4d(gy, "gy")
-    w = _check_float32_4d(w, "w")
-    n_img, c_in, h, wd = _check_shape(input_shape, "input_shape")
+    geom = conv_geometry(stride, padding, dilation)
+    gy = check_float32_4d(gy, "gy")
+    w = check_float32_4d(w, "w")
+    n_img, c_in, h, wd = check_shape4(input_shape, "input_shape")
     k_h, k_w, groups = _check_layout((n_img, c_in, h, wd), w.shape, groups)
     out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)
     c_out = w.shape[0]
@@ -449,10 +422,10 @@ def conv2d_grad_weight(gy, x, weight_shape, stride=1, padding=0, dilation=1, gro
     The sum over the batch runs image by image in a fixed order (float64 accumulation), so the
     result does not depend on the number of threads.
     """
-    geom = _geometry(stride, padding, dilation)
-    gy = _check_float32_4d(gy, "gy")
-    x = _check_float32_4d(x, "x")
-    w_shape = _check_shape(weight_shape, "weight_shape")
+    geom = conv_geometry(stride, padding, dilation)
+    gy = check_float32_4d(gy, "gy")
+    x = check_float32_4d(x, "x")
+    w_shape = check_shape4(weight_shape, "weight_shape")
     n_img, c_in, h, wd = x.shape
     k_h, k_w, groups = _check_layout(x.shape, w_shape, groups)
     out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)

@@ -34,7 +34,7 @@ in the tap order; the weight-gradient dot products use ``reassoc`` (see :func:`_
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from ._util import as_pair, conv_output_size
+from ._util import check_float32_4d, check_shape4, conv_geometry, conv_output_size
 
 # Target size, in float32 elements, of one work item's padded input: sets how many images of a
 # channel share an item. Measured on 2-core AMD EPYC: 32x32 planes run best alone (stacking
@@ -674,37 +674,10 @@ def _stack_size(n_img, h, wd, out_h, out_w, s_h, s_w, p_h, p_w, shared):
 
 # ----------------------------------------------------------------------------- public API
 
-def _geometry(stride, padding, dilation):
-    s_h, s_w = as_pair(stride, "stride")
-    p_h, p_w = as_pair(padding, "padding")
-    d_h, d_w = as_pair(dilation, "dilation")
-    if s_h < 1 or s_w < 1:
-        raise ValueError(f"stride must be >= 1, got {(s_h, s_w)}")
-    if p_h < 0 or p_w < 0:
-        raise ValueError(f"padding must be >= 0, got {(p_h, p_w)}")
-    if d_h < 1 or d_w < 1:
-        raise ValueError(f"dilation must be >= 1, got {(d_h, d_w)}")
-    return s_h, s_w, p_h, p_w, d_h, d_w
 
 
-def _check_float32_4d(a, name):
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype != np.float32:
-        raise ValueError(f"{name} must be float32, got {a.dtype}")
-    if a.ndim != 4:
-        raise ValueError(f"{name} must be 4-D, got shape {a.shape}")
-    return np.ascontiguousarray(a)
 
 
-def _check_shape(shape, name):
-    try:
-        dims = tuple(int(d) for d in shape)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of 4 ints, got {shape!r}") from None
-    if len(dims) != 4 or any(d < 0 for d in dims):
-        raise ValueError(f"{name} must be 4 non-negative ints, got {shape!r}")
-    return dims
 
 
 def _check_weight_shape(w_shape, n_ch, name):
@@ -732,9 +705,9 @@ def depthwise_conv2d(x, w, stride=1, padding=0, dilation=1):
     y[n, c, oh, ow] = sum_{i, j} w[c, 0, i, j] * xpad[n, c, oh*s_h + i*d_h, ow*s_w + j*d_w],
     xpad being x zero-padded by ``padding`` on each side (cross-correlation, as torch).
     """
-    geom = _geometry(stride, padding, dilation)
-    x = _check_float32_4d(x, "x")
-    w = _check_float32_4d(w, "w")
+    geom = conv_geometry(stride, padding, dilation)
+    x = check_float32_4d(x, "x")
+    w = check_float32_4d(w, "w")
     n_img, n_ch, h, wd = x.shape
     k_h, k_w = _check_weight_shape(w.shape, n_ch, "w")
     out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)
@@ -747,10 +720,10 @@ def depthwise_conv2d(x, w, stride=1, padding=0, dilation=1):
 
 def depthwise_conv2d_grad_input(gy, w, input_shape, stride=1, padding=0, dilation=1):
     """Return dL/dx (``input_shape``) of :func:`depthwise_conv2d` given dL/dy ``gy`` and w."""
-    geom = _geometry(stride, padding, dilation)
-    gy = _check_float32_4d(gy, "gy")
-    w = _check_float32_4d(w, "w")
-    n_img, n_ch, h, wd = _check_shape(input_shape, "input_shape")
+    geom = conv_geometry(stride, padding, dilation)
+    gy = check_float32_4d(gy, "gy")
+    w = check_float32_4d(w, "w")
+    n_img, n_ch, h, wd = check_shape4(input_shape, "input_shape", minimum=0)
     k_h, k_w = _check_weight_shape(w.shape, n_ch, "w")
     out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)
     if gy.shape != (n_img, n_ch, out_h, out_w):
@@ -779,11 +752,11 @@ def depthwise_conv2d_grad_weight(gy, x, weight_shape, stride=1, padding=0, dilat
     Per plane the positions are summed in float32 vector lanes (fixed order), then the planes
     are added over images in order in float64: the result does not depend on thread count.
     """
-    geom = _geometry(stride, padding, dilation)
-    gy = _check_float32_4d(gy, "gy")
-    x = _check_float32_4d(x, "x")
+    geom = conv_geometry(stride, padding, dilation)
+    gy = check_float32_4d(gy, "gy")
+    x = check_float32_4d(x, "x")
     n_img, n_ch, h, wd = x.shape
-    k_h, k_w = _check_weight_shape(_check_shape(weight_shape, "weight_shape"), n_ch,
+    k_h, k_w = _check_weight_shape(check_shape4(weight_shape, "weight_shape", minimum=0), n_ch,
                                    "weight_shape")
     out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)
     if gy.shape != (n_img, n_ch, out_h, out_w):

@@ -21,7 +21,7 @@ results are bit-reproducible and independent of the thread count.
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from ._util import as_pair, conv_output_size
+from ._util import as_pair, check_float32_4d, check_shape4, conv_output_size
 
 __all__ = ["max_pool2d", "max_pool2d_grad", "avg_pool2d", "avg_pool2d_grad"]
 
@@ -237,24 +237,8 @@ def _geometry(kernel_size, stride, padding):
     return k_h, k_w, s_h, s_w, p_h, p_w
 
 
-def _check_float32_4d(a, name):
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype != np.float32:
-        raise ValueError(f"{name} must be float32, got {a.dtype}")
-    if a.ndim != 4:
-        raise ValueError(f"{name} must be 4-D, got shape {a.shape}")
-    return np.ascontiguousarray(a)
 
 
-def _check_shape(shape, name):
-    try:
-        dims = tuple(int(d) for d in shape)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of 4 ints, got {shape!r}") from None
-    if len(dims) != 4 or any(d < 1 for d in dims):
-        raise ValueError(f"{name} must be 4 positive ints, got {shape!r}")
-    return dims
 
 
 def _output_hw(h, wd, geom):
@@ -276,8 +260,8 @@ def _phase_size(h, wd, geom):
 
 def _check_grad(gy, input_shape, geom):
     """Validate gy against input_shape; return (gy, (N, C, H, W))."""
-    gy = _check_float32_4d(gy, "gy")
-    n_img, n_ch, h, wd = _check_shape(input_shape, "input_shape")
+    gy = check_float32_4d(gy, "gy")
+    n_img, n_ch, h, wd = check_shape4(input_shape, "input_shape")
     out_h, out_w = _output_hw(h, wd, geom)
     if gy.shape != (n_img, n_ch, out_h, out_w):
         raise ValueError(
@@ -295,7 +279,7 @@ def max_pool2d(x, kernel_size=3, stride=1, padding=1):
     input plane; :func:`max_pool2d_grad` routes gradients through it.
     """
     geom = _geometry(kernel_size, stride, padding)
-    x = _check_float32_4d(x, "x")
+    x = check_float32_4d(x, "x")
     n_img, n_ch, h, wd = x.shape
     out_h, out_w = _output_hw(h, wd, geom)
     y, arg = _max_pool2d_kernel(x.reshape(n_img * n_ch, h, wd), *geom, out_h, out_w,
@@ -308,8 +292,8 @@ def max_pool2d_grad(gy, argmax, input_shape):
 
     Where windows overlap, a pixel receives the sum of the gradients of every window it won.
     """
-    gy = _check_float32_4d(gy, "gy")
-    n_img, n_ch, h, wd = _check_shape(input_shape, "input_shape")
+    gy = check_float32_4d(gy, "gy")
+    n_img, n_ch, h, wd = check_shape4(input_shape, "input_shape")
     if not isinstance(argmax, np.ndarray) or argmax.dtype != np.int32:
         raise ValueError("argmax must be the int32 array returned by max_pool2d")
     if argmax.shape != gy.shape or gy.shape[:2] != (n_img, n_ch):
@@ -332,7 +316,7 @@ def avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False):
     ``count_include_pad`` is true.
     """
     geom = _geometry(kernel_size, stride, padding)
-    x = _check_float32_4d(x, "x")
+    x = check_float32_4d(x, "x")
     n_img, n_ch, h, wd = x.shape
     out_h, out_w = _output_hw(h, wd, geom)
     y = _avg_pool2d_kernel(x.reshape(n_img * n_ch, h, wd), *geom, out_h, out_w,
