@@ -6,7 +6,9 @@ running statistics updates ``running_var`` with the unbiased ``var * n / (n - 1)
 n = N*H*W, and ``running_mean`` with ``mean``. ``gamma``/``beta`` may be None (affine off).
 
 Accuracy: per-channel sums are accumulated in float64 (mean first, then squared deviations
-from it), and the elementwise formulas are evaluated in float64 and rounded once to float32.
+from it; for the gradient sum(gy) and sum(gy * (x - mean))). The forward and eval outputs are
+evaluated in float64 and rounded once to float32; the gradient's elementwise pass runs in
+float32 with coefficients rounded from the float64 sums, as torch's does.
 
 Parallelism: ``prange`` over channels. A channel's sums run over a fixed pattern of
 ``_LANES`` float64 partial sums (elementwise, so they vectorise without reassociating
@@ -18,7 +20,10 @@ from numba import njit, prange
 
 __all__ = ["batch_norm_train", "batch_norm_grad", "batch_norm_eval"]
 
-_LANES = 8
+# Partial sums per channel: lane k accumulates elements k, k + _LANES, ... of each image's
+# plane. Measured on B64 C16 32x32 (one thread): 8 lanes 1.13 ms forward / 0.78 ms gradient,
+# 64 lanes 0.41 / 0.56 ms; more gave nothing.
+_LANES = 64
 
 
 # ----------------------------------------------------------------------------- Numba kernels
@@ -156,14 +161,16 @@ def _batch_norm_grad_kernel(gy3, x3, mean, invstd, gamma, n_lanes):
         m = mean[c]
         s = invstd[c]
         sum_g, sum_gx = _channel_grad_sums(gf, xf, shape, c, m, lanes_g, lanes_gx)
-        mean_g = sum_g / count
-        proj = sum_gx * s * s / count
-        scale = s * gamma[c]
+        # Coefficients from the float64 sums, rounded once; the elementwise pass runs in
+        # float32 (as torch's does): 0.42 ms instead of 0.54 ms in float64 (B64 C16 32x32).
+        mean_g = np.float32(sum_g / count)
+        proj = np.float32(sum_gx * s * s / count)
+        scale = np.float32(s * gamma[c])
+        m32 = np.float32(m)
         for n in range(n_img):
             base = (n * n_ch + c) * size
             for i in range(base, base + size):
-                of[_u(i)] = (np.float64(gf[_u(i)]) - mean_g
-                             - (np.float64(xf[_u(i)]) - m) * proj) * scale
+                of[_u(i)] = (gf[_u(i)] - mean_g - (xf[_u(i)] - m32) * proj) * scale
         ggamma[c] = sum_gx * s
         gbeta[c] = sum_g
     return gx, ggamma, gbeta
