@@ -34,25 +34,28 @@ class ApproxConv2d(Function):
         self.groups = groups
         self.depthwise = _is_depthwise(x.shape, w.shape, groups)
         self.x_shape, self.w_shape = x.shape, w.shape
+        # The uint8 codes are kept (a quarter of the float activations) and de-quantised in backward.
         if self.needs_grad(1):
-            self.x_deq = dequantize(qx, sx, zx)
+            self.x_codes = (qx, sx, zx)
         if self.needs_grad(0):
-            self.w_deq = dequantize(qw, sw, zw)
+            self.w_codes = (qw, sw, zw)
         return (acc * (sx * sw)).astype(DTYPE)
 
     def backward(self, g):
         g = np.ascontiguousarray(g)
         gx = gw = None
+        w_deq = dequantize(*self.w_codes) if self.needs_grad(0) else None
+        x_deq = dequantize(*self.x_codes) if self.needs_grad(1) else None
         if self.depthwise:
-            if self.needs_grad(0):
-                gx = kdw.depthwise_conv2d_grad_input(g, self.w_deq, self.x_shape, *self.geometry)
-            if self.needs_grad(1):
-                gw = kdw.depthwise_conv2d_grad_weight(g, self.x_deq, self.w_shape, *self.geometry)
+            if w_deq is not None:
+                gx = kdw.depthwise_conv2d_grad_input(g, w_deq, self.x_shape, *self.geometry)
+            if x_deq is not None:
+                gw = kdw.depthwise_conv2d_grad_weight(g, x_deq, self.w_shape, *self.geometry)
         else:
-            if self.needs_grad(0):
-                gx = kconv.conv2d_grad_input(g, self.w_deq, self.x_shape, *self.geometry, self.groups)
-            if self.needs_grad(1):
-                gw = kconv.conv2d_grad_weight(g, self.x_deq, self.w_shape, *self.geometry, self.groups)
+            if w_deq is not None:
+                gx = kconv.conv2d_grad_input(g, w_deq, self.x_shape, *self.geometry, self.groups)
+            if x_deq is not None:
+                gw = kconv.conv2d_grad_weight(g, x_deq, self.w_shape, *self.geometry, self.groups)
         return gx, gw
 
 
