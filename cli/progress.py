@@ -44,7 +44,8 @@ class EpochProgress:
         elif kind == "epoch":
             parts = [f"epoch {event['epoch']}/{self.epochs}"]
             for key, label in (("train_loss", "train loss"), ("train_acc", "train acc"),
-                               ("val_loss", "val loss"), ("val_acc", "val acc")):
+                               ("val_loss", "val loss"), ("val_acc", "val acc"),
+                               ("test_loss", "test loss"), ("test_acc", "test acc")):
                 if key in event:
                     value = event[key]
                     parts.append(f"{label} {100 * value:.2f}%" if key.endswith("acc") else f"{label} {value:.4f}")
