@@ -373,6 +373,12 @@ def test_argument_validation(plans):
         lut_conv2d(qx.astype(np.int32), 0, qw, 0, plan)
     with pytest.raises(ValueError, match="0..255"):
         lut_conv2d(qx, 256, qw, 0, plan)
+    with pytest.raises(ValueError, match="integer code"):
+        lut_conv2d(qx, 1.0, qw, 0, plan)
+    with pytest.raises(ValueError, match="integer code"):
+        lut_conv2d(qx, 0, qw, True, plan)
+    same = lut_conv2d(qx, np.int64(3), qw, np.array(4, np.uint8), plan)
+    np.testing.assert_array_equal(same, lut_conv2d(qx, 3, qw, 4, plan))
     with pytest.raises(ValueError, match="engine"):
         lut_conv2d(qx, 0, qw, 0, plan, engine="fast")
     with pytest.raises(ValueError, match="groups"):

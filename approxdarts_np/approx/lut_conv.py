@@ -15,15 +15,24 @@ this integer bit for bit:
   every call (:mod:`approxdarts_np.approx.lowrank`); needs the table's error M - a*b to have
   a small rank R.
 
-Which engine is cheaper (``engine="auto"``): the low-rank engine does 1 + R float
-multiply-accumulates where the gather engine does one table lookup; on the reference machine
-(``benchmarks/bench_approx.py``, 2 cores) a float multiply-accumulate inside the low-rank engine
-costs roughly a third of a lookup, so the plan picks ``"lowrank"`` when 1 + R <=
-:data:`LOWRANK_MAX_TERMS` and ``"gather"`` otherwise. ``max_rank`` only bounds the work spent
-looking for a decomposition; a plan built with a larger ``max_rank`` still records the factors
-(so ``engine="lowrank"`` can be forced) even when it picks the gather engine.
+Which engine is cheaper (``engine="auto"``). The gather engine's cost does not depend on the
+table; the low-rank engine's grows with the number of terms 1 + R. Measured on the reference
+machine (``benchmarks/bench_approx.py`` and ``benchmarks/results/bench_approx.json``: 2 cores,
+B64 C64 32x32, medians, GMAC/s):
+
+    shape           float (ours)  gather    low-rank 1+R=2   1+R=4   1+R=7   1+R=9
+    pointwise 1x1   46            16-19     23               14      7.7     6.6
+    depthwise 3x3   23            3.0-3.2   4.8              3.1     1.9     1.6
+
+so the low-rank engine wins at 1 + R = 2, loses at 1 + R = 4 in both shapes, and the
+interpolated 1 + R = 3 is about even for pointwise and ahead for depthwise (whose lookups are
+the slow part of a separable conv). The plan therefore picks ``"lowrank"`` when
+1 + R <= :data:`LOWRANK_MAX_TERMS` = 3 and ``"gather"`` otherwise. ``max_rank`` only bounds
+the work spent looking for a decomposition; a plan built with a larger ``max_rank`` keeps the
+factors (so ``engine="lowrank"`` can be forced) even when it picks the gather engine.
 """
 import hashlib
+import operator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -37,7 +46,7 @@ __all__ = ["LutPlan", "make_lut_plan", "lut_conv2d", "LOWRANK_MAX_TERMS", "ENGIN
 
 ENGINES = ("auto", "gather", "lowrank")
 # Largest 1 + R for which the low-rank engine is chosen (see the module docstring).
-LOWRANK_MAX_TERMS = 4
+LOWRANK_MAX_TERMS = 3
 _INT32_MAX = 2 ** 31 - 1
 
 
@@ -117,11 +126,15 @@ def _check_codes(a, name):
 
 
 def _check_zero_point(z, name):
-    if isinstance(z, bool) or not isinstance(z, (int, np.integer)):
+    try:
+        value = operator.index(z)          # Python or NumPy integers, 0-d integer arrays
+    except TypeError:
+        value = None
+    if value is None or isinstance(z, (bool, np.bool_)):
         raise ValueError(f"{name} must be an integer code, got {z!r}")
-    if not 0 <= int(z) <= 255:
-        raise ValueError(f"{name} must be in 0..255, got {z}")
-    return int(z)
+    if not 0 <= value <= 255:
+        raise ValueError(f"{name} must be in 0..255, got {value}")
+    return value
 
 
 def _geometry(stride, padding, dilation):
