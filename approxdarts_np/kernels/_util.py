@@ -65,3 +65,15 @@ def check_shape4(shape, name, minimum=1):
         what = "positive" if minimum == 1 else f">= {minimum}"
         raise ValueError(f"{name} must be 4 ints {what}, got {shape!r}")
     return dims
+
+
+def conv_output_hw(h, wd, k_h, k_w, geom):
+    """Output height and width for ``geom`` from :func:`conv_geometry`; ValueError when empty."""
+    s_h, s_w, p_h, p_w, d_h, d_w = geom
+    out_h = conv_output_size(h, k_h, s_h, p_h, d_h)
+    out_w = conv_output_size(wd, k_w, s_w, p_w, d_w)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(
+            f"empty output: input {h}x{wd}, kernel {k_h}x{k_w}, stride {(s_h, s_w)}, "
+            f"padding {(p_h, p_w)}, dilation {(d_h, d_w)} give {out_h}x{out_w}")
+    return out_h, out_w

@@ -43,7 +43,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 from threadpoolctl import ThreadpoolController
 
-from ._util import check_float32_4d, check_shape4, conv_geometry, conv_output_size
+from ._util import check_float32_4d, check_shape4, conv_geometry, conv_output_hw
 
 __all__ = ["conv2d", "conv2d_grad_input", "conv2d_grad_weight"]
 
@@ -347,16 +347,6 @@ def _check_layout(x_shape, w_shape, groups):
     return k_h, k_w, groups
 
 
-def _output_hw(h, wd, k_h, k_w, geom):
-    s_h, s_w, p_h, p_w, d_h, d_w = geom
-    out_h = conv_output_size(h, k_h, s_h, p_h, d_h)
-    out_w = conv_output_size(wd, k_w, s_w, p_w, d_w)
-    if out_h < 1 or out_w < 1:
-        raise ValueError(
-            f"empty output: input {h}x{wd}, kernel {k_h}x{k_w}, stride {(s_h, s_w)}, "
-            f"padding {(p_h, p_w)}, dilation {(d_h, d_w)} give {out_h}x{out_w}")
-    return out_h, out_w
-
 
 def _is_direct(k_h, k_w, geom):
     """True when the image block itself is the patch matrix: 1x1, stride 1, no padding."""
@@ -378,7 +368,7 @@ def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1):
     w = check_float32_4d(w, "w")
     n_img, c_in, h, wd = x.shape
     k_h, k_w, groups = _check_layout(x.shape, w.shape, groups)
-    out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)
+    out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
     c_out = w.shape[0]
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     x5 = x.reshape(n_img, groups, c_in // groups, h, wd)
@@ -400,7 +390,7 @@ def conv2d_grad_input(gy, w, input_shape, stride=1, padding=0, dilation=1, group
     w = check_float32_4d(w, "w")
     n_img, c_in, h, wd = check_shape4(input_shape, "input_shape")
     k_h, k_w, groups = _check_layout((n_img, c_in, h, wd), w.shape, groups)
-    out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)
+    out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
     c_out = w.shape[0]
     if gy.shape != (n_img, c_out, out_h, out_w):
         raise ValueError(
@@ -428,7 +418,7 @@ def conv2d_grad_weight(gy, x, weight_shape, stride=1, padding=0, dilation=1, gro
     w_shape = check_shape4(weight_shape, "weight_shape")
     n_img, c_in, h, wd = x.shape
     k_h, k_w, groups = _check_layout(x.shape, w_shape, groups)
-    out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)
+    out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
     c_out = w_shape[0]
     if gy.shape != (n_img, c_out, out_h, out_w):
         raise ValueError(

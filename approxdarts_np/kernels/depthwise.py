@@ -34,7 +34,7 @@ in the tap order; the weight-gradient dot products use ``reassoc`` (see :func:`_
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from ._util import check_float32_4d, check_shape4, conv_geometry, conv_output_size
+from ._util import check_float32_4d, check_shape4, conv_geometry, conv_output_hw
 
 # Target size, in float32 elements, of one work item's padded input: sets how many images of a
 # channel share an item. Measured on 2-core AMD EPYC: 32x32 planes run best alone (stacking
@@ -688,16 +688,6 @@ def _check_weight_shape(w_shape, n_ch, name):
     return k_h, k_w
 
 
-def _output_hw(h, wd, k_h, k_w, geom):
-    s_h, s_w, p_h, p_w, d_h, d_w = geom
-    out_h = conv_output_size(h, k_h, s_h, p_h, d_h)
-    out_w = conv_output_size(wd, k_w, s_w, p_w, d_w)
-    if out_h < 1 or out_w < 1:
-        raise ValueError(
-            f"empty output: input {h}x{wd}, kernel {k_h}x{k_w}, stride {(s_h, s_w)}, "
-            f"padding {(p_h, p_w)}, dilation {(d_h, d_w)} give {out_h}x{out_w}")
-    return out_h, out_w
-
 
 def depthwise_conv2d(x, w, stride=1, padding=0, dilation=1):
     """Return the depthwise convolution y (N, C, OH, OW) of x (N, C, H, W) with w (C, 1, kh, kw).
@@ -710,7 +700,7 @@ def depthwise_conv2d(x, w, stride=1, padding=0, dilation=1):
     w = check_float32_4d(w, "w")
     n_img, n_ch, h, wd = x.shape
     k_h, k_w = _check_weight_shape(w.shape, n_ch, "w")
-    out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)
+    out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     stack = _stack_size(n_img, h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
     return _depthwise_forward_kernel(x, w.reshape(n_ch, k_h * k_w), s_h, s_w, p_h, p_w,
@@ -725,7 +715,7 @@ def depthwise_conv2d_grad_input(gy, w, input_shape, stride=1, padding=0, dilatio
     w = check_float32_4d(w, "w")
     n_img, n_ch, h, wd = check_shape4(input_shape, "input_shape", minimum=0)
     k_h, k_w = _check_weight_shape(w.shape, n_ch, "w")
-    out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)
+    out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
     if gy.shape != (n_img, n_ch, out_h, out_w):
         raise ValueError(
             f"gy must have shape {(n_img, n_ch, out_h, out_w)} for input_shape "
@@ -758,7 +748,7 @@ def depthwise_conv2d_grad_weight(gy, x, weight_shape, stride=1, padding=0, dilat
     n_img, n_ch, h, wd = x.shape
     k_h, k_w = _check_weight_shape(check_shape4(weight_shape, "weight_shape", minimum=0), n_ch,
                                    "weight_shape")
-    out_h, out_w = _output_hw(h, wd, k_h, k_w, geom)
+    out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
     if gy.shape != (n_img, n_ch, out_h, out_w):
         raise ValueError(
             f"gy must have shape {(n_img, n_ch, out_h, out_w)} for x of shape {x.shape}, "
