@@ -48,6 +48,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from approxdarts_np.approx.lut_conv import LOWRANK_MAX_TERMS, lut_conv2d, make_lut_plan
 from approxdarts_np.kernels import depthwise as kdw
+from machine import cpu_model
 
 try:
     from approxdarts_np.kernels import conv as kconv
@@ -71,15 +72,7 @@ SHAPES = [
 
 
 def machine_info(threads):
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     keep = ("user_api", "internal_api", "prefix", "num_threads", "version")
     return {
         "cpu_model": cpu,

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from approxdarts_np.kernels import depthwise as kdw
+from machine import cpu_model
 
 try:
     from approxdarts_np.kernels import conv as kconv
@@ -62,15 +63,7 @@ CASES = [
 
 
 def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "cpu_model": cpu,
         "logical_cores": os.cpu_count(),

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
 SETTINGS = {
@@ -105,11 +107,7 @@ def _machine() -> dict:
         info["torch"] = torch.__version__
     except ImportError:
         info["torch"] = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
+    info["cpu"] = cpu_model()
     return info
 
 
