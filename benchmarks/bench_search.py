@@ -49,7 +49,7 @@ def _one(setting: str, mode: str, steps: int, warmup: int) -> dict:
     impl, arith = mode.split("-", 1)
     if impl == "ours":
         from approxdarts_np.approx.convolution import arithmetic_from_spec
-        from approxdarts_np.nas.search import architecture_step, weight_step
+        from approxdarts_np.runs.search import architecture_step, weight_step
         from approxdarts_np.nn import SGD, Adam
         net = Network(cfg["channels"], 10, cfg["layers"], seed=0,
                       multiplier=arithmetic_from_spec(None if arith == "float" else arith))

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from approxdarts_np.nas.search import SearchConfig, run_search
+from approxdarts_np.runs.search import SearchConfig, run_search
 from approxdarts_np_cli._common import user_errors
 from approxdarts_np_cli.progress import EpochProgress
 

@@ -13,9 +13,10 @@ from rich.table import Table
 
 from approxdarts_np.approx.energy import EnergyTable, format_saving
 from approxdarts_np.io.checkpoint import write_json, write_text
-from approxdarts_np.nas.report import (evaluate_checkpoint, expand_multiplier_specs, network_energy,
+from approxdarts_np.runs.report import (evaluate_checkpoint, expand_multiplier_specs, network_energy,
                                        plot_accuracy_energy, rows_to_csv)
-from approxdarts_np.nas.train import TrainConfig, read_genotype, run_train
+from approxdarts_np.nas.genotypes import read_genotype
+from approxdarts_np.runs.train import TrainConfig, run_train
 from approxdarts_np_cli._common import user_errors
 from approxdarts_np_cli.progress import EpochProgress
 

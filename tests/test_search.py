@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from approxdarts_np.errors import UserError
 from approxdarts_np.nas.genotypes import Genotype
-from approxdarts_np.nas.search import SearchConfig, run_search
+from approxdarts_np.runs.search import SearchConfig, run_search
 from approxdarts_np_cli.main import app
 
 TINY = dict(epochs=2, channels=2, layers=3, batch_size=4, max_train_images=24, threads=2, seed=7)
@@ -58,7 +58,7 @@ def test_search_writes_all_outputs(reference_run):
 
 _KILLER = textwrap.dedent("""
     import os, signal, sys
-    from approxdarts_np.nas.search import SearchConfig, run_search
+    from approxdarts_np.runs.search import SearchConfig, run_search
     cfg = SearchConfig.quick(output_dir=sys.argv[1], **{tiny})
     def progress(event):
         if event["event"] == "step" and event["epoch"] == 1 and event["step"] == 2:
@@ -153,7 +153,7 @@ def test_unwritable_output_dir_is_a_user_error(tmp_path):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import approxdarts_np.nas.search as search_module
+    import approxdarts_np.runs.search as search_module
     from approxdarts_np.errors import DivergedError
     from approxdarts_np.io.checkpoint import load_tree
 

@@ -15,7 +15,7 @@ from approxdarts_np.autodiff import functional as F
 from approxdarts_np.nas.genotypes import Genotype, derive_genotype
 from approxdarts_np.nas.model_search import NUM_EDGES, Network
 from approxdarts_np.nas.operations import PRIMITIVES
-from approxdarts_np.nas.search import architecture_step, weight_step
+from approxdarts_np.runs.search import architecture_step, weight_step
 from approxdarts_np.nn import SGD, Adam
 from torch_reference import TorchMirror
 

@@ -7,8 +7,9 @@ from typer.testing import CliRunner
 
 from approxdarts_np.errors import UserError
 from approxdarts_np.nas.genotypes import DARTS_V2
-from approxdarts_np.nas.report import network_energy
-from approxdarts_np.nas.train import TrainConfig, load_trained_network, read_genotype, run_train
+from approxdarts_np.runs.report import network_energy
+from approxdarts_np.nas.genotypes import read_genotype
+from approxdarts_np.runs.train import TrainConfig, load_trained_network, run_train
 from approxdarts_np_cli.main import app
 
 TINY = dict(epochs=2, channels=4, layers=3, batch_size=4, max_train_images=12, threads=2, seed=3,

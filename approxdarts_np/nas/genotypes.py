@@ -5,6 +5,7 @@ import ast
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -115,3 +116,23 @@ DARTS_V2 = Genotype(
             ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("max_pool_3x3", 1)),
     reduce_concat=(2, 3, 4, 5),
 )
+
+
+def read_genotype(spec: str | Path) -> Genotype:
+    """A genotype from a JSON file, a text file with the DARTS string, the string itself, or ``DARTS_V2``."""
+    text = str(spec)
+    if text.upper() in ("DARTS_V2", "DARTS"):
+        return DARTS_V2
+    if text.lstrip().startswith("Genotype("):
+        return Genotype.from_darts_string(text)
+    path = Path(text)
+    if not path.is_file():
+        raise UserError(f"genotype file {path} does not exist (give a .json, a .txt with the DARTS string, "
+                        f"or DARTS_V2)")
+    content = path.read_text()
+    if content.lstrip().startswith("{"):
+        try:
+            return Genotype.from_dict(json.loads(content))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} is not valid JSON: {exc}") from None
+    return Genotype.from_darts_string(content)

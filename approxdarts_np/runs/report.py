@@ -11,10 +11,10 @@ from approxdarts_np.approx.multipliers import bundled_names, load_multiplier
 from approxdarts_np.data.cifar import load_cifar10
 from approxdarts_np.errors import UserError
 from approxdarts_np.nas.costs import network_costs
-from approxdarts_np.nas.evaluate import evaluate
+from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.nas.genotypes import Genotype
 from approxdarts_np.nas.model_eval import NetworkCIFAR
-from approxdarts_np.nas.train import load_trained_network
+from approxdarts_np.runs.train import load_trained_network
 
 
 def network_energy(genotype: Genotype, channels: int, layers: int, multiplier: str | None = "exact",

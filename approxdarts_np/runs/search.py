@@ -26,8 +26,8 @@ from approxdarts_np.data.cifar import load_cifar10, search_split
 from approxdarts_np.errors import DivergedError, UserError
 from approxdarts_np.io.checkpoint import load_tree, save_tree, write_json, write_text
 from approxdarts_np.io.rundir import CHECKPOINT, CONFIG, RunClock, prepare_output_dir, refuse_existing_run, saved_config
-from approxdarts_np.nas.config import RunConfig
-from approxdarts_np.nas.evaluate import evaluate
+from approxdarts_np.runs.config import RunConfig
+from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.nas.model_search import Network
 from approxdarts_np.nas.operations import PRIMITIVES
 from approxdarts_np.nn import SGD, Adam, clip_grad_norm, cosine_lr

@@ -22,8 +22,8 @@ from approxdarts_np.data.cifar import load_cifar10
 from approxdarts_np.errors import DivergedError, UserError
 from approxdarts_np.io.checkpoint import load_tree, save_tree, write_json, write_text
 from approxdarts_np.io.rundir import CHECKPOINT, CONFIG, RunClock, prepare_output_dir, refuse_existing_run, saved_config
-from approxdarts_np.nas.config import RunConfig
-from approxdarts_np.nas.evaluate import evaluate
+from approxdarts_np.runs.config import RunConfig
+from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.nas.genotypes import Genotype
 from approxdarts_np.nas.model_eval import NetworkCIFAR
 from approxdarts_np.nn import SGD, clip_grad_norm, cosine_lr
@@ -212,27 +212,6 @@ def load_trained_network(path: str | Path) -> tuple[NetworkCIFAR, TrainConfig]:
     model.load_state_dict(tree["model"])
     model.eval()
     return model, config
-
-
-def read_genotype(spec: str | Path) -> Genotype:
-    """A genotype from a JSON file, a text file with the DARTS string, the string itself, or ``DARTS_V2``."""
-    from approxdarts_np.nas.genotypes import DARTS_V2
-    text = str(spec)
-    if text.upper() in ("DARTS_V2", "DARTS"):
-        return DARTS_V2
-    if text.lstrip().startswith("Genotype("):
-        return Genotype.from_darts_string(text)
-    path = Path(text)
-    if not path.is_file():
-        raise UserError(f"genotype file {path} does not exist (give a .json, a .txt with the DARTS string, "
-                        f"or DARTS_V2)")
-    content = path.read_text()
-    if content.lstrip().startswith("{"):
-        try:
-            return Genotype.from_dict(json.loads(content))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} is not valid JSON: {exc}") from None
-    return Genotype.from_darts_string(content)
 
 
 def run_train(config: TrainConfig, resume: str | Path | None = None,
