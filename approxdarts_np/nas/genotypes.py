@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import json
+import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +14,87 @@ from approxdarts_np.errors import UserError
 from approxdarts_np.nas.operations import PRIMITIVES
 
 STEPS = 4
+PAIRS = 2 * STEPS
+_FIELDS = ("normal", "normal_concat", "reduce", "reduce_concat")
+_MAX_FILE_BYTES = 1 << 20
+
+
+class GenotypeError(UserError, ValueError):
+    """A genotype that is not a DARTS cell pair (a UserError, and a ValueError for older callers)."""
+
+
+def _pairs(value, field: str) -> tuple[tuple[str, int], ...]:
+    """``value`` as 8 checked (operation, input) pairs.
+
+    Takes quark0's flat list ``[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ...]`` and the nested
+    form of the authors' TensorFlow port, one list of 2 pairs per node
+    ``[[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], ...]``.
+    """
+    if not isinstance(value, (list, tuple)):
+        raise GenotypeError(f"{field} must be a list of (operation, input) pairs, "
+                            f"got {type(value).__name__}")
+    nested = any(isinstance(item, (list, tuple)) and item and isinstance(item[0], (list, tuple))
+                 for item in value)
+    if nested:
+        flat = []
+        for node, item in enumerate(value):
+            if not isinstance(item, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in item):
+                raise GenotypeError(f"{field}: node {node} must be a list of 2 (operation, input) pairs "
+                                    f"like the other nodes, got {item!r}")
+            if len(item) != 2:
+                raise GenotypeError(f"{field}: node {node} has {len(item)} inputs; a DARTS node takes "
+                                    f"exactly 2")
+            flat.extend(item)
+        value = flat
+    if len(value) != PAIRS:
+        raise GenotypeError(f"{field}: a DARTS cell has {STEPS} nodes with 2 inputs each "
+                            f"({PAIRS} pairs), found {len(value)} pair{'s' * (len(value) != 1)}")
+    pairs = []
+    for k, pair in enumerate(value):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise GenotypeError(f"{field}: entry {k} must be an (operation, input) pair, got {pair!r}")
+        op, j = pair
+        if not isinstance(op, str):
+            raise GenotypeError(f"{field}: entry {k}: the operation must be a name, got {op!r}")
+        if op == "none":
+            raise GenotypeError(f"{field}: entry {k}: 'none' cannot be a kept operation "
+                                f"(choose one of {', '.join(PRIMITIVES[1:])})")
+        if op not in PRIMITIVES:
+            raise GenotypeError(f"{field}: entry {k}: unknown operation {op!r} "
+                                f"(choose one of {', '.join(PRIMITIVES[1:])})")
+        if isinstance(j, bool) or not isinstance(j, numbers.Integral):
+            raise GenotypeError(f"{field}: entry {k}: the input index must be an integer, got {j!r}")
+        node = k // 2
+        if not 0 <= j < 2 + node:
+            raise GenotypeError(f"{field}: node {node} cannot take input {j} (its inputs are "
+                                f"0..{1 + node}: the two cell inputs and the earlier nodes)")
+        pairs.append((op, int(j)))
+    return tuple(pairs)
+
+
+def _concat(value, field: str) -> tuple[int, ...]:
+    """``value`` as a checked, non-empty tuple of state indices 0..5."""
+    if not isinstance(value, (list, tuple, range)):
+        raise GenotypeError(f"{field} must be a list of state indices, got {type(value).__name__}")
+    if len(value) == 0:
+        raise GenotypeError(f"{field} is empty: the cell output concatenates at least one state")
+    for i in value:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise GenotypeError(f"{field}: state indices must be integers, got {i!r}")
+        if not 0 <= i < 2 + STEPS:
+            raise GenotypeError(f"{field}: state index {i} is out of range (a cell has states "
+                                f"0..{1 + STEPS}: the two inputs and {STEPS} nodes)")
+    return tuple(int(i) for i in value)
 
 
 @dataclass(frozen=True)
 class Genotype:
-    """Per cell type, 2 (operation, input index) pairs per intermediate node, and the concatenated nodes."""
+    """Per cell type, 2 (operation, input index) pairs per intermediate node, and the concatenated nodes.
+
+    Constructing one checks it (raises :class:`GenotypeError`, a ValueError): 4 nodes of 2 pairs
+    (flat, or nested per node), known operations other than ``none``, inputs a node can take,
+    and a non-empty concat of existing states. Fields are stored as tuples.
+    """
 
     normal: tuple[tuple[str, int], ...]
     normal_concat: tuple[int, ...]
@@ -26,14 +103,9 @@ class Genotype:
 
     def __post_init__(self):
         for field in ("normal", "reduce"):
-            pairs = getattr(self, field)
-            if len(pairs) % 2:
-                raise ValueError(f"{field}: needs 2 inputs per node, got {len(pairs)} pairs")
-            for k, (op, j) in enumerate(pairs):
-                if op not in PRIMITIVES or op == "none":
-                    raise ValueError(f"{field}: unknown operation {op!r}")
-                if not 0 <= j < 2 + k // 2:
-                    raise ValueError(f"{field}: node {k // 2} cannot take input {j}")
+            object.__setattr__(self, field, _pairs(getattr(self, field), field))
+            concat = f"{field}_concat"
+            object.__setattr__(self, concat, _concat(getattr(self, concat), concat))
 
     def to_dict(self) -> dict:
         return {"normal": [[op, j] for op, j in self.normal], "normal_concat": list(self.normal_concat),
@@ -58,28 +130,49 @@ class Genotype:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Genotype":
-        try:
-            return cls(normal=tuple((str(op), int(j)) for op, j in d["normal"]),
-                       normal_concat=tuple(int(i) for i in d["normal_concat"]),
-                       reduce=tuple((str(op), int(j)) for op, j in d["reduce"]),
-                       reduce_concat=tuple(int(i) for i in d["reduce_concat"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"not a valid genotype: {exc}") from None
+        """A genotype from ``to_dict``'s form (pairs flat or nested per node); GenotypeError if invalid."""
+        if not isinstance(d, dict):
+            raise GenotypeError(f"a genotype must be an object with keys {', '.join(_FIELDS)}, "
+                                f"got {type(d).__name__}")
+        missing = [k for k in _FIELDS if k not in d]
+        if missing:
+            raise GenotypeError(f"a genotype needs the keys {', '.join(_FIELDS)}; missing "
+                                f"{', '.join(missing)}")
+        return cls(**{k: d[k] for k in _FIELDS})
 
     @classmethod
     def from_darts_string(cls, text: str) -> "Genotype":
-        """Parse the DARTS string form (literals only; nothing is evaluated)."""
-        body = text.strip()
-        m = re.fullmatch(r"Genotype\((.*)\)", body, flags=re.S)
+        """Parse the DARTS string form (literals only; nothing is evaluated).
+
+        Accepts keyword or positional fields, ``range(a, b)`` or lists for the concats, flat or
+        per-node nested pairs, and an optional ``name = `` in front (a line of a genotypes.py).
+        """
+        body = text.strip().lstrip("\ufeff").strip()
+        m = re.fullmatch(r"(?:[A-Za-z_][A-Za-z_0-9]*\s*=\s*)?Genotype\s*\((.*)\)", body, flags=re.S)
         if not m:
-            raise UserError("not a DARTS genotype string: expected 'Genotype(normal=..., ...)'")
-        inner = re.sub(r"range\((\d+),\s*(\d+)\)", lambda r: repr(list(range(int(r[1]), int(r[2])))),
-                       m.group(1))
+            raise GenotypeError("not a DARTS genotype string: expected 'Genotype(normal=..., ...)'")
+        inner = re.sub(r"range\(\s*(\d+)\s*,\s*(\d+)\s*\)",
+                       lambda r: repr(list(range(int(r[1]), int(r[2])))), m.group(1))
         try:
             call = ast.parse(f"f({inner})", mode="eval").body
-            fields = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-        except (SyntaxError, ValueError) as exc:
-            raise UserError(f"cannot parse the genotype string: {exc}") from None
+            if not isinstance(call, ast.Call) or len(call.args) + len(call.keywords) == 0:
+                raise ValueError("no fields")
+            values = [ast.literal_eval(arg) for arg in call.args]
+            fields = dict(zip(_FIELDS, values))
+            if len(values) > len(_FIELDS):
+                raise ValueError(f"{len(values)} positional fields")
+            for kw in call.keywords:
+                if kw.arg is None or kw.arg in fields:
+                    raise ValueError(f"field {kw.arg!r} given twice or unpacked")
+                fields[kw.arg] = ast.literal_eval(kw.value)
+        except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise GenotypeError(f"cannot parse the genotype string ({reason}); expected "
+                                f"Genotype(normal=[('sep_conv_3x3', 0), ...], normal_concat=range(2, 6), "
+                                f"reduce=[...], reduce_concat=range(2, 6))") from None
+        unknown = sorted(set(fields) - set(_FIELDS))
+        if unknown:
+            raise GenotypeError(f"unknown genotype field {unknown[0]!r} (fields: {', '.join(_FIELDS)})")
         return cls.from_dict(fields)
 
 
@@ -119,20 +212,65 @@ DARTS_V2 = Genotype(
 
 
 def read_genotype(spec: str | Path) -> Genotype:
-    """A genotype from a JSON file, a text file with the DARTS string, the string itself, or ``DARTS_V2``."""
-    text = str(spec)
-    if text.upper() in ("DARTS_V2", "DARTS"):
+    """A genotype from a JSON file, a text file with the DARTS string, the string itself, or ``DARTS_V2``.
+
+    JSON and string forms take quark0's flat pair lists and the TensorFlow port's per-node
+    nested lists; a UTF-8 byte-order mark is ignored. Every problem is one UserError line that
+    names the file (or says the genotype string was given inline).
+    """
+    text = str(spec).lstrip("\ufeff")
+    if text.strip().upper() in ("DARTS_V2", "DARTS"):
         return DARTS_V2
-    if text.lstrip().startswith("Genotype("):
-        return Genotype.from_darts_string(text)
-    path = Path(text)
-    if not path.is_file():
-        raise UserError(f"genotype file {path} does not exist (give a .json, a .txt with the DARTS string, "
-                        f"or DARTS_V2)")
-    content = path.read_text()
-    if content.lstrip().startswith("{"):
+    if not isinstance(spec, Path) and re.match(r"\s*(?:[A-Za-z_][A-Za-z_0-9]*\s*=\s*)?Genotype\s*\(", text):
         try:
-            return Genotype.from_dict(json.loads(content))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} is not valid JSON: {exc}") from None
-    return Genotype.from_darts_string(content)
+            return Genotype.from_darts_string(text)
+        except GenotypeError as exc:
+            raise UserError(f"genotype string: {exc}") from None
+    path = Path(text)
+    content = _read_genotype_file(path)
+    try:
+        if content.lstrip().startswith(("{", "[")):
+            try:
+                fields = json.loads(content)
+            except RecursionError:
+                raise GenotypeError("JSON nested too deeply") from None
+            except json.JSONDecodeError as exc:
+                raise GenotypeError(f"not valid JSON ({exc})") from None
+            return Genotype.from_dict(fields)
+        return Genotype.from_darts_string(content)
+    except GenotypeError as exc:
+        raise UserError(f"genotype file {path}: {exc}") from None
+
+
+def _read_genotype_file(path: Path) -> str:
+    """The text of a genotype file (UTF-8, optional BOM); one UserError line for anything else."""
+    hint = "give a .json, a .txt with the DARTS string, or DARTS_V2"
+    try:
+        if not path.exists():
+            raise UserError(f"genotype file {path} does not exist ({hint})")
+        if not path.is_file():
+            raise UserError(f"genotype file {path} is not a file ({hint})")
+        size = path.stat().st_size
+        if size > _MAX_FILE_BYTES:
+            raise UserError(f"genotype file {path} has {size:,} bytes; a genotype is a few hundred "
+                            f"bytes ({hint})")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read genotype file {path}: {exc.strerror or exc}") from None
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or _looks_utf16(data):
+        raise UserError(f"genotype file {path} looks UTF-16 encoded; save it as UTF-8")
+    if not data.strip():
+        raise UserError(f"genotype file {path} is empty ({hint})")
+    if b"\x00" in data:
+        raise UserError(f"genotype file {path} is a binary file, not a genotype ({hint})")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"genotype file {path} is not UTF-8 text (byte {exc.start}: "
+                        f"{exc.reason}); {hint}") from None
+
+
+def _looks_utf16(data: bytes) -> bool:
+    """UTF-16 text without a BOM: ASCII characters leave every other byte zero."""
+    head = data[:64]
+    return len(head) >= 4 and (not any(head[0::2]) or not any(head[1::2]))
