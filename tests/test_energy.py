@@ -84,8 +84,9 @@ def test_report_json_keys_and_sources():
 
 def test_circuits_without_power_need_one():
     for name in ("PKY", "199Z", "96D", "EXZ"):
-        with pytest.raises(UserError, match="no published power"):
+        with pytest.raises(UserError, match="no published power") as info:
             energy_report(LAYERS, load_multiplier(name))
+        assert "EnergyTable" not in str(info.value) and "power_overrides_mw" not in str(info.value)
     table = EnergyTable(power_overrides_mw={"mul8u_PKY": 0.2})
     report = energy_report(LAYERS, load_multiplier("PKY"), table)
     assert report.multipliers["mul8u_PKY"]["power_source"] == "given"
@@ -166,12 +167,23 @@ def test_format_saving():
     assert saving_pct(50.0, 100.0) == 50.0 and saving_pct(1.0, 0.0) is None
 
 
-@pytest.mark.parametrize("kwargs", [{"fp32_mul_pj": -1.0}, {"int8_mul_pj": float("nan")},
-                                    {"reference_power_mw": 0.0}, {"fp32_add_pj": "1"},
-                                    {"power_overrides_mw": {"x": -0.1}}])
-def test_bad_energy_table(kwargs):
-    with pytest.raises(UserError):
+@pytest.mark.parametrize("kwargs, message", [
+    ({"fp32_mul_pj": -1.0}, "--fp32-mul-pj"), ({"fp32_mul_pj": 0}, "--fp32-mul-pj .* > 0, got 0"),
+    ({"fp32_mul_pj": float("inf")}, "--fp32-mul-pj"), ({"int8_mul_pj": float("nan")}, "--int8-mul-pj"),
+    ({"int8_mul_pj": 0.0}, "--int8-mul-pj .* > 0"), ({"reference_power_mw": 0.0}, "reference power"),
+    ({"fp32_add_pj": "1"}, "FP32 add"), ({"int32_add_pj": -0.1}, "integer add .* >= 0"),
+    ({"power_overrides_mw": {"x": -0.1}}, "power of multiplier 'x'")])
+def test_bad_energy_table(kwargs, message):
+    """One line in the CLI's words: options by their flag, never by the dataclass field."""
+    with pytest.raises(UserError, match=message) as info:
         EnergyTable(**kwargs)
+    text = str(info.value)
+    assert "\n" not in text
+    assert not any(field in text for field in ("EnergyTable", "fp32_mul_pj", "int8_mul_pj", "_pj", "_mw"))
+
+
+def test_zero_add_energies_are_allowed():
+    assert EnergyTable(fp32_add_pj=0, int32_add_pj=0.0).fp32_add_pj == 0
 
 
 @pytest.mark.parametrize("macs, quantised",

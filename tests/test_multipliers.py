@@ -7,6 +7,8 @@ are printed with), the ranks quoted in DESIGN §4, a Fraction-based Gaussian eli
 from fractions import Fraction
 from pathlib import Path
 
+import hashlib
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -44,6 +46,95 @@ def _fraction_rank(rows):
 
 
 # ---------------------------------------------------------------------------------- bundle --
+
+# SHA-256 of each bundled table *as loaded* (256x256, row-major, little-endian int32): a wrong
+# entry in a file, or a loader that transposes, truncates or re-types a table, changes the digest.
+# Recompute only when a table deliberately changes:
+#   hashlib.sha256(np.ascontiguousarray(load_multiplier(n).table, "<i4").tobytes()).hexdigest()
+LOADED_SHA256 = {
+    "mul8u_125K": "91f239db2f37c29e42720f161dcb3b30c14d24e7bb1749004a5a17ca23a1764f",
+    "mul8u_12N4": "be32a027329d8d1e9acf5c63baa17a358bad1e45f7256e8fd4b3e2ed6b60340f",
+    "mul8u_13QR": "670ed5c43e266ce0133161a1995ac618f94e038efaacbc0c1f8d0f55f6f2c02a",
+    "mul8u_1446": "5e50e558384413a2a35b475887924f5b7ab80a8adb7af68d67e37bf31069523b",
+    "mul8u_14VP": "91e9e64bc2d3ffb4bfedde864ada741ec09cdf9ccb4566ba2d459605ee70a405",
+    "mul8u_150Q": "c6ec6e95c07cf448814b07cb89bf8c242dd78d4fec0fa9a0c8a481f602ec8e47",
+    "mul8u_17C8": "ce2c694e964fc4d2002becd55d93becf35b7e711273bda34617626a9916439f8",
+    "mul8u_17KS": "a84ba0b0bebf25620ea160dcc82ea2dd98388293c4cf8612fe944e44173aaaf3",
+    "mul8u_17QU": "e9fcbb4b15f3ffd2022c073e18b0dcde33cec210e7eebff237ee4435f3878155",
+    "mul8u_185Q": "b97e5156ac8376a1d61fa2b6afe7578bc66e02c3ce31e67255755cf37cde2dc5",
+    "mul8u_18DU": "f24456a22423dac6bf8cb01b13b6ad7d1bb7bc592996f6a0c0400a91ce17f71a",
+    "mul8u_199Z": "8a39d2abd3999ab73c34db2476849cddf303ce389b35826850f9a700589b4a90",
+    "mul8u_19DB": "8e7662d9546b64ab5adea6ca8ed991808e1ec14256125c9532c87ba54e0e2258",
+    "mul8u_1AGV": "fa65bc46b9895120b56bbf8e42dd8c5b1785e7f16a435c755a37828da16244f8",
+    "mul8u_1JFF": "f8085fc34b4305c0ded5ce102ee273302045b00677f0504933593571822db644",
+    "mul8u_2AC": "a35038a327ce37df35abda2f2dcfaf2205a4162a40b071f0fbd0253f5a9a63aa",
+    "mul8u_2HH": "fd634a50e82b8daabb78914e309ebb6073b93206430ec34be3e7c9e2c08f6db6",
+    "mul8u_2P7": "71c1d1dfbb236746c9cea95e40e54d1d2b342384b928692e18cad7b583d4cc8b",
+    "mul8u_7C1": "d675016b2945f2fe7cb254cb40ec6e035bcc2ca639649db953036941df6a4bdf",
+    "mul8u_96D": "f786f7bab690220a2988df361b6a7797c3e690fe510398d4d503424911861945",
+    "mul8u_CK5": "127b5ea7c52efea7042eb5395c2c023574244f4d9b369f73c7c77562aaaf05ba",
+    "mul8u_DM1": "a43abad631548c3886123b5fe086d79dc2412f3873a58cbb173c910f9c6d3c9f",
+    "mul8u_EXZ": "aed0b8ff7b08fed8d03b80eb159e289170551ac6b4695ec92ee4326f728d1e03",
+    "mul8u_FTA": "7e110de8aac30c0409d0f472e9c1a2aa86c61632e1a294eb698c8bf304eb5cd3",
+    "mul8u_GS2": "77ce23b59f27336213d1c46efadb62203b5830cebbb6048539be207654c8a655",
+    "mul8u_JQQ": "a53f765e96f43a3c449dbcc2d865d38d6cf93b7c88b583e30e491f3ce08aab65",
+    "mul8u_JV3": "19b066c62b519461ff1a37fb362b6bbff07830cf23fa13316660205abd7844a0",
+    "mul8u_KEM": "35bde39037bdc4e3e3379443da4928ad9a5b70b2e5dfff2bde88f90a97a1ac73",
+    "mul8u_L40": "ea776e4b19e45e34322a59a539ace8ccce631a852a40440cedbc7503580d522a",
+    "mul8u_NGR": "c538b04b735a2beaac8eadc794e9e732a07e3318c762a562d2997a607c6d6e31",
+    "mul8u_PKY": "e950595a7fcd3ae87e38d302c812627ad806ef166ac8bd823ff051bc0f27f5c5",
+    "mul8u_QJD": "031977db1c351baa5c0d9aae9443303187e60f0e8dec2d6ab1875f6fde32aa9c",
+    "mul8u_QKX": "cd11626ac57781e80db033b90b046eadda894bbdd5097a6572dfa47a6fd6c117",
+    "mul8u_Y48": "a9ac99b1406d45bfad5e3f7745429e96d8f6ec9206eb53d6a1be82580d34c789",
+    "mul8u_YX7": "385e109d468dbb2a1b9a7da7733a733ab0eb588735f718da1400499fe4a2a2d6",
+    "mul8u_ZFB": "b4942f0cdfb84e012a2d912dfcb08ab4c4169c615c616e6f47755b35f1af9baa",
+}
+
+
+def _loaded_digest(table: np.ndarray) -> str:
+    assert table.shape == (256, 256)
+    return hashlib.sha256(np.ascontiguousarray(table, dtype="<i4").tobytes()).hexdigest()
+
+
+def test_every_bundled_table_is_pinned():
+    assert sorted(LOADED_SHA256) == bundled_names()
+
+
+@pytest.mark.parametrize("name", sorted(LOADED_SHA256))
+def test_loaded_table_matches_its_pinned_digest(name):
+    table = load_multiplier(name).table
+    assert table.dtype == np.int32 and not table.flags.writeable
+    assert _loaded_digest(table) == LOADED_SHA256[name]
+    # The file read the obvious way gives the same table: the loader adds nothing of its own.
+    raw = np.fromfile(TABLES / f"{name}.bin", dtype="<u2").reshape(256, 256)
+    np.testing.assert_array_equal(table, raw)
+
+
+def test_exact_is_the_pinned_exact_circuit():
+    assert _loaded_digest(load_multiplier("exact").table) == LOADED_SHA256["mul8u_1JFF"]
+    assert _loaded_digest(exact_table()) == LOADED_SHA256["mul8u_1JFF"]
+
+
+@pytest.mark.parametrize("name", sorted(LOADED_SHA256))
+def test_the_tester_one_wrong_entry_breaks_the_digest(name):
+    """Test the tester: the smallest possible corruption (one entry off by one) is caught even
+    where the published figures, printed to 2 or 3 decimals, cannot see it."""
+    table = load_multiplier(name).table.copy()
+    a, b = divmod(int(LOADED_SHA256[name][:4], 16), 256)
+    table[a, b] = table[a, b] + 1 if table[a, b] < 65535 else table[a, b] - 1
+    assert _loaded_digest(table) != LOADED_SHA256[name]
+
+
+@pytest.mark.parametrize("name", ["mul8u_17KS", "mul8u_2P7", "mul8u_1446"])
+def test_published_figures_alone_miss_a_small_corruption(name):
+    """Why the digests exist: an entry already in error, moved by one, keeps every published
+    figure (printed to 2-3 decimals) matching; only the digest sees it."""
+    m = load_multiplier(name)
+    table = m.table.copy()
+    assert mm.error_matrix(table)[250, 251] != 0
+    table[250, 251] += 1
+    assert published_mismatches(characterise(table), m.published) == []
+    assert _loaded_digest(table) != LOADED_SHA256[name]
 
 def test_bundle_has_36_tables_and_licences():
     names = bundled_names()
@@ -126,6 +217,17 @@ def test_big_endian_bin_is_read_as_little_endian(tmp_path):
     ("txt", "unsupported table format"),
     ("corrupt_npy", "not a valid .npy"),
     ("directory", "not a file"),
+    ("npz_as_npy", "npz archive"),
+    ("pickle_npy", "no NumPy header"),
+    ("object_npy", "object and structured"),
+    ("structured_npy", "object and structured"),
+    ("shape_3d_npy", "shape"),
+    ("huge_header_npy", "shape"),
+    ("truncated_npy", "truncated"),
+    ("trailing_npy", "trailing data"),
+    ("long_bin", "131072 bytes"),
+    ("empty_bin", "found 0 bytes"),
+    ("empty_npy", "no NumPy header"),
 ])
 def test_bad_files_raise_user_error_naming_the_file(tmp_path, case, message):
     path = tmp_path / "t.npy"
@@ -156,9 +258,62 @@ def test_bad_files_raise_user_error_naming_the_file(tmp_path, case, message):
     elif case == "directory":
         path = tmp_path / "dir.bin"
         path.mkdir()
+    elif case == "npz_as_npy":
+        with open(path, "wb") as f:
+            np.savez(f, table=exact_table())
+    elif case == "pickle_npy":
+        import pickle
+        path.write_bytes(pickle.dumps(exact_table()))
+    elif case == "object_npy":
+        np.save(path, np.empty((256, 256), dtype=object), allow_pickle=True)
+    elif case == "structured_npy":
+        np.save(path, np.zeros((256, 256), dtype=[("a", "<u2"), ("b", "<u2")]))
+    elif case == "shape_3d_npy":
+        np.save(path, np.zeros((1, 256, 256), np.uint16))
+    elif case == "huge_header_npy":
+        # A header that claims 10^12 entries over a file of a few bytes: nothing is allocated.
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<u2", "fortran_order": False, "shape": (10 ** 6, 10 ** 6)})
+    elif case == "truncated_npy":
+        np.save(path, exact_table().astype(np.uint16))
+        path.write_bytes(path.read_bytes()[:-1])
+    elif case == "trailing_npy":
+        np.save(path, exact_table().astype(np.uint16))
+        path.write_bytes(path.read_bytes() + b"\0\0")
+    elif case == "long_bin":
+        path = tmp_path / "long.bin"
+        np.zeros(65537, "<u2").tofile(path)
+    elif case == "empty_bin":
+        path = tmp_path / "empty.bin"
+        path.write_bytes(b"")
+    elif case == "empty_npy":
+        path.write_bytes(b"")
     with pytest.raises(UserError, match=message) as info:
         load_multiplier(str(path))
-    assert path.name in str(info.value)
+    assert path.name in str(info.value) and "\n" not in str(info.value)
+
+
+def test_huge_bin_is_refused_from_its_size(tmp_path, monkeypatch):
+    """A 3 GB .bin (sparse here) is refused from its size; no byte of it is read."""
+    path = tmp_path / "huge.bin"
+    with open(path, "wb") as f:
+        f.truncate(3 * 1024 ** 3)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the file was read")
+
+    monkeypatch.setattr(Path, "read_bytes", no_read)
+    with pytest.raises(UserError, match="found 3221225472 bytes") as info:
+        load_multiplier(path)
+    assert str(path) in str(info.value)
+
+
+def test_fortran_order_npy_reads_the_same_table(tmp_path):
+    src = load_multiplier("JQQ").table
+    path = tmp_path / "f.npy"
+    np.save(path, np.asfortranarray(src.astype(np.uint16)))
+    np.testing.assert_array_equal(load_multiplier(path).table, src)
 
 
 def test_unknown_name_lists_valid_names():

@@ -39,6 +39,16 @@ HOROWITZ_2014 = ("M. Horowitz, \"Computing's energy problem (and what we can do 
                  "IEEE ISSCC 2014, pp. 10-14, 45 nm")
 MINUS = "\u2212"
 
+# How messages name each EnergyTable value: by the CLI option where one exists.
+_FIELD_WORDS = {
+    "fp32_mul_pj": "--fp32-mul-pj (energy of an FP32 multiply, pJ)",
+    "int8_mul_pj": "--int8-mul-pj (energy of an exact 8-bit multiply, pJ)",
+    "fp32_add_pj": "the energy of an FP32 add (pJ)",
+    "int32_add_pj": "the energy of a 32-bit integer add (pJ)",
+    "reference_power_mw": "the reference power of mul8u_1JFF (mW)",
+}
+_POSITIVE_FIELDS = ("fp32_mul_pj", "int8_mul_pj", "reference_power_mw")
+
 
 @dataclass(frozen=True)
 class EnergyTable:
@@ -65,18 +75,17 @@ class EnergyTable:
             if f.name == "power_overrides_mw":
                 continue
             value = getattr(self, f.name)
+            # Multiplies and the reference power divide or are divided by: they must be > 0.
+            positive = f.name in _POSITIVE_FIELDS
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value < 0:
-                raise UserError(f"energy table: {f.name} must be a finite number >= 0, "
-                                f"got {value!r}")
-        if self.reference_power_mw <= 0:
-            raise UserError(f"energy table: reference_power_mw must be > 0, "
-                            f"got {self.reference_power_mw!r}")
+                    or not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise UserError(f"{_FIELD_WORDS[f.name]} must be a finite number "
+                                f"{'> 0' if positive else '>= 0'}, got {value!r}")
         overrides = dict(self.power_overrides_mw)
         for name, power in overrides.items():
             if isinstance(power, bool) or not isinstance(power, (int, float)) \
                     or not math.isfinite(power) or power < 0:
-                raise UserError(f"energy table: power of {name!r} must be a finite number of mW "
+                raise UserError(f"power of multiplier {name!r} must be a finite number of mW "
                                 f">= 0, got {power!r}")
         object.__setattr__(self, "power_overrides_mw", types.MappingProxyType(overrides))
 
@@ -95,8 +104,9 @@ class EnergyTable:
             return float(published["pwr"]), "published"
         if multiplier.is_exact:
             return float(self.reference_power_mw), "exact"
-        raise UserError(f"multiplier {multiplier.name!r} has no published power; give its power in "
-                        f"mW (EnergyTable.power_overrides_mw={{{multiplier.name!r}: ...}})")
+        raise UserError(f"multiplier {multiplier.name!r} has no published power, so its energy cannot "
+                        "be priced; choose a circuit with published figures (listed by "
+                        "`approxdarts-np multipliers`) or an exact table")
 
     def approx_mul_pj(self, multiplier: Multiplier) -> float:
         """Energy of one multiplication with ``multiplier``: ``int8_mul_pj * pwr / reference``."""

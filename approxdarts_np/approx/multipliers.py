@@ -151,26 +151,76 @@ def _bundled_match(spec: str) -> str | None:
     return None
 
 
+_NPZ_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+_FORMAT_HINT = ("expected a TFApprox .bin (65,536 little-endian uint16) or a .npy 256x256 "
+                "integer array saved with numpy.save")
+
+
 def _read_table_file(path: Path) -> np.ndarray:
-    if not path.exists():
-        raise UserError(f"multiplier table file not found: {path}")
-    if not path.is_file():
-        raise UserError(f"not a file: {path}")
-    suffix = path.suffix.lower()
+    """The table in ``path``; every problem is one UserError line naming the file.
+
+    Sizes are checked before anything is read, so a huge or mislabelled file costs nothing.
+    """
     try:
+        if not path.exists():
+            raise UserError(f"multiplier table file not found: {path}")
+        if not path.is_file():
+            raise UserError(f"not a file: {path}")
+        suffix = path.suffix.lower()
         if suffix == ".bin":
+            size = path.stat().st_size
+            if size != 2 * TABLE_ENTRIES:
+                raise UserError(f"{path}: a .bin multiplier table must hold {TABLE_ENTRIES} "
+                                f"little-endian uint16 values ({2 * TABLE_ENTRIES} bytes), found "
+                                f"{size} bytes")
             return _table_from_bin_bytes(path.read_bytes(), str(path))
         if suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
-        else:
-            raise UserError(f"{path}: unsupported table format {suffix or '(no suffix)'!r}; "
-                            "expected a TFApprox .bin (65,536 little-endian uint16) or a .npy "
-                            "256x256 integer array")
+            return _validated_table(_read_npy(path), str(path))
+        raise UserError(f"{path}: unsupported table format {suffix or '(no suffix)'!r}; "
+                        + _FORMAT_HINT)
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise UserError(f"{path}: not a valid .npy file ({exc})") from None
-    return _validated_table(array, str(path))
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """A 256x256 integer array from a .npy file, header checked before the data is read.
+
+    Never unpickles: object arrays are refused from the header alone.
+    """
+    with open(path, "rb") as f:
+        head = f.read(len(_NPY_MAGIC))
+        if head[:len(_NPZ_MAGIC)] == _NPZ_MAGIC:
+            raise UserError(f"{path}: this is a .npz archive (numpy.savez) under a .npy name; "
+                            "save the table with numpy.save")
+        if head != _NPY_MAGIC:
+            raise UserError(f"{path}: not a valid .npy file (no NumPy header); " + _FORMAT_HINT)
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except ValueError as exc:
+            raise UserError(f"{path}: not a valid .npy file ({str(exc).splitlines()[0]})") from None
+        if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+            raise UserError(f"{path}: a multiplier table must hold integers, found dtype {dtype} "
+                            "(object and structured arrays are not read)")
+        if tuple(shape) != (TABLE_SIDE, TABLE_SIDE):
+            raise UserError(f"{path}: a multiplier table must have shape (256, 256), "
+                            f"found {tuple(shape)}")
+        if dtype == np.bool_ or not np.issubdtype(dtype, np.integer):
+            raise UserError(f"{path}: a multiplier table must hold integers, found dtype {dtype}")
+        expected = f.tell() + TABLE_ENTRIES * dtype.itemsize
+        size = path.stat().st_size
+        if size != expected:
+            raise UserError(f"{path}: a 256x256 {dtype} .npy file has {expected} bytes, "
+                            f"found {size} bytes (truncated or with trailing data)")
+        data = np.frombuffer(f.read(TABLE_ENTRIES * dtype.itemsize), dtype=dtype)
+    return data.reshape((TABLE_SIDE, TABLE_SIDE), order="F" if fortran else "C")
 
 
 def _validated_table(array: np.ndarray, where: str) -> np.ndarray:
