@@ -104,3 +104,90 @@ def test_step_comparison_catches_a_wrong_update():
     with pytest.raises(AssertionError):
         _run_pair(lambda ps: BadSGD(ps, lr=0.025, momentum=0.9),
                   lambda ps: torch.optim.SGD(ps, lr=0.025, momentum=0.9), 0)
+
+
+# Weight decay made visible: gradients (0.05) comparable to decay x parameter (0.1 x ~1), and a
+# learning rate (0.05) at which a dropped or doubled decay moves parameters by ~0.2 in 6 steps,
+# 10^5 times the comparison tolerance. (With the search defaults, lr 3e-4 and decay 1e-3 on unit
+# gradients, the decay's effect is ~1e-7 and hides under any float tolerance.)
+DECAY, DECAY_LR, DECAY_GRAD_SCALE = 0.1, 0.05, 0.05
+
+
+def _decay_run(make, torch_params: bool, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    shapes = ((3, 4), (5,))
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[(DECAY_GRAD_SCALE * rng.standard_normal(s)).astype(np.float32) for s in shapes]
+             for _ in range(STEPS)]
+    if torch_params:
+        params = [torch.nn.Parameter(torch.tensor(a)) for a in init]
+    else:
+        params = [Parameter(a.copy()) for a in init]
+    opt = make(params)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = torch.tensor(g.copy()) if torch_params else g.copy()
+        opt.step()
+    return [p.detach().numpy() if torch_params else p.data for p in params]
+
+
+def _assert_close(ours, theirs):
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _max_gap(ours, theirs):
+    return max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs))
+
+
+def _torch_adam(ps):
+    # DARTS's architect: torch.optim.Adam(arch_parameters, lr, betas=(0.5, 0.999), weight_decay),
+    # i.e. L2 decay added to the gradient before the moments (not AdamW's decoupled decay).
+    return torch.optim.Adam(ps, lr=DECAY_LR, betas=(0.5, 0.999), weight_decay=DECAY)
+
+
+def _torch_sgd(ps):
+    return torch.optim.SGD(ps, lr=DECAY_LR, momentum=0.9, weight_decay=DECAY)
+
+
+def test_adam_weight_decay_is_torch_l2_decay_once():
+    theirs = _decay_run(_torch_adam, torch_params=True)
+    _assert_close(_decay_run(lambda ps: Adam(ps, lr=DECAY_LR, betas=(0.5, 0.999), weight_decay=DECAY),
+                             torch_params=False), theirs)
+
+
+def test_sgd_weight_decay_is_torch_l2_decay_once():
+    theirs = _decay_run(_torch_sgd, torch_params=True)
+    _assert_close(_decay_run(lambda ps: SGD(ps, lr=DECAY_LR, momentum=0.9, weight_decay=DECAY),
+                             torch_params=False), theirs)
+
+
+class _AdamDecayTwice(Adam):
+    """Decay added to the gradient and applied again, decoupled, after the update."""
+
+    def step(self):
+        super().step()
+        for p in self.params:
+            p.data -= np.float32(self.lr * self.weight_decay) * p.data
+
+
+def test_the_tester_weight_decay_dropped_doubled_or_decoupled_is_caught():
+    """Each wrong decay lands at least 0.05 away from torch's parameters (tolerance ~1e-5)."""
+    adam = _decay_run(_torch_adam, torch_params=True)
+    sgd = _decay_run(_torch_sgd, torch_params=True)
+    wrong = {
+        "adam without decay": (lambda ps: Adam(ps, lr=DECAY_LR, betas=(0.5, 0.999)), adam),
+        "adam decay doubled": (lambda ps: Adam(ps, lr=DECAY_LR, betas=(0.5, 0.999),
+                                               weight_decay=2 * DECAY), adam),
+        "adam decay twice": (lambda ps: _AdamDecayTwice(ps, lr=DECAY_LR, betas=(0.5, 0.999),
+                                                        weight_decay=DECAY), adam),
+        "adamw": (lambda ps: torch.optim.AdamW(ps, lr=DECAY_LR, betas=(0.5, 0.999),
+                                               weight_decay=DECAY), adam),
+        "sgd without decay": (lambda ps: SGD(ps, lr=DECAY_LR, momentum=0.9), sgd),
+        "sgd decay doubled": (lambda ps: SGD(ps, lr=DECAY_LR, momentum=0.9, weight_decay=2 * DECAY), sgd),
+    }
+    for name, (make, reference) in wrong.items():
+        ours = _decay_run(make, torch_params=name == "adamw")
+        assert _max_gap(ours, reference) > 0.05, name
+        with pytest.raises(AssertionError):
+            _assert_close(ours, reference)
