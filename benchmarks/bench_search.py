@@ -1,15 +1,29 @@
-"""Seconds per first-order search step (architecture step + weight step) and peak memory.
+"""Seconds per first-order search step (architecture step + weight step), peak memory, threads.
 
-Each (setting, mode) runs in its own process so that the peak resident set
-size is that configuration's alone. The torch step is the same supernet
-(tests/torch_reference.py mirrors our modules op for op) with the DARTS
-first-order procedure, torch.set_num_threads(THREADS), in the same benchmark
-run. Timing: median over the measured steps after warm-up steps (compilation,
-allocator and page faults excluded).
+Each (setting, mode) runs in its own process, so that the peak resident set
+size is that configuration's alone. Modes: ``ours-float``, ``ours-exact``,
+``ours-<table name or .bin/.npy path>`` (any multiplier the CLI accepts),
+``torch-float`` (the same supernet in torch, tests/torch_reference.py, with the
+DARTS first-order procedure as DARTS writes it: the architecture step also
+computes weight gradients and throws them away) and ``torch-float-frozen``
+(the same, with the weights' ``requires_grad`` off during the architecture
+step, as a careful torch user writes it). Timing: median, min and max over the
+measured steps after warm-up steps (compilation, allocator and page faults
+excluded).
 
-    python benchmarks/bench_search.py [--settings paper quick] [--modes ...] [--steps 3] [--warmup 1]
+Besides the main table the benchmark records (unless ``--no-extras``):
 
-Writes benchmarks/results/bench_search.json.
+* ``threads``: ours-float at 1 thread and at 2 threads for the quick and paper
+  settings, and the speed-up;
+* ``shared_machine``: the step with one competing CPU-bound process running
+  (a pure-Python busy loop started before the warm-up), against the quiet
+  step measured in the same process right before;
+* ``breakdown``: for the tiny setting, where one float step's time goes
+  (cProfile, grouped by module: Python graph building, Python module code,
+  Numba kernels including dispatch, NumPy element-wise work, allocation).
+
+    python benchmarks/bench_search.py --settings paper quick tiny \\
+        --modes ours-float ours-exact ours-mul8u_1446 torch-float torch-float-frozen --steps 3 --out FILE
 """
 from __future__ import annotations
 
@@ -18,6 +32,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -30,27 +45,76 @@ THREADS = 2
 SETTINGS = {
     "paper": dict(channels=16, layers=8, batch_size=64),  # DARTS search setting
     "quick": dict(channels=8, layers=5, batch_size=32),  # the CLI's quick default
+    "tiny": dict(channels=4, layers=5, batch_size=16),  # where per-step fixed costs show
 }
-MODES = ["ours-float", "ours-exact", "ours-mul8u_1446", "ours-mul8u_17KS", "torch-float"]
+MODES = ["ours-float", "ours-exact", "ours-mul8u_1446", "ours-mul8u_2P7", "ours-mul8u_17KS", "torch-float",
+         "torch-float-frozen"]
+_BUSY_LOOP = "while True:\n    pass\n"
 
 
-def _one(setting: str, mode: str, steps: int, warmup: int) -> dict:
-    """Run in a child process: time `steps` search steps after `warmup` ones."""
+def _batches(cfg: dict):
     import numpy as np
-
-    cfg = SETTINGS[setting]
     rng = np.random.default_rng(0)
     shape = (cfg["batch_size"], 3, 32, 32)
-    batches = [(rng.standard_normal(shape).astype(np.float32), rng.integers(0, 10, cfg["batch_size"]))
-               for _ in range(2)]
-    from approxdarts_np.nas.model_search import Network
+    return [(rng.standard_normal(shape).astype(np.float32), rng.integers(0, 10, cfg["batch_size"]))
+            for _ in range(2)]
+
+
+def _step_functions():
+    """The search's ``architecture_step`` and ``weight_step``.
+
+    While the run modules are being reworked and do not import, the same two steps are
+    written out here (the first-order procedure of approxdarts_np.runs.search).
+    """
+    try:
+        from approxdarts_np.runs.search import architecture_step, weight_step
+        return architecture_step, weight_step
+    except ImportError:
+        pass
+    import numpy as np
+    from approxdarts_np.autodiff import Tensor
+    from approxdarts_np.autodiff import functional as F
+    from approxdarts_np.nn import clip_grad_norm
+
+    def loss_and_grad(model, images, labels, frozen):
+        for p in frozen:
+            p.requires_grad = False
+        try:
+            loss = F.cross_entropy(model(Tensor(images)), labels)
+            loss.backward()
+        finally:
+            for p in frozen:
+                p.requires_grad = True
+        return loss.item()
+
+    def architecture_step(model, optimizer, images, labels):
+        optimizer.zero_grad()
+        loss = loss_and_grad(model, images, labels, model.weights())
+        optimizer.step()
+        return loss
+
+    def weight_step(model, optimizer, images, labels, grad_clip):
+        optimizer.zero_grad()
+        loss = loss_and_grad(model, images, labels, model.arch_parameters())
+        clip_grad_norm(model.weights(), grad_clip)
+        optimizer.step()
+        return loss
+    del np
+    return architecture_step, weight_step
+
+
+def _make_step(setting: str, mode: str, threads: int):
+    """Build the network and optimizers of (setting, mode); return the function doing one search step."""
+    cfg = SETTINGS[setting]
+    batches = _batches(cfg)
     from approxdarts_np.kernels.threads import configure_threads
-    configure_threads(THREADS)
+    from approxdarts_np.nas.model_search import Network
+    configure_threads(threads)
     impl, arith = mode.split("-", 1)
     if impl == "ours":
         from approxdarts_np.approx.convolution import arithmetic_from_spec
-        from approxdarts_np.runs.search import architecture_step, weight_step
         from approxdarts_np.nn import SGD, Adam
+        architecture_step, weight_step = _step_functions()
         net = Network(cfg["channels"], 10, cfg["layers"], seed=0,
                       multiplier=arithmetic_from_spec(None if arith == "float" else arith))
         a_opt = Adam(net.arch_parameters(), lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
@@ -59,31 +123,51 @@ def _one(setting: str, mode: str, steps: int, warmup: int) -> dict:
         def step():
             architecture_step(net, a_opt, *batches[0])
             weight_step(net, w_opt, *batches[1], grad_clip=5.0)
-    else:
-        import torch
-        import torch.nn.functional as TF
-        sys.path.insert(0, str(ROOT / "tests"))
-        from torch_reference import TorchMirror
-        torch.set_num_threads(THREADS)
-        net = Network(cfg["channels"], 10, cfg["layers"], seed=0)
-        mirror = TorchMirror(net)
-        arch = [mirror.p(p) for p in net.arch_parameters()]
-        weights = [mirror.p(p) for p in net.weights()]
-        a_opt = torch.optim.Adam(arch, lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
-        w_opt = torch.optim.SGD(weights, lr=0.025, momentum=0.9, weight_decay=3e-4)
-        tb = [(torch.tensor(x), torch.tensor(y)) for x, y in batches]
+        return step
+    if arith not in ("float", "float-frozen"):
+        raise SystemExit(f"unknown torch mode {mode!r}: torch-float or torch-float-frozen")
+    import torch
+    import torch.nn.functional as TF
+    sys.path.insert(0, str(ROOT / "tests"))
+    from torch_reference import TorchMirror
+    torch.set_num_threads(threads)
+    net = Network(cfg["channels"], 10, cfg["layers"], seed=0)
+    mirror = TorchMirror(net)
+    arch = [mirror.p(p) for p in net.arch_parameters()]
+    weights = [mirror.p(p) for p in net.weights()]
+    a_opt = torch.optim.Adam(arch, lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
+    w_opt = torch.optim.SGD(weights, lr=0.025, momentum=0.9, weight_decay=3e-4)
+    tb = [(torch.tensor(x), torch.tensor(y)) for x, y in batches]
+    frozen = arith == "float-frozen"
 
-        def step():
-            a_opt.zero_grad()
-            TF.cross_entropy(mirror.run(net, tb[0][0]), tb[0][1]).backward()
-            a_opt.step()
-            w_opt.zero_grad()
+    def step():
+        # architecture step
+        a_opt.zero_grad()
+        if frozen:
+            for t in weights:
+                t.requires_grad_(False)
+        TF.cross_entropy(mirror.run(net, tb[0][0]), tb[0][1]).backward()
+        if frozen:
+            for t in weights:
+                t.requires_grad_(True)
+        a_opt.step()
+        # weight step
+        w_opt.zero_grad()
+        for t in arch:
+            t.grad = None
+        if frozen:
             for t in arch:
-                t.grad = None
-            TF.cross_entropy(mirror.run(net, tb[1][0]), tb[1][1]).backward()
-            torch.nn.utils.clip_grad_norm_(weights, 5.0)
-            w_opt.step()
+                t.requires_grad_(False)
+        TF.cross_entropy(mirror.run(net, tb[1][0]), tb[1][1]).backward()
+        if frozen:
+            for t in arch:
+                t.requires_grad_(True)
+        torch.nn.utils.clip_grad_norm_(weights, 5.0)
+        w_opt.step()
+    return step
 
+
+def _time(step, steps: int, warmup: int) -> list[float]:
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -91,10 +175,96 @@ def _one(setting: str, mode: str, steps: int, warmup: int) -> dict:
         dt = time.perf_counter() - t0
         if i >= warmup:
             times.append(dt)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times.sort()
-    return {"setting": setting, "mode": mode, **cfg, "step_s_median": times[len(times) // 2],
-            "step_s_all": times, "peak_rss_gb": peak_kb / 1024 ** 2}
+    return times
+
+
+def _summary(times: list[float]) -> dict:
+    return {"step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
+            "step_s_all": times}
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def _one(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict:
+    """Child process: time ``steps`` search steps after ``warmup`` ones."""
+    load_before = os.getloadavg()
+    step = _make_step(setting, mode, threads)
+    times = _time(step, steps, warmup)
+    return {"setting": setting, "mode": mode, "threads": threads, **SETTINGS[setting], **_summary(times),
+            "repeats": steps, "warmup": warmup, "peak_rss_gb": _peak_rss_gb(),
+            "load_before": load_before, "load_after": os.getloadavg()}
+
+
+def _shared(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict:
+    """Child process: quiet steps, then the same steps with one CPU-bound competitor running."""
+    step = _make_step(setting, mode, threads)
+    quiet = _time(step, steps, warmup)
+    busy = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP])
+    try:
+        loaded = _time(step, steps, 1)
+    finally:
+        busy.kill()
+        busy.wait()
+    q, s = statistics.median(quiet), statistics.median(loaded)
+    return {"setting": setting, "mode": mode, "threads": threads, "competitors": 1,
+            "quiet": _summary(quiet), "shared": _summary(loaded), "ratio_shared_to_quiet": s / q}
+
+
+def _classify(filename: str, func: str) -> str:
+    """The bucket a profiled function's own time goes to."""
+    f = filename.replace("\\", "/")
+    if "approxdarts_np/kernels/" in f or "approxdarts_np/approx/" in f:
+        return "kernels (Numba compiled code, dispatch, argument checks)"
+    if "approxdarts_np/autodiff/tensor.py" in f:
+        return "autodiff engine (graph building, topological sort, gradient bookkeeping)"
+    if "approxdarts_np/autodiff/" in f:
+        return "op functions (Python around NumPy/kernels)"
+    if "approxdarts_np/nn/" in f or "approxdarts_np/nas/" in f or "approxdarts_np/runs/" in f:
+        return "modules, optimizers, step (Python)"
+    if "/numba/" in f:
+        return "Numba dispatcher (Python side)"
+    if "threadpoolctl" in f:
+        return "threadpoolctl"
+    alloc = ("zeros", "empty", "ones", "copy", "ascontiguousarray", "astype", "full", "zeros_like",
+             "empty_like", "ones_like", "concatenate")
+    if f == "~" and any(a in func for a in alloc):
+        return "allocation and copies (numpy.zeros/empty/copy/astype/concatenate)"
+    if f == "~" or "/numpy/" in f:
+        return "NumPy element-wise and reductions"
+    return "other Python"
+
+
+def _breakdown(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict:
+    """Child process: where a step's time goes (cProfile grouped by module), plus unprofiled time."""
+    import cProfile
+    import pstats
+    step = _make_step(setting, mode, threads)
+    quiet = _time(step, steps, warmup)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    profiled = (time.perf_counter() - t0) / steps
+    stats = pstats.Stats(prof).stats
+    buckets: dict[str, float] = {}
+    calls = 0
+    for (filename, _, func), (_, ncalls, tottime, _, _) in stats.items():
+        key = _classify(filename, func)
+        buckets[key] = buckets.get(key, 0.0) + tottime / steps
+        calls += ncalls
+    total = sum(buckets.values())
+    return {"setting": setting, "mode": mode, "threads": threads, "step_s_unprofiled": statistics.median(quiet),
+            "step_s_profiled": profiled, "python_calls_per_step": calls // steps,
+            "seconds_per_step": dict(sorted(buckets.items(), key=lambda kv: -kv[1])),
+            "share": {k: v / total for k, v in sorted(buckets.items(), key=lambda kv: -kv[1])},
+            "note": "cProfile own time per function, grouped by file; profiling inflates the Python "
+                    "buckets, so compare shares with step_s_unprofiled in mind. The time inside "
+                    "compiled Numba kernels is counted in the kernels bucket (their dispatch is C code "
+                    "called from the kernel wrappers)."}
 
 
 def _machine() -> dict:
@@ -108,46 +278,113 @@ def _machine() -> dict:
     except ImportError:
         info["torch"] = None
     info["cpu"] = cpu_model()
+    info["env"] = {k: os.environ.get(k) for k in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY",
+                                                  "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    try:
+        import approxdarts_np  # noqa: F401  (sets the threading defaults)
+        info["numba_threading_layer_default"] = os.environ.get("NUMBA_THREADING_LAYER")
+    except ImportError:
+        pass
     return info
+
+
+def _child(kind: str, setting: str, mode: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, setting, mode, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"setting": setting, "mode": mode, "kind": kind, "error": proc.stderr.strip().splitlines()[-5:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=MODES,
+                        help="ours-float, ours-exact, ours-<table name or path>, torch-float, torch-float-frozen")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--no-extras", action="store_true",
+                        help="only the main table (no thread scaling, shared-machine case or breakdown)")
+    parser.add_argument("--shared-modes", nargs="+", default=["ours-float", "ours-mul8u_1446"])
+    parser.add_argument("--note", default="", help="free text stored in the JSON")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_search.json")
     args = parser.parse_args()
+    for mode in args.modes:
+        if not (mode.startswith("ours-") or mode in ("torch-float", "torch-float-frozen")):
+            parser.error(f"unknown mode {mode!r}")
     if args.child:
-        print(json.dumps(_one(args.child[0], args.child[1], args.steps, args.warmup)))
+        kind, setting, mode = args.child
+        fn = {"step": _one, "shared": _shared, "breakdown": _breakdown}[kind]
+        print(json.dumps(fn(setting, mode, args.steps, args.warmup, args.threads)))
         return
-    results = []
+
+    out = {"benchmark": "search step (architecture + weight step, first order)", "machine": _machine(),
+           "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+           "timing": f"median (min, max) of {args.steps} steps after {args.warmup} warm-up step(s), "
+                     f"{args.threads} threads; each (setting, mode) in its own process; peak RSS per process",
+           "note": args.note, "load_start": os.getloadavg(), "results": [], "threads": [],
+           "shared_machine": [], "breakdown": []}
+
+    def save():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
     for setting in args.settings:
         for mode in args.modes:
-            proc = subprocess.run([sys.executable, __file__, "--child", setting, mode, "--steps", str(args.steps),
-                                   "--warmup", str(args.warmup)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{setting}/{mode} failed:\n{proc.stderr}")
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            results.append(row)
-            print(f"{setting:6s} {mode:18s} {row['step_s_median']:8.3f} s/step  peak {row['peak_rss_gb']:.2f} GB",
-                  flush=True)
-    for setting in args.settings:
-        rows = {r["mode"]: r for r in results if r["setting"] == setting}
-        base = rows.get("ours-float")
-        for r in rows.values():
-            if "torch-float" in rows:
-                r["ratio_to_torch_float"] = r["step_s_median"] / rows["torch-float"]["step_s_median"]
-            if base:
-                r["ratio_to_ours_float"] = r["step_s_median"] / base["step_s_median"]
-    out = {"benchmark": "search step (architecture + weight step, first order)", "machine": _machine(),
-           "timing": f"median of {args.steps} steps after {args.warmup} warm-up step(s); peak RSS per process",
-           "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+            row = _child("step", setting, mode, args)
+            out["results"].append(row)
+            if "error" in row:
+                print(f"{setting:6s} {mode:20s} FAILED {row['error']}", flush=True)
+            else:
+                print(f"{setting:6s} {mode:20s} {row['step_s_median']:8.3f} s/step "
+                      f"[{row['step_s_min']:.3f}, {row['step_s_max']:.3f}]  peak {row['peak_rss_gb']:.2f} GB  "
+                      f"load {row['load_before'][0]:.2f}->{row['load_after'][0]:.2f}", flush=True)
+            save()
+        _ratios(out["results"], setting)
+        save()
+    if not args.no_extras:
+        for setting in [s for s in ("quick", "paper") if s in args.settings]:
+            one = _child("step", setting, "ours-float", argparse.Namespace(**{**vars(args), "threads": 1}))
+            two = next((r for r in out["results"] if r["setting"] == setting and r["mode"] == "ours-float"
+                        and "error" not in r), None)
+            entry = {"setting": setting, "mode": "ours-float", "one_thread": one, "two_threads_s": None}
+            if two and "error" not in one:
+                entry["two_threads_s"] = two["step_s_median"]
+                entry["speedup_2_over_1"] = one["step_s_median"] / two["step_s_median"]
+                print(f"{setting:6s} threads 1: {one['step_s_median']:.3f} s, 2: {two['step_s_median']:.3f} s, "
+                      f"speed-up {entry['speedup_2_over_1']:.2f}x", flush=True)
+            out["threads"].append(entry)
+            save()
+        for setting in [s for s in ("tiny", "quick") if s in args.settings]:
+            for mode in args.shared_modes:
+                row = _child("shared", setting, mode, args)
+                out["shared_machine"].append(row)
+                if "error" not in row:
+                    print(f"{setting:6s} {mode:20s} shared/quiet {row['ratio_shared_to_quiet']:.2f} "
+                          f"({row['shared']['step_s_median']:.3f} / {row['quiet']['step_s_median']:.3f} s)",
+                          flush=True)
+                save()
+        if "tiny" in args.settings:
+            row = _child("breakdown", "tiny", "ours-float", args)
+            out["breakdown"].append(row)
+            save()
+    out["load_end"] = os.getloadavg()
+    save()
     print(f"wrote {args.out}")
+
+
+def _ratios(results: list[dict], setting: str) -> None:
+    rows = {r["mode"]: r for r in results if r["setting"] == setting and "error" not in r}
+    for r in rows.values():
+        for base in ("torch-float", "torch-float-frozen", "ours-float"):
+            if base in rows:
+                key = "ratio_to_" + base.replace("-", "_")
+                r[key] = r["step_s_median"] / rows[base]["step_s_median"]
+                if base.startswith("torch"):
+                    r["rss_ratio_to_" + base.replace("-", "_")] = r["peak_rss_gb"] / rows[base]["peak_rss_gb"]
 
 
 if __name__ == "__main__":

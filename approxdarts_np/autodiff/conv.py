@@ -50,13 +50,19 @@ class DepthwiseConv2d(Function):
 
 
 class MaxPool2d(Function):
+    """Max pooling; backward keeps the argmax (the max's index in its input plane) as uint16 when it fits."""
+
     def forward(self, x, kernel_size=3, stride=1, padding=1):
-        y, self.argmax = kpool.max_pool2d(x, kernel_size, stride, padding)
+        y, argmax = kpool.max_pool2d(x, kernel_size, stride, padding)
+        if self.needs_grad(0):
+            plane = x.shape[2] * x.shape[3]
+            self.argmax = argmax.astype(np.uint16) if plane <= 1 << 16 else argmax
         self.x_shape = x.shape
         return y
 
     def backward(self, g):
-        return kpool.max_pool2d_grad(np.ascontiguousarray(g), self.argmax, self.x_shape)
+        return kpool.max_pool2d_grad(np.ascontiguousarray(g), self.argmax.astype(np.int32, copy=False),
+                                     self.x_shape)
 
 
 class AvgPool2d(Function):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from approxdarts_np.autodiff.tensor import DTYPE, Function, Tensor, unbroadcast
+from approxdarts_np.autodiff.tensor import DTYPE, Function, Tensor, is_grad_enabled, unbroadcast
 
 # ------------------------------------------------------------------ arithmetic
 
@@ -78,8 +78,9 @@ class WeightedSum(Function):
         self.w = w
         self.xs = xs if self.needs_grad(0) else None
         out = np.multiply(xs[0], w[0], dtype=DTYPE)
+        term = np.empty_like(out)
         for wi, x in zip(w[1:], xs[1:]):
-            out += wi * x
+            out += np.multiply(x, wi, out=term)
         return out
 
     def backward(self, g):
@@ -94,13 +95,18 @@ class WeightedSum(Function):
 
 
 class ReLU(Function):
+    """max(a, 0); backward keeps only a bit mask of the positive entries (1/32 of the input)."""
+
     def forward(self, a):
-        out = np.maximum(a, 0)
-        self.mask = out > 0
+        out = np.maximum(a, DTYPE(0))
+        self.mask = np.packbits(out > 0, axis=None)
+        self.shape = a.shape
         return out
 
     def backward(self, g):
-        return g * self.mask
+        size = g.size
+        mask = np.unpackbits(self.mask, count=size).view(np.bool_).reshape(self.shape)
+        return np.multiply(g, mask, dtype=DTYPE)
 
 
 class Exp(Function):
@@ -293,7 +299,24 @@ def weighted_sum(weights, tensors) -> Tensor:
 
 
 def relu(a) -> Tensor:
-    return ReLU.apply(a)
+    """max(a, 0). The ReLU of an op's result is computed once and shared.
+
+    DARTS applies ReLU to the same cell state in every convolution of every edge
+    that reads it (4 per edge, up to 4 edges per state); those calls get the
+    same result Tensor, so the pass, the output and the saved mask exist once
+    and the gradients of all readers meet before one ReLU backward (the same
+    sum: masking is exact). Only results of ops are shared, never tensors a
+    caller made (their data may be changed in place).
+    """
+    shared = a._relu if isinstance(a, Tensor) else False
+    if shared is False:
+        return ReLU.apply(a)
+    record = a.requires_grad and is_grad_enabled()
+    if shared is not None and shared.requires_grad == record and not (record and shared._ctx.consumed):
+        return shared
+    out = ReLU.apply(a)
+    a._relu = out
+    return out
 
 
 def exp(a) -> Tensor:

@@ -54,7 +54,7 @@ def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 class Tensor:
     """A float32 array that can record the ops applied to it and back-propagate."""
 
-    __slots__ = ("data", "grad", "requires_grad", "_ctx", "name", "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "name", "_relu", "__weakref__")
     # Make ``ndarray op Tensor`` defer to Tensor's reflected operators.
     __array_ufunc__ = None
 
@@ -67,6 +67,8 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self._ctx: Function | None = None
         self.name = name
+        # ReLU of this tensor, when it is an op's result (see functional.relu); False: never shared.
+        self._relu: Tensor | None | bool = False
 
     # ------------------------------------------------------------ properties
     @property
@@ -107,8 +109,9 @@ class Tensor:
     def backward(self, grad: np.ndarray | None = None) -> None:
         """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
 
-        The graph is released as it is consumed: intermediate results keep no
-        gradient and functions drop their saved state.
+        The graph is released as it is consumed: each function drops its saved
+        state right after its backward ran, and an intermediate gradient is
+        dropped as soon as the function that consumes it has run.
         """
         if grad is None:
             if self.data.size != 1:
@@ -117,38 +120,39 @@ class Tensor:
         grad = np.asarray(grad, dtype=DTYPE)
         if grad.shape != self.shape:
             raise ValueError(f"gradient shape {grad.shape} != tensor shape {self.shape}")
-
-        order = _topological_order(self)
-        grads: dict[int, np.ndarray] = {id(self): grad}
-        for node in order:
+        root = _graph_node(self)
+        if root is self and not self.requires_grad:
+            return
+        grads: dict[int, np.ndarray] = {id(root): grad}
+        for node in _topological_order(root):
             g = grads.pop(id(node), None)
-            ctx = node._ctx
-            if ctx is None:
-                if node.requires_grad and g is not None:
+            if type(node) is Tensor or not isinstance(node, Function):  # a leaf Tensor
+                if g is not None:
                     node.grad = g.copy() if node.grad is None else node.grad + g
                 continue
-            node._ctx = None
             if g is None:
+                node.release()
                 continue
-            in_grads = ctx.backward(g)
+            in_grads = node.backward(g)
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
-            if len(in_grads) != len(ctx.parents):
-                raise RuntimeError(f"{type(ctx).__name__}.backward returned {len(in_grads)} "
-                                   f"gradients for {len(ctx.parents)} inputs")
-            for parent, pg in zip(ctx.parents, in_grads):
-                if pg is None or not parent.requires_grad:
+            inputs = node.inputs
+            if len(in_grads) != len(inputs):
+                raise RuntimeError(f"{type(node).__name__}.backward returned {len(in_grads)} "
+                                   f"gradients for {len(inputs)} inputs")
+            for i, (nxt, pg) in enumerate(zip(inputs, in_grads)):
+                if pg is None or nxt is None:
                     continue
-                if isinstance(pg, np.generic):  # numpy turns 0-d results into scalars
-                    pg = np.asarray(pg)
-                _check_grad(ctx, parent, pg)
-                key = id(parent)
-                if key in grads:
-                    grads[key] = grads[key] + pg
-                else:
-                    grads[key] = pg
-            ctx.parents = ()
-            ctx.release()
+                if type(pg) is not np.ndarray:
+                    pg = np.asarray(pg) if isinstance(pg, np.generic) else pg  # 0-d results
+                    if type(pg) is not np.ndarray:
+                        _grad_error(node, node.in_shapes[i], pg)
+                if pg.shape != node.in_shapes[i] or pg.dtype != DTYPE:
+                    _grad_error(node, node.in_shapes[i], pg)
+                key = id(nxt)
+                prev = grads.get(key)
+                grads[key] = pg if prev is None else prev + pg
+            node.release()
 
     # ------------------------------------------------------------- operators
     def __add__(self, other):
@@ -222,18 +226,26 @@ def as_tensor(value) -> Tensor:
     return value if isinstance(value, Tensor) else Tensor(value)
 
 
-def _check_grad(ctx: "Function", parent: Tensor, grad) -> None:
-    if not isinstance(grad, np.ndarray) or grad.shape != parent.shape or grad.dtype != DTYPE:
-        got = (grad.shape, grad.dtype) if isinstance(grad, np.ndarray) else type(grad).__name__
-        raise RuntimeError(f"{type(ctx).__name__}.backward returned a gradient {got} for an input "
-                           f"of shape {parent.shape} and dtype {DTYPE.__name__}")
+def _grad_error(ctx: "Function", shape: tuple[int, ...], grad) -> None:
+    got = (grad.shape, grad.dtype) if isinstance(grad, np.ndarray) else type(grad).__name__
+    raise RuntimeError(f"{type(ctx).__name__}.backward returned a gradient {got} for an input "
+                       f"of shape {shape} and dtype {DTYPE.__name__}")
 
 
-def _topological_order(root: Tensor) -> list[Tensor]:
-    """Nodes reachable from ``root``, each after every node that consumes it."""
-    order: list[Tensor] = []
+def _graph_node(t: Tensor):
+    """The node a gradient for ``t`` goes to: its producing function, or ``t`` itself.
+
+    A result whose graph a backward already consumed counts as a leaf again.
+    """
+    ctx = t._ctx
+    return t if ctx is None or ctx.consumed else ctx
+
+
+def _topological_order(root) -> list:
+    """Graph nodes reachable from ``root`` (a Function or a leaf Tensor), each before its inputs."""
+    order: list = []
     visited: set[int] = set()
-    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    stack: list = [(root, False)]
     while stack:
         node, expanded = stack.pop()
         if expanded:
@@ -243,10 +255,10 @@ def _topological_order(root: Tensor) -> list[Tensor]:
             continue
         visited.add(id(node))
         stack.append((node, True))
-        if node._ctx is not None:
-            for parent in node._ctx.parents:
-                if id(parent) not in visited and parent.requires_grad:
-                    stack.append((parent, False))
+        if isinstance(node, Function):
+            for nxt in node.inputs:
+                if nxt is not None and id(nxt) not in visited:
+                    stack.append((nxt, False))
     order.reverse()
     return order
 
@@ -257,9 +269,17 @@ class Function:
     Subclasses save what backward needs on ``self`` and return from ``backward``
     one gradient (float32 array of the input's shape, or None) per Tensor input,
     in the order the inputs were given to :meth:`apply`.
+
+    The graph links functions, not tensors: ``inputs`` holds, per input, the
+    function that produced it, the leaf Tensor itself, or None when no gradient
+    flows there. So an intermediate array lives only as long as a caller holds
+    its Tensor or a backward saved it, never because the graph does.
     """
 
-    parents: Sequence[Tensor] = ()
+    inputs: tuple = ()
+    needs: tuple = ()
+    in_shapes: tuple = ()
+    consumed = False  # set by release(): backward ran and the saved state is gone
 
     def forward(self, *arrays, **kwargs) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
@@ -268,32 +288,43 @@ class Function:
         raise NotImplementedError
 
     def release(self) -> None:
-        """Drop saved state once backward has run (frees memory early)."""
+        """Drop saved state and graph links once backward has run (frees memory early)."""
         self.__dict__.clear()
+        self.consumed = True
 
     def needs_grad(self, i: int) -> bool:
         """Whether the i-th Tensor input wants a gradient (skip work when it does not)."""
-        return self._record and self.parents[i].requires_grad
+        return self.needs[i]
 
     @classmethod
     def apply(cls, *inputs, **kwargs) -> Tensor:
         """Run forward on the inputs' arrays and record the op when a gradient may be needed."""
-        tensors = tuple(as_tensor(x) for x in inputs)
+        tensors = [x if type(x) is Tensor or isinstance(x, Tensor) else Tensor(x) for x in inputs]
         ctx = cls()
-        record = is_grad_enabled() and any(t.requires_grad for t in tensors)
-        ctx.parents = tensors
-        ctx._record = record
-        out = ctx.forward(*(t.data for t in tensors), **kwargs)
-        if isinstance(out, np.generic):  # numpy turns 0-d results into scalars
-            out = np.asarray(out)
-        if not isinstance(out, np.ndarray) or out.dtype != DTYPE:
-            raise RuntimeError(f"{cls.__name__}.forward must return a float32 ndarray, "
-                               f"got {getattr(out, 'dtype', type(out))}")
-        result = Tensor(out, requires_grad=record)
+        needs = tuple(t.requires_grad for t in tensors)
+        record = any(needs) and _GRAD_ENABLED.get()
+        ctx.needs = needs if record else (False,) * len(tensors)
+        out = ctx.forward(*[t.data for t in tensors], **kwargs)
+        if type(out) is not np.ndarray:
+            if isinstance(out, np.generic):  # numpy turns 0-d results into scalars
+                out = np.asarray(out)
+            if not isinstance(out, np.ndarray):
+                raise RuntimeError(f"{cls.__name__}.forward must return a float32 ndarray, got {type(out)}")
+        if out.dtype != DTYPE:
+            raise RuntimeError(f"{cls.__name__}.forward must return a float32 ndarray, got {out.dtype}")
+        result = Tensor.__new__(Tensor)
+        result.data = out
+        result.grad = None
+        result.name = None
+        result._relu = None
         if record:
+            ctx.inputs = tuple(_graph_node(t) if n else None for t, n in zip(tensors, needs))
+            ctx.in_shapes = tuple(t.data.shape for t in tensors)
+            result.requires_grad = True
             result._ctx = ctx
         else:
-            ctx.parents = ()
+            result.requires_grad = False
+            result._ctx = None
             ctx.release()
         return result
 

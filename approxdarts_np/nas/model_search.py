@@ -107,6 +107,9 @@ class Network(Module):
         self.alphas_reduce = Parameter(1e-3 * alpha_rng.standard_normal((NUM_EDGES, n_ops)))
         self.multiplier = None
         self.set_multiplier(multiplier)
+        # Both steps ask for the weights; the module tree is fixed once built, so walk it once.
+        arch = {id(p) for p in self.arch_parameters()}
+        self._weights = tuple(p for p in self.parameters() if id(p) not in arch)
 
     @staticmethod
     def reduction_indices(layers: int) -> tuple[int, int]:
@@ -121,8 +124,7 @@ class Network(Module):
         return [self.alphas_normal, self.alphas_reduce]
 
     def weights(self) -> list[Parameter]:
-        arch = {id(p) for p in self.arch_parameters()}
-        return [p for p in self.parameters() if id(p) not in arch]
+        return list(self._weights)
 
     def forward(self, x: Tensor) -> Tensor:
         s0 = s1 = self.stem(x)
