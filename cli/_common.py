@@ -1,4 +1,4 @@
-"""What every command shares: turning user errors into one line and exit code 2."""
+"""What every command shares: one-line user errors (exit 2), interrupts (exit 130), help from config defaults."""
 from __future__ import annotations
 
 import functools
@@ -6,8 +6,10 @@ from typing import Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from approxdarts_np.errors import UserError
+from approxdarts_np.runs.loop import RunInterrupted
 
 F = TypeVar("F", bound=Callable)
 
@@ -31,3 +33,37 @@ def user_errors(func: F) -> F:
             fail(str(exc))
 
     return wrapper  # type: ignore[return-value]
+
+
+def run_with_interrupts(run: Callable[[], dict], console: Console, resume_hint: str, folder) -> dict:
+    """Call ``run``; a stop on a signal prints where the run stands and exits 128 + signal (130 for Ctrl-C)."""
+    try:
+        return run()
+    except RunInterrupted as exc:
+        console.print(f"stopped at epoch {exc.epoch + 1}, step {exc.step}; checkpoint saved. "
+                      f"Continue with: {resume_hint}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(code=exc.exit_code) from None
+    except (KeyboardInterrupt, SystemError) as exc:
+        # A second Ctrl-C abandons the step in progress; Numba can wrap the interrupt in a SystemError.
+        if isinstance(exc, SystemError) and not isinstance(exc.__context__, KeyboardInterrupt):
+            raise
+        console.print(f"abandoned the step in progress; the last checkpoint in {folder} is kept. "
+                      f"Continue with: {resume_hint}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(code=130) from None
+
+
+_SAME = object()
+
+
+def default_help(text: str, quick, paper=_SAME) -> str:
+    """``text [quick Q, paper P]`` (or ``[Q]``), escaped so that the brackets survive rich markup."""
+    def show(v):
+        return "all" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+    if paper is _SAME or paper == quick:
+        return escape(f"{text} [{show(quick)}]")
+    return escape(f"{text} [quick {show(quick)}, paper {show(paper)}]")
+
+
+def given(**options) -> dict:
+    """The options the user typed (those not left at None)."""
+    return {k: v for k, v in options.items() if v is not None}

@@ -2,8 +2,10 @@
 import typer
 
 from approxdarts_np_cli import data, multipliers
+from approxdarts_np_cli.energy import energy
+from approxdarts_np_cli.evaluate import evaluate
 from approxdarts_np_cli.search import search
-from approxdarts_np_cli.train import energy, evaluate, train
+from approxdarts_np_cli.train import train
 
 app = typer.Typer(help="ApproxDARTS in NumPy/Numba: architecture search with approximate multipliers.",
                   no_args_is_help=True, add_completion=False)

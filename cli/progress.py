@@ -41,6 +41,9 @@ class EpochProgress:
             status = (f"epoch {event['epoch'] + 1}/{self.epochs} step {event['step']}/{self.steps_per_epoch} "
                       f"loss {event['train_loss']:.3f} acc {100 * event['train_acc']:.1f}%")
             self.bar.update(self.task, completed=done, status=status)
+        elif kind == "stopping":
+            self.bar.console.print("stopping after the current step to save a checkpoint "
+                                   "(Ctrl-C again abandons the step)", highlight=False)
         elif kind == "epoch":
             parts = [f"epoch {event['epoch']}/{self.epochs}"]
             for key, label in (("train_loss", "train loss"), ("train_acc", "train acc"),

@@ -12,7 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from approxdarts_np.errors import UserError
+from approxdarts_np.io.checkpoint import load_tree
 from approxdarts_np.nas.genotypes import Genotype
+from approxdarts_np.runs.loop import RunInterrupted
 from approxdarts_np.runs.search import SearchConfig, run_search
 from approxdarts_np_cli.main import app
 
@@ -74,7 +76,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference_run, tmp_path)
                           capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # epoch 1 finished, epoch 2 not
-    summary = run_search(SearchConfig(), resume=out)
+    summary = run_search(resume=out)
     for ours, ref in zip(_alphas(out), _alphas(ref_out)):
         np.testing.assert_array_equal(ours, ref)
     assert summary["genotype"] == ref_summary["genotype"]
@@ -82,19 +84,28 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference_run, tmp_path)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_is_bit_identical(reference_run, tmp_path):
+    """A real SIGINT mid-epoch: the loop stops at the next step boundary, saves, and resume matches."""
     ref_out, _ = reference_run
     out = tmp_path / "interrupted"
 
     def progress(event):
         if event["event"] == "step" and event["epoch"] == 0 and event["step"] == 2:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RunInterrupted) as info:
         run_search(_config(out), progress=progress)
-    assert not (out / "metrics.jsonl").exists()
-    run_search(SearchConfig(), resume=out)
+    assert (info.value.epoch, info.value.step, info.value.exit_code) == (0, 2, 130)
+    assert load_tree(out / "checkpoint.h5")["position"]["step"] == 2
+    assert (out / "metrics.jsonl").read_text() == ""
+    run_search(resume=out)
     for ours, ref in zip(_alphas(out), _alphas(ref_out)):
         np.testing.assert_array_equal(ours, ref)
+    assert _metrics_without_times(out) == _metrics_without_times(ref_out)
+
+
+def _metrics_without_times(out):
+    return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -155,7 +166,6 @@ def test_unwritable_output_dir_is_a_user_error(tmp_path):
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     import approxdarts_np.runs.search as search_module
     from approxdarts_np.errors import DivergedError
-    from approxdarts_np.io.checkpoint import load_tree
 
     out = tmp_path / "nan"
     real_step = search_module.weight_step
@@ -168,7 +178,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
         return real_step(model, optimizer, images, labels, grad_clip)
 
     monkeypatch.setattr(search_module, "weight_step", poisoned)
-    with pytest.raises(DivergedError, match="nan at epoch 2, step 1"):
+    with pytest.raises(DivergedError, match=r"train_loss nan\) at epoch 2, step 1; .* from the end of epoch 1 "):
         run_search(_config(out))
     tree = load_tree(out / "checkpoint.h5")
     assert tree["position"]["epoch"] == 1 and tree["position"]["step"] == 0

@@ -1,9 +1,27 @@
-"""What the search and training configs share: JSON round trip and the checks of common settings."""
+"""What the search and training configs share: JSON round trip with type checks, checks of common settings,
+and the settings a resumed run may change."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 
 from approxdarts_np.errors import UserError
+
+# Settings a resumed run may change, and why each is safe:
+#   epochs  -- extends (or shortens, down to the epochs done) a run; the cosine schedule follows the
+#              new total from the next step on, so an extended run is not bit-identical to one that
+#              was started with that many epochs;
+#   threads -- kernels are deterministic for a fixed thread count; a different count may change the
+#              last bits of later results (the run records the count it resumed with).
+RESUME_OVERRIDES = ("epochs", "threads")
+
+IMAGE_SIZE = 32
+
+
+def option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 class RunConfig:
@@ -13,21 +31,34 @@ class RunConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict):
-        """Rebuild a config saved by :meth:`to_dict` (the ``resolved`` facts of a run are skipped)."""
+    def from_dict(cls, d: dict, source: str = "config"):
+        """Rebuild a config saved by :meth:`to_dict` (the ``resolved`` facts of a run are skipped).
+
+        Every value is checked against the field's type, so a hand-edited or foreign ``config.json``
+        fails with one line naming the setting.
+        """
+        if not isinstance(d, dict):
+            raise UserError(f"{source} does not hold a run's settings (expected a JSON object)")
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
         d = {k: v for k, v in d.items() if k != "resolved"}
         unknown = set(d) - set(fields)
         if unknown:
-            raise UserError(f"config has unknown settings: {sorted(unknown)}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        try:
-            return cls(**d)
-        except TypeError as exc:
-            raise UserError(f"config is not valid: {exc}") from None
+            raise UserError(f"{source} has settings this {cls.__name__} does not know: {sorted(unknown)}")
+        values = {}
+        for name, value in d.items():
+            values[name] = _coerce(value, hints[name], f"{source}: setting {name!r}")
+        return cls(**values)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
 
     def validate_common(self) -> None:
         """UserError for impossible network, batch, thread and optimiser settings."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{option_name(f.name)} must be a finite number, got {value}")
         if self.layers < 3:
             raise UserError(f"--layers must be at least 3 (two reduction cells and a normal one), "
                             f"got {self.layers}")
@@ -39,9 +70,88 @@ class RunConfig:
             raise UserError(f"--batch-size must be positive, got {self.batch_size}")
         if self.max_train_images is not None and self.max_train_images < 2:
             raise UserError(f"--max-train-images must be at least 2, got {self.max_train_images}")
-        if self.threads is not None and self.threads <= 0:
-            raise UserError(f"--threads must be positive, got {self.threads}")
-        if not (self.lr > 0 and self.grad_clip > 0):
-            raise UserError("--lr and --grad-clip must be positive")
-        if self.lr_min < 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise UserError("--lr-min and --weight-decay must be >= 0 and --momentum in [0, 1)")
+        if self.threads is not None:
+            cores = available_cores()
+            if not 1 <= self.threads <= cores:
+                raise UserError(f"--threads must lie between 1 and the {cores} cores available, "
+                                f"got {self.threads}")
+        if self.seed < 0:
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not self.grad_clip > 0:
+            raise UserError(f"--grad-clip must be positive, got {self.grad_clip}")
+        if self.lr_min < 0 or self.lr_min > self.lr:
+            raise UserError(f"--lr-min must lie in [0, --lr], got {self.lr_min}")
+        if self.weight_decay < 0:
+            raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise UserError(f"--momentum must lie in [0, 1), got {self.momentum}")
+
+
+def available_cores() -> int:
+    """Threads the kernels can use: Numba's limit (the CPUs this process may run on, unless overridden)."""
+    import numba
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def apply_resume_overrides(saved, given: dict, folder) -> "RunConfig":
+    """The saved config with the settings given on ``--resume``; UserError for any that may not change.
+
+    ``given`` holds only what the user typed (None where they asked for "all"); a value equal to the
+    saved one is accepted.
+    """
+    refused = [k for k, v in given.items()
+               if k not in RESUME_OVERRIDES and _norm(v) != _norm(getattr(saved, k, None))]
+    if refused:
+        shown = ", ".join(f"{option_name(k)} (the run has {getattr(saved, k, None)!r})" for k in refused)
+        raise UserError(f"--resume {folder} continues a run with its saved settings; these cannot change: "
+                        f"{shown}. Only {', '.join(option_name(k) for k in RESUME_OVERRIDES)} can; start a "
+                        f"new run for other settings")
+    changes = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
+    return saved.replace(**changes) if changes else saved
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _coerce(value, hint, where: str):
+    """``value`` as the type ``hint`` (JSON gives lists for tuples, ints for whole floats); UserError otherwise."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except UserError:
+                pass
+        raise UserError(f"{where} has the wrong type: {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    elif origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+    elif origin is list or hint is list:
+        if isinstance(value, list):
+            return value
+    else:
+        return value
+    raise UserError(f"{where} has the wrong type: {value!r}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 
 from approxdarts_np.approx.convolution import arithmetic_from_spec
@@ -33,10 +34,27 @@ def network_energy(genotype: Genotype, channels: int, layers: int, multiplier: s
 
 
 def expand_multiplier_specs(spec: str) -> list[str]:
-    """``all`` → none, exact and every bundled table; otherwise a comma-separated list."""
+    """``all`` → none, exact and every bundled table; otherwise a comma-separated list (UserError if empty)."""
     if spec.strip().lower() == "all":
         return ["none", "exact"] + bundled_names()
-    return [s.strip() for s in spec.split(",") if s.strip()]
+    specs = [s.strip() for s in spec.split(",") if s.strip()]
+    if not specs:
+        raise UserError(f"--multiplier {spec!r} names no multiplier (give e.g. none,exact,mul8u_2P7 or all)")
+    return specs
+
+
+def check_output_path(path: str | Path, suffixes: tuple[str, ...]) -> None:
+    """UserError unless ``path`` has one of ``suffixes`` and its folder exists and is writable."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"{path}: the file name must end in {' or '.join(suffixes)}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {path}: the folder {folder} does not exist")
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write {path}: the folder {folder} is not writable")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, multipliers: list[str], data_dir: str | None = None,
@@ -49,6 +67,8 @@ def evaluate_checkpoint(checkpoint: str | Path, multipliers: list[str], data_dir
     ``progress(event)`` receives ``{"event": "multiplier", "name", "index", "total"}`` and
     ``{"event": "batch", "done", "total"}``.
     """
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
     model, config = load_trained_network(checkpoint)
     arithmetics = [(spec, arithmetic_from_spec(spec)) for spec in multipliers]  # UserError before work
     data = load_cifar10(data_dir if data_dir is not None else config.data_dir)
@@ -85,40 +105,3 @@ def rows_to_csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
-
-
-def plot_accuracy_energy(rows: list[dict], path: str | Path) -> None:
-    """PNG of test accuracy against arithmetic energy per inference, FP32 and exact 8-bit marked.
-
-    Needs matplotlib (``pip install approxdarts-np[plot]``); UserError when it is missing.
-    """
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("the plot needs matplotlib: pip install 'approxdarts-np[plot]' "
-                        "(or pip install matplotlib)") from None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        if row["energy_pj"] is None:
-            continue
-        name = row["multiplier"]
-        special = {"none": ("FP32", "tab:red", "s"), "exact": ("exact 8-bit", "tab:green", "D")}.get(name)
-        energy_uj = row["energy_pj"] / 1e6
-        if special:
-            ax.scatter(energy_uj, 100 * row["test_acc"], color=special[1], marker=special[2], s=60,
-                       label=special[0], zorder=3)
-        else:
-            ax.scatter(energy_uj, 100 * row["test_acc"], color="tab:blue", s=20, zorder=2)
-            ax.annotate(name.replace("mul8u_", ""), (energy_uj, 100 * row["test_acc"]), fontsize=6,
-                        xytext=(2, 2), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("arithmetic energy per inference (µJ, multiplications)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy against multiplier energy")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)

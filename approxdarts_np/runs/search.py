@@ -1,21 +1,21 @@
-"""First-order ApproxDARTS search: the bilevel loop, its outputs, checkpoints and resume.
+"""First-order ApproxDARTS search: the bilevel step, its state and its result files.
 
 Each step reads like the paper: an *architecture step* (α follows the gradient
 of the loss on an architecture-val batch at the current weights, Adam) then a
 *weight step* (w follows the gradient of the loss on a weight-train batch,
 SGD with momentum, cosine learning rate, gradient-norm clipping).
 
-Determinism: batch ``s`` of epoch ``e`` depends only on (seed, e, s) and every
-kernel is deterministic for a fixed thread count, so a run resumed from a
-checkpoint ends bit-identical to an uninterrupted one.
+The epochs, checkpoints, interrupts and resume are the run loop's
+(:mod:`approxdarts_np.runs.loop`). Determinism: batch ``s`` of epoch ``e``
+depends only on (seed, e, s) and every kernel is deterministic for a fixed
+thread count, so a run resumed from a checkpoint ends bit-identical to an
+uninterrupted one.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -23,16 +23,16 @@ from approxdarts_np.autodiff import Tensor
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.data.augment import AugmentConfig, BatchLoader
 from approxdarts_np.data.cifar import load_cifar10, search_split
-from approxdarts_np.errors import DivergedError, UserError
-from approxdarts_np.io.checkpoint import load_tree, save_tree, write_json, write_text
-from approxdarts_np.io.rundir import CHECKPOINT, CONFIG, RunClock, prepare_output_dir, refuse_existing_run, saved_config
-from approxdarts_np.runs.config import RunConfig
-from approxdarts_np.runs.evaluate import evaluate
+from approxdarts_np.errors import UserError
+from approxdarts_np.io.checkpoint import save_tree, write_text
+from approxdarts_np.io.rundir import refuse_existing_run, saved_config
 from approxdarts_np.nas.model_search import Network
 from approxdarts_np.nas.operations import PRIMITIVES
 from approxdarts_np.nn import SGD, Adam, clip_grad_norm, cosine_lr
-
-ProgressCallback = Callable[[dict], None]
+from approxdarts_np.runs.config import RunConfig, apply_resume_overrides
+from approxdarts_np.runs.evaluate import evaluate
+from approxdarts_np.runs.loop import ProgressCallback, RunLoop, StepResult
+from approxdarts_np.runs.memory import check_memory, search_memory_bytes
 
 
 @dataclass
@@ -76,22 +76,9 @@ class SearchConfig(RunConfig):
             raise UserError(f"--arch-lr must be positive, got {self.arch_lr}")
         if self.arch_weight_decay < 0:
             raise UserError(f"--arch-weight-decay must be >= 0, got {self.arch_weight_decay}")
-
-
-@dataclass
-class SearchState:
-    """Where a search stands: everything a checkpoint must hold besides the model and optimizers."""
-
-    epoch: int = 0  # the epoch in progress (or the next one when step == 0)
-    step: int = 0  # steps of that epoch already done
-    sums: dict = field(default_factory=lambda: _zero_sums())
-    metrics: list = field(default_factory=list)  # one dict per finished epoch
-    alpha_history: list = field(default_factory=list)  # (normal, reduce) α after each epoch
-
-
-def _zero_sums() -> dict:
-    return {"train_loss": 0.0, "train_correct": 0, "arch_loss": 0.0, "arch_correct": 0, "seen": 0,
-            "arch_seen": 0}
+        if not all(0 <= b < 1 for b in self.arch_betas):
+            raise UserError(f"the Adam betas of α must lie in [0, 1), got {self.arch_betas}")
+        check_memory(search_memory_bytes(self), "search")
 
 
 def architecture_step(model: Network, optimizer: Adam, images, labels) -> tuple[float, int]:
@@ -131,7 +118,9 @@ def _loss_and_grad(model: Network, images, labels, frozen) -> tuple[float, int]:
 
 
 class Searcher:
-    """Owns the data, the supernet and both optimizers of one search run."""
+    """The search as a run-loop task: data, supernet and both optimizers; one step = α step + w step."""
+
+    kind = "search"
 
     def __init__(self, config: SearchConfig, multiplier=None):
         config.validate()
@@ -157,159 +146,108 @@ class Searcher:
                                weight_decay=config.weight_decay)
         self.a_optimizer = Adam(self.model.arch_parameters(), lr=config.arch_lr, betas=config.arch_betas,
                                 weight_decay=config.arch_weight_decay)
-        self.state = SearchState()
-        self.clock = RunClock()
+        self.alpha_history: list = []  # (normal, reduce) α after each finished epoch
 
-    # ------------------------------------------------------------- the loop
-    def run(self, output_dir: Path, progress: ProgressCallback | None = None) -> dict:
-        """Search until the configured number of epochs; write results and checkpoints into ``output_dir``.
+    def parameter_count(self) -> int:
+        return sum(p.size for p in self.model.weights())
 
-        Ctrl-C (KeyboardInterrupt) saves a checkpoint at the last finished step
-        and re-raises.
-        """
-        progress = progress or (lambda event: None)
-        cfg, st = self.config, self.state
-        self.clock = RunClock(self.clock.before)
-        progress({"event": "start", "epochs": cfg.epochs, "steps_per_epoch": self.steps_per_epoch,
-                  "epoch": st.epoch, "step": st.step, "parameters": sum(p.size for p in self.model.weights())})
-        try:
-            while st.epoch < cfg.epochs:
-                lr = cosine_lr(cfg.lr, cfg.lr_min, st.epoch, cfg.epochs)
-                self.w_optimizer.lr = lr
-                self.model.train()
-                for step in range(st.step, self.steps_per_epoch):
-                    # architecture step on a val batch, then weight step on a train batch
-                    a_loss, a_correct = architecture_step(self.model, self.a_optimizer,
-                                                          *self.val_loader.batch(st.epoch, step))
-                    t_loss, t_correct = weight_step(self.model, self.w_optimizer,
-                                                    *self.train_loader.batch(st.epoch, step),
-                                                    grad_clip=cfg.grad_clip)
-                    if not (math.isfinite(a_loss) and math.isfinite(t_loss)):
-                        raise DivergedError(
-                            f"the loss became {a_loss if not math.isfinite(a_loss) else t_loss} at epoch "
-                            f"{st.epoch + 1}, step {step + 1}; the last good checkpoint is kept in {output_dir}")
-                    bs = cfg.batch_size
-                    s = st.sums
-                    s["train_loss"] += t_loss * bs
-                    s["train_correct"] += t_correct
-                    s["arch_loss"] += a_loss * bs
-                    s["arch_correct"] += a_correct
-                    s["seen"] += bs
-                    st.step = step + 1
-                    progress({"event": "step", "epoch": st.epoch, "step": st.step,
-                              "steps_per_epoch": self.steps_per_epoch, "train_loss": t_loss,
-                              "train_acc": t_correct / bs, "arch_loss": a_loss, "lr": lr,
-                              "elapsed": self.clock.seconds()})
-                self._finish_epoch(output_dir, lr, progress)
-        except KeyboardInterrupt:
-            self.save_checkpoint(output_dir)
-            raise
-        self.save_checkpoint(output_dir)
-        return self.summary()
+    # ------------------------------------------------------------- the task
+    def begin_epoch(self, epoch: int) -> dict:
+        cfg = self.config
+        self.w_optimizer.lr = cosine_lr(cfg.lr, cfg.lr_min, epoch, cfg.epochs)
+        self.model.train()
+        return {"lr": self.w_optimizer.lr}
 
-    def _finish_epoch(self, output_dir: Path, lr: float, progress: ProgressCallback) -> None:
-        st = self.state
-        elapsed = self.clock.seconds()
+    def step(self, epoch: int, step: int) -> StepResult:
+        # architecture step on an architecture-val batch, then weight step on a weight-train batch
+        a_loss, a_correct = architecture_step(self.model, self.a_optimizer, *self.val_loader.batch(epoch, step))
+        if not math.isfinite(a_loss):
+            return StepResult(losses={"arch_loss": a_loss}, sums={})
+        t_loss, t_correct = weight_step(self.model, self.w_optimizer, *self.train_loader.batch(epoch, step),
+                                        grad_clip=self.config.grad_clip)
+        bs = self.config.batch_size
+        return StepResult(
+            losses={"arch_loss": a_loss, "train_loss": t_loss},
+            sums={"train_loss": t_loss * bs, "train_correct": t_correct, "arch_loss": a_loss * bs,
+                  "arch_correct": a_correct, "seen": bs},
+            shown={"train_loss": t_loss, "train_acc": t_correct / bs, "arch_loss": a_loss})
+
+    def end_epoch(self, epoch: int, sums: dict, begun: dict) -> dict:
         val_loss, val_acc = self.evaluate_val()
-        s = st.sums
-        record = {"epoch": st.epoch + 1, "lr": lr,
-                  "train_loss": s["train_loss"] / s["seen"], "train_acc": s["train_correct"] / s["seen"],
-                  "arch_step_loss": s["arch_loss"] / s["seen"], "arch_step_acc": s["arch_correct"] / s["seen"],
-                  "val_loss": val_loss, "val_acc": val_acc, "elapsed_s": elapsed,
-                  "genotype": self.model.genotype().to_darts_string()}
-        st.metrics.append(record)
-        st.alpha_history.append([self.model.alphas_normal.data.copy(), self.model.alphas_reduce.data.copy()])
-        st.epoch += 1
-        st.step = 0
-        st.sums = _zero_sums()
-        self.write_results(output_dir)
-        self.save_checkpoint(output_dir)
-        progress({"event": "epoch", **record})
+        self.alpha_history.append([self.model.alphas_normal.data.copy(), self.model.alphas_reduce.data.copy()])
+        seen = sums["seen"]
+        return {"train_loss": sums["train_loss"] / seen, "train_acc": sums["train_correct"] / seen,
+                "arch_step_loss": sums["arch_loss"] / seen, "arch_step_acc": sums["arch_correct"] / seen,
+                "val_loss": val_loss, "val_acc": val_acc, "genotype": self.model.genotype().to_darts_string()}
 
     def evaluate_val(self) -> tuple[float, float]:
         """Loss and accuracy on the whole architecture-val half, eval mode (running BN statistics)."""
         v = self.val_loader
         return evaluate(self.model, v.x, v.y, self.config.batch_size, indices=v.indices)
 
-    # ------------------------------------------------------------- files
-    def write_results(self, output_dir: Path) -> None:
-        """metrics.jsonl, alpha.h5, genotype.json and genotype.txt for the epochs done so far."""
-        st = self.state
-        write_text(output_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in st.metrics))
-        genotype = self.model.genotype()
-        write_text(output_dir / "genotype.json", genotype.to_json() + "\n")
-        write_text(output_dir / "genotype.txt", genotype.to_darts_string() + "\n")
-        history = np.array(st.alpha_history, dtype=np.float32)  # (epochs, 2, 14, 8)
-        save_tree(output_dir / "alpha.h5", {
-            "primitives": list(PRIMITIVES),
-            "alphas_normal": self.model.alphas_normal.data,
-            "alphas_reduce": self.model.alphas_reduce.data,
-            "alphas_normal_history": history[:, 0] if len(history) else np.zeros((0, 14, 8), np.float32),
-            "alphas_reduce_history": history[:, 1] if len(history) else np.zeros((0, 14, 8), np.float32),
-        })
+    # ------------------------------------------------------------- state and files
+    def state_tree(self) -> dict:
+        return {"alpha_history": np.array(self.alpha_history, dtype=np.float32).reshape(-1, 2, 14, len(PRIMITIVES)),
+                "model": self.model.state_dict(),
+                "w_optimizer": self.w_optimizer.state_dict(),
+                "a_optimizer": self.a_optimizer.state_dict()}
 
-    def save_checkpoint(self, output_dir: Path) -> None:
-        st = self.state
-        save_tree(output_dir / CHECKPOINT, {
-            "format": "approxdarts-np search checkpoint v1",
-            "config": json.dumps(self.config.to_dict()),
-            "position": {"epoch": st.epoch, "step": st.step, "elapsed": self.clock.seconds()},
-            "sums": st.sums,
-            "metrics": json.dumps(st.metrics),
-            "alpha_history": np.array(st.alpha_history, dtype=np.float32).reshape(-1, 2, 14, len(PRIMITIVES)),
-            "model": self.model.state_dict(),
-            "w_optimizer": self.w_optimizer.state_dict(),
-            "a_optimizer": self.a_optimizer.state_dict(),
-        })
-
-    def load_checkpoint(self, path: Path) -> None:
-        tree = load_tree(path)
-        if tree.get("format") != "approxdarts-np search checkpoint v1":
-            raise UserError(f"{path} is not a search checkpoint of this version")
+    def load_state_tree(self, tree: dict) -> None:
         self.model.load_state_dict(tree["model"])
         self.w_optimizer.load_state_dict(tree["w_optimizer"])
         self.a_optimizer.load_state_dict(tree["a_optimizer"])
-        pos = tree["position"]
-        self.state = SearchState(epoch=int(pos["epoch"]), step=int(pos["step"]),
-                                 sums=dict(tree["sums"]), metrics=json.loads(tree["metrics"]),
-                                 alpha_history=[list(a) for a in tree["alpha_history"]])
-        self.clock = RunClock(float(pos["elapsed"]))
+        self.alpha_history = [list(a) for a in np.asarray(tree["alpha_history"])]
 
-    def summary(self) -> dict:
-        last = self.state.metrics[-1] if self.state.metrics else {}
+    def write_results(self, folder: Path) -> None:
+        """alpha.h5, genotype.json and genotype.txt for the epochs done so far."""
         genotype = self.model.genotype()
-        return {"epochs": self.state.epoch, "val_acc": last.get("val_acc"), "val_loss": last.get("val_loss"),
-                "train_acc": last.get("train_acc"), "elapsed_s": self.clock.seconds(),
-                "genotype": genotype.to_dict(), "genotype_string": genotype.to_darts_string()}
+        write_text(folder / "genotype.json", genotype.to_json() + "\n")
+        write_text(folder / "genotype.txt", genotype.to_darts_string() + "\n")
+        history = np.array(self.alpha_history, dtype=np.float32).reshape(-1, 2, 14, len(PRIMITIVES))
+        save_tree(folder / "alpha.h5", {
+            "primitives": list(PRIMITIVES),
+            "alphas_normal": self.model.alphas_normal.data,
+            "alphas_reduce": self.model.alphas_reduce.data,
+            "alphas_normal_history": history[:, 0],
+            "alphas_reduce_history": history[:, 1],
+        })
+
+    def summary(self, metrics: list) -> dict:
+        last = metrics[-1] if metrics else {}
+        genotype = self.model.genotype()
+        return {"val_acc": last.get("val_acc"), "val_loss": last.get("val_loss"),
+                "train_acc": last.get("train_acc"), "genotype": genotype.to_dict(),
+                "genotype_string": genotype.to_darts_string()}
 
 
-def run_search(config: SearchConfig, resume: str | Path | None = None,
-               progress: ProgressCallback | None = None) -> dict:
+def run_search(config: SearchConfig | None = None, resume: str | Path | None = None,
+               progress: ProgressCallback | None = None, overrides: dict | None = None) -> dict:
     """Run (or resume) a search and return its summary; everything is written under the output folder.
 
-    With ``resume`` the folder's saved config is used and ``config`` is ignored.
-    Bad input raises UserError before anything is written.
+    With ``resume`` the folder's saved config is used (``config`` is ignored)
+    and ``overrides`` may change the settings listed in
+    :data:`~approxdarts_np.runs.config.RESUME_OVERRIDES`; any other setting in
+    it that differs from the saved one is refused. Bad input raises UserError
+    before anything is written; a stop on Ctrl-C raises
+    :class:`~approxdarts_np.runs.loop.RunInterrupted` after saving.
     """
     from approxdarts_np.approx.convolution import arithmetic_from_spec
     from approxdarts_np.kernels.threads import configure_threads
 
     if resume is not None:
         output_dir = Path(resume)
-        config = SearchConfig.from_dict(saved_config(output_dir))
+        saved = SearchConfig.from_dict(saved_config(output_dir), source=str(output_dir / "config.json"))
+        config = apply_resume_overrides(saved.replace(output_dir=str(output_dir)), overrides or {}, output_dir)
     else:
         output_dir = Path(config.output_dir)
         refuse_existing_run(output_dir)
     config.validate()
-    threads = configure_threads(config.threads)
     arithmetic = arithmetic_from_spec(config.multiplier)
     searcher = Searcher(config, multiplier=arithmetic)
-    prepare_output_dir(output_dir)
+    threads = configure_threads(config.threads)
+    resolved = {"threads": threads, "multiplier": arithmetic.name if arithmetic else "none",
+                "steps_per_epoch": searcher.steps_per_epoch}
+    loop = RunLoop(searcher, output_dir, progress)
     if resume is not None:
-        searcher.load_checkpoint(output_dir / CHECKPOINT)
-    else:
-        resolved = config.to_dict() | {"resolved": {
-            "threads": threads, "multiplier": arithmetic.name if arithmetic else "none",
-            "steps_per_epoch": searcher.steps_per_epoch}}
-        write_json(output_dir / CONFIG, resolved)
-    return searcher.run(output_dir, progress)
-
+        return loop.resume(resolved)
+    return loop.start(resolved)

@@ -1,7 +1,8 @@
 """Training the evaluation network of a genotype: SGD with cosine rate, cutout, auxiliary loss, drop-path.
 
 Optionally with a multiplier in the searched convolutions (quantisation-aware
-training through the straight-through estimator). Same files, checkpoints and
+training through the straight-through estimator). The run loop
+(:mod:`approxdarts_np.runs.loop`) gives it the same files, checkpoints and
 exact resume as the search: batch ``s`` of epoch ``e`` and its drop-path masks
 depend only on (seed, e, s).
 """
@@ -11,7 +12,6 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -19,17 +19,16 @@ from approxdarts_np.autodiff import Tensor
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.data.augment import AugmentConfig, BatchLoader
 from approxdarts_np.data.cifar import load_cifar10
-from approxdarts_np.errors import DivergedError, UserError
-from approxdarts_np.io.checkpoint import load_tree, save_tree, write_json, write_text
-from approxdarts_np.io.rundir import CHECKPOINT, CONFIG, RunClock, prepare_output_dir, refuse_existing_run, saved_config
-from approxdarts_np.runs.config import RunConfig
-from approxdarts_np.runs.evaluate import evaluate
+from approxdarts_np.errors import UserError
+from approxdarts_np.io.rundir import CHECKPOINT, refuse_existing_run, saved_config
 from approxdarts_np.nas.genotypes import Genotype
 from approxdarts_np.nas.model_eval import NetworkCIFAR
 from approxdarts_np.nn import SGD, clip_grad_norm, cosine_lr
+from approxdarts_np.runs.config import IMAGE_SIZE, RunConfig, apply_resume_overrides
+from approxdarts_np.runs.evaluate import evaluate
+from approxdarts_np.runs.loop import ProgressCallback, RunLoop, StepResult, read_run_checkpoint
+from approxdarts_np.runs.memory import check_memory, train_memory_bytes
 
-ProgressCallback = Callable[[dict], None]
-FORMAT = "approxdarts-np train checkpoint v1"
 _DROP_PATH_STREAM = 3
 
 
@@ -73,8 +72,12 @@ class TrainConfig(RunConfig):
         Genotype.from_dict(self.genotype)
         if not 0 <= self.drop_path < 1:
             raise UserError(f"--drop-path must lie in [0, 1), got {self.drop_path}")
-        if self.auxiliary_weight < 0 or self.cutout < 0:
-            raise UserError("--auxiliary-weight and --cutout must be >= 0")
+        if self.auxiliary_weight < 0:
+            raise UserError(f"--auxiliary-weight must be >= 0, got {self.auxiliary_weight}")
+        if not 0 <= self.cutout <= IMAGE_SIZE:
+            raise UserError(f"--cutout must lie in [0, {IMAGE_SIZE}] (the images are {IMAGE_SIZE}×{IMAGE_SIZE}), "
+                            f"got {self.cutout}")
+        check_memory(train_memory_bytes(self), "training")
 
 
 def build_network(config: TrainConfig, multiplier=None) -> NetworkCIFAR:
@@ -83,7 +86,9 @@ def build_network(config: TrainConfig, multiplier=None) -> NetworkCIFAR:
 
 
 class Trainer:
-    """Owns the data, the network and the optimizer of one training run."""
+    """The training as a run-loop task: data, network and optimizer; one step = one SGD step."""
+
+    kind = "train"
 
     def __init__(self, config: TrainConfig, multiplier=None):
         config.validate()
@@ -97,17 +102,36 @@ class Trainer:
         augment = AugmentConfig(crop_padding=4, flip=True, cutout_length=config.cutout)
         self.train_loader = BatchLoader(data.train_x, data.train_y, config.batch_size, seed=config.seed,
                                         indices=np.arange(n_train), augment=augment, drop_last=True)
+        self.steps_per_epoch = len(self.train_loader)
         self.test_x, self.test_y = data.test_x, data.test_y
         self.model = build_network(config, multiplier)
         self.optimizer = SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                              weight_decay=config.weight_decay)
-        self.epoch, self.step = 0, 0
-        self.sums = {"loss": 0.0, "correct": 0, "seen": 0}
-        self.metrics: list[dict] = []
-        self.clock = RunClock()
+
+    def parameter_count(self) -> int:
+        return sum(p.size for p in self.model.parameters())
+
+    # ------------------------------------------------------------- the task
+    def begin_epoch(self, epoch: int) -> dict:
+        cfg = self.config
+        self.optimizer.lr = cosine_lr(cfg.lr, cfg.lr_min, epoch, cfg.epochs)
+        self.model.drop_path_prob = cfg.drop_path * epoch / cfg.epochs
+        self.model.train()
+        return {"lr": self.optimizer.lr, "drop_path_prob": self.model.drop_path_prob}
+
+    def step(self, epoch: int, step: int) -> StepResult:
+        images, labels = self.train_loader.batch(epoch, step)
+        loss, correct = self.train_step(images, labels, epoch, step)
+        n = len(labels)
+        return StepResult(losses={"train_loss": loss},
+                          sums={"loss": loss * n, "correct": correct, "seen": n},
+                          shown={"train_loss": loss, "train_acc": correct / n})
 
     def train_step(self, images, labels, epoch: int, step: int) -> tuple[float, int]:
-        """One SGD step on a batch: main loss plus the weighted auxiliary loss, clipped gradients."""
+        """One SGD step on a batch: main loss plus the weighted auxiliary loss, clipped gradients.
+
+        A non-finite loss leaves the weights untouched (the run loop then stops).
+        """
         cfg = self.config
         self.optimizer.zero_grad()
         rng = np.random.default_rng([cfg.seed, epoch, step, _DROP_PATH_STREAM])
@@ -116,126 +140,79 @@ class Trainer:
         if aux is not None:
             loss = loss + cfg.auxiliary_weight * F.cross_entropy(aux, labels)
         value = loss.item()
-        if not math.isfinite(value):
-            raise DivergedError(f"the loss became {value} at epoch {epoch + 1}, step {step + 1}; "
-                                f"the last good checkpoint is kept")
-        loss.backward()
-        clip_grad_norm(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        if math.isfinite(value):
+            loss.backward()
+            clip_grad_norm(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
         return value, int((logits.data.argmax(axis=1) == labels).sum())
 
-    def run(self, output_dir: Path, progress: ProgressCallback | None = None) -> dict:
-        """Train to the configured number of epochs, evaluating on the test set after each one."""
-        progress = progress or (lambda event: None)
-        cfg = self.config
-        steps = len(self.train_loader)
-        self.clock = RunClock(self.clock.before)
-        progress({"event": "start", "epochs": cfg.epochs, "steps_per_epoch": steps, "epoch": self.epoch,
-                  "step": self.step, "parameters": sum(p.size for p in self.model.parameters())})
-        try:
-            while self.epoch < cfg.epochs:
-                lr = cosine_lr(cfg.lr, cfg.lr_min, self.epoch, cfg.epochs)
-                self.optimizer.lr = lr
-                self.model.drop_path_prob = cfg.drop_path * self.epoch / cfg.epochs
-                self.model.train()
-                for step in range(self.step, steps):
-                    images, labels = self.train_loader.batch(self.epoch, step)
-                    loss, correct = self.train_step(images, labels, self.epoch, step)
-                    self.sums["loss"] += loss * len(labels)
-                    self.sums["correct"] += correct
-                    self.sums["seen"] += len(labels)
-                    self.step = step + 1
-                    progress({"event": "step", "epoch": self.epoch, "step": self.step, "steps_per_epoch": steps,
-                              "train_loss": loss, "train_acc": correct / len(labels), "lr": lr,
-                              "elapsed": self.clock.seconds()})
-                test_loss, test_acc = evaluate(self.model, self.test_x, self.test_y, cfg.batch_size)
-                s = self.sums
-                record = {"epoch": self.epoch + 1, "lr": lr, "drop_path_prob": self.model.drop_path_prob,
-                          "train_loss": s["loss"] / s["seen"], "train_acc": s["correct"] / s["seen"],
-                          "test_loss": test_loss, "test_acc": test_acc, "elapsed_s": self.clock.seconds()}
-                self.metrics.append(record)
-                self.epoch, self.step = self.epoch + 1, 0
-                self.sums = {"loss": 0.0, "correct": 0, "seen": 0}
-                write_text(output_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
-                self.save_checkpoint(output_dir / CHECKPOINT)
-                progress({"event": "epoch", **record})
-        except KeyboardInterrupt:
-            self.save_checkpoint(output_dir / CHECKPOINT)
-            raise
-        self.save_checkpoint(output_dir / CHECKPOINT)
-        last = self.metrics[-1]
-        return {"epochs": self.epoch, "test_acc": last["test_acc"], "test_loss": last["test_loss"],
-                "train_acc": last["train_acc"], "elapsed_s": self.clock.seconds(),
-                "checkpoint": str(output_dir / CHECKPOINT)}
+    def end_epoch(self, epoch: int, sums: dict, begun: dict) -> dict:
+        test_loss, test_acc = evaluate(self.model, self.test_x, self.test_y, self.config.batch_size)
+        return {"train_loss": sums["loss"] / sums["seen"], "train_acc": sums["correct"] / sums["seen"],
+                "test_loss": test_loss, "test_acc": test_acc}
 
-    def save_checkpoint(self, path: Path) -> None:
-        save_tree(path, {
-            "format": FORMAT,
-            "config": json.dumps(self.config.to_dict()),
-            "position": {"epoch": self.epoch, "step": self.step, "elapsed": self.clock.seconds()},
-            "sums": self.sums,
-            "metrics": json.dumps(self.metrics),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-        })
+    # ------------------------------------------------------------- state and files
+    def state_tree(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load_checkpoint(self, path: Path) -> None:
-        tree = read_checkpoint(path)
+    def load_state_tree(self, tree: dict) -> None:
         self.model.load_state_dict(tree["model"])
         self.optimizer.load_state_dict(tree["optimizer"])
-        pos = tree["position"]
-        self.epoch, self.step = int(pos["epoch"]), int(pos["step"])
-        self.sums = dict(tree["sums"])
-        self.metrics = json.loads(tree["metrics"])
-        self.clock = RunClock(float(pos["elapsed"]))
+
+    def write_results(self, folder: Path) -> None:
+        """Training has no result files besides metrics and the checkpoint."""
+
+    def summary(self, metrics: list) -> dict:
+        last = metrics[-1] if metrics else {}
+        return {"test_acc": last.get("test_acc"), "test_loss": last.get("test_loss"),
+                "train_acc": last.get("train_acc"), "checkpoint": str(Path(self.config.output_dir) / CHECKPOINT)}
 
 
 def read_checkpoint(path: str | Path) -> dict:
     """The tree of a training checkpoint; UserError when ``path`` is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        tree = load_tree(path)
-    except OSError as exc:
-        raise UserError(f"{path} is not a readable HDF5 checkpoint: {exc}") from None
-    if tree.get("format") != FORMAT:
-        raise UserError(f"{path} is not a training checkpoint of this version")
-    return tree
+    return read_run_checkpoint(Path(path), Trainer.kind)
 
 
 def load_trained_network(path: str | Path) -> tuple[NetworkCIFAR, TrainConfig]:
     """The network saved in a training checkpoint, with its config (float arithmetic, eval mode)."""
     tree = read_checkpoint(path)
-    config = TrainConfig.from_dict(json.loads(tree["config"]))
+    try:
+        config = TrainConfig.from_dict(json.loads(tree["config"]), source=f"{path} (config)")
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise UserError(f"{path} is damaged: its config is not JSON ({exc})") from None
     model = build_network(config)
-    model.load_state_dict(tree["model"])
+    try:
+        model.load_state_dict(tree["model"])
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"{path} is damaged: {exc}") from None
     model.eval()
     return model, config
 
 
-def run_train(config: TrainConfig, resume: str | Path | None = None,
-              progress: ProgressCallback | None = None) -> dict:
-    """Run (or resume) a training run and return its summary. Bad input raises UserError before writing."""
+def run_train(config: TrainConfig | None = None, resume: str | Path | None = None,
+              progress: ProgressCallback | None = None, overrides: dict | None = None) -> dict:
+    """Run (or resume) a training run and return its summary. Bad input raises UserError before writing.
+
+    ``resume`` and ``overrides`` as in :func:`~approxdarts_np.runs.search.run_search`.
+    """
     from approxdarts_np.approx.convolution import arithmetic_from_spec
     from approxdarts_np.kernels.threads import configure_threads
 
     if resume is not None:
         output_dir = Path(resume)
-        config = TrainConfig.from_dict(saved_config(output_dir))
+        saved = TrainConfig.from_dict(saved_config(output_dir), source=str(output_dir / "config.json"))
+        config = apply_resume_overrides(saved.replace(output_dir=str(output_dir)), overrides or {}, output_dir)
     else:
         output_dir = Path(config.output_dir)
         refuse_existing_run(output_dir)
     config.validate()
-    threads = configure_threads(config.threads)
     arithmetic = arithmetic_from_spec(config.multiplier)
     trainer = Trainer(config, multiplier=arithmetic)
-    prepare_output_dir(output_dir)
+    threads = configure_threads(config.threads)
+    resolved = {"threads": threads, "multiplier": arithmetic.name if arithmetic else "none",
+                "genotype_string": Genotype.from_dict(config.genotype).to_darts_string(),
+                "parameters": trainer.parameter_count()}
+    loop = RunLoop(trainer, output_dir, progress)
     if resume is not None:
-        trainer.load_checkpoint(output_dir / CHECKPOINT)
-    else:
-        write_json(output_dir / CONFIG, config.to_dict() | {"resolved": {
-            "threads": threads, "multiplier": arithmetic.name if arithmetic else "none",
-            "genotype_string": Genotype.from_dict(config.genotype).to_darts_string(),
-            "parameters": sum(p.size for p in trainer.model.parameters())}})
-    return trainer.run(output_dir, progress)
+        return loop.resume(resolved)
+    return loop.start(resolved)

@@ -1,0 +1,62 @@
+"""`approxdarts-np energy`: arithmetic energy of one inference, per layer and in total."""
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from approxdarts_np.approx.energy import EnergyTable
+from approxdarts_np.nas.genotypes import read_genotype
+from approxdarts_np.runs.report import network_energy
+from approxdarts_np_cli._common import user_errors
+
+
+@user_errors
+def energy(
+    genotype: str = typer.Option(..., help="genotype.json, a .txt with the DARTS string, or DARTS_V2."),
+    multiplier: str = typer.Option("exact", help="Multiplier of the searched convolutions (name or path)."),
+    channels: int = typer.Option(36, help="Initial channels."),
+    layers: int = typer.Option(20, help="Cells."),
+    fp32_mul_pj: float = typer.Option(3.7, help="Energy of an FP32 multiply (pJ)."),
+    int8_mul_pj: float = typer.Option(0.2, help="Energy of an exact 8-bit multiply (pJ)."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="Print every layer's MACs and multiplier."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Arithmetic energy of one inference: FP32, exact 8-bit and the chosen multiplier, per layer and total."""
+    table = EnergyTable(fp32_mul_pj=fp32_mul_pj, int8_mul_pj=int8_mul_pj)
+    geno = read_genotype(genotype)
+    report, params = network_energy(geno, channels, layers, multiplier, table)
+    data = {"genotype": geno.to_darts_string(), "channels": channels, "layers": layers,
+            "parameters": params, **report.to_dict(),
+            "energy_ratio_exact8_to_fp32": report.energy_exact8_pj / report.energy_fp32_pj,
+            "summary": report.summary()}
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    console = Console()
+    if per_layer:
+        t = Table(title="layers")
+        for col in ("layer", "kind", "MACs", "multiplier"):
+            t.add_column(col, justify="right" if col == "MACs" else "left")
+        for row in report.layers:
+            t.add_row(row.name, row.kind, f"{row.macs:,}", row.multiplier or "FP32")
+        console.print(t)
+    console.print(f"network: {layers} cells, {channels} channels, {params:,} parameters (without auxiliary head)",
+                  highlight=False)
+    console.print(f"MACs per image: {report.macs:,} ({report.macs_quantised:,} in the 8-bit searched "
+                  f"convolutions, {100 * report.macs_quantised / report.macs:.1f} %)", highlight=False)
+    t = Table(title="multiplication energy per image")
+    t.add_column("arithmetic")
+    t.add_column("energy (µJ)", justify="right")
+    t.add_row("FP32", f"{report.energy_fp32_pj / 1e6:.3f}")
+    t.add_row("exact 8-bit in searched convs", f"{report.energy_exact8_pj / 1e6:.3f}")
+    name = next(iter(report.multipliers), "exact")
+    t.add_row(f"{name} in searched convs", f"{report.energy_approx_pj / 1e6:.3f}")
+    console.print(t)
+    console.print(f"savings: {report.summary()}  (exact 8-bit / FP32 = "
+                  f"{report.energy_exact8_pj / report.energy_fp32_pj:.3f})", highlight=False)
+    console.print("energy per operation:", highlight=False)
+    for line in table.sources():
+        console.print(f"  {line}", highlight=False, markup=False)
