@@ -299,10 +299,10 @@ class Function:
     @classmethod
     def apply(cls, *inputs, **kwargs) -> Tensor:
         """Run forward on the inputs' arrays and record the op when a gradient may be needed."""
-        tensors = [x if type(x) is Tensor or isinstance(x, Tensor) else Tensor(x) for x in inputs]
+        tensors = [x if isinstance(x, Tensor) else Tensor(x) for x in inputs]
         ctx = cls()
-        needs = tuple(t.requires_grad for t in tensors)
-        record = any(needs) and _GRAD_ENABLED.get()
+        needs = tuple([t.requires_grad for t in tensors])
+        record = True in needs and _GRAD_ENABLED.get()
         ctx.needs = needs if record else (False,) * len(tensors)
         out = ctx.forward(*[t.data for t in tensors], **kwargs)
         if type(out) is not np.ndarray:
@@ -318,8 +318,8 @@ class Function:
         result.name = None
         result._relu = None
         if record:
-            ctx.inputs = tuple(_graph_node(t) if n else None for t, n in zip(tensors, needs))
-            ctx.in_shapes = tuple(t.data.shape for t in tensors)
+            ctx.inputs = tuple([_graph_node(t) if t.requires_grad else None for t in tensors])
+            ctx.in_shapes = tuple([t.data.shape for t in tensors])
             result.requires_grad = True
             result._ctx = ctx
         else:

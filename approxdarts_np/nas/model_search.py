@@ -32,7 +32,11 @@ class MixedOp(Module):
             if "pool" in name:
                 op = Sequential(op, BatchNorm2d(c, affine=False))
             self.ops.append(op)
-        self.active = np.array([i for i in range(len(PRIMITIVES)) if i != _NONE])
+        active = [i for i in range(len(PRIMITIVES)) if i != _NONE]
+        # A slice when the computed ops are contiguous (``none`` first, as in DARTS): basic
+        # indexing, whose backward is a plain store instead of a scatter-add.
+        contiguous = active == list(range(active[0], active[-1] + 1))
+        self.active = slice(active[0], active[-1] + 1) if contiguous else np.array(active)
 
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
         outputs = [op(x) for op in self.ops]

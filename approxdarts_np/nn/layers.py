@@ -35,6 +35,8 @@ class _ConvBase(Module):
         self.stride = as_pair(stride, "stride")
         self.padding = as_pair(padding, "padding")
         self.dilation = as_pair(dilation, "dilation")
+        # What each call hands the kernels: a plain int where h and w agree (checked faster there).
+        self._geometry = tuple(p[0] if p[0] == p[1] else p for p in (self.stride, self.padding, self.dilation))
         self.multiplier = None
 
     def macs(self, x_shape) -> int:
@@ -67,9 +69,8 @@ class Conv2d(_ConvBase):
     def forward(self, x: Tensor) -> Tensor:
         note_call(self, x.shape)
         if self.multiplier is not None:
-            return self.multiplier.conv2d(x, self.weight, self.stride, self.padding,
-                                          self.dilation, self.groups)
-        return C.conv2d(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
+            return self.multiplier.conv2d(x, self.weight, *self._geometry, self.groups)
+        return C.conv2d(x, self.weight, *self._geometry, self.groups)
 
 
 class DepthwiseConv2d(_ConvBase):
@@ -83,9 +84,8 @@ class DepthwiseConv2d(_ConvBase):
     def forward(self, x: Tensor) -> Tensor:
         note_call(self, x.shape)
         if self.multiplier is not None:
-            return self.multiplier.conv2d(x, self.weight, self.stride, self.padding,
-                                          self.dilation, self.weight.shape[0])
-        return C.depthwise_conv2d(x, self.weight, self.stride, self.padding, self.dilation)
+            return self.multiplier.conv2d(x, self.weight, *self._geometry, self.weight.shape[0])
+        return C.depthwise_conv2d(x, self.weight, *self._geometry)
 
 
 class BatchNorm2d(Module):
