@@ -22,3 +22,7 @@ def version() -> None:
     """Print the package version."""
     from importlib.metadata import version as _v
     typer.echo(_v("approxdarts-np"))
+
+
+if __name__ == "__main__":
+    app()

@@ -4,9 +4,9 @@ A search and a training run differ only in their *task* (:class:`RunTask`):
 what one step does, what an epoch end measures, which state a checkpoint
 holds and which result files it writes. Everything else is here, once:
 
-- A fresh run writes ``config.json`` and a checkpoint of its initial state
-  before the first step, so a run folder always holds a run that
-  ``--resume`` can continue.
+- A fresh run writes ``config.json``, a checkpoint of its initial state and
+  an empty ``metrics.jsonl`` before the first step, so a run folder always
+  holds a run that ``--resume`` can continue.
 - SIGINT (Ctrl-C) and SIGTERM only set a flag (:class:`StopSignals`); the
   loop looks at it between steps, saves a checkpoint of the state it has
   reached (every step either fully in it or not at all) and raises
@@ -157,9 +157,10 @@ class RunLoop:
             try:
                 write_json(self.folder / CONFIG, self.task.config.to_dict() | {"resolved": resolved})
                 self._save_checkpoint()
+                self._write_epoch_files()
             except BaseException:
                 # Nothing resumable was written: leave no half-made run behind.
-                for name in (CONFIG, CHECKPOINT):
+                for name in (CONFIG, CHECKPOINT, METRICS):
                     (self.folder / name).unlink(missing_ok=True)
                 raise
             return self._run()
@@ -216,7 +217,6 @@ class RunLoop:
         st = self.state
         if self.saved_at != (st.epoch, st.step):
             self._save_checkpoint()
-            write_text(self.folder / METRICS, _metrics_text(st.metrics))
         raise RunInterrupted(self.folder, st.epoch, st.step, stop.signum)
 
     def _diverged(self, bad: dict) -> None:
