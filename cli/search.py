@@ -47,15 +47,21 @@ def search(
     arch_lr: Optional[float] = typer.Option(None, help=default_help("Adam learning rate of α.", Q.arch_lr)),
     arch_weight_decay: Optional[float] = typer.Option(None, help=default_help(
         "Weight decay of α.", Q.arch_weight_decay)),
+    order: Optional[int] = typer.Option(None, help=default_help(
+        "Architecture gradient: 1 = first order, 2 = DARTS's unrolled second order (about 2-3x a step).",
+        Q.order)),
+    unrolled_lr: Optional[float] = typer.Option(None, help=default_help(
+        "ξ of the virtual step with --order 2.", "the current weight learning rate")),
     resume: Optional[Path] = typer.Option(None, help=(
         "Continue the search saved in this folder. Only --epochs (to extend it) and --threads may be given "
         "with it; other settings are the saved ones.")),
 ) -> None:
-    """Search a cell with first-order DARTS, the searched convolutions using the chosen multiplier."""
+    """Search a cell with DARTS (first or second order), the searched convolutions using the chosen multiplier."""
     options = given(
         epochs=epochs, channels=channels, layers=layers, batch_size=batch_size, lr=lr, lr_min=lr_min,
         momentum=momentum, weight_decay=weight_decay, grad_clip=grad_clip, arch_lr=arch_lr,
-        arch_weight_decay=arch_weight_decay, threads=threads, seed=seed, multiplier=multiplier,
+        arch_weight_decay=arch_weight_decay, threads=threads, order=order, unrolled_lr=unrolled_lr, seed=seed,
+        multiplier=multiplier,
         data_dir=str(data_dir) if data_dir else None, output_dir=str(output_dir) if output_dir else None,
         preset=preset.value if preset else None)
     if max_train_images is not None:

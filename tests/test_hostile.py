@@ -79,6 +79,8 @@ def no_temp_files(folder: Path) -> None:
     (["--threads", "100000"], "--threads"),
     (["--max-train-images", "1"], "--max-train-images"),
     (["--seed", "-1"], "--seed"),
+    (["--order", "3"], "--order"),
+    (["--order", "2", "--unrolled-lr", "0"], "--unrolled-lr"),
     (["--multiplier", "mul8u_NOPE"], "mul8u_NOPE"),
     (["--multiplier", "missing.bin"], "missing.bin"),
     (["--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar"),

@@ -33,6 +33,7 @@ from approxdarts_np.runs.config import RunConfig, apply_resume_overrides
 from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.runs.loop import ProgressCallback, RunLoop, StepResult
 from approxdarts_np.runs.memory import check_memory, search_memory_bytes
+from approxdarts_np.runs.unrolled import unrolled_architecture_step
 
 
 @dataclass
@@ -57,6 +58,8 @@ class SearchConfig(RunConfig):
     arch_lr: float = 3e-4
     arch_weight_decay: float = 1e-3
     arch_betas: tuple[float, float] = (0.5, 0.999)
+    order: int = 1  # 1: first-order architecture gradient; 2: DARTS's unrolled (second-order) gradient
+    unrolled_lr: float | None = None  # ξ of the virtual step (None: the current weight learning rate)
     preset: str = "quick"
 
     @classmethod
@@ -76,6 +79,10 @@ class SearchConfig(RunConfig):
             raise UserError(f"--arch-lr must be positive, got {self.arch_lr}")
         if self.arch_weight_decay < 0:
             raise UserError(f"--arch-weight-decay must be >= 0, got {self.arch_weight_decay}")
+        if self.order not in (1, 2):
+            raise UserError(f"--order must be 1 (first order) or 2 (unrolled, second order), got {self.order}")
+        if self.unrolled_lr is not None and not (math.isfinite(self.unrolled_lr) and self.unrolled_lr > 0):
+            raise UserError(f"--unrolled-lr must be a positive finite number, got {self.unrolled_lr}")
         if not all(0 <= b < 1 for b in self.arch_betas):
             raise UserError(f"the Adam betas of α must lie in [0, 1), got {self.arch_betas}")
         check_memory(search_memory_bytes(self), "search")
@@ -160,11 +167,18 @@ class Searcher:
 
     def step(self, epoch: int, step: int) -> StepResult:
         # architecture step on an architecture-val batch, then weight step on a weight-train batch
-        a_loss, a_correct = architecture_step(self.model, self.a_optimizer, *self.val_loader.batch(epoch, step))
+        cfg = self.config
+        val_batch, train_batch = self.val_loader.batch(epoch, step), self.train_loader.batch(epoch, step)
+        if cfg.order == 2:
+            # DARTS: the virtual step uses the same weight-train batch and, by default, the current lr
+            xi = cfg.unrolled_lr if cfg.unrolled_lr is not None else self.w_optimizer.lr
+            a_loss, a_correct = unrolled_architecture_step(self.model, self.a_optimizer, self.w_optimizer,
+                                                           train_batch, val_batch, xi)
+        else:
+            a_loss, a_correct = architecture_step(self.model, self.a_optimizer, *val_batch)
         if not math.isfinite(a_loss):
             return StepResult(losses={"arch_loss": a_loss}, sums={})
-        t_loss, t_correct = weight_step(self.model, self.w_optimizer, *self.train_loader.batch(epoch, step),
-                                        grad_clip=self.config.grad_clip)
+        t_loss, t_correct = weight_step(self.model, self.w_optimizer, *train_batch, grad_clip=cfg.grad_clip)
         bs = self.config.batch_size
         return StepResult(
             losses={"arch_loss": a_loss, "train_loss": t_loss},
