@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_model
+from machine import machine_info, source_state
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
@@ -167,20 +166,26 @@ def _make_step(setting: str, mode: str, threads: int):
     return step
 
 
-def _time(step, steps: int, warmup: int) -> list[float]:
+def _time(step, steps: int, warmup: int, cpu: list | None = None) -> list[float]:
+    """Wall seconds of each measured step (the process CPU seconds appended to ``cpu`` when given)."""
     times = []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if i >= warmup:
             times.append(dt)
+            if cpu is not None:
+                cpu.append(dc)
     return times
 
 
-def _summary(times: list[float]) -> dict:
-    return {"step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
-            "step_s_all": times}
+def _summary(times: list[float], cpu: list[float] | None = None) -> dict:
+    out = {"step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
+           "step_s_all": times}
+    if cpu:
+        out["cpu_s_median"] = statistics.median(cpu)
+    return out
 
 
 def _peak_rss_gb() -> float:
@@ -191,9 +196,11 @@ def _one(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict
     """Child process: time ``steps`` search steps after ``warmup`` ones."""
     load_before = os.getloadavg()
     step = _make_step(setting, mode, threads)
-    times = _time(step, steps, warmup)
-    return {"setting": setting, "mode": mode, "threads": threads, **SETTINGS[setting], **_summary(times),
+    cpu: list[float] = []
+    times = _time(step, steps, warmup, cpu)
+    return {"setting": setting, "mode": mode, "threads": threads, **SETTINGS[setting], **_summary(times, cpu),
             "repeats": steps, "warmup": warmup, "peak_rss_gb": _peak_rss_gb(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_before": load_before, "load_after": os.getloadavg()}
 
 
@@ -212,11 +219,45 @@ def _shared(setting: str, mode: str, steps: int, warmup: int, threads: int) -> d
             "quiet": _summary(quiet), "shared": _summary(loaded), "ratio_shared_to_quiet": s / q}
 
 
-def _classify(filename: str, func: str) -> str:
+def _dispatchers() -> dict[tuple[str, str], bool]:
+    """(source file, name) -> parallel? for every Numba dispatcher of the package's loaded modules."""
+    from numba.core.dispatcher import Dispatcher
+    found = {}
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("approxdarts_np") or not getattr(module, "__file__", None):
+            continue
+        for attr, value in vars(module).items():
+            if isinstance(value, Dispatcher):
+                found[(module.__file__, attr)] = bool(value.targetoptions.get("parallel"))
+    return found
+
+
+def _launch_cost_us(parallel: bool, threads: int, repeats: int = 2000) -> float:
+    """Microseconds per call of an almost empty kernel with array arguments (dispatch + thread launch)."""
+    import numba
+    import numpy as np
+
+    @numba.njit(parallel=parallel)
+    def tiny(x, y, n):
+        for i in numba.prange(n):
+            y[i] = x[i]
+
+    x = np.zeros(threads, np.float32)
+    y = np.zeros_like(x)
+    tiny(x, y, threads)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        tiny(x, y, threads)
+    return (time.perf_counter() - t0) / repeats * 1e6
+
+
+def _classify(filename: str, func: str, dispatchers: dict | None = None) -> str:
     """The bucket a profiled function's own time goes to."""
     f = filename.replace("\\", "/")
+    if dispatchers and (filename, func) in dispatchers:
+        return "compiled Numba kernels (incl. dispatch and thread launch)"
     if "approxdarts_np/kernels/" in f or "approxdarts_np/approx/" in f:
-        return "kernels (Numba compiled code, dispatch, argument checks)"
+        return "kernel wrappers (Python: argument checks, geometry, buffers)"
     if "approxdarts_np/autodiff/tensor.py" in f:
         return "autodiff engine (graph building, topological sort, gradient bookkeeping)"
     if "approxdarts_np/autodiff/" in f:
@@ -231,8 +272,8 @@ def _classify(filename: str, func: str) -> str:
              "empty_like", "ones_like", "concatenate")
     if f == "~" and any(a in func for a in alloc):
         return "allocation and copies (numpy.zeros/empty/copy/astype/concatenate)"
-    if f == "~" or "/numpy/" in f:
-        return "NumPy element-wise and reductions"
+    if "/numpy/" in f:
+        return "NumPy Python functions"
     return "other Python"
 
 
@@ -250,42 +291,40 @@ def _breakdown(setting: str, mode: str, steps: int, warmup: int, threads: int) -
     prof.disable()
     profiled = (time.perf_counter() - t0) / steps
     stats = pstats.Stats(prof).stats
+    dispatchers = _dispatchers()
     buckets: dict[str, float] = {}
     calls = 0
-    for (filename, _, func), (_, ncalls, tottime, _, _) in stats.items():
-        key = _classify(filename, func)
-        buckets[key] = buckets.get(key, 0.0) + tottime / steps
+    launches = {True: 0, False: 0}
+    for (filename, _, func), (_, ncalls, tottime, _, callers) in stats.items():
         calls += ncalls
+        key = _classify(filename, func, dispatchers)
+        if (filename, func) in dispatchers:
+            launches[dispatchers[(filename, func)]] += ncalls
+        if filename == "~" and not key.startswith("allocation"):
+            # a builtin (isinstance, len, a NumPy function): its time goes to its callers' buckets
+            for (c_file, _, c_func), edge in callers.items():
+                c_key = _classify(c_file, c_func, dispatchers)
+                buckets[c_key] = buckets.get(c_key, 0.0) + edge[2] / steps
+            continue
+        buckets[key] = buckets.get(key, 0.0) + tottime / steps
+    par_us, ser_us = _launch_cost_us(True, threads), _launch_cost_us(False, threads)
+    launch = {"parallel_kernel_calls_per_step": launches[True] // steps,
+              "serial_kernel_calls_per_step": launches[False] // steps,
+              "empty_parallel_kernel_call_us": par_us, "empty_serial_kernel_call_us": ser_us,
+              "estimated_dispatch_and_launch_s_per_step":
+                  (launches[True] * par_us + launches[False] * ser_us) / steps * 1e-6}
     total = sum(buckets.values())
     return {"setting": setting, "mode": mode, "threads": threads, "step_s_unprofiled": statistics.median(quiet),
-            "step_s_profiled": profiled, "python_calls_per_step": calls // steps,
+            "step_s_profiled": profiled, "python_calls_per_step": calls // steps, "kernel_launches": launch,
             "seconds_per_step": dict(sorted(buckets.items(), key=lambda kv: -kv[1])),
             "share": {k: v / total for k, v in sorted(buckets.items(), key=lambda kv: -kv[1])},
-            "note": "cProfile own time per function, grouped by file; profiling inflates the Python "
-                    "buckets, so compare shares with step_s_unprofiled in mind. The time inside "
-                    "compiled Numba kernels is counted in the kernels bucket (their dispatch is C code "
-                    "called from the kernel wrappers)."}
-
-
-def _machine() -> dict:
-    import numba
-    import numpy
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cores": os.cpu_count(),
-            "numpy": numpy.__version__, "numba": numba.__version__, "threads": THREADS}
-    try:
-        import torch
-        info["torch"] = torch.__version__
-    except ImportError:
-        info["torch"] = None
-    info["cpu"] = cpu_model()
-    info["env"] = {k: os.environ.get(k) for k in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY",
-                                                  "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")}
-    try:
-        import approxdarts_np  # noqa: F401  (sets the threading defaults)
-        info["numba_threading_layer_default"] = os.environ.get("NUMBA_THREADING_LAYER")
-    except ImportError:
-        pass
-    return info
+            "note": "cProfile own time per function, grouped by file; a builtin's time (isinstance, "
+                    "NumPy C functions, ndarray methods) goes to the bucket of the function calling it, "
+                    "except allocation and copies; NumPy arithmetic written with operators is counted "
+                    "in the function where it is written. Profiling inflates the Python buckets, so "
+                    "compare shares with step_s_unprofiled in mind. The time inside compiled Numba "
+                    "kernels, and their dispatch (C code called from the kernel wrappers), is in the "
+                    "kernels bucket."}
 
 
 def _child(kind: str, setting: str, mode: str, args) -> dict:
@@ -321,7 +360,8 @@ def main() -> None:
         print(json.dumps(fn(setting, mode, args.steps, args.warmup, args.threads)))
         return
 
-    out = {"benchmark": "search step (architecture + weight step, first order)", "machine": _machine(),
+    out = {"benchmark": "search step (architecture + weight step, first order)",
+           "machine": machine_info(args.threads), "source": source_state(),
            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
            "timing": f"median (min, max) of {args.steps} steps after {args.warmup} warm-up step(s), "
                      f"{args.threads} threads; each (setting, mode) in its own process; peak RSS per process",

@@ -1,5 +1,12 @@
 """What every benchmark records about the machine it ran on."""
+from __future__ import annotations
+
+import os
 import platform
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:
@@ -12,3 +19,34 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def source_state() -> dict:
+    """The commit the benchmark ran on and the package files that differed from it."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+    changed = [line[3:] for line in git("status", "--short", "--", "approxdarts_np").splitlines()]
+    return {"commit": git("rev-parse", "HEAD").strip() or None, "uncommitted_package_files": changed}
+
+
+def machine_info(threads: int) -> dict:
+    """Python, platform, cores, library versions, CPU model, threading environment and load average."""
+    import numba
+    import numpy
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cores": os.cpu_count(),
+            "numpy": numpy.__version__, "numba": numba.__version__, "threads": threads}
+    try:
+        import torch
+        info["torch"] = torch.__version__
+    except ImportError:
+        info["torch"] = None
+    info["cpu"] = cpu_model()
+    import approxdarts_np  # noqa: F401  (sets the package's threading defaults, recorded below)
+    info["env"] = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER",
+                                                  "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    info["numba_threading_layer"] = numba.config.THREADING_LAYER
+    info["load_average"] = os.getloadavg()
+    return info
