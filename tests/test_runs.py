@@ -311,3 +311,19 @@ def test_second_order_search_stops_and_resumes_bit_identically(tmp_path):
     a2 = load_tree(ref / "alpha.h5")["alphas_normal"]
     a1 = load_tree(first / "alpha.h5")["alphas_normal"]
     assert not np.array_equal(a1, a2)
+
+
+def test_a_diverging_training_exits_2_with_its_checkpoint_named(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import approxdarts_np.runs.train as train_module
+    from approxdarts_np_cli.main import app
+
+    monkeypatch.setattr(train_module.Trainer, "train_step", lambda self, *a: (float("nan"), 0))
+    out = tmp_path / "train"
+    result = CliRunner().invoke(app, ["train", "--genotype", "DARTS_V2", "--output-dir", str(out), "--epochs", "1",
+                                      "--channels", "2", "--layers", "3", "--batch-size", "4",
+                                      "--max-train-images", "8", "--threads", "1"])
+    assert result.exit_code == 2
+    assert "diverged (train_loss nan) at epoch 1, step 1" in result.stderr
+    assert "checkpoint from its start is kept" in result.stderr and (out / "checkpoint.h5").is_file()
