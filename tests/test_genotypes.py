@@ -118,7 +118,8 @@ BAD = {
     "nested_three_nodes.json": (_json_with(normal=nested(DARTS_V2.normal)[:3]), "found 6 pairs"),
     "nested_mixed.json": (_json_with(normal=nested(DARTS_V2.normal)[:2] + DARTS_V2.to_dict()["normal"][4:]),
                           "like the other nodes"),
-    "pair_of_three.json": (_json_with(normal=[["sep_conv_3x3", 0, 1]] * 8), "must be an (operation, input) pair"),
+    "pair_of_four.json": (_json_with(normal=[["sep_conv_3x3", 0, "mul8u_2P7", 1]] * 8),
+                          "must be an (operation, input) pair"),
     # operations and inputs
     "unknown_op.txt": (_string_with("'dil_conv_3x3', 2", "'conv_9x9', 2"), "unknown operation 'conv_9x9'"),
     "none_op.json": (_json_with(normal=[["none", 0]] + DARTS_V2.to_dict()["normal"][1:]), "'none' cannot be"),
