@@ -16,7 +16,8 @@ from approxdarts_np_cli._common import user_errors
 @user_errors
 def energy(
     genotype: str = typer.Option(..., help="genotype.json, a .txt with the DARTS string, or DARTS_V2."),
-    multiplier: str = typer.Option("exact", help="Multiplier of the searched convolutions (name or path)."),
+    multiplier: str = typer.Option("exact", help="Multiplier of the searched convolutions (name or path), or "
+                                                 "genotype for the multiplier the genotype names per op."),
     channels: int = typer.Option(36, help="Initial channels."),
     layers: int = typer.Option(20, help="Cells."),
     fp32_mul_pj: float = typer.Option(3.7, help="Energy of an FP32 multiply (pJ)."),
@@ -52,7 +53,7 @@ def energy(
     t.add_column("energy (µJ)", justify="right")
     t.add_row("FP32", f"{report.energy_fp32_pj / 1e6:.3f}")
     t.add_row("exact 8-bit in searched convs", f"{report.energy_exact8_pj / 1e6:.3f}")
-    name = next(iter(report.multipliers), "exact")
+    name = "genotype's multipliers" if multiplier == "genotype" else next(iter(report.multipliers), "exact")
     t.add_row(f"{name} in searched convs", f"{report.energy_approx_pj / 1e6:.3f}")
     console.print(t)
     console.print(f"savings: {report.summary()}  (exact 8-bit / FP32 = "

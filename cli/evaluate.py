@@ -21,7 +21,9 @@ from approxdarts_np_cli._common import user_errors
 @user_errors
 def evaluate(
     checkpoint: Path = typer.Option(..., help="checkpoint.h5 of a training run."),
-    multiplier: str = typer.Option("none", help="none, exact, a table name or path, a comma list, or all."),
+    multiplier: Optional[str] = typer.Option(None, help=escape(
+        "genotype (its per-op multipliers), none, exact, a table name or path, a comma list, or all "
+        "[genotype when the network's genotype names multipliers, else none].")),
     data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder; default: the run's."),
     batch_size: int = typer.Option(100, help="Evaluation batch size."),
     output: Optional[Path] = typer.Option(None, help=escape("Write the table here (.csv or .json) [with all: "
@@ -32,8 +34,8 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Test accuracy of a trained network with each multiplier, beside its arithmetic energy."""
-    specs = expand_multiplier_specs(multiplier)
-    everything = multiplier.strip().lower() == "all"
+    specs = expand_multiplier_specs(multiplier) if multiplier is not None else None
+    everything = multiplier is not None and multiplier.strip().lower() == "all"
     if everything:
         output = output or checkpoint.parent / "evaluate_all.csv"
         plot = plot or checkpoint.parent / "accuracy_energy.png"

@@ -47,6 +47,15 @@ def search(
     arch_lr: Optional[float] = typer.Option(None, help=default_help("Adam learning rate of α.", Q.arch_lr)),
     arch_weight_decay: Optional[float] = typer.Option(None, help=default_help(
         "Weight decay of α.", Q.arch_weight_decay)),
+    multipliers: Optional[str] = typer.Option(None, help=(
+        "Candidate multipliers, comma-separated (e.g. exact,mul8u_2P7,mul8u_17KS): the search also chooses "
+        "the multiplier of every searched op (β, straight-through Gumbel).")),
+    energy_weight: Optional[float] = typer.Option(None, help=default_help(
+        "λ of the energy term λ·E/E_ref in the architecture loss.", Q.energy_weight)),
+    energy_target: Optional[float] = typer.Option(None, help=(
+        "Expected energy per image (pJ) above which the energy term acts (instead of everywhere).")),
+    gumbel_temperature: Optional[float] = typer.Option(None, help=default_help(
+        "τ of the Gumbel-softmax over β.", Q.gumbel_temperature)),
     order: Optional[int] = typer.Option(None, help=default_help(
         "Architecture gradient: 1 = first order, 2 = DARTS's unrolled second order (about 2-3x a step).",
         Q.order)),
@@ -61,6 +70,8 @@ def search(
         epochs=epochs, channels=channels, layers=layers, batch_size=batch_size, lr=lr, lr_min=lr_min,
         momentum=momentum, weight_decay=weight_decay, grad_clip=grad_clip, arch_lr=arch_lr,
         arch_weight_decay=arch_weight_decay, threads=threads, order=order, unrolled_lr=unrolled_lr, seed=seed,
+        multipliers=multipliers, energy_weight=energy_weight, energy_target=energy_target,
+        gumbel_temperature=gumbel_temperature,
         multiplier=multiplier,
         data_dir=str(data_dir) if data_dir else None, output_dir=str(output_dir) if output_dir else None,
         preset=preset.value if preset else None)

@@ -41,7 +41,8 @@ def train(
     seed: Optional[int] = typer.Option(None, help=default_help(
         "Seed of weights, data order, augmentation and drop-path.", Q.seed)),
     multiplier: Optional[str] = typer.Option(None, help=default_help(
-        "none, exact, a bundled table or a .bin/.npy path (quantisation-aware training).", Q.multiplier)),
+        "genotype (the multiplier the genotype names for each op, FP32 where none), none, exact, a bundled "
+        "table or a .bin/.npy path for every searched conv (quantisation-aware training).", Q.multiplier)),
     threads: Optional[int] = typer.Option(None, help=default_help("Threads of the kernels.", "all cores")),
     lr: Optional[float] = typer.Option(None, help=default_help("Learning rate, cosine-annealed.", Q.lr)),
     lr_min: Optional[float] = typer.Option(None, help=default_help("Final learning rate.", Q.lr_min)),

@@ -23,8 +23,11 @@ class GenotypeError(UserError, ValueError):
     """A genotype that is not a DARTS cell pair (a UserError, and a ValueError for older callers)."""
 
 
+SEARCHED_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+
+
 def _pairs(value, field: str) -> tuple[tuple[str, int], ...]:
-    """``value`` as 8 checked (operation, input) pairs.
+    """``value`` as 8 checked (operation, input) pairs (a third entry, the multiplier, is dropped here).
 
     Takes quark0's flat list ``[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ...]`` and the nested
     form of the authors' TensorFlow port, one list of 2 pairs per node
@@ -51,9 +54,10 @@ def _pairs(value, field: str) -> tuple[tuple[str, int], ...]:
                             f"({PAIRS} pairs), found {len(value)} pair{'s' * (len(value) != 1)}")
     pairs = []
     for k, pair in enumerate(value):
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise GenotypeError(f"{field}: entry {k} must be an (operation, input) pair, got {pair!r}")
-        op, j = pair
+        if not isinstance(pair, (list, tuple)) or len(pair) not in (2, 3):
+            raise GenotypeError(f"{field}: entry {k} must be an (operation, input) pair or an (operation, "
+                                f"input, multiplier) triple, got {pair!r}")
+        op, j = pair[0], pair[1]
         if not isinstance(op, str):
             raise GenotypeError(f"{field}: entry {k}: the operation must be a name, got {op!r}")
         if op == "none":
@@ -70,6 +74,32 @@ def _pairs(value, field: str) -> tuple[tuple[str, int], ...]:
                                 f"0..{1 + node}: the two cell inputs and the earlier nodes)")
         pairs.append((op, int(j)))
     return tuple(pairs)
+
+
+def _entry_multipliers(value) -> tuple[str | None, ...] | None:
+    """The multipliers of (operation, input, multiplier) entries, flat or nested; None when no entry has one."""
+    flat = []
+    for item in value if isinstance(value, (list, tuple)) else ():
+        nested = isinstance(item, (list, tuple)) and item and isinstance(item[0], (list, tuple))
+        flat.extend(item if nested else [item])
+    found = [entry[2] if isinstance(entry, (list, tuple)) and len(entry) == 3 else None for entry in flat]
+    return tuple(found) if any(m is not None for m in found) else None
+
+
+def _multipliers(value, pairs, field: str) -> tuple[str | None, ...] | None:
+    """``value`` as one multiplier name per pair (None for pools, skip and FP32 convs), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != len(pairs):
+        raise GenotypeError(f"{field}: needs one multiplier (or null) per operation, {len(pairs)} in all")
+    out = []
+    for k, (m, (op, _)) in enumerate(zip(value, pairs)):
+        if m is not None and not (isinstance(m, str) and m.strip()):
+            raise GenotypeError(f"{field}: entry {k}: a multiplier is a name or a table path, got {m!r}")
+        if m is not None and op not in SEARCHED_OPS:
+            raise GenotypeError(f"{field}: entry {k}: {op} has no multiplier (only sep and dil convs have one)")
+        out.append(m)
+    return tuple(out) if any(m is not None for m in out) else None
 
 
 def _concat(value, field: str) -> tuple[int, ...]:
@@ -100,16 +130,50 @@ class Genotype:
     normal_concat: tuple[int, ...]
     reduce: tuple[tuple[str, int], ...]
     reduce_concat: tuple[int, ...]
+    # The multiplier of each kept operation (None: pools, skip, or an FP32/unset conv); None for all.
+    normal_multipliers: tuple[str | None, ...] | None = None
+    reduce_multipliers: tuple[str | None, ...] | None = None
 
     def __post_init__(self):
         for field in ("normal", "reduce"):
-            object.__setattr__(self, field, _pairs(getattr(self, field), field))
+            raw = getattr(self, field)
+            pairs = _pairs(raw, field)
+            object.__setattr__(self, field, pairs)
             concat = f"{field}_concat"
             object.__setattr__(self, concat, _concat(getattr(self, concat), concat))
+            mults = getattr(self, f"{field}_multipliers")
+            if mults is None:
+                mults = _entry_multipliers(raw)
+            object.__setattr__(self, f"{field}_multipliers", _multipliers(mults, pairs, f"{field} multipliers"))
+
+    @property
+    def has_multipliers(self) -> bool:
+        return self.normal_multipliers is not None or self.reduce_multipliers is not None
+
+    def multipliers(self, field: str) -> tuple[str | None, ...]:
+        """One multiplier name (or None) per kept operation of ``field`` ("normal" or "reduce")."""
+        found = getattr(self, f"{field}_multipliers")
+        return found if found is not None else (None,) * PAIRS
+
+    def without_multipliers(self) -> "Genotype":
+        return Genotype(self.normal, self.normal_concat, self.reduce, self.reduce_concat)
 
     def to_dict(self) -> dict:
-        return {"normal": [[op, j] for op, j in self.normal], "normal_concat": list(self.normal_concat),
-                "reduce": [[op, j] for op, j in self.reduce], "reduce_concat": list(self.reduce_concat)}
+        """JSON form: edges ``[op, input]``, or ``[op, input, multiplier]`` for sep/dil convs with one."""
+        def edges(field):
+            return [[op, j] if m is None else [op, j, m]
+                    for (op, j), m in zip(getattr(self, field), self.multipliers(field))]
+        return {"normal": edges("normal"), "normal_concat": list(self.normal_concat),
+                "reduce": edges("reduce"), "reduce_concat": list(self.reduce_concat)}
+
+    def multipliers_line(self) -> str:
+        """The second line of ``genotype.txt``: ``Multipliers(normal=[...], reduce=[...])``, one entry per op."""
+        return (f"Multipliers(normal={list(self.multipliers('normal'))!r}, "
+                f"reduce={list(self.multipliers('reduce'))!r})")
+
+    def to_text(self) -> str:
+        """``genotype.txt``: the DARTS string, and the multipliers on a second line when there are any."""
+        return self.to_darts_string() + ("\n" + self.multipliers_line() if self.has_multipliers else "")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -237,9 +301,26 @@ def read_genotype(spec: str | Path) -> Genotype:
             except json.JSONDecodeError as exc:
                 raise GenotypeError(f"not valid JSON ({exc})") from None
             return Genotype.from_dict(fields)
-        return Genotype.from_darts_string(content)
+        return _from_text(content)
     except GenotypeError as exc:
         raise UserError(f"genotype file {path}: {exc}") from None
+
+
+def _from_text(content: str) -> Genotype:
+    """A DARTS string, optionally followed by a ``Multipliers(normal=[...], reduce=[...])`` line."""
+    m = re.search(r"^\s*Multipliers\s*\((.*)\)\s*$", content, flags=re.M | re.S)
+    if m is None:
+        return Genotype.from_darts_string(content)
+    genotype = Genotype.from_darts_string(content[:m.start()])
+    try:
+        call = ast.parse(f"f({m.group(1)})", mode="eval").body
+        fields = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError, TypeError, AttributeError) as exc:
+        raise GenotypeError(f"cannot parse the Multipliers(...) line ({exc})") from None
+    if set(fields) != {"normal", "reduce"}:
+        raise GenotypeError("the Multipliers(...) line needs normal=[...] and reduce=[...]")
+    return Genotype(genotype.normal, genotype.normal_concat, genotype.reduce, genotype.reduce_concat,
+                    normal_multipliers=fields["normal"], reduce_multipliers=fields["reduce"])
 
 
 def _read_genotype_file(path: Path) -> str:

@@ -35,7 +35,10 @@ import numpy as np
 
 from approxdarts_np.autodiff import Tensor, no_grad
 from approxdarts_np.autodiff import functional as F
+from approxdarts_np.nas.genotypes import Genotype
+from approxdarts_np.nas.model_search import Network
 from approxdarts_np.nas.operations import PRIMITIVES, searched_convs
+from approxdarts_np.nn import Parameter
 from approxdarts_np.nn.costs import recording_calls
 
 SEARCHED_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -118,3 +121,141 @@ def straight_through_factors(betas: Tensor, k_star: np.ndarray, noise: np.ndarra
     edges, ops = np.indices(k_star.shape)
     picked = F.getitem(y, (edges, ops, k_star))
     return picked - Tensor(picked.data) + 1.0
+
+
+def network_expected_energy(network, macs: dict, pj: np.ndarray, exact_pj: float) -> tuple[Tensor, float]:
+    """(E, E_ref) of a supernet: E differentiable in α (and β when the network has them), E_ref a number.
+
+    ``macs`` from :func:`searched_op_macs`; ``pj`` holds the energy per
+    multiply of each candidate multiplier (one entry for a network without β).
+    """
+    energy, reference = None, 0.0
+    for kind in ("normal", "reduce"):
+        alphas = getattr(network, f"alphas_{kind}")
+        betas = getattr(network, f"betas_{kind}", None)
+        e = expected_energy(alphas, betas, macs[kind], pj)
+        energy = e if energy is None else energy + e
+        reference += reference_energy(alphas.data, macs[kind], exact_pj)
+    return energy, reference
+
+
+class MultiplierNetwork(Network):
+    """The supernet with a choice of multiplier per searched op: β beside α, one sampled path per step.
+
+    ``multipliers`` are K ≥ 2 arithmetics (QuantizedArithmetic). β has shape
+    (edges, 4, K) per cell type, initialised like α (1e-3·N(0, 1)).
+    :meth:`choose` draws the multipliers of a step (Gumbel-max, straight-through
+    factors in the forward pass); :meth:`choose_most_likely` sets argmax β and
+    runs the plain ops (evaluation, genotype).
+    """
+
+    def __init__(self, channels: int = 16, num_classes: int = 10, layers: int = 8, stem_multiplier: int = 3,
+                 multipliers=(), seed: int = 0, temperature: float = 1.0):
+        if len(multipliers) < 2:
+            raise ValueError(f"a choice needs at least 2 multipliers, got {len(multipliers)}")
+        if SEARCHED_COLUMNS != tuple(range(len(PRIMITIVES) - len(SEARCHED_OPS), len(PRIMITIVES))):
+            raise ValueError("the searched ops must be the last columns of α")
+        super().__init__(channels, num_classes, layers, stem_multiplier, multiplier=None, seed=seed)
+        self.candidates = tuple(multipliers)
+        self.temperature = float(temperature)
+        rng = np.random.default_rng([seed, 2])
+        shape = (len(self.cells[0].edges), len(SEARCHED_OPS), len(self.candidates))
+        self.betas_normal = Parameter(1e-3 * rng.standard_normal(shape))
+        self.betas_reduce = Parameter(1e-3 * rng.standard_normal(shape))
+        arch = {id(p) for p in self.arch_parameters()}
+        self._weights = tuple(p for p in self.parameters() if id(p) not in arch)
+        self._layers = {"normal": {}, "reduce": {}}  # (edge, column) -> searched conv layers of that type
+        for cell in self.cells:
+            kind = "reduce" if cell.reduction else "normal"
+            for e, mixed in enumerate(cell.edges):
+                for name, op in zip(_computed_names(), mixed.ops):
+                    if name in SEARCHED_OPS:
+                        key = (e, SEARCHED_OPS.index(name))
+                        self._layers[kind].setdefault(key, []).extend(searched_convs(op))
+        self.choice: dict | None = None
+        self.chosen: dict = {}
+        self.choose_most_likely()
+
+    def arch_parameters(self):
+        betas = [self.betas_normal, self.betas_reduce] if hasattr(self, "betas_reduce") else []  # not yet in init
+        return [self.alphas_normal, self.alphas_reduce, *betas]
+
+    def _apply(self, kind: str, k_star: np.ndarray) -> None:
+        for (e, col), layers in self._layers[kind].items():
+            arithmetic = self.candidates[int(k_star[e, col])]
+            for layer in layers:
+                layer.multiplier = arithmetic
+        self.chosen[kind] = k_star
+
+    def choose(self, rng: np.random.Generator) -> None:
+        """Draw this step's multiplier of every searched op (per cell type) and set the layers to it."""
+        self.choice = {}
+        for kind in ("normal", "reduce"):
+            k_star, noise = gumbel_choice(getattr(self, f"betas_{kind}").data, rng, self.temperature)
+            self.choice[kind] = (k_star, noise)
+            self._apply(kind, k_star)
+
+    def choose_most_likely(self) -> None:
+        """Set every searched op to its argmax-β multiplier; the forward pass then runs the plain ops."""
+        self.choice = None
+        for kind in ("normal", "reduce"):
+            self._apply(kind, np.argmax(getattr(self, f"betas_{kind}").data, axis=-1))
+
+    def multiplier_probabilities(self) -> dict[str, np.ndarray]:
+        out = {}
+        for kind in ("normal", "reduce"):
+            b = getattr(self, f"betas_{kind}").data.astype(np.float64)
+            p = np.exp(b - b.max(axis=-1, keepdims=True))
+            out[kind] = p / p.sum(axis=-1, keepdims=True)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        s0 = s1 = self.stem(x)
+        weights = {"normal": F.softmax(self.alphas_normal, axis=-1), "reduce": F.softmax(self.alphas_reduce, axis=-1)}
+        if self.choice is not None:
+            for kind, (k_star, noise) in self.choice.items():
+                factors = straight_through_factors(getattr(self, f"betas_{kind}"), k_star, noise, self.temperature)
+                plain = Tensor(np.ones((factors.shape[0], len(PRIMITIVES) - len(SEARCHED_OPS)), np.float32))
+                weights[kind] = weights[kind] * F.concat([plain, factors], axis=1)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, weights["reduce" if cell.reduction else "normal"])
+        return self.classifier(self.global_pooling(s1))
+
+    def chosen_multipliers(self) -> dict[str, np.ndarray]:
+        """argmax-β multiplier index per (edge, searched op), per cell type."""
+        return {kind: np.argmax(getattr(self, f"betas_{kind}").data, axis=-1) for kind in ("normal", "reduce")}
+
+    def genotype(self) -> Genotype:
+        """DARTS's genotype of α, with the argmax-β multiplier of every kept sep/dil conv."""
+        base = super().genotype()
+        chosen = self.chosen_multipliers()
+        mults = {}
+        for kind in ("normal", "reduce"):
+            names = []
+            for k, (op, j) in enumerate(getattr(base, kind)):
+                node = k // 2
+                edge = sum(2 + i for i in range(node)) + j
+                names.append(self.candidates[int(chosen[kind][edge, SEARCHED_OPS.index(op)])].name
+                             if op in SEARCHED_OPS else None)
+            mults[kind] = names
+        return Genotype(base.normal, base.normal_concat, base.reduce, base.reduce_concat,
+                        normal_multipliers=mults["normal"], reduce_multipliers=mults["reduce"])
+
+
+def set_genotype_multipliers(network, genotype: Genotype, arithmetic_of) -> None:
+    """Give every searched conv of an evaluation network the multiplier its genotype names for its op.
+
+    ``arithmetic_of(name)`` turns a multiplier name into the layer's arithmetic. Ops the
+    genotype gives no multiplier (and every op of a genotype without multipliers) are left as
+    they are.
+    """
+    cache = {}
+    for cell in network.cells:
+        names = genotype.multipliers("reduce" if cell.reduction else "normal")
+        for op, name in zip(cell.ops, names):
+            if name is None:
+                continue
+            if name not in cache:
+                cache[name] = arithmetic_of(name)
+            for conv in searched_convs(op):
+                conv.multiplier = cache[name]

@@ -15,19 +15,27 @@ from approxdarts_np.nas.costs import network_costs
 from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.nas.genotypes import Genotype
 from approxdarts_np.nas.model_eval import NetworkCIFAR
-from approxdarts_np.runs.train import load_trained_network
+from approxdarts_np.nas.multiplier_choice import set_genotype_multipliers
+from approxdarts_np.runs.train import GENOTYPE_MULTIPLIERS, load_trained_network
 
 
 def network_energy(genotype: Genotype, channels: int, layers: int, multiplier: str | None = "exact",
                    table: EnergyTable | None = None) -> tuple[EnergyReport, int]:
     """Energy report of the evaluation network of ``genotype`` (one 32×32 image) and its parameter count.
 
+    ``multiplier`` "genotype" prices every searched conv with the multiplier its genotype names.
     The parameter count leaves out the auxiliary head (it is not used at inference).
     """
-    if layers < 3 or channels <= 0:
-        raise UserError("--layers must be at least 3 and --channels positive")
+    if layers < 3:
+        raise UserError(f"--layers must be at least 3, got {layers}")
+    if channels <= 0:
+        raise UserError(f"--channels must be positive, got {channels}")
     net = NetworkCIFAR(genotype, channels, 10, layers, auxiliary=False)
-    mult = None if multiplier in (None, "none", "exact") else load_multiplier(multiplier)
+    if multiplier == GENOTYPE_MULTIPLIERS:
+        if not genotype.has_multipliers:
+            raise UserError("--multiplier genotype: this genotype names no multipliers")
+        set_genotype_multipliers(net, genotype, arithmetic_from_spec)
+    mult = None if multiplier in (None, "none", "exact", GENOTYPE_MULTIPLIERS) else load_multiplier(multiplier)
     report = energy_report(network_costs(net), mult, table)
     params = sum(p.size for p in net.parameters())
     return report, params
@@ -57,39 +65,54 @@ def check_output_path(path: str | Path, suffixes: tuple[str, ...]) -> None:
         raise UserError(f"cannot write {path}: the folder {folder} is not writable")
 
 
-def evaluate_checkpoint(checkpoint: str | Path, multipliers: list[str], data_dir: str | None = None,
+def evaluate_checkpoint(checkpoint: str | Path, multipliers: list[str] | None, data_dir: str | None = None,
                         batch_size: int = 100, table: EnergyTable | None = None,
                         progress=None) -> list[dict]:
     """Test accuracy of a trained network with each multiplier in its searched convolutions.
 
     Each row also carries the arithmetic energy of one inference in that mode
     (FP32 for ``none``) and the savings against FP32 and exact 8-bit.
+    ``multipliers`` None: the genotype's per-op multipliers when it names any, else FP32.
     ``progress(event)`` receives ``{"event": "multiplier", "name", "index", "total"}`` and
     ``{"event": "batch", "done", "total"}``.
     """
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     model, config = load_trained_network(checkpoint)
-    arithmetics = [(spec, arithmetic_from_spec(spec)) for spec in multipliers]  # UserError before work
+    genotype = Genotype.from_dict(config.genotype)
+    if multipliers is None:
+        multipliers = [GENOTYPE_MULTIPLIERS if genotype.has_multipliers else "none"]
+    # UserError before any work: every name is loaded first ("genotype" = the genotype's per-op multipliers)
+    arithmetics = [(spec, None if spec == GENOTYPE_MULTIPLIERS else arithmetic_from_spec(spec))
+                   for spec in multipliers]
+    if any(spec == GENOTYPE_MULTIPLIERS for spec in multipliers) and not genotype.has_multipliers:
+        raise UserError("--multiplier genotype: the genotype of this network names no multipliers")
     data = load_cifar10(data_dir if data_dir is not None else config.data_dir)
-    costs = network_costs(model)
     rows = []
     for i, (spec, arithmetic) in enumerate(arithmetics):
         if progress:
             progress({"event": "multiplier", "name": spec, "index": i, "total": len(arithmetics)})
         model.set_multiplier(arithmetic)
+        if spec == GENOTYPE_MULTIPLIERS:
+            set_genotype_multipliers(model, genotype, arithmetic_from_spec)
+        costs = network_costs(model)
         loss, acc = evaluate(model, data.test_x, data.test_y, batch_size,
                              progress=(lambda d, t: progress({"event": "batch", "done": d, "total": t}))
                              if progress else None)
-        row = {"multiplier": arithmetic.name if arithmetic else "none", "test_acc": acc, "test_loss": loss,
+        name = GENOTYPE_MULTIPLIERS if spec == GENOTYPE_MULTIPLIERS else (arithmetic.name if arithmetic else "none")
+        row = {"multiplier": name, "test_acc": acc, "test_loss": loss,
                "test_images": int(data.test_x.shape[0]), "energy_pj": None, "energy_fp32_pj": None,
                "energy_exact8_pj": None, "saving_vs_fp32_pct": None, "saving_vs_exact8_pct": None}
         try:
             report = energy_report(costs, arithmetic.multiplier if arithmetic else None, table)
+            if spec != GENOTYPE_MULTIPLIERS and arithmetic is None:
+                report_energy = report.energy_fp32_pj
+            else:
+                report_energy = report.energy_approx_pj
         except UserError:
             report = None  # a circuit without a published power: accuracy only
         if report is not None:
-            energy = report.energy_fp32_pj if arithmetic is None else report.energy_approx_pj
+            energy = report_energy
             row.update(energy_pj=energy, energy_fp32_pj=report.energy_fp32_pj,
                        energy_exact8_pj=report.energy_exact8_pj,
                        saving_vs_fp32_pct=100.0 * (1 - energy / report.energy_fp32_pj),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from approxdarts_np.autodiff import Tensor
+from approxdarts_np.autodiff import Tensor, no_grad
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.data.augment import AugmentConfig, BatchLoader
 from approxdarts_np.data.cifar import load_cifar10, search_split
@@ -27,6 +27,8 @@ from approxdarts_np.errors import UserError
 from approxdarts_np.io.checkpoint import save_tree, write_text
 from approxdarts_np.io.rundir import refuse_existing_run, saved_config
 from approxdarts_np.nas.model_search import Network
+from approxdarts_np.nas.multiplier_choice import (SEARCHED_OPS, MultiplierNetwork, network_expected_energy,
+                                                  searched_op_macs)
 from approxdarts_np.nas.operations import PRIMITIVES
 from approxdarts_np.nn import SGD, Adam, clip_grad_norm, cosine_lr
 from approxdarts_np.runs.config import RunConfig, apply_resume_overrides
@@ -34,6 +36,9 @@ from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.runs.loop import ProgressCallback, RunLoop, StepResult
 from approxdarts_np.runs.memory import check_memory, search_memory_bytes
 from approxdarts_np.runs.unrolled import unrolled_architecture_step
+
+
+_CHOICE_STREAM = 7  # random stream of the per-step multiplier draws
 
 
 @dataclass
@@ -58,9 +63,19 @@ class SearchConfig(RunConfig):
     arch_lr: float = 3e-4
     arch_weight_decay: float = 1e-3
     arch_betas: tuple[float, float] = (0.5, 0.999)
+    multipliers: str | None = None  # comma list of K candidate multipliers (a choice per searched op)
+    energy_weight: float = 0.0  # λ of the energy term λ·E/E_ref in the architecture loss
+    energy_target: float | None = None  # pJ per image: penalise only the expected energy above it
+    gumbel_temperature: float = 1.0  # τ of the straight-through Gumbel-softmax over β
     order: int = 1  # 1: first-order architecture gradient; 2: DARTS's unrolled (second-order) gradient
     unrolled_lr: float | None = None  # ξ of the virtual step (None: the current weight learning rate)
     preset: str = "quick"
+
+    def candidate_specs(self) -> list[str]:
+        """The candidate multipliers of ``--multipliers`` (empty without it)."""
+        if self.multipliers is None:
+            return []
+        return [spec.strip() for spec in self.multipliers.split(",") if spec.strip()]
 
     @classmethod
     def quick(cls, **overrides) -> "SearchConfig":
@@ -83,15 +98,40 @@ class SearchConfig(RunConfig):
             raise UserError(f"--order must be 1 (first order) or 2 (unrolled, second order), got {self.order}")
         if self.unrolled_lr is not None and not (math.isfinite(self.unrolled_lr) and self.unrolled_lr > 0):
             raise UserError(f"--unrolled-lr must be a positive finite number, got {self.unrolled_lr}")
+        if self.multipliers is not None:
+            if not self.candidate_specs():
+                raise UserError(f"--multipliers {self.multipliers!r} names no multiplier "
+                                f"(give e.g. exact,mul8u_2P7,mul8u_17KS)")
+            if str(self.multiplier).lower() not in ("none", "fp32", "float"):
+                raise UserError("give either --multiplier (one for every searched convolution) or --multipliers "
+                                "(a choice per searched op), not both")
+            if any(spec.lower() in ("none", "fp32", "float") for spec in self.candidate_specs()):
+                raise UserError("--multipliers chooses among 8-bit multipliers: 'none' (FP32) cannot be one")
+        if self.energy_weight < 0:
+            raise UserError(f"--energy-weight must be >= 0, got {self.energy_weight}")
+        if self.energy_target is not None and not self.energy_target > 0:
+            raise UserError(f"--energy-target must be a positive number of pJ, got {self.energy_target}")
+        if self.energy_target is not None and self.energy_weight == 0:
+            raise UserError("--energy-target needs an --energy-weight > 0 to act")
+        if not self.gumbel_temperature > 0:
+            raise UserError(f"--gumbel-temperature must be positive, got {self.gumbel_temperature}")
+        if self.order == 2 and (self.energy_weight > 0 or len(self.candidate_specs()) > 1):
+            raise UserError("--order 2 works with --multiplier; with --multipliers (K > 1) or --energy-weight "
+                            "use --order 1")
         if not all(0 <= b < 1 for b in self.arch_betas):
             raise UserError(f"the Adam betas of α must lie in [0, 1), got {self.arch_betas}")
         check_memory(search_memory_bytes(self), "search")
 
 
-def architecture_step(model: Network, optimizer: Adam, images, labels) -> tuple[float, int]:
-    """Update α with the gradient of the val-batch loss at the current weights (first order)."""
+def architecture_step(model: Network, optimizer: Adam, images, labels, penalty=None) -> tuple[float, int]:
+    """Update α (and β) with the gradient of the val-batch loss at the current weights (first order).
+
+    ``penalty()``, when given, returns a differentiable term added to the loss
+    (the energy term of a multiplier-aware search); the returned loss is the
+    cross-entropy alone.
+    """
     optimizer.zero_grad()
-    loss, correct = _loss_and_grad(model, images, labels, frozen=model.weights())
+    loss, correct = _loss_and_grad(model, images, labels, frozen=model.weights(), penalty=penalty)
     if math.isfinite(loss):
         optimizer.step()
     return loss, correct
@@ -107,14 +147,18 @@ def weight_step(model: Network, optimizer: SGD, images, labels, grad_clip: float
     return loss, correct
 
 
-def _loss_and_grad(model: Network, images, labels, frozen) -> tuple[float, int]:
-    """Cross-entropy of a batch and its backward; ``frozen`` parameters get no gradient (none is computed)."""
+def _loss_and_grad(model: Network, images, labels, frozen, penalty=None) -> tuple[float, int]:
+    """Cross-entropy of a batch (plus ``penalty()``) and its backward; ``frozen`` parameters get no gradient."""
     for p in frozen:
         p.requires_grad = False
     try:
         logits = model(Tensor(images))
         loss = F.cross_entropy(logits, labels)
         value = loss.item()
+        if penalty is not None:
+            loss = loss + penalty()
+            if not math.isfinite(loss.item()):
+                value = loss.item()
         if math.isfinite(value):
             loss.backward()
     finally:
@@ -129,7 +173,10 @@ class Searcher:
 
     kind = "search"
 
-    def __init__(self, config: SearchConfig, multiplier=None):
+    def __init__(self, config: SearchConfig, multiplier=None, candidates=None, energy: dict | None = None):
+        """``multiplier``: one arithmetic for every searched conv (None: float32); ``candidates``: K ≥ 2
+        arithmetics to choose from per searched op; ``energy``: ``{"pj": per-candidate pJ, "exact_pj"}``
+        pricing the expected energy (needed when ``config.energy_weight > 0``)."""
         config.validate()
         self.config = config
         data = load_cifar10(config.data_dir)
@@ -148,12 +195,20 @@ class Searcher:
         self.val_loader = BatchLoader(data.train_x, data.train_y, config.batch_size, seed=config.seed,
                                       stream=1, indices=val_idx, augment=augment, drop_last=True)
         self.steps_per_epoch = min(len(self.train_loader), len(self.val_loader))
-        self.model = Network(config.channels, 10, config.layers, multiplier=multiplier, seed=config.seed)
+        if candidates:
+            self.model = MultiplierNetwork(config.channels, 10, config.layers, multipliers=candidates,
+                                           seed=config.seed, temperature=config.gumbel_temperature)
+        else:
+            self.model = Network(config.channels, 10, config.layers, multiplier=multiplier, seed=config.seed)
+        self.choosing = isinstance(self.model, MultiplierNetwork)
+        self.energy = energy
+        self.macs = searched_op_macs(self.model) if energy is not None else None
         self.w_optimizer = SGD(self.model.weights(), lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
         self.a_optimizer = Adam(self.model.arch_parameters(), lr=config.arch_lr, betas=config.arch_betas,
                                 weight_decay=config.arch_weight_decay)
         self.alpha_history: list = []  # (normal, reduce) α after each finished epoch
+        self.beta_history: list = []  # (normal, reduce) β after each finished epoch (multiplier choice)
 
     def parameter_count(self) -> int:
         return sum(p.size for p in self.model.weights())
@@ -169,13 +224,16 @@ class Searcher:
         # architecture step on an architecture-val batch, then weight step on a weight-train batch
         cfg = self.config
         val_batch, train_batch = self.val_loader.batch(epoch, step), self.train_loader.batch(epoch, step)
+        if self.choosing:  # one sampled multiplier per searched op for both halves of the step
+            self.model.choose(np.random.default_rng([cfg.seed, epoch, step, _CHOICE_STREAM]))
         if cfg.order == 2:
             # DARTS: the virtual step uses the same weight-train batch and, by default, the current lr
             xi = cfg.unrolled_lr if cfg.unrolled_lr is not None else self.w_optimizer.lr
             a_loss, a_correct = unrolled_architecture_step(self.model, self.a_optimizer, self.w_optimizer,
                                                            train_batch, val_batch, xi)
         else:
-            a_loss, a_correct = architecture_step(self.model, self.a_optimizer, *val_batch)
+            penalty = self.energy_penalty if cfg.energy_weight > 0 else None
+            a_loss, a_correct = architecture_step(self.model, self.a_optimizer, *val_batch, penalty=penalty)
         if not math.isfinite(a_loss):
             return StepResult(losses={"arch_loss": a_loss}, sums={})
         t_loss, t_correct = weight_step(self.model, self.w_optimizer, *train_batch, grad_clip=cfg.grad_clip)
@@ -186,13 +244,44 @@ class Searcher:
                   "arch_correct": a_correct, "seen": bs},
             shown={"train_loss": t_loss, "train_acc": t_correct / bs, "arch_loss": a_loss})
 
+    def energy_penalty(self) -> Tensor:
+        """λ·E/E_ref, or λ·max(0, E − target)/E_ref with an energy target (E_ref a constant normaliser)."""
+        cfg = self.config
+        energy, reference = network_expected_energy(self.model, self.macs, self.energy["pj"],
+                                                    self.energy["exact_pj"])
+        if cfg.energy_target is not None:
+            energy = F.relu(energy - cfg.energy_target)
+        return energy * (cfg.energy_weight / reference)
+
+    def energy_figures(self) -> dict:
+        """Expected energy of the searched convs now (pJ per image), its exact-8-bit reference and ratio."""
+        if self.energy is None:
+            return {}
+        with no_grad():
+            energy, reference = network_expected_energy(self.model, self.macs, self.energy["pj"],
+                                                        self.energy["exact_pj"])
+        return {"expected_energy_pj": energy.item(), "reference_energy_pj": reference,
+                "energy_ratio": energy.item() / reference}
+
     def end_epoch(self, epoch: int, sums: dict, begun: dict) -> dict:
+        if self.choosing:
+            self.model.choose_most_likely()
         val_loss, val_acc = self.evaluate_val()
         self.alpha_history.append([self.model.alphas_normal.data.copy(), self.model.alphas_reduce.data.copy()])
+        record_extra = self.energy_figures()
+        if self.choosing:
+            self.beta_history.append([self.model.betas_normal.data.copy(), self.model.betas_reduce.data.copy()])
+            probs = self.model.multiplier_probabilities()
+            record_extra["multiplier_probabilities"] = {
+                kind: np.round(p, 6).tolist() for kind, p in probs.items()}
+        genotype = self.model.genotype()
+        kept = [op for op, _ in genotype.normal + genotype.reduce]
         seen = sums["seen"]
         return {"train_loss": sums["train_loss"] / seen, "train_acc": sums["train_correct"] / seen,
                 "arch_step_loss": sums["arch_loss"] / seen, "arch_step_acc": sums["arch_correct"] / seen,
-                "val_loss": val_loss, "val_acc": val_acc, "genotype": self.model.genotype().to_darts_string()}
+                "val_loss": val_loss, "val_acc": val_acc, "genotype": genotype.to_darts_string(),
+                "skip_pool_share": sum(op in ("skip_connect", "max_pool_3x3", "avg_pool_3x3") for op in kept)
+                / len(kept), **record_extra}
 
     def evaluate_val(self) -> tuple[float, float]:
         """Loss and accuracy on the whole architecture-val half, eval mode (running BN statistics)."""
@@ -201,7 +290,12 @@ class Searcher:
 
     # ------------------------------------------------------------- state and files
     def state_tree(self) -> dict:
-        return {"alpha_history": np.array(self.alpha_history, dtype=np.float32).reshape(-1, 2, 14, len(PRIMITIVES)),
+        extra = {}
+        if self.choosing:
+            k = len(self.model.candidates)
+            extra["beta_history"] = np.array(self.beta_history, dtype=np.float32).reshape(-1, 2, 14, 4, k)
+        return {**extra,
+                "alpha_history": np.array(self.alpha_history, dtype=np.float32).reshape(-1, 2, 14, len(PRIMITIVES)),
                 "model": self.model.state_dict(),
                 "w_optimizer": self.w_optimizer.state_dict(),
                 "a_optimizer": self.a_optimizer.state_dict()}
@@ -211,12 +305,15 @@ class Searcher:
         self.w_optimizer.load_state_dict(tree["w_optimizer"])
         self.a_optimizer.load_state_dict(tree["a_optimizer"])
         self.alpha_history = [list(a) for a in np.asarray(tree["alpha_history"])]
+        if self.choosing:
+            self.beta_history = [list(b) for b in np.asarray(tree["beta_history"])]
+            self.model.choose_most_likely()
 
     def write_results(self, folder: Path) -> None:
         """alpha.h5, genotype.json and genotype.txt for the epochs done so far."""
         genotype = self.model.genotype()
         write_text(folder / "genotype.json", genotype.to_json() + "\n")
-        write_text(folder / "genotype.txt", genotype.to_darts_string() + "\n")
+        write_text(folder / "genotype.txt", genotype.to_text() + "\n")
         history = np.array(self.alpha_history, dtype=np.float32).reshape(-1, 2, 14, len(PRIMITIVES))
         save_tree(folder / "alpha.h5", {
             "primitives": list(PRIMITIVES),
@@ -224,7 +321,17 @@ class Searcher:
             "alphas_reduce": self.model.alphas_reduce.data,
             "alphas_normal_history": history[:, 0],
             "alphas_reduce_history": history[:, 1],
+            **self._beta_tree(),
         })
+
+    def _beta_tree(self) -> dict:
+        if not self.choosing:
+            return {}
+        m = self.model
+        history = np.array(self.beta_history, dtype=np.float32).reshape(-1, 2, 14, 4, len(m.candidates))
+        return {"multipliers": [a.name for a in m.candidates], "searched_ops": list(SEARCHED_OPS),
+                "betas_normal": m.betas_normal.data, "betas_reduce": m.betas_reduce.data,
+                "betas_normal_history": history[:, 0], "betas_reduce_history": history[:, 1]}
 
     def summary(self, metrics: list) -> dict:
         last = metrics[-1] if metrics else {}
@@ -232,6 +339,23 @@ class Searcher:
         return {"val_acc": last.get("val_acc"), "val_loss": last.get("val_loss"),
                 "train_acc": last.get("train_acc"), "genotype": genotype.to_dict(),
                 "genotype_string": genotype.to_darts_string()}
+
+
+def energy_prices(arithmetics: list, required) -> dict | None:
+    """``{"pj": energy per multiply of each arithmetic, "exact_pj"}`` from the default energy table.
+
+    None (float32) costs an FP32 multiply. A multiplier without a published power raises
+    UserError when ``required``; otherwise the energy figures are left out (None).
+    """
+    from approxdarts_np.approx.energy import EnergyTable
+    table = EnergyTable()
+    try:
+        pj = [table.fp32_mul_pj if a is None else table.approx_mul_pj(a.multiplier) for a in arithmetics]
+    except UserError:
+        if required:
+            raise
+        return None
+    return {"pj": np.array(pj, dtype=np.float64), "exact_pj": table.int8_mul_pj}
 
 
 def run_search(config: SearchConfig | None = None, resume: str | Path | None = None,
@@ -256,11 +380,20 @@ def run_search(config: SearchConfig | None = None, resume: str | Path | None = N
         output_dir = Path(config.output_dir)
         refuse_existing_run(output_dir)
     config.validate()
-    arithmetic = arithmetic_from_spec(config.multiplier)
-    searcher = Searcher(config, multiplier=arithmetic)
+    specs = config.candidate_specs()
+    # One candidate is the single-multiplier search (no β), bit-identical to --multiplier.
+    arithmetic = arithmetic_from_spec(specs[0] if len(specs) == 1 else config.multiplier)
+    candidates = [arithmetic_from_spec(spec) for spec in specs] if len(specs) > 1 else None
+    energy = energy_prices(candidates or [arithmetic], required=config.energy_weight > 0 or candidates)
+    searcher = Searcher(config, multiplier=arithmetic, candidates=candidates, energy=energy)
     threads = configure_threads(config.threads)
     resolved = {"threads": threads, "multiplier": arithmetic.name if arithmetic else "none",
                 "steps_per_epoch": searcher.steps_per_epoch}
+    if candidates:
+        resolved["multipliers"] = [a.name for a in candidates]
+    if energy is not None:
+        resolved["energy_pj_per_multiply"] = dict(zip(resolved.get("multipliers", [resolved["multiplier"]]),
+                                                      map(float, energy["pj"])))
     loop = RunLoop(searcher, output_dir, progress)
     if resume is not None:
         return loop.resume(resolved)

@@ -22,7 +22,9 @@ from approxdarts_np.data.cifar import load_cifar10
 from approxdarts_np.errors import UserError
 from approxdarts_np.io.rundir import CHECKPOINT, refuse_existing_run, saved_config
 from approxdarts_np.nas.genotypes import Genotype
+from approxdarts_np.approx.convolution import arithmetic_from_spec
 from approxdarts_np.nas.model_eval import NetworkCIFAR
+from approxdarts_np.nas.multiplier_choice import set_genotype_multipliers
 from approxdarts_np.nn import SGD, clip_grad_norm, cosine_lr
 from approxdarts_np.runs.config import IMAGE_SIZE, RunConfig, apply_resume_overrides
 from approxdarts_np.runs.evaluate import evaluate
@@ -45,7 +47,7 @@ class TrainConfig(RunConfig):
     batch_size: int = 32
     max_train_images: int | None = 1024
     seed: int = 0
-    multiplier: str = "none"
+    multiplier: str = "genotype"  # genotype: the genotype's per-op multipliers (FP32 where it has none)
     threads: int | None = None
     lr: float = 0.025
     lr_min: float = 0.0
@@ -80,9 +82,18 @@ class TrainConfig(RunConfig):
         check_memory(train_memory_bytes(self), "training")
 
 
+GENOTYPE_MULTIPLIERS = "genotype"
+
+
 def build_network(config: TrainConfig, multiplier=None) -> NetworkCIFAR:
-    return NetworkCIFAR(Genotype.from_dict(config.genotype), config.channels, 10, config.layers,
-                        auxiliary=config.auxiliary_weight > 0, multiplier=multiplier, seed=config.seed)
+    """The evaluation network of the config's genotype; its searched convs use ``multiplier`` or, with
+    ``config.multiplier == "genotype"``, the multiplier the genotype names for each op (FP32 where none)."""
+    genotype = Genotype.from_dict(config.genotype)
+    net = NetworkCIFAR(genotype, config.channels, 10, config.layers,
+                       auxiliary=config.auxiliary_weight > 0, multiplier=multiplier, seed=config.seed)
+    if config.multiplier == GENOTYPE_MULTIPLIERS:
+        set_genotype_multipliers(net, genotype, arithmetic_from_spec)
+    return net
 
 
 class Trainer:
@@ -180,7 +191,7 @@ def load_trained_network(path: str | Path) -> tuple[NetworkCIFAR, TrainConfig]:
         config = TrainConfig.from_dict(json.loads(tree["config"]), source=f"{path} (config)")
     except (json.JSONDecodeError, TypeError) as exc:
         raise UserError(f"{path} is damaged: its config is not JSON ({exc})") from None
-    model = build_network(config)
+    model = build_network(config.replace(multiplier="none"))
     try:
         model.load_state_dict(tree["model"])
     except (KeyError, ValueError) as exc:
@@ -195,7 +206,6 @@ def run_train(config: TrainConfig | None = None, resume: str | Path | None = Non
 
     ``resume`` and ``overrides`` as in :func:`~approxdarts_np.runs.search.run_search`.
     """
-    from approxdarts_np.approx.convolution import arithmetic_from_spec
     from approxdarts_np.kernels.threads import configure_threads
 
     if resume is not None:
@@ -206,11 +216,18 @@ def run_train(config: TrainConfig | None = None, resume: str | Path | None = Non
         output_dir = Path(config.output_dir)
         refuse_existing_run(output_dir)
     config.validate()
-    arithmetic = arithmetic_from_spec(config.multiplier)
+    arithmetic = None if config.multiplier == GENOTYPE_MULTIPLIERS else arithmetic_from_spec(config.multiplier)
     trainer = Trainer(config, multiplier=arithmetic)
     threads = configure_threads(config.threads)
-    resolved = {"threads": threads, "multiplier": arithmetic.name if arithmetic else "none",
-                "genotype_string": Genotype.from_dict(config.genotype).to_darts_string(),
+    genotype = Genotype.from_dict(config.genotype)
+    if arithmetic is not None:
+        used = arithmetic.name
+    elif config.multiplier == GENOTYPE_MULTIPLIERS and genotype.has_multipliers:
+        used = "per op, from the genotype"
+    else:
+        used = "none"
+    resolved = {"threads": threads, "multiplier": used,
+                "genotype_string": genotype.to_text(),
                 "parameters": trainer.parameter_count()}
     loop = RunLoop(trainer, output_dir, progress)
     if resume is not None:
