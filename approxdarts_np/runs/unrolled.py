@@ -99,7 +99,7 @@ def _unrolled_alpha_gradient(model: Network, w_optimizer: SGD, train_batch, val_
     if not math.isfinite(val_loss):
         return val_loss, val_correct, None
     direct = [a.grad for a in alphas]
-    u = [p.grad for p in weights]
+    u = [np.zeros_like(p.data) if p.grad is None else p.grad for p in weights]
     hvp = _alpha_hessian_vector_product(model, train_batch, u, w0, perturbation)
     if hvp is None:
         return math.nan, val_correct, None
@@ -113,7 +113,7 @@ def _virtual_step(weights, w_optimizer: SGD, xi: float, w0) -> None:
                              np.float32(xi))
     index = {id(p): i for i, p in enumerate(w_optimizer.params)}
     for p, w in zip(weights, w0):
-        d = p.grad + decay * w
+        d = decay * w if p.grad is None else p.grad + decay * w  # no gradient: the loss does not use p
         buf = w_optimizer.state[index[id(p)]].get("momentum_buffer")
         if buf is not None and momentum:
             d = d + momentum * buf
