@@ -5,6 +5,7 @@ from approxdarts_np_cli import data, multipliers
 from approxdarts_np_cli.energy import energy
 from approxdarts_np_cli.evaluate import evaluate
 from approxdarts_np_cli.search import search
+from approxdarts_np_cli.sweep import sweep
 from approxdarts_np_cli.train import train
 
 app = typer.Typer(help="ApproxDARTS in NumPy/Numba: architecture search with approximate multipliers.",
@@ -14,6 +15,7 @@ app.command()(search)
 app.command()(train)
 app.command()(evaluate)
 app.command()(energy)
+app.command()(sweep)
 app.add_typer(data.app, name="data", help="CIFAR-10 data: fetch the full set.")
 
 

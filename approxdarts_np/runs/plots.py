@@ -1,9 +1,15 @@
-"""Figures of the product, in one place: accuracy against arithmetic energy."""
+"""Figures of the product, in one place: accuracy against arithmetic energy, with the Pareto front.
+
+Serves ``evaluate --plot`` (one network, one point per multiplier) and a
+sweep's ``pareto.png`` (one point per trial).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 from approxdarts_np.errors import UserError
+
+_FP32 = ("none", "fp32", "float")
 
 
 def require_matplotlib():
@@ -17,32 +23,73 @@ def require_matplotlib():
     return plt
 
 
-def plot_accuracy_energy(rows: list[dict], path: str | Path) -> None:
-    """PNG of test accuracy against arithmetic energy per inference, FP32 and exact 8-bit marked.
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated ``(energy, accuracy)`` points, in input order.
 
-    Needs matplotlib (``pip install approxdarts-np[plot]``); UserError when it is missing.
+    A point is kept when no other point has both higher accuracy and lower energy.
+    """
+    return [i for i, (energy, acc) in enumerate(points)
+            if not any(a > acc and e < energy for e, a in points)]
+
+
+def plot_accuracy_energy(rows: list[dict], path: str | Path, accuracy_label: str = "test accuracy",
+                         title: str = "Accuracy against multiplier energy") -> None:
+    """PNG of accuracy against arithmetic energy per inference (µJ, linear), the front drawn and labelled.
+
+    Each row needs ``multiplier``, ``energy_pj`` and an accuracy (``accuracy``,
+    else ``test_acc``); ``label`` names the point (default: the multiplier).
+    Exact 8-bit rows are green diamonds; FP32 rows are horizontal lines with
+    their energy in the legend, since their energy (about 18× the exact 8-bit
+    one) would squeeze every 8-bit point into one corner of a linear axis. Only
+    points on the Pareto front of the 8-bit points get a text label. Rows
+    without an energy are left out. Needs matplotlib (UserError when missing).
     """
     plt = require_matplotlib()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    fp32, points = [], []
     for row in rows:
-        if row["energy_pj"] is None:
+        acc = row.get("accuracy", row.get("test_acc"))
+        if row.get("energy_pj") is None or acc is None:
             continue
-        name = row["multiplier"]
-        special = {"none": ("FP32", "tab:red", "s"), "exact": ("exact 8-bit", "tab:green", "D")}.get(name)
-        energy_uj = row["energy_pj"] / 1e6
-        if special:
-            ax.scatter(energy_uj, 100 * row["test_acc"], color=special[1], marker=special[2], s=60,
-                       label=special[0], zorder=3)
-        else:
-            ax.scatter(energy_uj, 100 * row["test_acc"], color="tab:blue", s=20, zorder=2)
-            ax.annotate(name.replace("mul8u_", ""), (energy_uj, 100 * row["test_acc"]), fontsize=6,
-                        xytext=(2, 2), textcoords="offset points")
-    ax.set_xscale("log")
+        name = str(row["multiplier"])
+        label = row.get("label") or _short(name)
+        entry = (row["energy_pj"] / 1e6, 100 * acc, label, name.lower())
+        (fp32 if name.lower() in _FP32 else points).append(entry)
+    for i, (energy, acc, label, _) in enumerate(fp32):
+        ax.axhline(acc, color="tab:red", linestyle="--", linewidth=1,
+                   label=f"FP32 ({energy:.3g} µJ)" if i == 0 else None, zorder=1)
+    exact = [p for p in points if p[3] == "exact"]
+    approx = [p for p in points if p[3] != "exact"]
+    if approx:
+        ax.scatter([p[0] for p in approx], [p[1] for p in approx], color="tab:blue", s=22, zorder=2,
+                   label="approximate 8-bit")
+    if exact:
+        ax.scatter([p[0] for p in exact], [p[1] for p in exact], color="tab:green", marker="D", s=50, zorder=3,
+                   label="exact 8-bit")
+    front = sorted((points[i] for i in pareto_front([(p[0], p[1]) for p in points])), key=lambda p: (p[0], p[1]))
+    if front:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:orange", linewidth=1.2,
+                zorder=1, label="Pareto front")
+        ax.scatter([p[0] for p in front], [p[1] for p in front], facecolors="none", edgecolors="tab:orange",
+                   s=90, zorder=4)
+        for k, (energy, acc, label, _) in enumerate(front):
+            # left of the point (the axis starts at 0, so there is room), alternately above and below
+            # so that neighbours on the staircase do not overlap
+            ax.annotate(label, (energy, acc), xytext=(-7, 5 if k % 2 == 0 else -11), textcoords="offset points",
+                        fontsize=8, ha="right", zorder=5)
+    ax.set_xlim(left=0)
+    if points:
+        ax.set_xlim(right=1.05 * max(p[0] for p in points))
+    ax.margins(y=0.12)
     ax.set_xlabel("arithmetic energy per inference (µJ, multiplications)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy against multiplier energy")
+    ax.set_ylabel(f"{accuracy_label} (%)")
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
+
+
+def _short(name: str) -> str:
+    return {"exact": "exact 8-bit"}.get(name.lower(), name.replace("mul8u_", ""))

@@ -1,0 +1,120 @@
+"""`approxdarts-np sweep`: parse options, build a SweepConfig, run the grid on Ray, print the summary."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from approxdarts_np.errors import UserError
+from approxdarts_np.runs.sweep import SweepConfig, format_mean_std, parse_list, run_sweep
+from approxdarts_np_cli._common import given, user_errors
+
+
+@user_errors
+def sweep(
+    multipliers: Optional[str] = typer.Option(None, help=escape(
+        "Comma list: none (FP32), exact, table names or paths [exact].")),
+    seeds: Optional[str] = typer.Option(None, help=escape("Comma list of seeds [0].")),
+    stage: Optional[str] = typer.Option(None, help=escape(
+        "search, train (the --genotype), or both: search, train the genotype found, evaluate [both].")),
+    genotype: Optional[str] = typer.Option(None, help="With --stage train: genotype file, string or DARTS_V2."),
+    output_dir: Optional[Path] = typer.Option(None, help=escape(
+        "Folder of the sweep: one run folder per trial, results.csv/json, pareto.png [runs/sweep].")),
+    preset: Optional[str] = typer.Option(None, help=escape("quick or paper, for every run [quick].")),
+    epochs: Optional[int] = typer.Option(None, help="Epochs of each search and training [preset]."),
+    channels: Optional[int] = typer.Option(None, help="Initial channels [preset]."),
+    layers: Optional[int] = typer.Option(None, help="Cells [preset]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [preset]."),
+    max_train_images: Optional[int] = typer.Option(None, help="First N training images, 0 = all [preset]."),
+    data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder; default: the bundled sample."),
+    cpus_per_trial: Optional[int] = typer.Option(None, help=escape(
+        "CPUs (and kernel threads) of each trial [all cores of this machine: one trial at a time].")),
+    max_failures: Optional[int] = typer.Option(None, help=escape(
+        "Restarts of a failed trial from its last checkpoint [3].")),
+    address: Optional[str] = typer.Option(None, help=escape(
+        "Join this Ray cluster (e.g. 10.0.0.1:6379 or auto) [start a local Ray].")),
+    resume: Optional[Path] = typer.Option(None, help="Continue the sweep saved in this folder (only --address "
+                                                      "may be given with it)."),
+) -> None:
+    """Run a grid of searches and trainings (multipliers × seeds) as Ray Tune trials; results and Pareto plot."""
+    console = Console()
+    if resume is not None:
+        others = given(multipliers=multipliers, seeds=seeds, stage=stage, genotype=genotype, preset=preset,
+                       epochs=epochs, channels=channels, layers=layers, batch_size=batch_size,
+                       max_train_images=max_train_images, data_dir=data_dir, cpus_per_trial=cpus_per_trial,
+                       max_failures=max_failures)
+        if output_dir is not None and output_dir != resume:
+            others["output_dir"] = output_dir
+        if others:
+            raise UserError(f"--resume {resume} continues a sweep with its saved settings; these cannot be "
+                            f"given with it: {', '.join('--' + k.replace('_', '-') for k in others)}")
+        config = None
+    else:
+        config = _config(multipliers, seeds, stage, genotype, output_dir, preset, epochs, channels, layers,
+                         batch_size, max_train_images, data_dir, cpus_per_trial, max_failures)
+    result = run_sweep(config, resume=resume, address=address, progress=lambda e: _show(console, e))
+    _print_summary(console, result)
+    if result["failed"]:
+        for f in result["failed"]:
+            console.print(f"failed: {f['trial']}: {f['error']} (log: {f['path']})", markup=False, soft_wrap=True)
+        console.print(f"continue with: approxdarts-np sweep --resume {result['output_dir']}", highlight=False)
+        raise typer.Exit(code=1)
+
+
+def _config(multipliers, seeds, stage, genotype, output_dir, preset, epochs, channels, layers, batch_size,
+            max_train_images, data_dir, cpus_per_trial, max_failures) -> SweepConfig:
+    from approxdarts_np.nas.genotypes import read_genotype
+
+    run_options = given(epochs=epochs, channels=channels, layers=layers, batch_size=batch_size,
+                        data_dir=str(data_dir) if data_dir else None)
+    if max_train_images is not None:
+        run_options["max_train_images"] = max_train_images or None
+    options = given(stage=stage, preset=preset, cpus_per_trial=cpus_per_trial, max_failures=max_failures,
+                    output_dir=str(output_dir) if output_dir else None)
+    if multipliers is not None:
+        options["multipliers"] = parse_list(multipliers, "--multipliers")
+    if seeds is not None:
+        options["seeds"] = parse_list(seeds, "--seeds", int)
+    if genotype is not None:
+        options["genotype"] = read_genotype(genotype).to_dict()
+    return SweepConfig(run_options=run_options, **options)
+
+
+def _show(console: Console, event: dict) -> None:
+    kind, trial = event["event"], event.get("trial")
+    if kind == "sweep_start":
+        console.print(f"sweep → {event['output_dir']}: {event['trials']} trials, {event['cpus_per_trial']} "
+                      f"CPUs each{' (resumed)' if event['resumed'] else ''}", highlight=False)
+    elif kind == "trial_epoch":
+        acc = [f"{k.replace('_', ' ')} {100 * event[k]:.2f}%" for k in ("train_acc", "val_acc") if k in event]
+        console.print(f"{trial}: {event['stage']} epoch {event['epoch']}  " + "  ".join(acc), highlight=False)
+    elif kind == "trial_done":
+        console.print(f"{trial}: done", highlight=False)
+    elif kind == "trial_retry":
+        console.print(f"{trial}: failed; restarting from its last checkpoint", highlight=False)
+    elif kind == "trial_error":
+        console.print(f"{trial}: failed", highlight=False)
+
+
+def _print_summary(console: Console, result: dict) -> None:
+    rows = result["rows"]
+    if not rows:
+        return
+    table = Table(title=f"{len(rows)} trials ({result['stage']}), mean ± std over seeds")
+    for col in ("multiplier", "seeds", "val acc %", "test acc %", "energy µJ", "params", "wall s"):
+        table.add_column(col, justify="left" if col == "multiplier" else "right")
+    for s in result["summary"]:
+        table.add_row(s["multiplier"], str(s["trials"]),
+                      format_mean_std(s["val_acc_mean"], s["val_acc_std"], 100),
+                      format_mean_std(s["test_acc_mean"], s["test_acc_std"], 100),
+                      format_mean_std(s["energy_pj_mean"], s["energy_pj_std"], 1e-6, 3),
+                      format_mean_std(s["parameters_mean"], s["parameters_std"], digits=0),
+                      format_mean_std(s["wall_s_mean"], s["wall_s_std"], digits=0))
+    console.print(table)
+    console.print(f"{len(rows)} trials in {result['elapsed_s']:.0f} s", highlight=False)
+    for label, path in result["files"].items():
+        console.print(f"{label}: {path}", highlight=False)

@@ -1,0 +1,230 @@
+"""Sweeps on Ray: the Pareto front, option checks before any trial, a 2 × 2 grid, and a killed trial's retry.
+
+The Ray tests share one local Ray (2 CPUs, no dashboard) started once for the module, with tiny trials
+(2 channels, 3 cells, batch 4, 16 training images, one kernel thread).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from approxdarts_np.errors import UserError
+from approxdarts_np.runs.plots import pareto_front
+from approxdarts_np.runs.sweep import SweepConfig, run_sweep, summarize, trial_name
+from approxdarts_np_cli.main import app
+
+runner = CliRunner()
+TINY = {"epochs": 1, "channels": 2, "layers": 3, "batch_size": 4, "max_train_images": 16}
+TINY_ARGS = ["--epochs", "1", "--channels", "2", "--layers", "3", "--batch-size", "4", "--max-train-images", "16",
+             "--cpus-per-trial", "1"]
+
+
+# ----------------------------------------------------------------- Pareto front
+# (energy, accuracy) sets with their fronts worked out by hand.
+FRONT_CASES = [
+    # a staircase with two dominated points inside it
+    ([(1.0, 0.50), (2.0, 0.70), (3.0, 0.90), (2.5, 0.60), (3.5, 0.85)], [0, 1, 2]),
+    # equal energy, lower accuracy: not dominated (no point has *lower* energy and higher accuracy)
+    ([(1.0, 0.50), (1.0, 0.40), (2.0, 0.45)], [0, 1]),
+    # equal accuracy, higher energy: not dominated either (nobody has *higher* accuracy)
+    ([(1.0, 0.50), (2.0, 0.50), (0.5, 0.30)], [0, 1, 2]),
+    # one point better on both counts dominates all others
+    ([(3.0, 0.2), (0.1, 0.99), (2.0, 0.5), (1.0, 0.3)], [1]),
+    # the cheapest point is always on the front, as is the most accurate
+    ([(5.0, 0.95), (0.2, 0.10), (2.0, 0.60), (2.1, 0.55)], [0, 1, 2]),
+    ([(1.0, 0.5)], [0]),
+]
+
+
+def check_front(front) -> None:
+    for points, expected in FRONT_CASES:
+        assert front(points) == expected, points
+
+
+def test_pareto_front_of_hand_made_points():
+    check_front(pareto_front)
+
+
+@pytest.mark.parametrize("wrong", [
+    # dominated by a point at least as good on both counts (keeps only one of a tie)
+    lambda pts: [i for i, (e, a) in enumerate(pts) if not any(a2 >= a and e2 <= e and (e2, a2) != (e, a)
+                                                              for e2, a2 in pts)],
+    # energy and accuracy swapped in the comparison (keeps the worst)
+    lambda pts: [i for i, (e, a) in enumerate(pts) if not any(a2 < a and e2 > e for e2, a2 in pts)],
+    # accuracy alone
+    lambda pts: [i for i, (e, a) in enumerate(pts) if a == max(p[1] for p in pts)],
+    # sorted by energy instead of input order
+    lambda pts: sorted(pareto_front(pts), key=lambda i: pts[i][0]),
+])
+def test_the_front_check_catches_wrong_fronts(wrong):
+    with pytest.raises(AssertionError):
+        check_front(wrong)
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    rows = [{"multiplier": "exact", "val_acc": 0.2, "test_acc": 0.1, "energy_pj": 1e6, "parameters": 10, "wall_s": 1},
+            {"multiplier": "exact", "val_acc": 0.4, "test_acc": 0.3, "energy_pj": 3e6, "parameters": 30, "wall_s": 3},
+            {"multiplier": "mul8u_2P7", "val_acc": 0.5, "test_acc": None, "energy_pj": 2e6, "parameters": 20,
+             "wall_s": 2}]
+    exact, approx = summarize(rows)
+    assert exact["trials"] == 2 and exact["val_acc_mean"] == pytest.approx(0.3)
+    assert exact["val_acc_std"] == pytest.approx(0.02 ** 0.5)  # sample std of 0.2, 0.4
+    assert exact["energy_pj_std"] == pytest.approx(2 ** 0.5 * 1e6)  # sample std (n - 1) of 1e6, 3e6
+    assert approx["trials"] == 1 and approx["val_acc_std"] is None and approx["test_acc_mean"] is None
+
+
+# ----------------------------------------------------------------- options: exit 2 before any trial
+@pytest.mark.parametrize("args, message", [
+    (["--multipliers", "exact,mul8u_NOSUCH"], "NOSUCH"),
+    (["--multipliers", ","], "--multipliers"),
+    (["--seeds", "0,x"], "--seeds"),
+    (["--seeds", "0,0"], "repeats"),
+    (["--seeds", "-1"], "--seed"),
+    (["--stage", "evaluate"], "--stage"),
+    (["--stage", "train"], "--genotype"),
+    (["--preset", "huge"], "--preset"),
+    (["--channels", "0"], "--channels"),
+    (["--layers", "2"], "--layers"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial"),
+    (["--cpus-per-trial", "4096"], "--cpus-per-trial"),
+    (["--max-failures", "-1"], "--max-failures"),
+])
+def test_bad_option_exits_2_before_any_trial(tmp_path, args, message):
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", "--output-dir", str(out)] + TINY_ARGS + args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+    assert not out.exists()  # nothing written, no Ray started for it
+
+
+def test_resume_refuses_other_settings_and_folders_without_a_sweep(tmp_path):
+    result = runner.invoke(app, ["sweep", "--resume", str(tmp_path), "--seeds", "3"])
+    assert result.exit_code == 2 and "--seeds" in result.output
+    result = runner.invoke(app, ["sweep", "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "no sweep to resume" in result.output
+
+
+def test_without_ray_one_line_naming_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", "--output-dir", str(out), "--multipliers", "exact"] + TINY_ARGS)
+    assert result.exit_code == 2
+    assert result.output.strip() == 'error: the sweep needs Ray: pip install -e ".[sweep]"'
+    assert not out.exists()
+
+
+def test_trial_folder_names():
+    assert trial_name("mul8u_17KS", 1) == "mul8u_17KS-seed1"
+    assert trial_name("tables/my table.bin", 0) == "my_table-seed0"
+    with pytest.raises(UserError, match="share a trial folder"):
+        SweepConfig(multipliers=["a/mul.bin", "b/mul.npy"], run_options=dict(TINY)).validate()
+
+
+# ----------------------------------------------------------------- on a local Ray
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    yield ray
+    ray.shutdown()
+
+
+def _metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_by_two_grid_writes_four_rows_and_the_plot(local_ray, tmp_path):
+    events = []
+    config = SweepConfig(multipliers=["exact", "mul8u_2P7"], seeds=[0, 1], stage="both", output_dir=str(tmp_path),
+                         run_options=dict(TINY), cpus_per_trial=1)
+    result = run_sweep(config, progress=events.append)
+    assert result["failed"] == []
+    rows = result["rows"]
+    assert [(r["multiplier"], r["seed"]) for r in rows] == [("exact", 0), ("exact", 1), ("mul8u_2P7", 0),
+                                                          ("mul8u_2P7", 1)]
+    with open(tmp_path / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["multiplier"], int(r["seed"])) for r in table] == [(r["multiplier"], r["seed"]) for r in rows]
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for row in rows:
+        folder = tmp_path / trial_name(row["multiplier"], row["seed"])
+        # each trial is a normal pair of run folders with that multiplier and seed
+        for stage in ("search", "train"):
+            saved = json.loads((folder / stage / "config.json").read_text())
+            assert (saved["multiplier"], saved["seed"], saved["threads"]) == (row["multiplier"], row["seed"], 1)
+        assert row["val_acc"] == _metrics(folder / "search")[-1]["val_acc"]
+        assert row["genotype"] == (folder / "search" / "genotype.txt").read_text().strip()
+        train_config = json.loads((folder / "train" / "config.json").read_text())
+        assert train_config["resolved"]["genotype_string"] == row["genotype"]
+        assert 0 <= row["test_acc"] <= 1 and row["wall_s"] > 0 and not row["resumed"]
+        assert row["energy_fp32_pj"] > row["energy_exact8_pj"] > 0
+        if row["multiplier"] == "exact":
+            assert row["energy_pj"] == row["energy_approx_pj"] == row["energy_exact8_pj"]
+        else:
+            assert row["energy_pj"] == row["energy_approx_pj"] < row["energy_exact8_pj"]
+    exact = result["summary"][0]
+    assert exact["trials"] == 2
+    assert exact["test_acc_mean"] == pytest.approx((rows[0]["test_acc"] + rows[1]["test_acc"]) / 2)
+    done = {e["trial"] for e in events if e["event"] == "trial_done"}
+    assert done == {trial_name(r["multiplier"], r["seed"]) for r in rows}
+    assert {(e["trial"], e["stage"]) for e in events if e["event"] == "trial_epoch"} == {
+        (name, stage) for name in done for stage in ("search", "train")}
+    # a finished sweep resumes to the same rows without running anything again
+    again = run_sweep(resume=tmp_path)
+    assert [(r["multiplier"], r["seed"], r["test_acc"]) for r in again["rows"]] == [
+        (r["multiplier"], r["seed"], r["test_acc"]) for r in rows]
+
+
+@pytest.mark.slow
+def test_a_killed_trial_restarts_from_its_checkpoint(local_ray, tmp_path):
+    epochs = 4
+    config = SweepConfig(multipliers=["mul8u_2P7"], seeds=[3], stage="search", output_dir=str(tmp_path),
+                         run_options=dict(TINY, epochs=epochs), cpus_per_trial=1, max_failures=2)
+    run_folder = tmp_path / trial_name("mul8u_2P7", 3) / "search"
+    events, outcome = [], {}
+
+    def sweep():
+        try:
+            outcome["result"] = run_sweep(config, progress=events.append)
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the test thread)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=sweep)
+    thread.start()
+    # wait for the first epoch on disk, then kill the process that holds the run folder's lock
+    deadline = time.monotonic() + 240
+    while not (run_folder / "metrics.jsonl").is_file() or not _metrics(run_folder):
+        assert thread.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.02)
+    before = _metrics(run_folder)
+    pid = int((run_folder / ".lock").read_text().split()[1])
+    assert pid != os.getpid()
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    assert result["failed"] == [] and len(result["rows"]) == 1
+    row = result["rows"][0]
+    assert row["resumed"]
+    assert any(e["event"] == "trial_retry" for e in events)
+    after = _metrics(run_folder)
+    assert len(after) == epochs
+    # resumed, not restarted: the epochs done before the kill are the same records (same wall clock)
+    assert after[:len(before)] == before
+    assert row["val_acc"] == after[-1]["val_acc"]
+    config_saved = json.loads((run_folder / "config.json").read_text())
+    assert config_saved["epochs"] == epochs
