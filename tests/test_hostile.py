@@ -80,6 +80,16 @@ def no_temp_files(folder: Path) -> None:
     (["--max-train-images", "1"], "--max-train-images"),
     (["--seed", "-1"], "--seed"),
     (["--order", "3"], "--order"),
+    (["--multipliers", ","], "names no multiplier"),
+    (["--multipliers", "none,exact"], "'none' (FP32) cannot be one"),
+    (["--multipliers", "exact,mul8u_NOPE"], "mul8u_NOPE"),
+    (["--multiplier", "exact", "--multipliers", "exact,mul8u_2P7"], "not both"),
+    (["--multipliers", "exact,mul8u_2P7", "--energy-weight", "-1"], "--energy-weight"),
+    (["--multipliers", "exact,mul8u_2P7", "--energy-weight", "nan"], "--energy-weight"),
+    (["--multipliers", "exact,mul8u_2P7", "--energy-weight", "1", "--energy-target", "0"], "--energy-target"),
+    (["--energy-target", "5"], "--energy-target needs an --energy-weight"),
+    (["--multipliers", "exact,mul8u_2P7", "--gumbel-temperature", "0"], "--gumbel-temperature"),
+    (["--multipliers", "exact,mul8u_2P7", "--order", "2"], "--order 2"),
     (["--order", "2", "--unrolled-lr", "0"], "--unrolled-lr"),
     (["--multiplier", "mul8u_NOPE"], "mul8u_NOPE"),
     (["--multiplier", "missing.bin"], "missing.bin"),
@@ -244,6 +254,7 @@ def test_train_resume_refuses_another_genotype(runs, tmp_path):
 # ----------------------------------------------------------------------------- evaluate and energy
 @pytest.mark.parametrize("args, fragment", [
     (["--multiplier", ","], "names no multiplier"),
+    (["--multiplier", "genotype"], "names no multipliers"),
     (["--multiplier", "mul8u_NOPE"], "mul8u_NOPE"),
     (["--batch-size", "0"], "--batch-size"),
     (["--output", "/nonexistent/folder/t.csv"], "/nonexistent/folder"),
@@ -283,6 +294,7 @@ def test_evaluate_bad_checkpoints(runs, tmp_path, damage):
     (["--layers", "1"], "--layers"),
     (["--multiplier", "mul8u_NOPE"], "mul8u_NOPE"),
     (["--genotype", "nope.json"], "nope.json"),
+    (["--multiplier", "genotype"], "names no multipliers"),
 ])
 def test_energy_settings(args, fragment):
     base = ["energy", "--genotype", "DARTS_V2", "--channels", "4", "--layers", "3"]
