@@ -2,7 +2,7 @@
 
 Forward: both operands are quantised per tensor (activations with the current
 batch's range), the integer accumulation Σ M(q_x, q_w) − z_w·q_x − z_x·q_w + z_x·z_w
-runs through the table (:func:`~approxdarts_np.approx.lut_conv.lut_conv2d`), and
+runs through the table (:func:`~approxdarts_np.approx.lut_conv.approx_conv2d`), and
 the result is scaled by s_x·s_w. Backward: the straight-through estimator — the
 exact float convolution gradient taken at the de-quantised operands.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from approxdarts_np.approx.lut_conv import lut_conv2d, make_lut_plan
+from approxdarts_np.approx.lut_conv import approx_conv2d, make_lut_plan
 from approxdarts_np.approx.multipliers import Multiplier, load_multiplier
-from approxdarts_np.approx.quantize import dequantize, quantize_per_tensor
-from approxdarts_np.autodiff import DTYPE, Function, Tensor
+from approxdarts_np.approx.quantize import dequantize
+from approxdarts_np.autodiff import Function, Tensor
 from approxdarts_np.kernels import conv as kconv
 from approxdarts_np.kernels import depthwise as kdw
 
@@ -26,20 +26,17 @@ class ApproxConv2d(Function):
     """Convolution of quantised operands through ``plan``'s table, straight-through gradient."""
 
     def forward(self, x, w, plan=None, stride=1, padding=0, dilation=1, groups=1):
-        qx, sx, zx = quantize_per_tensor(x)
-        qw, sw, zw = quantize_per_tensor(w)
-        acc = lut_conv2d(qx, zx, qw, zw, plan, stride=stride, padding=padding, dilation=dilation,
-                         groups=groups)
+        y, x_codes, w_codes = approx_conv2d(x, w, plan, stride, padding, dilation, groups)
         self.geometry = (stride, padding, dilation)
         self.groups = groups
         self.depthwise = _is_depthwise(x.shape, w.shape, groups)
         self.x_shape, self.w_shape = x.shape, w.shape
         # The uint8 codes are kept (a quarter of the float activations) and de-quantised in backward.
         if self.needs_grad(1):
-            self.x_codes = (qx, sx, zx)
+            self.x_codes = x_codes
         if self.needs_grad(0):
-            self.w_codes = (qw, sw, zw)
-        return (acc * (sx * sw)).astype(DTYPE)
+            self.w_codes = w_codes
+        return y
 
     def backward(self, g):
         g = np.ascontiguousarray(g)

@@ -37,16 +37,22 @@ from math import gcd
 
 import numpy as np
 import scipy.linalg
-import scipy.linalg.cython_blas  # noqa: F401  (BLAS of Numba's np.dot; loaded before limiting it)
-from threadpoolctl import ThreadpoolController
 
-from ..kernels.lut_conv import im2col_codes, lowrank_bag_conv, lowrank_depthwise_conv
+from ..kernels import conv as kconv
+from ..kernels import depthwise as kdw
+from ..kernels.lut_conv import code_features, feature_sum, im2col_codes, lowrank_bag_conv
 
 __all__ = [
     "LowRankFactors",
     "LowRankBoundError",
     "exact_error_factors",
     "lowrank_conv2d",
+    "FeatureTable",
+    "activation_features",
+    "weight_features",
+    "features_fit_float32",
+    "filter_constants",
+    "feature_conv",
     "FLOAT32_EXACT_LIMIT",
     "FLOAT64_EXACT_LIMIT",
 ]
@@ -100,19 +106,17 @@ def exact_error_factors(table, max_rank):
         empty = np.zeros((256, 0), np.int64)
         return LowRankFactors(_frozen(empty), _frozen(empty.copy()))
     err_f = err.astype(np.float64)
-    # 256 x 256 LAPACK work is faster on one thread than with a thread pool next to Numba's
-    with _blas_controller().limit(limits=1, user_api="blas"):
-        # rank-revealing pivoted QR (float64); a wrong numerical rank fails the exact checks
-        r_mat, col_order = scipy.linalg.qr(err_f, mode="r", pivoting=True)
-        diag = np.abs(np.diag(r_mat))
-        rank = int(np.count_nonzero(diag > diag[0] * 256 * np.finfo(np.float64).eps))
-        if rank > max_rank:
-            return None
-        try:
-            u, b = _integer_skeleton(err, err_f, np.sort(col_order[:rank]))
-        except (ArithmeticError, ValueError, StopIteration):
-            return None
-        u, b = _lll_reduce(u, b)
+    # rank-revealing pivoted QR (float64); a wrong numerical rank fails the exact checks
+    r_mat, col_order = scipy.linalg.qr(err_f, mode="r", pivoting=True)
+    diag = np.abs(np.diag(r_mat))
+    rank = int(np.count_nonzero(diag > diag[0] * 256 * np.finfo(np.float64).eps))
+    if rank > max_rank:
+        return None
+    try:
+        u, b = _integer_skeleton(err, err_f, np.sort(col_order[:rank]))
+    except (ArithmeticError, ValueError, StopIteration):
+        return None
+    u, b = _lll_reduce(u, b)
     u = np.array(u, dtype=object)
     b = np.array(b, dtype=object)
     if np.abs(u).max() * np.abs(b).max() * rank >= 2 ** 62:
@@ -263,10 +267,71 @@ def _lll_reduce(u, b, delta=0.99):
 
 # ----------------------------------------------------------------------------- engine
 
-@lru_cache(maxsize=1)
-def _blas_controller():
-    """Thread-pool controller over the BLAS libraries loaded at first use (cheap to apply)."""
-    return ThreadpoolController()
+@dataclass(frozen=True, eq=False)
+class FeatureTable:
+    """Integer features of one operand's codes for one zero point, ready for the float kernels.
+
+    ``table`` (256, J) float32, row = a code's J features (exact integers); ``peak`` (J,) int64,
+    the largest |feature| per column; ``const`` (256,) int64 or None: for activations, the
+    weight-code row g0 whose sum over a filter's taps is that filter's constant term.
+    """
+
+    table: np.ndarray
+    peak: np.ndarray
+    const: np.ndarray | None
+
+
+@lru_cache(maxsize=1024)
+def activation_features(factors, zx):
+    """:class:`FeatureTable` of activation codes: F[a] = (a - zx, u[a] - u[zx]); const = v @ u[zx]."""
+    f = np.empty((256, 1 + factors.rank), np.int64)
+    f[:, 0] = np.arange(256) - zx
+    f[:, 1:] = factors.u - factors.u[zx]
+    return FeatureTable(_frozen(f.astype(np.float32)), _frozen(np.abs(f).max(axis=0)),
+                        _frozen(factors.v @ factors.u[zx]))
+
+
+@lru_cache(maxsize=1024)
+def weight_features(factors, zw):
+    """:class:`FeatureTable` of weight codes: G[b] = (b - zw, v[b])."""
+    g = np.empty((256, 1 + factors.rank), np.int64)
+    g[:, 0] = np.arange(256) - zw
+    g[:, 1:] = factors.v
+    return FeatureTable(_frozen(g.astype(np.float32)), _frozen(np.abs(g).max(axis=0)), None)
+
+
+def features_fit_float32(n_taps, act, wgt):
+    """True when n_taps taps of act . wgt features sum exactly in float32 in any order.
+
+    Uses the bound n_taps * sum_j max|F_j| * max|G_j| <= 2**24 over all codes (features are
+    integers; every partial sum is then an integer float32 holds exactly).
+    """
+    per_tap = sum(int(a) * int(b) for a, b in zip(act.peak, wgt.peak))
+    return n_taps * per_tap <= FLOAT32_EXACT_LIMIT
+
+
+def filter_constants(act, qw):
+    """(Co,) int64: sum over each filter's taps of act.const[qw] (zeros for rank 0)."""
+    n_out = qw.shape[0]
+    if act.table.shape[1] == 1:
+        return np.zeros(n_out, np.int64)
+    return act.const[qw.reshape(n_out, -1)].sum(axis=1)
+
+
+def feature_conv(xf, wf, cst, n_feat, depthwise, stride, padding, dilation, groups, scale,
+                 dtype=np.float32):
+    """The approximate conv from integer features: (cst + conv(xf, wf)) * scale, as ``dtype``.
+
+    ``xf`` (N, Ci*J, H, W) and ``wf`` (Co, Ci/groups*J, kh, kw) float32 features (channel c*J + j
+    = feature j of channel c); for a depthwise conv ``wf`` is (C*J, 1, kh, kw) and the J
+    feature outputs of each channel are added here. The float kernels compute every output
+    exactly when :func:`features_fit_float32` holds for the filter's taps.
+    """
+    if depthwise:
+        y = kdw.depthwise_conv2d(xf, wf, stride, padding, dilation)
+        return feature_sum(y, n_feat, cst, scale, dtype)
+    y = kconv.conv2d(xf, wf, stride, padding, dilation, groups)
+    return feature_sum(y, 1, cst, scale, dtype)
 
 
 def _features(factors, zx, zw):
@@ -314,21 +379,7 @@ def _lowrank_dense(cols, zx, qw_cols, f, g, g0, dtype, chunk):
         w.reshape(n_out, n_chunks, chunk * n_feat).transpose(1, 0, 2))
     cst = g0[qw_cols].sum(axis=1)
     err_feat_t = np.ascontiguousarray(f[:, 1:].T.astype(dtype))
-    with _blas_controller().limit(limits=1, user_api="blas"):
-        return lowrank_bag_conv(cols, zx, err_feat_t, w_chunks, cst, chunk)
-
-
-def _lowrank_depthwise(qx, zx, qw, f, g, g0, kernel_size, stride, padding, dilation, out_size):
-    n_ch = qx.shape[1]
-    k_h, k_w = kernel_size
-    if k_h * k_w * _tap_bound(f, g, qx, qw) > FLOAT32_EXACT_LIMIT:
-        raise LowRankBoundError("depthwise taps exceed the float32 exactness bound")
-    taps = qw.reshape(n_ch, k_h * k_w)
-    w_feat = np.ascontiguousarray(g[taps].transpose(0, 2, 1).astype(np.float32))  # (C, J, taps)
-    err_feat_t = np.ascontiguousarray(f[:, 1:].T.astype(np.float32))
-    cst = g0[taps].sum(axis=1)
-    return lowrank_depthwise_conv(qx, zx, err_feat_t, w_feat, cst, kernel_size, stride, padding,
-                                  dilation, out_size)
+    return lowrank_bag_conv(cols, zx, err_feat_t, w_chunks, cst, chunk)
 
 
 def lowrank_conv2d(qx, zx, qw, zw, factors, stride, padding, dilation, groups, out_size):
@@ -336,17 +387,37 @@ def lowrank_conv2d(qx, zx, qw, zw, factors, stride, padding, dilation, groups, o
 
     Arguments are validated by the caller (:func:`approxdarts_np.approx.lut_conv.lut_conv2d`):
     qx (N, Ci, H, W) uint8, qw (Co, Ci/groups, kh, kw) uint8, geometry as (h, w) int pairs.
-    Raises :class:`LowRankBoundError` when the exactness bound cannot be met.
+    Within the float32 bound the float kernels run on the code features (the path the
+    quantised conv op takes); past it a dense conv sums exact chunks of taps (float32, or
+    float64 when chunks would get too short) and a depthwise conv raises
+    :class:`LowRankBoundError`.
     """
     n_img, n_in, h, wd = qx.shape
     n_out, n_in_g, k_h, k_w = qw.shape
     out_h, out_w = out_size
-    f, g, g0 = _features(factors, zx, zw)
-    if groups == n_in and n_in_g == 1 and n_out == n_in:
-        return _lowrank_depthwise(qx, zx, qw, f, g, g0, (k_h, k_w), stride, padding, dilation,
-                                  out_size)
+    depthwise = groups == n_in and n_in_g == 1 and n_out == n_in
     n_taps = n_in_g * k_h * k_w
-    dtype, chunk = _gemm_plan(n_taps, _tap_bound(f, g, qx, qw))
+    act = activation_features(factors, zx)
+    wgt = weight_features(factors, zw)
+    n_feat = 1 + factors.rank
+    fits = features_fit_float32(n_taps, act, wgt)
+    if not fits:
+        # the codes the operands really use may keep the sums smaller
+        f, g, g0 = _features(factors, zx, zw)
+        bound = _tap_bound(f, g, qx, qw)
+        fits = n_taps * bound <= FLOAT32_EXACT_LIMIT
+    if fits:
+        xf = code_features(qx, act.table)
+        wf = code_features(qw, wgt.table)
+        if depthwise:
+            wf = wf.reshape(n_out * n_feat, 1, k_h, k_w)
+        acc = feature_conv(xf, wf, filter_constants(act, qw), n_feat, depthwise, stride, padding,
+                           dilation, groups, 1.0, np.float64)
+        return acc.astype(np.int64)
+    if depthwise:
+        raise LowRankBoundError(f"depthwise taps exceed the float32 exactness bound "
+                                f"({n_taps} x {bound} > 2**24)")
+    dtype, chunk = _gemm_plan(n_taps, bound)
     out_g = n_out // groups
     parts = []
     for grp in range(groups):
@@ -354,7 +425,7 @@ def lowrank_conv2d(qx, zx, qw, zw, factors, stride, padding, dilation, groups, o
         if (k_h, k_w) == (1, 1) and padding == (0, 0) and stride == (1, 1):
             cols = np.ascontiguousarray(x_g).reshape(n_img, n_in_g, h * wd)
         else:
-            cols = im2col_codes(x_g, zx, (k_h, k_w), stride, padding, dilation, out_size)
+            cols = im2col_codes(x_g, zx, (k_h, k_w), stride, padding, dilation)
         w_g = qw[grp * out_g:(grp + 1) * out_g].reshape(out_g, n_taps)
         parts.append(_lowrank_dense(cols, zx, w_g, f, g, g0, dtype, chunk))
     out = parts[0] if groups == 1 else np.concatenate(parts, axis=1)

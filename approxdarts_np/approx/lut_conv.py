@@ -38,11 +38,16 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..kernels._util import as_pair, conv_output_size
-from ..kernels.lut_conv import im2col_codes, lut_bag_conv, lut_depthwise_conv
-from .lowrank import LowRankBoundError, LowRankFactors, exact_error_factors, lowrank_conv2d
+from ..kernels._util import (as_pair, check_code_value, check_codes, conv_geometry,
+                             conv_output_hw)
+from ..kernels.lut_conv import feature_sum, im2col_codes, lut_bag_conv, lut_depthwise_conv
+from .lowrank import (LowRankBoundError, LowRankFactors, activation_features,
+                      exact_error_factors, feature_conv, features_fit_float32, filter_constants,
+                      lowrank_conv2d, weight_features)
+from .quantize import quant_params, quantize_to_features
 
-__all__ = ["LutPlan", "make_lut_plan", "lut_conv2d", "LOWRANK_MAX_TERMS", "ENGINES"]
+__all__ = ["LutPlan", "make_lut_plan", "lut_conv2d", "approx_conv2d", "choose_engine",
+           "LOWRANK_MAX_TERMS", "ENGINES"]
 
 ENGINES = ("auto", "gather", "lowrank")
 # Largest 1 + R for which the low-rank engine is chosen (see the module docstring).
@@ -115,39 +120,10 @@ def _plan_from_bytes(data, max_rank):
 
 # ----------------------------------------------------------------------------- validation
 
-def _check_codes(a, name):
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype != np.uint8:
-        raise ValueError(f"{name} must be uint8 codes, got {a.dtype}")
-    if a.ndim != 4:
-        raise ValueError(f"{name} must be 4-D, got shape {a.shape}")
-    return np.ascontiguousarray(a)
-
-
-def _check_zero_point(z, name):
-    try:
-        value = operator.index(z)          # Python or NumPy integers, 0-d integer arrays
-    except TypeError:
-        value = None
-    if value is None or isinstance(z, (bool, np.bool_)):
-        raise ValueError(f"{name} must be an integer code, got {z!r}")
-    if not 0 <= value <= 255:
-        raise ValueError(f"{name} must be in 0..255, got {value}")
-    return value
-
-
 def _geometry(stride, padding, dilation):
-    stride = as_pair(stride, "stride")
-    padding = as_pair(padding, "padding")
-    dilation = as_pair(dilation, "dilation")
-    if min(stride) < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if min(padding) < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
-    if min(dilation) < 1:
-        raise ValueError(f"dilation must be >= 1, got {dilation}")
-    return stride, padding, dilation
+    """(stride, padding, dilation) as (h, w) pairs, checked (:func:`conv_geometry`)."""
+    s_h, s_w, p_h, p_w, d_h, d_w = conv_geometry(stride, padding, dilation)
+    return (s_h, s_w), (p_h, p_w), (d_h, d_w)
 
 
 # ----------------------------------------------------------------------------- dispatcher
@@ -167,10 +143,10 @@ def lut_conv2d(qx, zx, qw, zw, plan, stride=1, padding=0, dilation=1, groups=1, 
         raise ValueError(f"plan must be a LutPlan (make_lut_plan), got {type(plan).__name__}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    qx = _check_codes(qx, "qx")
-    qw = _check_codes(qw, "qw")
-    zx = _check_zero_point(zx, "zx")
-    zw = _check_zero_point(zw, "zw")
+    qx = check_codes(qx, "qx")
+    qw = check_codes(qw, "qw")
+    zx = check_code_value(zx, "zx")
+    zw = check_code_value(zw, "zw")
     stride, padding, dilation = _geometry(stride, padding, dilation)
     groups = int(groups)
     n_img, n_in, h, wd = qx.shape
@@ -179,11 +155,7 @@ def lut_conv2d(qx, zx, qw, zw, plan, stride=1, padding=0, dilation=1, groups=1, 
         raise ValueError(f"groups={groups} must divide Ci={n_in} and Co={n_out}")
     if n_in_g != n_in // groups or k_h < 1 or k_w < 1:
         raise ValueError(f"qw must be (Co, Ci/groups={n_in // groups}, kh, kw), got {qw.shape}")
-    out_h = conv_output_size(h, k_h, stride[0], padding[0], dilation[0])
-    out_w = conv_output_size(wd, k_w, stride[1], padding[1], dilation[1])
-    if out_h < 1 or out_w < 1:
-        raise ValueError(f"empty output {out_h}x{out_w}: input {h}x{wd}, kernel {k_h}x{k_w}, "
-                         f"stride {stride}, padding {padding}, dilation {dilation}")
+    out_h, out_w = conv_output_hw(h, wd, k_h, k_w, stride + padding + dilation)
     out_size = (out_h, out_w)
 
     if engine == "lowrank" and plan.factors is None:
@@ -208,7 +180,7 @@ def _gather_conv2d(qx, zx, qw, zw, table, stride, padding, dilation, groups, out
     n_img, n_in, h, wd = qx.shape
     n_out, n_in_g, k_h, k_w = qw.shape
     if groups == n_in and n_in_g == 1 and n_out == n_in:
-        return lut_depthwise_conv(qx, zx, qw, zw, table, stride, padding, dilation, out_size)
+        return lut_depthwise_conv(qx, zx, qw, zw, table, stride, padding, dilation)
     n_taps = n_in_g * k_h * k_w
     peak = int(np.abs(table.astype(np.int64)).max())
     # taps per call so that the kernel's int32 sums cannot overflow; the parts add in int64
@@ -220,7 +192,7 @@ def _gather_conv2d(qx, zx, qw, zw, table, stride, padding, dilation, groups, out
         if (k_h, k_w) == (1, 1) and padding == (0, 0) and stride == (1, 1):
             cols = x_g.reshape(n_img, n_in_g, h * wd)
         else:
-            cols = im2col_codes(x_g, zx, (k_h, k_w), stride, padding, dilation, out_size)
+            cols = im2col_codes(x_g, zx, (k_h, k_w), stride, padding, dilation)
         w_cols = qw[grp * out_g:(grp + 1) * out_g].reshape(out_g, n_taps)
         part = lut_bag_conv(cols[:, :chunk], zx, w_cols[:, :chunk], zw, table)
         for k0 in range(chunk, n_taps, chunk):
@@ -228,3 +200,99 @@ def _gather_conv2d(qx, zx, qw, zw, table, stride, padding, dilation, groups, out
         parts.append(part)
     out = parts[0] if groups == 1 else np.concatenate(parts, axis=1)
     return out.reshape(n_img, n_out, out_size[0], out_size[1])
+
+
+# ----------------------------------------------------------------------------- float operands
+
+_NO_FEATURES = np.zeros((256, 0), np.float32)
+
+
+def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine="auto"):
+    """Quantise x and w once and return ``(y, (qx, sx, zx), (qw, sw, zw))``, y float32.
+
+    ``y = float32(sx * sw * acc)`` with ``acc`` exactly :func:`lut_conv2d` of the codes (the
+    quantised convolution's forward); the uint8 codes and their parameters come back for the
+    backward pass. x (N, Ci, H, W) and w (Co, Ci/groups, kh, kw) float32. ``engine`` as in
+    :func:`lut_conv2d`; ``"auto"`` takes :func:`choose_engine`'s pick for this shape. The
+    low-rank engine quantises straight into integer features and runs the float kernels on
+    them; the gather engine quantises to codes and looks the products up.
+    """
+    if not isinstance(plan, LutPlan):
+        raise ValueError(f"plan must be a LutPlan (make_lut_plan), got {type(plan).__name__}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    stride, padding, dilation = _geometry(stride, padding, dilation)
+    n_img, n_in, h, wd = x.shape
+    n_out, n_in_g, k_h, k_w = w.shape
+    groups = int(groups)
+    depthwise = groups == n_in and n_in_g == 1 and n_out == n_in
+    sx, zx = quant_params(x)
+    sw, zw = quant_params(w)
+    requested = engine
+    if engine == "auto":
+        engine = choose_engine(plan, x.shape, w.shape, stride, groups)
+    if engine == "lowrank":
+        if plan.factors is None:
+            raise ValueError(f"engine='lowrank' needs a decomposition; this plan has none "
+                             f"({plan.reason})")
+        act = activation_features(plan.factors, zx)
+        wgt = weight_features(plan.factors, zw)
+        if features_fit_float32(n_in_g * k_h * k_w, act, wgt):
+            n_feat = act.table.shape[1]
+            qx, xf = quantize_to_features(x, sx, zx, act.table)
+            qw, wf = quantize_to_features(w, sw, zw, wgt.table)
+            if depthwise:
+                wf = wf.reshape(n_out * n_feat, 1, k_h, k_w)
+            y = feature_conv(xf, wf, filter_constants(act, qw), n_feat, depthwise, stride,
+                             padding, dilation, groups, sx * sw)
+            return y, (qx, sx, zx), (qw, sw, zw)
+    qx, _ = quantize_to_features(x, sx, zx, _NO_FEATURES)
+    qw, _ = quantize_to_features(w, sw, zw, _NO_FEATURES)
+    # past the float32 bound an automatic choice gathers; a forced "lowrank" sums exact chunks
+    acc = lut_conv2d(qx, zx, qw, zw, plan, stride, padding, dilation, groups,
+                     engine="gather" if requested == "auto" else engine)
+    return feature_sum(acc, 1, np.zeros(n_out, np.int64), sx * sw), (qx, sx, zx), (qw, sw, zw)
+
+
+# Cost model of one forward call, seconds (see choose_engine). Rates from
+# benchmarks/bench_approx.py on the reference machine (2 threads): per multiply-accumulate of the
+# float depthwise and pointwise kernels and of the two gather kernels, per element of a feature
+# pass (quantise or look up one feature, sum one output), and per kernel call.
+_COST = {
+    "dw_float_mac": 1 / 15e9,
+    "dw_gather_mac": 1 / 4e9,
+    "gemm_mac": 1 / 40e9,
+    "bag_mac": 1 / 15e9,
+    "bag_row": 1 / 2e9,
+    "element": 1 / 2e9,
+    "call": 20e-6,
+}
+
+
+def choose_engine(plan, x_shape, w_shape, stride=1, groups=1):
+    """The cheaper engine (``"gather"`` or ``"lowrank"``) for this plan and convolution shape.
+
+    A plan without factors always gathers. Otherwise the estimated time of each engine is
+    compared (:data:`_COST`): the low-rank engine costs 1 + R float convolutions plus a
+    feature pass per term over the input and the output; the gather costs one lookup per
+    multiply-accumulate (the pointwise gather also lays out K x 256 table rows per call).
+    """
+    if plan.factors is None:
+        return "gather"
+    n_feat = 1 + plan.rank
+    n_img, n_in, h, wd = x_shape
+    n_out, n_in_g, k_h, k_w = w_shape
+    s_h, s_w = as_pair(stride, "stride")
+    n_pix = n_img * (-(-h // s_h)) * (-(-wd // s_w))
+    macs = n_pix * n_out * n_in_g * k_h * k_w
+    elements = n_img * n_in * h * wd + n_pix * n_out
+    c = _COST
+    depthwise = groups == n_in and n_in_g == 1 and n_out == n_in
+    if depthwise:
+        lowrank = n_feat * (macs * c["dw_float_mac"] + elements * c["element"]) + 3 * c["call"]
+        gather = macs * c["dw_gather_mac"] + 2 * elements * c["element"] + 3 * c["call"]
+    else:
+        lowrank = n_feat * (macs * c["gemm_mac"] + elements * c["element"]) + 3 * c["call"]
+        gather = (macs * c["bag_mac"] + n_in_g * k_h * k_w * 256 * n_out * c["bag_row"]
+                  + 2 * elements * c["element"] + 3 * c["call"])
+    return "lowrank" if lowrank <= gather else "gather"

@@ -18,6 +18,9 @@ not depend on the number of threads.
 import numpy as np
 from numba import njit, prange
 
+from ._util import check_float32_4d
+from ._util import unsigned as _u
+
 __all__ = ["batch_norm_train", "batch_norm_grad", "batch_norm_eval"]
 
 # Partial sums per channel: lane k accumulates elements k, k + _LANES, ... of each image's
@@ -27,16 +30,6 @@ _LANES = 64
 
 
 # ----------------------------------------------------------------------------- Numba kernels
-
-@njit(cache=True, inline="always")
-def _u(i):
-    """Cast a (known non-negative) index to unsigned.
-
-    Numba wraps negative signed indices around, a check that keeps LLVM from vectorising
-    the row loops below; unsigned indices skip it.
-    """
-    return np.uint64(i)
-
 
 @njit(cache=True)
 def _lane_total(lanes):
@@ -193,13 +186,7 @@ def _batch_norm_eval_kernel(x3, scale, shift):
 
 def _check_x(x, name):
     """Validate a float32 4-D array; return it as a C-contiguous (N, C, H*W) view."""
-    if not isinstance(x, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(x).__name__}")
-    if x.dtype != np.float32:
-        raise ValueError(f"{name} must be float32, got {x.dtype}")
-    if x.ndim != 4:
-        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {x.shape}")
-    x = np.ascontiguousarray(x)
+    x = check_float32_4d(x, name)
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 

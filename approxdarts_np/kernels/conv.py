@@ -18,9 +18,10 @@ the GEMM directly); with stride s the patch matrix is just the strided sample x[
 
 Parallelism and BLAS threads. ``prange`` runs over contiguous blocks of items, one scratch
 buffer per block, and every GEMM is a single-threaded BLAS call made from a Numba thread: the
-only thread pool that runs is Numba's. Each public function holds the BLAS libraries at one
-thread while its kernel runs (threadpoolctl; the previous limits come back on exit). The
-alternative -- a multithreaded OpenBLAS GEMM next to parallel Numba kernels -- was measured on
+only thread pool that runs is Numba's. The run holds BLAS at one thread for its whole length
+(:func:`approxdarts_np.kernels.threads.configure_threads`); these functions change no thread
+setting themselves (a threadpoolctl limit per call cost about 13 us, and it showed in
+profiles of small steps). The alternative -- a multithreaded OpenBLAS GEMM next to parallel Numba kernels -- was measured on
 a 2-core machine: OpenBLAS worker threads keep spinning after a call, and a short parallel
 Numba kernel run right after a 2-thread GEMM took 4.6x as long (2.9 ms instead of 0.63 ms),
 while a 2-thread GEMM run right after a parallel Numba kernel took 2.1x as long (12.9 ms
@@ -29,21 +30,19 @@ two Numba threads was slower still (8.0 ms instead of 5.4 ms for 64 pointwise 64
 32x32 maps) and left its workers spinning. With BLAS at one thread and the items spread over
 the Numba threads, the same 64 GEMMs took 5.4 ms and the following Numba kernel ran at full
 speed. Callers that use numpy's own multithreaded BLAS elsewhere still pay that spin cost in
-the kernels that follow; limiting BLAS to one thread for the whole process avoids it.
+the kernels that follow; limiting BLAS to one thread for the whole process avoids it. Results
+do not depend on the BLAS thread count, only the speed does.
 
 Determinism. Every output element of the forward and the input gradient is written by one
 thread, by one GEMM whose inner order does not depend on the thread count. The weight
 gradient keeps one partial product per image and adds them in image order, in float64, so it
 is bit-reproducible and independent of the number of threads as well.
 """
-import functools
-import importlib
-
 import numpy as np
 from numba import get_num_threads, njit, prange
-from threadpoolctl import ThreadpoolController
 
-from ._util import check_float32_4d, check_shape4, conv_geometry, conv_output_hw
+from ._util import block_bounds, check_float32_4d, check_shape4, conv_geometry, conv_output_hw
+from ._util import unsigned as _u
 
 __all__ = ["conv2d", "conv2d_grad_input", "conv2d_grad_weight"]
 
@@ -51,35 +50,7 @@ __all__ = ["conv2d", "conv2d_grad_input", "conv2d_grad_weight"]
 _REDUCE_BLOCK = 4096
 
 
-# ----------------------------------------------------------------------------- BLAS threads
-
-@functools.lru_cache(maxsize=1)
-def _blas_controller():
-    """Return a threadpoolctl controller that sees the BLAS Numba's ``np.dot`` calls.
-
-    Numba's ``np.dot`` calls scipy's BLAS, which is loaded on first use; it is imported here so
-    that the controller, built once per process, knows the library.
-    """
-    importlib.import_module("scipy.linalg.cython_blas")
-    return ThreadpoolController()
-
-
-def _single_threaded_blas():
-    """Context manager holding every loaded BLAS at one thread (restored on exit)."""
-    return _blas_controller().limit(limits=1, user_api="blas")
-
-
 # ----------------------------------------------------------------------------- Numba kernels
-
-@njit(cache=True)
-def _block_bounds(block, n_blocks, n_items):
-    """Return [lo, hi) of the ``block``-th of ``n_blocks`` near-equal contiguous item ranges."""
-    base = n_items // n_blocks
-    extra = n_items % n_blocks
-    lo = block * base + min(block, extra)
-    hi = lo + base + (1 if block < extra else 0)
-    return lo, hi
-
 
 @njit(cache=True)
 def _valid_range(n_out, offset, stride, size):
@@ -96,16 +67,6 @@ def _valid_range(n_out, offset, stride, size):
     lo = min(lo, n_out)
     hi = min(max(hi, lo), n_out)
     return lo, hi
-
-
-@njit(cache=True, inline="always")
-def _u(i):
-    """Cast a (known non-negative) index to unsigned.
-
-    Numba wraps negative signed indices around, a check that keeps LLVM from vectorising
-    the copy loops below (measured 8x slower on a 1000-element copy); unsigned indices skip it.
-    """
-    return np.uint64(i)
 
 
 @njit(cache=True)
@@ -228,7 +189,7 @@ def _conv2d_forward_kernel(x5, w_mat, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, ou
     n_items = n_img * n_grp
     n_blocks = min(n_threads, n_items)
     for block in prange(n_blocks):
-        lo, hi = _block_bounds(block, n_blocks, n_items)
+        lo, hi = block_bounds(block, n_blocks, n_items)
         col = np.empty((0 if direct else k_dim, n_out), np.float32)
         for item in range(lo, hi):
             n = item // n_grp
@@ -257,7 +218,7 @@ def _conv2d_grad_input_kernel(gy4, w_t, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, d_h
     n_items = n_img * n_grp
     n_blocks = min(n_threads, n_items)
     for block in prange(n_blocks):
-        lo, hi = _block_bounds(block, n_blocks, n_items)
+        lo, hi = block_bounds(block, n_blocks, n_items)
         gcol = np.empty((0 if direct else k_dim, n_out), np.float32)
         for item in range(lo, hi):
             n = item // n_grp
@@ -287,7 +248,7 @@ def _conv2d_grad_weight_kernel(gy4, x5, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, 
     n_items = n_img * n_grp
     n_blocks = min(n_threads, n_items)
     for block in prange(n_blocks):
-        lo, hi = _block_bounds(block, n_blocks, n_items)
+        lo, hi = block_bounds(block, n_blocks, n_items)
         col = np.empty((0 if direct else k_dim, n_out), np.float32)
         for item in range(lo, hi):
             n = item // n_grp
@@ -319,11 +280,6 @@ def _conv2d_grad_weight_kernel(gy4, x5, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, 
 # ----------------------------------------------------------------------------- validation
 
 
-
-
-
-
-
 def _check_groups(groups, c_in, c_out):
     if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
@@ -345,7 +301,6 @@ def _check_layout(x_shape, w_shape, groups):
             f"Co, kh, kw >= 1 for {c_in} input channels and groups={groups}, got "
             f"{tuple(w_shape)}")
     return k_h, k_w, groups
-
 
 
 def _is_direct(k_h, k_w, geom):
@@ -373,9 +328,8 @@ def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1):
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     x5 = x.reshape(n_img, groups, c_in // groups, h, wd)
     w_mat = w.reshape(groups, c_out // groups, -1)
-    with _single_threaded_blas():
-        y = _conv2d_forward_kernel(x5, w_mat, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h,
-                                   out_w, _is_direct(k_h, k_w, geom), get_num_threads())
+    y = _conv2d_forward_kernel(x5, w_mat, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
+                               _is_direct(k_h, k_w, geom), get_num_threads())
     return y.reshape(n_img, c_out, out_h, out_w)
 
 
@@ -400,9 +354,8 @@ def conv2d_grad_input(gy, w, input_shape, stride=1, padding=0, dilation=1, group
     gy4 = gy.reshape(n_img, groups, c_out // groups, out_h * out_w)
     w_t = np.ascontiguousarray(w.reshape(groups, c_out // groups, -1).transpose(0, 2, 1))
     direct = _is_direct(k_h, k_w, geom)
-    with _single_threaded_blas():
-        gx = _conv2d_grad_input_kernel(gy4, w_t, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w,
-                                       out_h, out_w, direct, get_num_threads())
+    gx = _conv2d_grad_input_kernel(gy4, w_t, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w,
+                                   out_h, out_w, direct, get_num_threads())
     return gx.reshape(n_img, c_in, h, wd)
 
 
@@ -427,8 +380,7 @@ def conv2d_grad_weight(gy, x, weight_shape, stride=1, padding=0, dilation=1, gro
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     x5 = x.reshape(n_img, groups, c_in // groups, h, wd)
     gy4 = gy.reshape(n_img, groups, c_out // groups, out_h * out_w)
-    with _single_threaded_blas():
-        gw = _conv2d_grad_weight_kernel(gy4, x5, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w,
-                                        out_h, out_w, _is_direct(k_h, k_w, geom),
-                                        _REDUCE_BLOCK, get_num_threads())
+    gw = _conv2d_grad_weight_kernel(gy4, x5, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h,
+                                    out_w, _is_direct(k_h, k_w, geom), _REDUCE_BLOCK,
+                                    get_num_threads())
     return gw.reshape(w_shape)

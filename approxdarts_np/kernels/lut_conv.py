@@ -23,21 +23,25 @@ Kernels, all deterministic (integer sums, each output element written by one thr
 * :func:`lowrank_bag_conv` - the low-rank engine's pointwise/dense step: code features gathered
   per output-pixel block (the exact part ``code - zx`` computed, the R error features looked
   up), then a single-threaded BLAS GEMM per block inside the parallel loop.
-* :func:`lowrank_depthwise_conv` - the low-rank engine's depthwise step, fused: per plane the
-  J feature planes are built one at a time in a zero-bordered scratch and their taps added
-  into one float accumulator plane (the public float depthwise kernel would need the J-times
-  larger feature tensor written out, convolved and summed back, four extra memory passes).
+* :func:`code_features` and :func:`feature_sum` - the low-rank engine's passes around the float
+  kernels (:mod:`approxdarts_np.kernels.conv`, :mod:`approxdarts_np.kernels.depthwise`): the
+  integer features of the codes, and the sum of the J feature outputs plus a per-channel
+  constant, scaled (the quantised conv's output) or not (the exact integers).
 * :func:`im2col_codes` - the column layout of the codes, padded with ``zx``.
 """
 import numpy as np
 from numba import get_num_threads, njit, prange
 
+from ._util import (as_pair, block_bounds, check_code_value, check_codes, conv_geometry,
+                    conv_output_hw)
+
 __all__ = [
+    "code_features",
+    "feature_sum",
     "im2col_codes",
     "lut_bag_conv",
     "lut_depthwise_conv",
     "lowrank_bag_conv",
-    "lowrank_depthwise_conv",
 ]
 
 # Output pixels per job in the bag kernels: the int32 accumulator block (pixels x Co) is kept
@@ -45,6 +49,8 @@ __all__ = [
 _BAG_ACC_BYTES = 1 << 18
 # Gathered low-rank features per job: about 512 KiB of float32 (or float64) per thread.
 _LOWRANK_X_BYTES = 1 << 19
+# Element-wise passes over fewer elements than this run on one thread (a thread team costs more).
+_PARALLEL_MIN = 1 << 18
 
 # Outputs are allocated by the NumPy wrappers and filled by the kernels: NumPy asks the kernel
 # for huge pages on large buffers, Numba's allocator does not, and the first touch of a fresh
@@ -110,7 +116,8 @@ def _lut_bag_kernel(cols, rows_flat, n_out, cst, zw, block, n_threads, out):
     for thread in prange(n_threads):
         acc_buf = np.empty(block * n_out, np.int32)
         sum_buf = np.empty(block, np.int32)
-        for job in range(thread * n_jobs // n_threads, (thread + 1) * n_jobs // n_threads):
+        lo, hi = block_bounds(thread, n_threads, n_jobs)
+        for job in range(lo, hi):
             ni = job // n_blk
             p0 = (job % n_blk) * block
             m = min(n_pix, p0 + block) - p0
@@ -187,8 +194,7 @@ def _lut_depthwise_kernel(qx, taps, zx, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, 
             for c in range(wp):
                 xpad[r, c] = zx
         acc = np.zeros(out_w, taps.dtype)
-        start = blk * n_planes // n_blocks
-        stop = (blk + 1) * n_planes // n_blocks
+        start, stop = block_bounds(blk, n_blocks, n_planes)
         for pl in range(start, stop):
             ni = pl // n_ch
             ci = pl % n_ch
@@ -237,7 +243,8 @@ def _lowrank_bag_kernel(cols, zx, err_feat_t, w_chunks, cst, chunk_taps, block, 
     for thread in prange(n_threads):
         x_buf = np.empty(n_chunks * chunk_rows * block, err_feat_t.dtype)
         y_buf = np.empty(n_out * block, err_feat_t.dtype)
-        for job in range(thread * n_jobs // n_threads, (thread + 1) * n_jobs // n_threads):
+        lo, hi = block_bounds(thread, n_threads, n_jobs)
+        for job in range(lo, hi):
             ni = job // n_blk
             p0 = (job % n_blk) * block
             m = min(n_pix, p0 + block) - p0
@@ -288,123 +295,62 @@ def _lowrank_features(cols, zx, err_feat_t, chunk_taps, p0, m, x):
 
 
 @njit(cache=True)
-def _add_row_taps(acc, fpad, wj, t, n_taps, r0, c0, d_w, s_h, s_w, out_h, out_w):
-    """acc[oh, q] += sum over the n_taps (<= 3) taps t.. of wj[t'] * fpad[oh*s_h + r0, ...].
+def _feature_sum_rows(y, n_feat, cst, scale, out, lo, hi):
+    """Rows lo..hi of (image, channel): out[n, c] = (cst[c] + sum_j y[n, c*J + j]) * scale.
 
-    Tap t + m reads column c0 + m*d_w + q*s_w. One branch per call, not per row, so each
-    variant's row loop is a plain vectorisable multiply-add.
+    The sum is taken in float64: every term is an integer below 2**53, so it is exact.
     """
-    w0 = wj[t]
-    w1 = wj[t + 1] if n_taps > 1 else np.float32(0)
-    w2 = wj[t + 2] if n_taps > 2 else np.float32(0)
-    c1 = c0 + d_w
-    c2 = c1 + d_w
-    if s_w == 1:
-        if n_taps == 3:
-            for oh in range(out_h):
-                row = fpad[oh * s_h + r0]
-                a = acc[oh]
-                s0 = row[c0:c0 + out_w]
-                s1 = row[c1:c1 + out_w]
-                s2 = row[c2:c2 + out_w]
-                for q in range(out_w):
-                    a[q] += w0 * s0[q] + w1 * s1[q] + w2 * s2[q]
-        elif n_taps == 2:
-            for oh in range(out_h):
-                row = fpad[oh * s_h + r0]
-                a = acc[oh]
-                s0 = row[c0:c0 + out_w]
-                s1 = row[c1:c1 + out_w]
-                for q in range(out_w):
-                    a[q] += w0 * s0[q] + w1 * s1[q]
-        else:
-            for oh in range(out_h):
-                row = fpad[oh * s_h + r0]
-                a = acc[oh]
-                s0 = row[c0:c0 + out_w]
-                for q in range(out_w):
-                    a[q] += w0 * s0[q]
-    else:
-        for oh in range(out_h):
-            row = fpad[oh * s_h + r0]
-            a = acc[oh]
-            for q in range(out_w):
-                v = w0 * row[c0 + q * s_w]
-                if n_taps > 1:
-                    v += w1 * row[c1 + q * s_w]
-                if n_taps > 2:
-                    v += w2 * row[c2 + q * s_w]
-                a[q] += v
-
-
-@njit(cache=True, parallel=True)
-def _lowrank_depthwise_kernel(qx, zx, err_feat_t, w_feat, cst, k_h, k_w, s_h, s_w, p_h, p_w,
-                              d_h, d_w, out_h, out_w, n_blocks, out):
-    """out[n, c] = sum_j dwconv(feature_j(qx[n, c]), w_feat[c, j]) + cst[c], exact integers.
-
-    Per plane and feature j (j = 0: code - zx, j > 0: err_feat_t[j-1, code]) the feature plane
-    is written into a zero-bordered float scratch (features vanish at code zx, so zero is the
-    right border) and its taps are added into one float accumulator plane, up to three taps of
-    a kernel row per pass. The caller guarantees taps * max per-tap sum <= 2**24 (float32) so
-    every partial sum is an exact integer; the planes are split into ``n_blocks`` blocks.
-    """
-    n_img, n_ch, h, wd = qx.shape
-    n_err = err_feat_t.shape[0]
-    n_feat = 1 + n_err
-    hp = h + 2 * p_h
-    wp = wd + 2 * p_w
-    shift = np.float32(zx)
-    n_planes = n_img * n_ch
-    for blk in prange(n_blocks):
-        fpad = np.zeros((hp, wp), np.float32)
-        acc = np.empty((out_h, out_w), np.float32)
-        start = blk * n_planes // n_blocks
-        stop = (blk + 1) * n_planes // n_blocks
-        for pl in range(start, stop):
-            ni = pl // n_ch
-            ci = pl % n_ch
-            for r in range(out_h):
-                for c in range(out_w):
-                    acc[r, c] = 0
-            for j in range(n_feat):
-                for r in range(h):
-                    src = qx[ni, ci, r]
-                    dst = fpad[r + p_h, p_w:p_w + wd]
-                    if j == 0:
-                        for c in range(wd):
-                            dst[c] = np.float32(src[c]) - shift
-                    else:
-                        f = err_feat_t[j - 1]
-                        for c in range(wd):
-                            dst[c] = f[src[c]]
-                wj = w_feat[ci, j]
-                for i in range(k_h):
-                    for j0 in range(0, k_w, 3):
-                        _add_row_taps(acc, fpad, wj, i * k_w + j0, min(3, k_w - j0),
-                                      i * d_h, j0 * d_w, d_w, s_h, s_w, out_h, out_w)
-            c0 = cst[ci]
-            for r in range(out_h):
-                dst_out = out[ni, ci, r]
-                for c in range(out_w):
-                    dst_out[c] = np.int64(acc[r, c]) + c0
+    n_ch, n_pix = out.shape[1], out.shape[2]
+    acc = np.empty(n_pix, np.float64)
+    for job in range(lo, hi):
+        ni = job // n_ch
+        c = job % n_ch
+        base = np.float64(cst[c])
+        for p in range(n_pix):
+            acc[p] = base
+        for j in range(n_feat):
+            src = y[ni, c * n_feat + j]
+            for p in range(n_pix):
+                acc[p] += np.float64(src[p])
+        dst = out[ni, c]
+        for p in range(n_pix):
+            dst[p] = acc[p] * scale
     return out
 
 
+@njit(cache=True)
+def _feature_sum_serial(y, n_feat, cst, scale, out):
+    return _feature_sum_rows(y, n_feat, cst, scale, out, 0, out.shape[0] * out.shape[1])
+
+
+@njit(cache=True, parallel=True)
+def _feature_sum_parallel(y, n_feat, cst, scale, out, n_blocks):
+    n_rows = out.shape[0] * out.shape[1]
+    for b in prange(n_blocks):
+        lo, hi = block_bounds(b, n_blocks, n_rows)
+        _feature_sum_rows(y, n_feat, cst, scale, out, lo, hi)
+    return out
+
+
+@njit(cache=True)
+def _code_features_rows(codes, table_t, feats, lo, hi):
+    """Planes lo..hi: feats[p, j, i] = table_t[j, codes[p, i]]."""
+    for p in range(lo, hi):
+        src = codes[p]
+        for j in range(table_t.shape[0]):
+            col = table_t[j]
+            dst = feats[p, j]
+            for i in range(src.shape[0]):
+                dst[i] = col[src[i]]
+    return feats
+
+
+@njit(cache=True)
+def _code_features_serial(codes, table_t, feats):
+    return _code_features_rows(codes, table_t, feats, 0, codes.shape[0])
+
+
 # ----------------------------------------------------------------------------- public API
-
-def _check_codes(a, name, ndim):
-    if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != ndim:
-        raise ValueError(f"{name} must be a {ndim}-D uint8 array, got "
-                         f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
-    return np.ascontiguousarray(a)
-
-
-def _check_code_value(z, name):
-    z = int(z)
-    if not 0 <= z <= 255:
-        raise ValueError(f"{name} must be in 0..255, got {z}")
-    return z
-
 
 def _check_table(table):
     if (not isinstance(table, np.ndarray) or table.shape != (256, 256)
@@ -415,16 +361,20 @@ def _check_table(table):
     return np.ascontiguousarray(table)
 
 
-def im2col_codes(qx, pad_code, kernel_size, stride, padding, dilation, out_size):
+def im2col_codes(qx, pad_code, kernel_size, stride=1, padding=0, dilation=1):
     """Return cols (N, C*kh*kw, OH*OW) uint8: cols[n, c*kh*kw + i*kw + j, oh*OW + ow] is the code
     at padded position (oh*s_h + i*d_h, ow*s_w + j*d_w) of qx[n, c]; padding reads ``pad_code``.
 
-    ``kernel_size``, ``stride``, ``padding``, ``dilation``, ``out_size`` are (h, w) int pairs.
+    ``kernel_size``, ``stride``, ``padding``, ``dilation`` are ints or (h, w) pairs.
     """
-    qx = _check_codes(qx, "qx", 4)
-    pad_code = _check_code_value(pad_code, "pad_code")
-    (k_h, k_w), (s_h, s_w), (p_h, p_w), (d_h, d_w), (out_h, out_w) = (
-        kernel_size, stride, padding, dilation, out_size)
+    qx = check_codes(qx, "qx", 4)
+    pad_code = check_code_value(pad_code, "pad_code")
+    k_h, k_w = as_pair(kernel_size, "kernel_size")
+    if k_h < 1 or k_w < 1:
+        raise ValueError(f"kernel_size must be >= 1, got {(k_h, k_w)}")
+    geom = conv_geometry(stride, padding, dilation)
+    out_h, out_w = conv_output_hw(qx.shape[2], qx.shape[3], k_h, k_w, geom)
+    s_h, s_w, p_h, p_w, d_h, d_w = geom
     cols = np.empty((qx.shape[0], qx.shape[1] * k_h * k_w, out_h * out_w), np.uint8)
     return _im2col_codes_kernel(qx, np.uint8(pad_code), k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w,
                                 out_h, out_w, cols)
@@ -438,11 +388,11 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table):
     ``table`` (256, 256) uint16 or int32. Raises ValueError if K * max|table| could overflow the
     int32 accumulator (split K and add the parts instead).
     """
-    cols = _check_codes(cols, "cols", 3)
-    qw_cols = _check_codes(qw_cols, "qw_cols", 2)
+    cols = check_codes(cols, "cols", 3)
+    qw_cols = check_codes(qw_cols, "qw_cols", 2)
     table = _check_table(table)
-    zx = _check_code_value(zx, "zx")
-    zw = _check_code_value(zw, "zw")
+    zx = check_code_value(zx, "zx")
+    zw = check_code_value(zw, "zw")
     n_img, n_taps, n_pix = cols.shape
     n_out = qw_cols.shape[0]
     if qw_cols.shape[1] != n_taps:
@@ -463,23 +413,25 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table):
                            out)
 
 
-def lut_depthwise_conv(qx, zx, qw, zw, table, stride, padding, dilation, out_size):
+def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1):
     """Return out (N, C, OH, OW) int64, the depthwise table conv of qx with qw (C, 1, kh, kw).
 
     out[n, c, oh, ow] = sum_{i,j} ( table[xpad, w] - zw*xpad - zx*w + zx*zw ) with
     xpad = qx[n, c] bordered by code zx, w = qw[c, 0, i, j]; ``stride``, ``padding``,
-    ``dilation``, ``out_size`` are (h, w) int pairs.
+    ``dilation`` are ints or (h, w) pairs.
     """
-    qx = _check_codes(qx, "qx", 4)
-    qw = _check_codes(qw, "qw", 4)
+    qx = check_codes(qx, "qx", 4)
+    qw = check_codes(qw, "qw", 4)
     table = _check_table(table)
-    zx = _check_code_value(zx, "zx")
-    zw = _check_code_value(zw, "zw")
+    zx = check_code_value(zx, "zx")
+    zw = check_code_value(zw, "zw")
     n_img, n_ch, h, wd = qx.shape
     if qw.shape[0] != n_ch or qw.shape[1] != 1:
         raise ValueError(f"qw must be ({n_ch}, 1, kh, kw), got {qw.shape}")
     k_h, k_w = qw.shape[2], qw.shape[3]
-    (s_h, s_w), (p_h, p_w), (d_h, d_w), (out_h, out_w) = stride, padding, dilation, out_size
+    geom = conv_geometry(stride, padding, dilation)
+    out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
+    s_h, s_w, p_h, p_w, d_h, d_w = geom
     codes = np.arange(256, dtype=np.int64)
     w = qw.reshape(n_ch, k_h * k_w).astype(np.int64)
     # taps[c, t, a] = M[a, w] - zw*a - zx*w + zx*zw, one 256-entry row per (channel, tap)
@@ -506,8 +458,8 @@ def lowrank_bag_conv(cols, zx, err_feat_t, w_chunks, cst, chunk_taps):
     is added to every pixel. Every chunk product must be an exact integer in the float type (the
     caller's bound); call with BLAS limited to one thread (the GEMMs run inside Numba threads).
     """
-    cols = _check_codes(cols, "cols", 3)
-    zx = _check_code_value(zx, "zx")
+    cols = check_codes(cols, "cols", 3)
+    zx = check_code_value(zx, "zx")
     n_img, n_taps, n_pix = cols.shape
     n_feat = 1 + err_feat_t.shape[0]
     n_chunks, n_out, chunk_rows = w_chunks.shape
@@ -530,36 +482,51 @@ def lowrank_bag_conv(cols, zx, err_feat_t, w_chunks, cst, chunk_taps):
                                n_threads, out)
 
 
-def lowrank_depthwise_conv(qx, zx, err_feat_t, w_feat, cst, kernel_size, stride, padding,
-                           dilation, out_size):
-    """Return out (N, C, OH, OW) int64 = sum_j dwconv(feature_j(qx), w_feat[:, j]) + cst[c].
+def code_features(codes, table):
+    """Return float32 (N, C*J, ...) features ``table[codes]`` of uint8 codes (N, C, ...).
 
-    Features per code as in :func:`lowrank_bag_conv` (``code - zx``, then ``err_feat_t[:, code]``,
-    ``err_feat_t`` (R, 256) float32); ``w_feat`` (C, 1 + R, kh*kw) float32 the weight features
-    of each channel's taps; ``cst`` (C,) int64; geometry as (h, w) int pairs. Zero padding
-    (features vanish at code zx). The caller guarantees taps * (max per-tap sum of |products|)
-    <= 2**24, so every float32 partial sum is an exact integer.
+    ``table`` (256, J) float32; channel ``c*J + j`` holds feature j of channel c (the layout of
+    :func:`approxdarts_np.approx.quantize.quantize_to_features`).
     """
-    qx = _check_codes(qx, "qx", 4)
-    zx = _check_code_value(zx, "zx")
-    n_img, n_ch, h, wd = qx.shape
-    n_feat = 1 + err_feat_t.shape[0]
-    (k_h, k_w), (s_h, s_w), (p_h, p_w), (d_h, d_w), (out_h, out_w) = (
-        kernel_size, stride, padding, dilation, out_size)
-    if (err_feat_t.dtype != np.float32 or w_feat.dtype != np.float32
-            or err_feat_t.ndim != 2 or err_feat_t.shape[1] != 256
-            or w_feat.shape != (n_ch, n_feat, k_h * k_w) or cst.shape != (n_ch,)):
-        raise ValueError("inconsistent low-rank depthwise operands: err_feat_t "
-                         f"{err_feat_t.dtype}{err_feat_t.shape}, w_feat {w_feat.dtype}"
-                         f"{w_feat.shape}, cst {cst.shape}, C={n_ch}")
-    if n_img * n_ch == 0:
-        return np.zeros((n_img, n_ch, out_h, out_w), np.int64)
-    n_blocks = min(n_img * n_ch, get_num_threads())
-    out = np.empty((n_img, n_ch, out_h, out_w), np.int64)
-    return _lowrank_depthwise_kernel(qx, zx, np.ascontiguousarray(err_feat_t),
-                                     np.ascontiguousarray(w_feat),
-                                     np.ascontiguousarray(cst, dtype=np.int64),
-                                     k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
-                                     n_blocks, out)
+    if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8 or codes.ndim < 2:
+        raise ValueError("codes must be a uint8 array (N, C, ...), got "
+                         f"{getattr(codes, 'dtype', type(codes).__name__)} "
+                         f"{getattr(codes, 'shape', '')}")
+    table = np.asarray(table)
+    if table.dtype != np.float32 or table.ndim != 2 or table.shape[0] != 256:
+        raise ValueError(f"table must be (256, J) float32, got {table.dtype} {table.shape}")
+    n_feat = table.shape[1]
+    planes = codes.shape[0] * codes.shape[1]
+    c2 = np.ascontiguousarray(codes).reshape(planes, -1)
+    feats = np.empty((planes, n_feat, c2.shape[1]), np.float32)
+    _code_features_serial(c2, np.ascontiguousarray(table.T), feats)
+    return feats.reshape((codes.shape[0], codes.shape[1] * n_feat) + codes.shape[2:])
 
 
+def feature_sum(y, n_feat, cst, scale, dtype=np.float32):
+    """Return out (N, C, ...) = (cst[c] + sum_j y[:, c*J + j]) * scale, summed in float64.
+
+    ``y`` (N, C*J, ...) holds exact integers (float32 from a convolution of integer features, or
+    int64), ``cst`` (C,) integers, ``scale`` a float; ``dtype`` float32 (the quantised conv's
+    output: one float64 product rounded once) or float64 (scale 1: the exact integers).
+    """
+    n_feat = int(n_feat)
+    if not isinstance(y, np.ndarray) or y.ndim < 2 or y.dtype not in (np.float32, np.int64):
+        raise ValueError("y must be a float32 or int64 array (N, C*J, ...), got "
+                         f"{getattr(y, 'dtype', type(y).__name__)} {getattr(y, 'shape', '')}")
+    if n_feat < 1 or y.shape[1] % n_feat:
+        raise ValueError(f"y has {y.shape[1]} channels, not a multiple of J={n_feat}")
+    n_ch = y.shape[1] // n_feat
+    cst = np.ascontiguousarray(cst, dtype=np.int64)
+    if cst.shape != (n_ch,):
+        raise ValueError(f"cst must have shape ({n_ch},), got {cst.shape}")
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    y3 = np.ascontiguousarray(y).reshape(y.shape[0], y.shape[1], -1)
+    out = np.empty((y.shape[0], n_ch, y3.shape[2]), dtype)
+    if y.size >= _PARALLEL_MIN and out.shape[0] * n_ch > 1:
+        _feature_sum_parallel(y3, n_feat, cst, float(scale), out,
+                              min(get_num_threads(), out.shape[0] * n_ch))
+    else:
+        _feature_sum_serial(y3, n_feat, cst, float(scale), out)
+    return out.reshape((y.shape[0], n_ch) + y.shape[2:])

@@ -21,31 +21,13 @@ results are bit-reproducible and independent of the thread count.
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from ._util import as_pair, check_float32_4d, check_shape4, conv_output_size
+from ._util import as_pair, block_bounds, check_float32_4d, check_shape4, conv_output_hw
+from ._util import unsigned as _u
 
 __all__ = ["max_pool2d", "max_pool2d_grad", "avg_pool2d", "avg_pool2d_grad"]
 
 
 # ----------------------------------------------------------------------------- Numba kernels
-
-@njit(cache=True, inline="always")
-def _u(i):
-    """Cast a (known non-negative) index to unsigned.
-
-    Numba wraps negative signed indices around, a check that keeps LLVM from vectorising
-    the row loops below; unsigned indices skip it.
-    """
-    return np.uint64(i)
-
-
-@njit(cache=True)
-def _block_bounds(block, n_blocks, n_items):
-    """Return [lo, hi) of the ``block``-th of ``n_blocks`` near-equal contiguous item ranges."""
-    base = n_items // n_blocks
-    extra = n_items % n_blocks
-    lo = block * base + min(block, extra)
-    return lo, lo + base + (1 if block < extra else 0)
-
 
 @njit(cache=True)
 def _plane_to_phases(plane, buf, p_h, p_w, s_h, s_w, hq, wq):
@@ -108,7 +90,7 @@ def _max_pool2d_kernel(x3, k_h, k_w, s_h, s_w, p_h, p_w, out_h, out_w, hq, wq, n
     arg = np.empty((n_planes, out_h, out_w), np.int32)
     n_blocks = min(n_threads, n_planes)
     for block in prange(n_blocks):
-        lo, hi = _block_bounds(block, n_blocks, n_planes)
+        lo, hi = block_bounds(block, n_blocks, n_planes)
         buf = np.full(s_h * s_w * hq * wq, -np.inf, np.float32)
         for p in range(lo, hi):
             _plane_to_phases(x3[p], buf, p_h, p_w, s_h, s_w, hq, wq)
@@ -169,7 +151,7 @@ def _avg_pool2d_kernel(x3, k_h, k_w, s_h, s_w, p_h, p_w, out_h, out_w, count_inc
     y = np.empty((n_planes, out_h, out_w), np.float32)
     n_blocks = min(n_threads, n_planes)
     for block in prange(n_blocks):
-        lo, hi = _block_bounds(block, n_blocks, n_planes)
+        lo, hi = block_bounds(block, n_blocks, n_planes)
         buf = np.zeros(s_h * s_w * hq * wq, np.float32)
         for p in range(lo, hi):
             _plane_to_phases(x3[p], buf, p_h, p_w, s_h, s_w, hq, wq)
@@ -201,7 +183,7 @@ def _avg_pool2d_grad_kernel(gy3, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, count_incl
     gx = np.empty((n_planes, h, wd), np.float32)
     n_blocks = min(n_threads, n_planes)
     for block in prange(n_blocks):
-        lo, hi = _block_bounds(block, n_blocks, n_planes)
+        lo, hi = block_bounds(block, n_blocks, n_planes)
         buf = np.empty(s_h * s_w * hq * wq, np.float32)
         share = np.empty(out_w, np.float32)
         for p in range(lo, hi):
@@ -237,19 +219,9 @@ def _geometry(kernel_size, stride, padding):
     return k_h, k_w, s_h, s_w, p_h, p_w
 
 
-
-
-
-
 def _output_hw(h, wd, geom):
     k_h, k_w, s_h, s_w, p_h, p_w = geom
-    out_h = conv_output_size(h, k_h, s_h, p_h, 1)
-    out_w = conv_output_size(wd, k_w, s_w, p_w, 1)
-    if out_h < 1 or out_w < 1:
-        raise ValueError(
-            f"empty output: input {h}x{wd}, kernel {k_h}x{k_w}, stride {(s_h, s_w)}, "
-            f"padding {(p_h, p_w)} give {out_h}x{out_w}")
-    return out_h, out_w
+    return conv_output_hw(h, wd, k_h, k_w, (s_h, s_w, p_h, p_w, 1, 1))
 
 
 def _phase_size(h, wd, geom):
