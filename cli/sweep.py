@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -42,6 +43,7 @@ def sweep(
 ) -> None:
     """Run a grid of searches and trainings (multipliers × seeds) as Ray Tune trials; results and Pareto plot."""
     console = Console()
+    console = Console(width=max(console.width, 92))  # the summary table unwrapped in a log or pipe (80 there)
     if resume is not None:
         others = given(multipliers=multipliers, seeds=seeds, stage=stage, genotype=genotype, preset=preset,
                        epochs=epochs, channels=channels, layers=layers, batch_size=batch_size,
@@ -104,9 +106,10 @@ def _print_summary(console: Console, result: dict) -> None:
     rows = result["rows"]
     if not rows:
         return
-    table = Table(title=f"{len(rows)} trials ({result['stage']}), mean ± std over seeds")
+    table = Table(title=f"{len(rows)} trials ({result['stage']}), mean ± std over seeds", box=box.SIMPLE_HEAD,
+                  pad_edge=False, padding=(0, 2, 0, 0))
     for col in ("multiplier", "seeds", "val acc %", "test acc %", "energy µJ", "params", "wall s"):
-        table.add_column(col, justify="left" if col == "multiplier" else "right")
+        table.add_column(col, justify="left" if col == "multiplier" else "right", no_wrap=True)
     for s in result["summary"]:
         table.add_row(s["multiplier"], str(s["trials"]),
                       format_mean_std(s["val_acc_mean"], s["val_acc_std"], 100),

@@ -33,7 +33,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot_accuracy_energy(rows: list[dict], path: str | Path, accuracy_label: str = "test accuracy",
-                         title: str = "Accuracy against multiplier energy") -> None:
+                         title: str = "Accuracy against multiplier energy",
+                         references: list[tuple[str, float]] = ()) -> None:
     """PNG of accuracy against arithmetic energy per inference (µJ, linear), the front drawn and labelled.
 
     Each row needs ``multiplier``, ``energy_pj`` and an accuracy (``accuracy``,
@@ -42,10 +43,13 @@ def plot_accuracy_energy(rows: list[dict], path: str | Path, accuracy_label: str
     their energy in the legend, since their energy (about 18× the exact 8-bit
     one) would squeeze every 8-bit point into one corner of a linear axis. Only
     points on the Pareto front of the 8-bit points get a text label. Rows
-    without an energy are left out. Needs matplotlib (UserError when missing).
+    without an energy are left out. ``references`` are ``(label, energy_pj)``
+    pairs drawn as vertical lines (e.g. the exact 8-bit and FP32 energy of the
+    sweep's networks); one far beyond the points is named in the legend only.
+    Needs matplotlib (UserError when missing).
     """
     plt = require_matplotlib()
-    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    fig, ax = plt.subplots(figsize=(7.5, 5.6))
     fp32, points = [], []
     for row in rows:
         acc = row.get("accuracy", row.get("test_acc"))
@@ -77,15 +81,25 @@ def plot_accuracy_energy(rows: list[dict], path: str | Path, accuracy_label: str
             # so that neighbours on the staircase do not overlap
             ax.annotate(label, (energy, acc), xytext=(-7, 5 if k % 2 == 0 else -11), textcoords="offset points",
                         fontsize=8, ha="right", zorder=5)
+    right = max((p[0] for p in points), default=0.0)
+    styles = iter([("tab:green", ":"), ("tab:red", "-."), ("tab:gray", "--")] * 4)
+    for label, energy_pj in references:
+        color, style = next(styles)
+        energy = energy_pj / 1e6
+        if points and energy > 1.5 * right:
+            ax.plot([], [], color=color, linestyle=style, label=f"{label}: {energy:.3g} µJ (off the axis)")
+        else:
+            ax.axvline(energy, color=color, linestyle=style, linewidth=1, label=f"{label}: {energy:.3g} µJ")
+            right = max(right, energy)
     ax.set_xlim(left=0)
-    if points:
-        ax.set_xlim(right=1.05 * max(p[0] for p in points))
+    if right > 0:
+        ax.set_xlim(right=1.05 * right)
     ax.margins(y=0.12)
     ax.set_xlabel("arithmetic energy per inference (µJ, multiplications)")
     ax.set_ylabel(f"{accuracy_label} (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

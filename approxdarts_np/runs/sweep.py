@@ -459,8 +459,14 @@ def write_results(rows: list[dict], folder: Path) -> dict:
     write_json(files["json"], rows)
     accuracy = "test_acc" if all(r["test_acc"] is not None for r in rows) else "val_acc"
     points = [dict(r, label=f"{short_name(r['multiplier'])} s{r['seed']}", accuracy=r[accuracy]) for r in rows]
+    references = []
+    for key, label in (("energy_exact8_pj", "the networks in exact 8-bit (mean)"),
+                       ("energy_fp32_pj", "the networks in FP32 (mean)")):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            references.append((label, statistics.fmean(values)))
     plot_accuracy_energy(points, files["plot"], accuracy_label="test accuracy" if accuracy == "test_acc"
-                         else "search val accuracy", title=f"Sweep: {len(rows)} trials")
+                         else "search val accuracy", title=f"Sweep: {len(rows)} trials", references=references)
     return {k: str(v) for k, v in files.items()}
 
 
