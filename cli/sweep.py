@@ -18,8 +18,11 @@ from approxdarts_np_cli._common import given, user_errors
 @user_errors
 def sweep(
     multipliers: Optional[str] = typer.Option(None, help=escape(
-        "Comma list: none (FP32), exact, table names or paths [exact].")),
+        "Comma list: none (FP32), exact, table names or paths; a+b+c is one multiplier-aware search "
+        "choosing among a, b, c per op [exact].")),
     seeds: Optional[str] = typer.Option(None, help=escape("Comma list of seeds [0].")),
+    energy_weights: Optional[str] = typer.Option(None, help=escape(
+        "Comma list of λ (the search's --energy-weight), a grid axis [no λ axis: 0].")),
     stage: Optional[str] = typer.Option(None, help=escape(
         "search, train (the --genotype), or both: search, train the genotype found, evaluate [both].")),
     genotype: Optional[str] = typer.Option(None, help="With --stage train: genotype file, string or DARTS_V2."),
@@ -45,7 +48,7 @@ def sweep(
     console = Console()
     console = Console(width=max(console.width, 92))  # the summary table unwrapped in a log or pipe (80 there)
     if resume is not None:
-        others = given(multipliers=multipliers, seeds=seeds, stage=stage, genotype=genotype, preset=preset,
+        others = given(multipliers=multipliers, seeds=seeds, energy_weights=energy_weights, stage=stage, genotype=genotype, preset=preset,
                        epochs=epochs, channels=channels, layers=layers, batch_size=batch_size,
                        max_train_images=max_train_images, data_dir=data_dir, cpus_per_trial=cpus_per_trial,
                        max_failures=max_failures)
@@ -56,7 +59,7 @@ def sweep(
                             f"given with it: {', '.join('--' + k.replace('_', '-') for k in others)}")
         config = None
     else:
-        config = _config(multipliers, seeds, stage, genotype, output_dir, preset, epochs, channels, layers,
+        config = _config(multipliers, seeds, energy_weights, stage, genotype, output_dir, preset, epochs, channels, layers,
                          batch_size, max_train_images, data_dir, cpus_per_trial, max_failures)
     result = run_sweep(config, resume=resume, address=address, progress=lambda e: _show(console, e))
     _print_summary(console, result)
@@ -67,7 +70,7 @@ def sweep(
         raise typer.Exit(code=1)
 
 
-def _config(multipliers, seeds, stage, genotype, output_dir, preset, epochs, channels, layers, batch_size,
+def _config(multipliers, seeds, energy_weights, stage, genotype, output_dir, preset, epochs, channels, layers, batch_size,
             max_train_images, data_dir, cpus_per_trial, max_failures) -> SweepConfig:
     from approxdarts_np.nas.genotypes import read_genotype
 
@@ -81,6 +84,8 @@ def _config(multipliers, seeds, stage, genotype, output_dir, preset, epochs, cha
         options["multipliers"] = parse_list(multipliers, "--multipliers")
     if seeds is not None:
         options["seeds"] = parse_list(seeds, "--seeds", int)
+    if energy_weights is not None:
+        options["energy_weights"] = parse_list(energy_weights, "--energy-weights", float)
     if genotype is not None:
         options["genotype"] = read_genotype(genotype).to_dict()
     return SweepConfig(run_options=run_options, **options)
@@ -108,10 +113,12 @@ def _print_summary(console: Console, result: dict) -> None:
         return
     table = Table(title=f"{len(rows)} trials ({result['stage']}), mean ± std over seeds", box=box.SIMPLE_HEAD,
                   pad_edge=False, padding=(0, 2, 0, 0))
-    for col in ("multiplier", "seeds", "val acc %", "test acc %", "energy µJ", "params", "wall s"):
+    lambdas = any(s["energy_weight"] is not None for s in result["summary"])
+    for col in ("multiplier",) + (("λ",) if lambdas else ()) + (
+            "seeds", "val acc %", "test acc %", "energy µJ", "params", "wall s"):
         table.add_column(col, justify="left" if col == "multiplier" else "right", no_wrap=True)
     for s in result["summary"]:
-        table.add_row(s["multiplier"], str(s["trials"]),
+        table.add_row(s["multiplier"], *((f"{s['energy_weight']:g}",) if lambdas else ()), str(s["trials"]),
                       format_mean_std(s["val_acc_mean"], s["val_acc_std"], 100),
                       format_mean_std(s["test_acc_mean"], s["test_acc_std"], 100),
                       format_mean_std(s["energy_pj_mean"], s["energy_pj_std"], 1e-6, 3),

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from approxdarts_np.errors import UserError
 from approxdarts_np.runs.plots import pareto_front
-from approxdarts_np.runs.sweep import SweepConfig, run_sweep, summarize, trial_name
+from approxdarts_np.runs.sweep import SweepConfig, run_sweep, run_trial, summarize, trial_name
 from approxdarts_np_cli.main import app
 
 runner = CliRunner()
@@ -97,6 +97,11 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     (["--cpus-per-trial", "0"], "--cpus-per-trial"),
     (["--cpus-per-trial", "4096"], "--cpus-per-trial"),
     (["--max-failures", "-1"], "--max-failures"),
+    (["--energy-weights", "0,x"], "--energy-weights"),
+    (["--energy-weights", "-1"], "--energy-weight"),
+    (["--energy-weights", "1", "--stage", "train", "--genotype", "DARTS_V2"], "--energy-weights"),
+    (["--multipliers", "exact+none"], "'none'"),
+    (["--multipliers", "exact+mul8u_NOSUCH"], "NOSUCH"),
 ])
 def test_bad_option_exits_2_before_any_trial(tmp_path, args, message):
     out = tmp_path / "sweep"
@@ -125,6 +130,7 @@ def test_without_ray_one_line_naming_the_extra(tmp_path, monkeypatch):
 
 def test_trial_folder_names():
     assert trial_name("mul8u_17KS", 1) == "mul8u_17KS-seed1"
+    assert trial_name("exact+mul8u_2P7", 0, 0.5) == "exact+mul8u_2P7-seed0-lambda0.5"
     assert trial_name("tables/my table.bin", 0) == "my_table-seed0"
     with pytest.raises(UserError, match="share a trial folder"):
         SweepConfig(multipliers=["a/mul.bin", "b/mul.npy"], run_options=dict(TINY)).validate()
@@ -228,3 +234,26 @@ def test_a_killed_trial_restarts_from_its_checkpoint(local_ray, tmp_path):
     assert row["val_acc"] == after[-1]["val_acc"]
     config_saved = json.loads((run_folder / "config.json").read_text())
     assert config_saved["epochs"] == epochs
+
+
+@pytest.mark.slow
+def test_a_multiplier_aware_trial_searches_with_lambda_and_trains_the_genotype_multipliers(tmp_path):
+    # run_trial is the Ray-free body of a trial: a "+" grid value and a λ reach the runs as they would from the CLI
+    from approxdarts_np.nas.genotypes import read_genotype
+    from approxdarts_np.runs.report import network_energy
+
+    config = SweepConfig(multipliers=["exact+mul8u_2P7"], seeds=[0], energy_weights=[2.0], stage="both",
+                         output_dir=str(tmp_path), run_options=dict(TINY))
+    config.validate()
+    row = run_trial(config, "exact+mul8u_2P7", 0, threads=1, energy_weight=2.0)
+    folder = tmp_path / "exact+mul8u_2P7-seed0-lambda2"
+    search = json.loads((folder / "search" / "config.json").read_text())
+    assert (search["multipliers"], search["multiplier"], search["energy_weight"]) == ("exact,mul8u_2P7", "none", 2.0)
+    train = json.loads((folder / "train" / "config.json").read_text())
+    assert train["multiplier"] == "genotype"
+    genotype = read_genotype(folder / "search" / "genotype.json")
+    assert genotype.has_multipliers and train["genotype"] == genotype.to_dict()
+    report, params = network_energy(genotype, TINY["channels"], TINY["layers"], "genotype")
+    assert row["energy_pj"] == row["energy_approx_pj"] == report.energy_approx_pj
+    assert (row["energy_weight"], row["parameters"]) == (2.0, params)
+    assert json.loads((folder / "row.json").read_text()) == row

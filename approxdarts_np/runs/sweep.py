@@ -1,11 +1,11 @@
-"""Sweeps: a grid of searches and trainings (multiplier × seed) run as Ray Tune trials, with the results table.
+"""Sweeps: a grid of searches and trainings (multiplier × seed × λ) run as Ray Tune trials, with the results table.
 
 Each trial is an ordinary run: it calls :func:`~approxdarts_np.runs.search.run_search`
 and :func:`~approxdarts_np.runs.train.run_train` exactly as the CLI commands
 do, in run folders under the sweep's folder::
 
     <output-dir>/sweep.json                the sweep's settings (read by --resume)
-    <output-dir>/<multiplier>-seed<k>/     one trial: search/ and train/ run folders, row.json
+    <output-dir>/<multiplier>-seed<k>[-lambda<λ>]/   one trial: search/ and train/ run folders, row.json
     <output-dir>/tune/                     Ray Tune's experiment state and trial checkpoints
     <output-dir>/results.csv, results.json, pareto.png
 
@@ -15,6 +15,15 @@ process dies is restarted by Tune (``FailureConfig(max_failures)``) and
 resumes its run folder from the newest checkpoint — the folder's own, or the
 Tune copy when the folder is missing (a restart on another machine). This is
 the only module that imports Ray, and only inside functions.
+
+A grid value of ``--multipliers`` joined with ``+`` (``exact+mul8u_2P7+mul8u_17KS``)
+is one multiplier-aware trial: the search chooses among those multipliers per
+searched op, and the training and evaluation use the multipliers its genotype
+names. ``--energy-weights`` adds λ (the search's ``energy_weight``) as a grid axis.
+
+Tune runs a function trainable in a thread of its worker process, so the run
+loop's Ctrl-C/SIGTERM handlers (main thread only) are not installed there: a
+signal to a worker ends the worker, and Tune restarts the trial from its checkpoint.
 """
 from __future__ import annotations
 
@@ -52,8 +61,9 @@ SweepProgress = Callable[[dict], None]
 class SweepConfig:
     """A sweep: the grid, the stage each trial runs, the settings passed to every run, Ray resources."""
 
-    multipliers: list = field(default_factory=lambda: ["exact"])
+    multipliers: list = field(default_factory=lambda: ["exact"])  # "a+b+c": a multiplier-aware trial
     seeds: list = field(default_factory=lambda: [0])
+    energy_weights: list | None = None  # λ axis of the grid (None: no λ, the search's default 0)
     stage: str = "both"
     output_dir: str = "runs/sweep"
     preset: str = "quick"
@@ -77,17 +87,31 @@ class SweepConfig:
         from approxdarts_np.runs.config import available_cores
         return self.cpus_per_trial if self.cpus_per_trial is not None else available_cores()
 
-    def run_config(self, kind: str, multiplier: str, seed: int, folder: Path, threads: int | None):
+    def grid(self) -> list[tuple[str, int, float | None]]:
+        """Every trial's (multiplier, seed, λ), in the order of the results table."""
+        weights = self.energy_weights if self.energy_weights is not None else [None]
+        return [(m, s, w) for m in self.multipliers for w in weights for s in self.seeds]
+
+    def run_config(self, kind: str, multiplier: str, seed: int, folder: Path, threads: int | None,
+                   energy_weight: float | None = None):
         """The SearchConfig or TrainConfig of one trial's ``kind`` run."""
         from approxdarts_np.runs.search import SearchConfig
-        from approxdarts_np.runs.train import TrainConfig
+        from approxdarts_np.runs.train import GENOTYPE_MULTIPLIERS, TrainConfig
 
         cls = SearchConfig if kind == "search" else TrainConfig
         make = cls.paper if self.preset == "paper" else cls.quick
+        candidates = multiplier.split("+")
         options = dict(self.run_options, multiplier=multiplier, seed=seed, threads=threads,
                        output_dir=str(folder))
-        if kind == "train":
+        if kind == "search":
+            if len(candidates) > 1:
+                options.update(multiplier="none", multipliers=",".join(candidates))
+            if energy_weight is not None:
+                options["energy_weight"] = float(energy_weight)
+        else:
             options["genotype"] = self.genotype if self.genotype is not None else {}
+            if len(candidates) > 1:
+                options["multiplier"] = GENOTYPE_MULTIPLIERS
         return make(**options)
 
     def validate(self, local: bool = True) -> None:
@@ -107,12 +131,20 @@ class SweepConfig:
         for name, values in (("--multipliers", self.multipliers), ("--seeds", self.seeds)):
             if len(set(values)) != len(values):
                 raise UserError(f"{name} repeats a value: {','.join(map(str, values))}")
+        if self.energy_weights is not None:
+            if not self.energy_weights:
+                raise UserError("--energy-weights names no value (give e.g. 0,0.5,1)")
+            if len(set(self.energy_weights)) != len(self.energy_weights):
+                raise UserError(f"--energy-weights repeats a value: {','.join(map(str, self.energy_weights))}")
+            if self.stage == "train":
+                raise UserError("--energy-weights acts on the search: use --stage search or both")
         names = [trial_name(m, 0) for m in self.multipliers]
         if len(set(names)) != len(names):
             raise UserError(f"--multipliers {','.join(self.multipliers)}: two of them would share a trial "
                             f"folder name; rename a table file")
         for spec in self.multipliers:
-            arithmetic_from_spec(spec)  # unknown name or bad table: UserError
+            for part in spec.split("+"):
+                arithmetic_from_spec(part)  # unknown name or bad table: UserError
         if self.cpus_per_trial is not None:
             if self.cpus_per_trial < 1:
                 raise UserError(f"--cpus-per-trial must be at least 1, got {self.cpus_per_trial}")
@@ -129,26 +161,30 @@ class SweepConfig:
             Genotype.from_dict(self.genotype)
         threads = self.cpus_per_trial if local else None
         kinds = {"search": ["search"], "train": ["train"], "both": ["search", "train"]}[self.stage]
+        for seed in self.seeds:
+            if not isinstance(seed, int) or seed < 0:
+                raise UserError(f"--seeds must be whole numbers >= 0, got {seed!r}")
         for kind in kinds:
-            for seed in self.seeds:
-                if not isinstance(seed, int) or seed < 0:
-                    raise UserError(f"--seeds must be whole numbers >= 0, got {seed!r}")
-                for spec in self.multipliers:
-                    config = self.run_config(kind, spec, seed, Path(self.output_dir), threads)
-                    if kind == "train" and self.genotype is None:
-                        config = config.replace(genotype=DARTS_V2.to_dict())  # the searched one comes later
-                    config.validate()
+            for spec, seed, weight in self.grid():
+                if kind == "train" and "+" in spec:
+                    continue  # trains the multipliers the searched genotype names: checked once it exists
+                config = self.run_config(kind, spec, seed, Path(self.output_dir), threads, weight)
+                if kind == "train" and self.genotype is None:
+                    config = config.replace(genotype=DARTS_V2.to_dict())  # the searched one comes later
+                config.validate()
 
 
-def trial_name(multiplier: str, seed: int) -> str:
-    """The folder of one trial: ``mul8u_17KS-seed0``; a table path gives its file stem."""
-    stem = Path(multiplier).stem if ("/" in multiplier or "." in multiplier) else multiplier
-    return f"{re.sub(r'[^A-Za-z0-9_]+', '_', stem)}-seed{seed}"
+def trial_name(multiplier: str, seed: int, energy_weight: float | None = None) -> str:
+    """The folder of one trial: ``mul8u_17KS-seed0``, ``exact+mul8u_2P7-seed1-lambda0.5``; a table path
+    gives its file stem."""
+    stems = [Path(m).stem if ("/" in m or "." in m) else m for m in multiplier.split("+")]
+    name = "+".join(re.sub(r"[^A-Za-z0-9_]+", "_", stem) for stem in stems) + f"-seed{seed}"
+    return name if energy_weight is None else name + f"-lambda{energy_weight:g}"
 
 
 # ----------------------------------------------------------------- one trial, without Ray
 def run_trial(sweep: SweepConfig, multiplier: str, seed: int, threads: int,
-              on_epoch: Callable[[str, dict], None] | None = None) -> dict:
+              on_epoch: Callable[[str, dict], None] | None = None, energy_weight: float | None = None) -> dict:
     """Run (or continue) one trial's search and/or training and evaluation; its results row.
 
     Each run folder that already holds a checkpoint is resumed, so calling this
@@ -158,14 +194,16 @@ def run_trial(sweep: SweepConfig, multiplier: str, seed: int, threads: int,
     from approxdarts_np.nas.genotypes import Genotype, read_genotype
     from approxdarts_np.runs.report import evaluate_checkpoint, network_energy
     from approxdarts_np.runs.search import run_search
-    from approxdarts_np.runs.train import run_train
+    from approxdarts_np.runs.train import GENOTYPE_MULTIPLIERS, run_train
 
-    folder = Path(sweep.output_dir) / trial_name(multiplier, seed)
-    row = {"multiplier": multiplier, "seed": seed, "stage": sweep.stage, "val_acc": None, "test_acc": None}
+    folder = Path(sweep.output_dir) / trial_name(multiplier, seed, energy_weight)
+    row = {"multiplier": multiplier, "seed": seed, "energy_weight": energy_weight, "stage": sweep.stage,
+           "val_acc": None, "test_acc": None}
+    mode = GENOTYPE_MULTIPLIERS if "+" in multiplier else multiplier  # how the trained network computes
     wall = 0.0
     genotype = Genotype.from_dict(sweep.genotype) if sweep.genotype is not None else None
     if sweep.stage in ("search", "both"):
-        config = sweep.run_config("search", multiplier, seed, folder / "search", threads)
+        config = sweep.run_config("search", multiplier, seed, folder / "search", threads, energy_weight)
         summary = _run_or_resume(run_search, config, threads, _stage_progress("search", on_epoch))
         row["val_acc"] = summary["val_acc"]
         wall += summary["elapsed_s"]
@@ -175,12 +213,12 @@ def run_trial(sweep: SweepConfig, multiplier: str, seed: int, threads: int,
         config = config.replace(genotype=genotype.to_dict())
         summary = _run_or_resume(run_train, config, threads, _stage_progress("train", on_epoch))
         started = time.perf_counter()
-        evaluated = evaluate_checkpoint(folder / "train" / CHECKPOINT, [multiplier], sweep.run_options.get("data_dir"),
+        evaluated = evaluate_checkpoint(folder / "train" / CHECKPOINT, [mode], sweep.run_options.get("data_dir"),
                                         sweep.eval_batch_size)[0]
         row["test_acc"] = evaluated["test_acc"]
         wall += summary["elapsed_s"] + time.perf_counter() - started
     channels, layers = config.channels, config.layers
-    row.update(_energy_columns(network_energy, genotype, channels, layers, multiplier))
+    row.update(_energy_columns(network_energy, genotype, channels, layers, mode))
     row.update(wall_s=round(wall, 3), genotype=genotype.to_darts_string(), folder=str(folder))
     write_json(folder / ROW_FILE, row)
     return row
@@ -200,7 +238,7 @@ def _energy_columns(network_energy, genotype, channels: int, layers: int, multip
         _, columns["parameters"] = network_energy(genotype, channels, layers, "exact")
         return columns
     approx = None if spec in ("none", "fp32", "float") else (
-        report.energy_exact8_pj if spec == "exact" else report.energy_approx_pj)
+        report.energy_exact8_pj if spec == "exact" else report.energy_approx_pj)  # "genotype": per-op priced
     columns.update(energy_pj=report.energy_fp32_pj if approx is None else approx,
                    energy_fp32_pj=report.energy_fp32_pj, energy_exact8_pj=report.energy_exact8_pj,
                    energy_approx_pj=approx, parameters=params)
@@ -257,7 +295,8 @@ def _trainable(params: dict) -> None:
 
     sweep = SweepConfig.from_dict(params["sweep"], source="the trial's sweep settings")
     multiplier, seed, threads = params["multiplier"], params["seed"], params["threads"]
-    folder = Path(sweep.output_dir) / trial_name(multiplier, seed)
+    energy_weight = params.get("energy_weight")
+    folder = Path(sweep.output_dir) / trial_name(multiplier, seed, energy_weight)
     saved = tune.get_checkpoint()
     resumed = saved is not None or (folder / "search" / CHECKPOINT).is_file() or (folder / "train" / CHECKPOINT).is_file()
     if saved is not None:
@@ -272,7 +311,7 @@ def _trainable(params: dict) -> None:
                     copy_run_files(folder / name, Path(tmp) / name)
             tune.report({"stage": stage, **metrics}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    row = run_trial(sweep, multiplier, seed, threads, on_epoch)
+    row = run_trial(sweep, multiplier, seed, threads, on_epoch, energy_weight)
     tune.report({"stage": "done", "row_json": json.dumps(row), "resumed": resumed})
 
 
@@ -305,7 +344,7 @@ def _progress_callback(progress: SweepProgress):
             self.progress = lambda event: None
 
         def _name(self, trial) -> str:
-            return trial_name(trial.config["multiplier"], trial.config["seed"])
+            return trial_name(trial.config["multiplier"], trial.config["seed"], trial.config.get("energy_weight"))
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.progress({"event": "trial_start", "trial": self._name(trial)})
@@ -401,6 +440,8 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | Path | None = None
         else:
             param_space = {"multiplier": tune.grid_search(list(sweep.multipliers)),
                            "seed": tune.grid_search(list(sweep.seeds)),
+                           "energy_weight": (tune.grid_search(list(sweep.energy_weights))
+                                             if sweep.energy_weights is not None else None),
                            "threads": threads, "sweep": sweep.to_dict()}
             run_config = tune.RunConfig(
                 name=TUNE_NAME, storage_path=str(folder), verbose=0,
@@ -409,7 +450,7 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | Path | None = None
                 callbacks=[_progress_callback(progress)])
             tuner = tune.Tuner(trainable, param_space=param_space, run_config=run_config)
         progress({"event": "sweep_start", "output_dir": str(folder), "resumed": resume is not None,
-                  "trials": len(sweep.multipliers) * len(sweep.seeds), "cpus_per_trial": threads})
+                  "trials": len(sweep.grid()), "cpus_per_trial": threads})
         started = time.perf_counter()
         grid = tuner.fit()
         elapsed = time.perf_counter() - started
@@ -419,13 +460,14 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | Path | None = None
     rows, failed = [], []
     for result in grid:
         metrics = result.metrics or {}
-        name = trial_name(result.config["multiplier"], result.config["seed"]) if result.config else "?"
+        name = trial_name(result.config["multiplier"], result.config["seed"],
+                          result.config.get("energy_weight")) if result.config else "?"
         if result.error is not None or "row_json" not in metrics:
             failed.append({"trial": name, "error": _first_line(result.error), "path": result.path})
         else:
             rows.append(json.loads(metrics["row_json"]) | {"resumed": bool(metrics.get("resumed"))})
-    order = {(m, s): i for i, (m, s) in enumerate((m, s) for m in sweep.multipliers for s in sweep.seeds)}
-    rows.sort(key=lambda r: order.get((r["multiplier"], r["seed"]), len(order)))
+    order = {trial: i for i, trial in enumerate(sweep.grid())}
+    rows.sort(key=lambda r: order.get((r["multiplier"], r["seed"], r["energy_weight"]), len(order)))
     files = write_results(rows, folder) if rows else {}
     return {"rows": rows, "summary": summarize(rows), "failed": failed, "files": files,
             "elapsed_s": elapsed, "output_dir": str(folder), "stage": sweep.stage}
@@ -439,7 +481,7 @@ def _first_line(error) -> str | None:
 
 
 # ----------------------------------------------------------------- results
-ROW_COLUMNS = ("multiplier", "seed", "stage", "val_acc", "test_acc", "energy_pj", "energy_fp32_pj",
+ROW_COLUMNS = ("multiplier", "seed", "energy_weight", "stage", "val_acc", "test_acc", "energy_pj", "energy_fp32_pj",
                "energy_exact8_pj", "energy_approx_pj", "parameters", "wall_s", "resumed", "genotype", "folder")
 
 
@@ -458,7 +500,9 @@ def write_results(rows: list[dict], folder: Path) -> dict:
     write_text(files["csv"], out.getvalue())
     write_json(files["json"], rows)
     accuracy = "test_acc" if all(r["test_acc"] is not None for r in rows) else "val_acc"
-    points = [dict(r, label=f"{short_name(r['multiplier'])} s{r['seed']}", accuracy=r[accuracy]) for r in rows]
+    points = [dict(r, label=f"{short_name(r['multiplier'])} s{r['seed']}"
+                   + ("" if r["energy_weight"] is None else f" λ{r['energy_weight']:g}"), accuracy=r[accuracy])
+              for r in rows]
     references = []
     for key, label in (("energy_exact8_pj", "the networks in exact 8-bit (mean)"),
                        ("energy_fp32_pj", "the networks in FP32 (mean)")):
@@ -471,21 +515,21 @@ def write_results(rows: list[dict], folder: Path) -> dict:
 
 
 def short_name(multiplier: str) -> str:
-    return {"none": "FP32", "exact": "exact 8-bit"}.get(str(multiplier).lower(),
-                                                         str(multiplier).replace("mul8u_", ""))
+    return "+".join({"none": "FP32", "exact": "exact 8-bit"}.get(m.lower(), m.replace("mul8u_", ""))
+                    for m in str(multiplier).split("+"))
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per multiplier: trials, and mean ± std over seeds of accuracies, energy, parameters and wall time.
+    """Per multiplier (and λ): trials, and mean ± std over seeds of accuracies, energy, parameters, wall time.
 
     The std is the sample standard deviation (n − 1); None for a single seed.
     """
-    groups: dict[str, list[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault(row["multiplier"], []).append(row)
+        groups.setdefault((row["multiplier"], row.get("energy_weight")), []).append(row)
     summary = []
-    for multiplier, group in groups.items():
-        entry = {"multiplier": multiplier, "trials": len(group)}
+    for (multiplier, energy_weight), group in groups.items():
+        entry = {"multiplier": multiplier, "energy_weight": energy_weight, "trials": len(group)}
         for key in ("val_acc", "test_acc", "energy_pj", "parameters", "wall_s"):
             values = [r[key] for r in group if r.get(key) is not None]
             entry[key + "_mean"] = statistics.fmean(values) if values else None
@@ -509,5 +553,6 @@ def parse_list(text: str, what: str, kind=str) -> list:
     try:
         return [kind(s) for s in items]
     except ValueError:
-        raise UserError(f"{what} must be a comma-separated list of whole numbers, got {text!r}") from None
+        raise UserError(f"{what} must be a comma-separated list of {'whole ' if kind is int else ''}numbers, "
+                        f"got {text!r}") from None
 
