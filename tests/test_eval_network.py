@@ -267,3 +267,7 @@ def test_readme_figures_of_the_sample_network():
     assert round(report.energy_exact8_pj / report.energy_fp32_pj, 3) == 0.391
     report_1446, _ = _energy(README_SAMPLE, 8, 6, "mul8u_1446")
     assert round(report_1446.energy_approx_pj / 1e6, 2) == 17.86
+    # The energy command's own path gives the same report.
+    from approxdarts_np.runs.report import network_energy
+    cli_report, cli_params = network_energy(README_SAMPLE, 8, 6, "mul8u_17KS")
+    assert cli_params == params and cli_report.to_dict() == report.to_dict()
