@@ -84,10 +84,10 @@ def test_alpha_learns_on_the_architecture_half_and_w_on_the_weight_half(tmp_path
     seen = {"arch": [], "weight": []}
     real_arch, real_weight = search_module.architecture_step, search_module.weight_step
 
-    def arch(model, optimizer, images, labels):
+    def arch(model, optimizer, images, labels, penalty=None):
         seen["arch"].append(np.array(labels))
         weights = [w.data.copy() for w in model.weights()]
-        out = real_arch(model, optimizer, images, labels)
+        out = real_arch(model, optimizer, images, labels, penalty=penalty)
         assert all(np.array_equal(w.data, c) for w, c in zip(model.weights(), weights)), "α step changed w"
         return out
 

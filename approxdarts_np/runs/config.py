@@ -25,7 +25,23 @@ def option_name(field: str) -> str:
 
 
 class RunConfig:
-    """Mixin for dataclass configs: ``to_dict``/``from_dict`` and validation of the shared fields."""
+    """Mixin for dataclass configs: presets, ``to_dict``/``from_dict`` and validation of the shared fields.
+
+    A config class sets ``PAPER``, the settings of the paper preset that differ from its
+    (quick) defaults.
+    """
+
+    PAPER: typing.ClassVar[dict] = {}
+
+    @classmethod
+    def quick(cls, **overrides):
+        """The defaults: minutes on a CPU."""
+        return cls(**overrides)
+
+    @classmethod
+    def paper(cls, **overrides):
+        """The paper's settings (``PAPER``), then ``overrides``."""
+        return cls(**{**cls.PAPER, "preset": "paper", **overrides})
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -110,6 +126,24 @@ def apply_resume_overrides(saved, given: dict, folder) -> "RunConfig":
                         f"new run for other settings")
     changes = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
     return saved.replace(**changes) if changes else saved
+
+
+def resolve_run_config(cls, config, resume, overrides: dict | None):
+    """(config, output folder) of a run: ``config`` for a fresh one, the folder's saved config (with the
+    allowed ``overrides``) for a resumed one. UserError when a fresh run's folder already holds a run."""
+    from pathlib import Path
+
+    from approxdarts_np.io.rundir import CONFIG, refuse_existing_run, saved_config
+
+    if resume is not None:
+        folder = Path(resume)
+        saved = cls.from_dict(saved_config(folder), source=str(folder / CONFIG))
+        config = apply_resume_overrides(saved.replace(output_dir=str(folder)), overrides or {}, folder)
+    else:
+        folder = Path(config.output_dir)
+        refuse_existing_run(folder)
+    config.validate()
+    return config, folder
 
 
 def _norm(v):

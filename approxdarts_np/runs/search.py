@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -25,13 +26,12 @@ from approxdarts_np.data.augment import AugmentConfig, BatchLoader
 from approxdarts_np.data.cifar import load_cifar10, search_split
 from approxdarts_np.errors import UserError
 from approxdarts_np.io.checkpoint import save_tree, write_text
-from approxdarts_np.io.rundir import refuse_existing_run, saved_config
 from approxdarts_np.nas.model_search import Network
 from approxdarts_np.nas.multiplier_choice import (SEARCHED_OPS, MultiplierNetwork, network_expected_energy,
                                                   searched_op_macs)
 from approxdarts_np.nas.operations import PRIMITIVES
 from approxdarts_np.nn import SGD, Adam, clip_grad_norm, cosine_lr
-from approxdarts_np.runs.config import RunConfig, apply_resume_overrides
+from approxdarts_np.runs.config import RunConfig, resolve_run_config
 from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.runs.loop import ProgressCallback, RunLoop, StepResult
 from approxdarts_np.runs.memory import check_memory, search_memory_bytes
@@ -77,15 +77,7 @@ class SearchConfig(RunConfig):
             return []
         return [spec.strip() for spec in self.multipliers.split(",") if spec.strip()]
 
-    @classmethod
-    def quick(cls, **overrides) -> "SearchConfig":
-        return cls(**overrides)
-
-    @classmethod
-    def paper(cls, **overrides) -> "SearchConfig":
-        base = dict(epochs=50, channels=16, layers=8, batch_size=64, max_train_images=None, preset="paper")
-        base.update(overrides)
-        return cls(**base)
+    PAPER: ClassVar[dict] = dict(epochs=50, channels=16, layers=8, batch_size=64, max_train_images=None)
 
     def validate(self) -> None:
         """Raise UserError for settings that cannot run."""
@@ -372,14 +364,7 @@ def run_search(config: SearchConfig | None = None, resume: str | Path | None = N
     from approxdarts_np.approx.convolution import arithmetic_from_spec
     from approxdarts_np.kernels.threads import configure_threads
 
-    if resume is not None:
-        output_dir = Path(resume)
-        saved = SearchConfig.from_dict(saved_config(output_dir), source=str(output_dir / "config.json"))
-        config = apply_resume_overrides(saved.replace(output_dir=str(output_dir)), overrides or {}, output_dir)
-    else:
-        output_dir = Path(config.output_dir)
-        refuse_existing_run(output_dir)
-    config.validate()
+    config, output_dir = resolve_run_config(SearchConfig, config, resume, overrides)
     specs = config.candidate_specs()
     # One candidate is the single-multiplier search (no β), bit-identical to --multiplier.
     arithmetic = arithmetic_from_spec(specs[0] if len(specs) == 1 else config.multiplier)

@@ -12,21 +12,22 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
+from approxdarts_np.approx.convolution import arithmetic_from_spec
 from approxdarts_np.autodiff import Tensor
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.data.augment import AugmentConfig, BatchLoader
 from approxdarts_np.data.cifar import load_cifar10
 from approxdarts_np.errors import UserError
-from approxdarts_np.io.rundir import CHECKPOINT, refuse_existing_run, saved_config
+from approxdarts_np.io.rundir import CHECKPOINT
 from approxdarts_np.nas.genotypes import Genotype
-from approxdarts_np.approx.convolution import arithmetic_from_spec
 from approxdarts_np.nas.model_eval import NetworkCIFAR
 from approxdarts_np.nas.multiplier_choice import set_genotype_multipliers
 from approxdarts_np.nn import SGD, clip_grad_norm, cosine_lr
-from approxdarts_np.runs.config import IMAGE_SIZE, RunConfig, apply_resume_overrides
+from approxdarts_np.runs.config import IMAGE_SIZE, RunConfig, resolve_run_config
 from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.runs.loop import ProgressCallback, RunLoop, StepResult, read_run_checkpoint
 from approxdarts_np.runs.memory import check_memory, train_memory_bytes
@@ -59,15 +60,7 @@ class TrainConfig(RunConfig):
     cutout: int = 16
     preset: str = "quick"
 
-    @classmethod
-    def quick(cls, **overrides) -> "TrainConfig":
-        return cls(**overrides)
-
-    @classmethod
-    def paper(cls, **overrides) -> "TrainConfig":
-        base = dict(epochs=600, channels=36, layers=20, batch_size=96, max_train_images=None, preset="paper")
-        base.update(overrides)
-        return cls(**base)
+    PAPER: ClassVar[dict] = dict(epochs=600, channels=36, layers=20, batch_size=96, max_train_images=None)
 
     def validate(self) -> None:
         self.validate_common()
@@ -208,14 +201,7 @@ def run_train(config: TrainConfig | None = None, resume: str | Path | None = Non
     """
     from approxdarts_np.kernels.threads import configure_threads
 
-    if resume is not None:
-        output_dir = Path(resume)
-        saved = TrainConfig.from_dict(saved_config(output_dir), source=str(output_dir / "config.json"))
-        config = apply_resume_overrides(saved.replace(output_dir=str(output_dir)), overrides or {}, output_dir)
-    else:
-        output_dir = Path(config.output_dir)
-        refuse_existing_run(output_dir)
-    config.validate()
+    config, output_dir = resolve_run_config(TrainConfig, config, resume, overrides)
     arithmetic = None if config.multiplier == GENOTYPE_MULTIPLIERS else arithmetic_from_spec(config.multiplier)
     trainer = Trainer(config, multiplier=arithmetic)
     threads = configure_threads(config.threads)
