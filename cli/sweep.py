@@ -63,11 +63,13 @@ def sweep(
                          batch_size, max_train_images, data_dir, cpus_per_trial, max_failures)
     result = run_sweep(config, resume=resume, address=address, progress=lambda e: _show(console, e))
     _print_summary(console, result)
-    if result["failed"]:
-        for f in result["failed"]:
-            console.print(f"failed: {f['trial']}: {f['error']} (log: {f['path']})", markup=False, soft_wrap=True)
+    for f in result["failed"]:
+        console.print(f"failed: {f['trial']}: {f['error']} (log: {f['path']})", markup=False, soft_wrap=True)
+    if result["unfinished"]:
+        console.print(f"stopped: {', '.join(result['unfinished'])} not finished", highlight=False, soft_wrap=True)
+    if result["failed"] or result["unfinished"]:
         console.print(f"continue with: approxdarts-np sweep --resume {result['output_dir']}", highlight=False)
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=1 if result["failed"] else 130)
 
 
 def _config(multipliers, seeds, energy_weights, stage, genotype, output_dir, preset, epochs, channels, layers, batch_size,

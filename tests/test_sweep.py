@@ -102,6 +102,7 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     (["--energy-weights", "1", "--stage", "train", "--genotype", "DARTS_V2"], "--energy-weights"),
     (["--multipliers", "exact+none"], "'none'"),
     (["--multipliers", "exact+mul8u_NOSUCH"], "NOSUCH"),
+    (["--address", "127.0.0.1:1"], "cannot reach the Ray cluster"),
 ])
 def test_bad_option_exits_2_before_any_trial(tmp_path, args, message):
     out = tmp_path / "sweep"

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import statistics
 import tempfile
 import time
@@ -379,6 +380,10 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | Path | None = None
               progress: SweepProgress | None = None) -> dict:
     """Run (or continue) a sweep and return its rows, the summary over seeds and the files written.
 
+    Trials that failed more than ``max_failures`` times are listed under
+    ``failed``, those a stop (Ctrl-C) left running under ``unfinished``; both
+    continue with ``resume``.
+
     ``address`` joins a running Ray cluster (its run folders must then be on a
     file system every machine sees); otherwise a local Ray is started and stopped
     here (or the one already running in this process is used). Bad settings raise
@@ -413,15 +418,10 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | Path | None = None
     ray = import_ray()
     from ray import tune
 
-    if resume is None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json(folder / SWEEP_FILE, sweep.to_dict())
-        except OSError as exc:
-            raise UserError(f"cannot write to the output folder {folder}: {exc.strerror or exc}") from None
-
     started_here = False
     if not ray.is_initialized():
+        if address is not None:
+            check_address(address)
         try:
             if address is not None:
                 ray.init(address=address, logging_level="warning", log_to_driver=False)
@@ -431,6 +431,12 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | Path | None = None
             raise UserError(f"cannot join the Ray cluster at {address}: {exc}") from None
         started_here = True
     try:
+        if resume is None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                write_json(folder / SWEEP_FILE, sweep.to_dict())
+            except OSError as exc:
+                raise UserError(f"cannot write to the output folder {folder}: {exc.strerror or exc}") from None
         threads = sweep.trial_threads()
         trainable = tune.with_resources(_trainable, {"cpu": threads})
         if resume is not None:
@@ -457,20 +463,35 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | Path | None = None
     finally:
         if started_here:
             ray.shutdown()
-    rows, failed = [], []
+    rows, failed, unfinished = [], [], []
     for result in grid:
         metrics = result.metrics or {}
         name = trial_name(result.config["multiplier"], result.config["seed"],
                           result.config.get("energy_weight")) if result.config else "?"
-        if result.error is not None or "row_json" not in metrics:
+        if result.error is not None:
             failed.append({"trial": name, "error": _first_line(result.error), "path": result.path})
+        elif "row_json" not in metrics:
+            unfinished.append(name)  # the sweep was stopped (Ctrl-C) before this trial ended
         else:
             rows.append(json.loads(metrics["row_json"]) | {"resumed": bool(metrics.get("resumed"))})
     order = {trial: i for i, trial in enumerate(sweep.grid())}
     rows.sort(key=lambda r: order.get((r["multiplier"], r["seed"], r["energy_weight"]), len(order)))
     files = write_results(rows, folder) if rows else {}
-    return {"rows": rows, "summary": summarize(rows), "failed": failed, "files": files,
+    return {"rows": rows, "summary": summarize(rows), "failed": failed, "unfinished": unfinished, "files": files,
             "elapsed_s": elapsed, "output_dir": str(folder), "stage": sweep.stage}
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """UserError unless ``host:port`` accepts a connection (Ray itself retries an unreachable address for
+    minutes); ``auto`` and other forms without a port are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc} (start it with "
+                        f"`ray start --head` on that machine)") from None
 
 
 def _first_line(error) -> str | None:
