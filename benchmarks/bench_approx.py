@@ -1,10 +1,14 @@
 """Time the approximate (product-table) convolutions beside float convolutions of the same shape.
 
-Cases (forward only): depthwise 3x3 (pad 1) and pointwise 64->64 on B64 C64 32x32 codes, for the
-tables 1446 (rank 1), JQQ (rank 3), 2P7 (rank 6), 7C1 (rank 8), 17KS (rank 19) and L40 (rank
-192); every engine that applies ("gather" always, "lowrank" when the table has factors; plans
-are built with max_rank=32 so that 17KS has them) and the engine the default plan picks
-("auto"). Beside them, in the same process: our float kernels
+Cases (forward only, what the quantised conv op runs: ``approx.lut_conv.approx_conv2d`` on float32
+operands, quantisation included): the separable and dilated convolutions of the search network
+at the tiny (C4, batch 16), quick (C8, batch 32) and paper (C16, batch 64) settings -- depthwise
+3x3, 5x5 and dilated 5x5 (pad to keep the size) and pointwise C->C, on 32x32 maps (the first
+cells) -- for the tables exact (rank 0), 1446 (rank 1), JQQ (rank 3), 2P7 (rank 6), 7C1
+(rank 8), 17KS (rank 19) and L40 (no low-rank form); every engine that applies ("gather"
+always, "lowrank" when the table has factors; plans are built with max_rank=32 so that 17KS
+has them) and the engine the default plan picks for the shape ("auto", see
+``approx.lut_conv.choose_engine``). Beside them, in the same process: our float kernels
 (``kernels.depthwise.depthwise_conv2d``, ``kernels.conv.conv2d``) and torch's ``F.conv2d`` on
 float32 tensors of the same shape.
 
@@ -16,8 +20,8 @@ block for ``--rounds`` rounds, so a change of machine load hits all of them. Rep
 ratios of medians (approximate / our float, approximate / torch). Every approximate result is
 checked against the gather engine (bit-exact) on the benchmark data itself.
 
-Codes: uniform random activation codes with zx = 0 (post-ReLU activations quantise with zero
-point 0) and weight codes with zw = 128.
+Operands: ReLU'd standard normal activations (zero point 0, as after the ReLU of a ReLU-conv-BN
+op) and standard normal weights.
 
 Shared machine: before each round the script waits (up to ``--max-wait`` seconds) until the
 CPUs are at least ``--idle`` idle over one second, and it records, per round, the CPU time other
@@ -25,7 +29,7 @@ processes used while it measured (``others_cpu_share``: busy CPU time from /proc
 process's own, over wall time x cores). A round with a share above ``--max-share`` is measured
 again (at most ``--retries`` times per shape; the discarded shares are recorded too).
 
-Run:  /work/venv/bin/python benchmarks/bench_approx.py [--repeats 5] [--rounds 3] [--quick]
+Run:  python benchmarks/bench_approx.py [--repeats 5] [--rounds 3] [--settings tiny quick paper]
 Writes benchmarks/results/bench_approx.json (or ``--out``) and prints a table.
 """
 from __future__ import annotations
@@ -36,7 +40,6 @@ import json
 import os
 import platform
 import time
-from importlib import resources
 from pathlib import Path
 
 import numba
@@ -46,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from approxdarts_np.approx.lut_conv import LOWRANK_MAX_TERMS, lut_conv2d, make_lut_plan
+from approxdarts_np.approx.lut_conv import approx_conv2d, choose_engine, make_lut_plan
+from approxdarts_np.approx.multipliers import load_multiplier
 from approxdarts_np.kernels import depthwise as kdw
 from machine import cpu_model
 
@@ -58,16 +62,15 @@ except ImportError as err:
     CONV_IMPORT_ERROR = f"{type(err).__name__}: {err}"
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_approx.json"
-TABLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "evoapprox-mul8u"
-if not TABLE_DIR.is_dir():
-    TABLE_DIR = Path(str(resources.files("approxdarts_np.approx").joinpath("tables")))
-TABLES = ["1446", "JQQ", "2P7", "7C1", "17KS", "L40"]
-ZX, ZW = 0, 128
+TABLES = ["exact", "1446", "JQQ", "2P7", "7C1", "17KS", "L40"]
+SETTINGS = {"tiny": (4, 16), "quick": (8, 32), "paper": (16, 64)}   # channels, batch
 
-# name, groups ("C" = depthwise), c_out, kernel, padding
+# name, depthwise, kernel, dilation
 SHAPES = [
-    ("depthwise 3x3", "C", 64, 3, 1),
-    ("pointwise 64->64", 1, 64, 1, 0),
+    ("depthwise 3x3", True, 3, 1),
+    ("depthwise 5x5", True, 5, 1),
+    ("depthwise 5x5 dil 2", True, 5, 2),
+    ("pointwise", False, 1, 1),
 ]
 
 
@@ -92,8 +95,7 @@ def machine_info(threads):
 
 
 def load_table(name):
-    raw = np.fromfile(TABLE_DIR / f"mul8u_{name}.bin", dtype="<u2")
-    return raw.reshape(256, 256).astype(np.int32)
+    return load_multiplier(name if name == "exact" else f"mul8u_{name}").table
 
 
 def cpu_counters():
@@ -139,29 +141,29 @@ def time_block(fn, repeats):
     return out
 
 
-def shape_callables(shape, batch, rng):
+def shape_callables(shape, channels, batch, rng):
     """Callables {label: fn}, their MAC count, config and the exactness checks for one shape."""
-    name, groups, c_out, k, padding = shape
-    c_in, size = 64, 32
-    groups = c_in if groups == "C" else groups
-    qx = rng.integers(0, 256, (batch, c_in, size, size), dtype=np.uint8)
-    qw = rng.integers(0, 256, (c_out, c_in // groups, k, k), dtype=np.uint8)
-    x = rng.standard_normal(qx.shape).astype(np.float32)
-    w = rng.standard_normal(qw.shape).astype(np.float32)
+    name, depthwise, k, dilation = shape
+    size = 32
+    padding = dilation * (k - 1) // 2
+    groups = channels if depthwise else 1
+    x = np.maximum(rng.standard_normal((batch, channels, size, size)), 0).astype(np.float32)
+    w = rng.standard_normal((channels, channels // groups, k, k)).astype(np.float32)
     xt, wt = torch.from_numpy(x), torch.from_numpy(w)
-    macs = batch * c_out * size * size * (c_in // groups) * k * k
-    config = {"batch": batch, "c_in": c_in, "c_out": c_out, "height": size, "width": size,
-              "kernel": k, "stride": 1, "padding": padding, "dilation": 1, "groups": groups,
-              "zx": ZX, "zw": ZW}
+    macs = batch * channels * size * size * (channels // groups) * k * k
+    config = {"batch": batch, "c_in": channels, "c_out": channels, "height": size,
+              "width": size, "kernel": k, "stride": 1, "padding": padding,
+              "dilation": dilation, "groups": groups}
+    geometry = (1, padding, dilation, groups)
     fns = {}
-    if groups == c_in:
-        fns["float ours"] = lambda: kdw.depthwise_conv2d(x, w, 1, padding, 1)
+    if depthwise:
+        fns["float ours"] = lambda: kdw.depthwise_conv2d(x, w, 1, padding, dilation)
     elif kconv is not None:
-        fns["float ours"] = lambda: kconv.conv2d(x, w, 1, padding, 1, groups)
+        fns["float ours"] = lambda: kconv.conv2d(x, w, 1, padding, dilation, groups)
 
     def torch_conv():
         with torch.no_grad():
-            return F.conv2d(xt, wt, None, 1, padding, 1, groups)
+            return F.conv2d(xt, wt, None, 1, padding, dilation, groups)
 
     fns["float torch"] = torch_conv
     checks = {}
@@ -171,19 +173,15 @@ def shape_callables(shape, batch, rng):
         engines = ["gather"] + (["lowrank"] if full.factors is not None else [])
         for engine in engines:
             fns[f"{table} {engine}"] = (
-                lambda p=full, e=engine: lut_conv2d(qx, ZX, qw, ZW, p, padding=padding,
-                                                    groups=groups, engine=e))
-        fns[f"{table} auto"] = (
-            lambda p=default: lut_conv2d(qx, ZX, qw, ZW, p, padding=padding, groups=groups))
-        gather = lut_conv2d(qx, ZX, qw, ZW, full, padding=padding, groups=groups,
-                            engine="gather")
+                lambda p=full, e=engine: approx_conv2d(x, w, p, *geometry, engine=e)[0])
+        fns[f"{table} auto"] = lambda p=default: approx_conv2d(x, w, p, *geometry)[0]
+        gather = approx_conv2d(x, w, full, *geometry, engine="gather")[0]
         checks[table] = {
             "rank": full.rank,
-            "auto_engine": default.engine,
-            "auto_reason": default.reason,
+            "auto_engine": choose_engine(default, x.shape, w.shape, 1, groups),
+            "plan_reason": default.reason,
             "lowrank_equals_gather": (None if full.factors is None else bool(np.array_equal(
-                lut_conv2d(qx, ZX, qw, ZW, full, padding=padding, groups=groups,
-                           engine="lowrank"), gather))),
+                approx_conv2d(x, w, full, *geometry, engine="lowrank")[0], gather))),
             "auto_equals_gather": bool(np.array_equal(fns[f"{table} auto"](), gather)),
         }
     return name, fns, macs, config, checks
@@ -193,10 +191,11 @@ def run(args):
     numba.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    batch = 8 if args.quick else 64
     results = []
-    for shape in SHAPES:
-        name, fns, macs, config, checks = shape_callables(shape, batch, rng)
+    for setting, shape in ((s, sh) for s in args.settings for sh in SHAPES):
+        channels, batch = SETTINGS[setting]
+        name, fns, macs, config, checks = shape_callables(shape, channels, batch, rng)
+        name = f"{setting}: {name}"
         times = {label: [] for label in fns}
         shares, discarded, idle_before = [], [], []
         while len(shares) < args.rounds:
@@ -220,11 +219,12 @@ def run(args):
             if not label.startswith("float torch"):
                 row["ratio_vs_torch"] = med[label] / med["float torch"]
             rows[label] = row
-        results.append({"name": name, "config": config, "macs": macs, "tables": checks,
+        results.append({"name": name, "setting": setting, "config": config, "macs": macs,
+                        "tables": checks, "load_average": list(os.getloadavg()),
                         "idle_before_rounds": idle_before, "others_cpu_share_per_round": shares,
                         "discarded_rounds_others_share": discarded,
                         "timings": rows})
-        print(f"\n{name}  (B{batch}, {macs / 1e6:.0f} M MAC; others' CPU share per round "
+        print(f"\n{name}  (B{batch}, {macs / 1e6:.1f} M MAC; others' CPU share per round "
               f"{', '.join(f'{v:.0%}' for v in shares)}; {len(discarded)} rounds discarded)")
         print(f"{'':22s}{'median ms':>11s}{'GMAC/s':>9s}{'/ours':>8s}{'/torch':>8s}")
         for label, row in rows.items():
@@ -239,7 +239,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="batch 8 instead of 64")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--idle", type=float, default=0.9,
                         help="idle fraction to wait for before each shape")
     parser.add_argument("--max-wait", type=float, default=300.0,
@@ -261,7 +261,7 @@ def main():
             "machine": machine_info(args.threads),
             "method": {"repeats": args.repeats, "rounds": args.rounds, "warmup_per_block": 1,
                        "statistic": "median of all timed calls; ratios of medians",
-                       "blas_threads": 1, "lowrank_max_terms": LOWRANK_MAX_TERMS,
+                       "blas_threads": 1,
                        "float_conv_ours": ("kernels.conv.conv2d" if kconv is not None
                                            else f"not available ({CONV_IMPORT_ERROR})")},
             "cases": cases,

@@ -5,15 +5,18 @@ test_quantize.py) and then computes every output as an explicit int64 sum of
 ``M[q_x, q_w] − z_w·q_x − z_x·q_w + z_x·z_w`` over the receptive field, padding
 with ``q = z_x``.
 """
+from importlib import resources
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from approxdarts_np import nn
 from approxdarts_np.approx.convolution import QuantizedArithmetic, arithmetic_from_spec
+from approxdarts_np.approx.lut_conv import approx_conv2d, choose_engine, make_lut_plan
 from approxdarts_np.approx.multipliers import Multiplier, load_multiplier
 from approxdarts_np.approx.quantize import dequantize, quantize_per_tensor
 from approxdarts_np.autodiff import Tensor
@@ -55,8 +58,7 @@ def test_forward_equals_gather_reference(name, kind, n, c, k, stride, dilation, 
     size = 7
     if kind == "pointwise":
         k, padding, dilation = 1, 0, 1
-    if size + 2 * padding - dilation * (k - 1) - 1 < 0:
-        return
+    assume(size + 2 * padding - dilation * (k - 1) - 1 >= 0)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c, size, size)).astype(np.float32)
     if seed % 3 == 0:
@@ -127,3 +129,73 @@ def test_layers_switch_to_the_multiplier():
     approx_out = conv(Tensor(x)).data
     assert not np.array_equal(float_out, approx_out)
     assert np.abs(float_out - approx_out).max() < 0.2 * np.abs(float_out).max()
+
+
+BUNDLED = sorted(p.name.removesuffix(".bin") for p in
+                 resources.files("approxdarts_np.approx").joinpath("tables").iterdir()
+                 if p.name.startswith("mul8u_") and p.name.endswith(".bin"))
+
+
+def engines_of(plan):
+    return ["auto", "gather"] + (["lowrank"] if plan.factors is not None else [])
+
+
+@pytest.mark.parametrize("name", ["exact"] + BUNDLED)
+def test_every_bundled_table_and_engine_equals_the_plain_gather(name):
+    """approx_conv2d (quantisation included) on float operands, depthwise and pointwise."""
+    assert len(BUNDLED) == 36
+    table = load_multiplier(name).table
+    plan = make_lut_plan(table, max_rank=40)        # factors for every table that has them
+    rng = np.random.default_rng(sum(name.encode()))
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    if name < "mul8u_5":
+        x = np.maximum(x, 0)                         # half of the tables see zero point 0
+    cases = [((3, 1, 3, 3), (1, 2, 2, 3)), ((4, 3, 1, 1), (1, 0, 1, 1)),
+             ((3, 1, 5, 5), (2, 2, 1, 3))]           # weight shape, (stride, pad, dil, groups)
+    qx, sx, zx = quantize_per_tensor(x)
+    for w_shape, (stride, padding, dilation, groups) in cases:
+        w = (0.2 * rng.standard_normal(w_shape)).astype(np.float32)
+        qw, sw, zw = quantize_per_tensor(w)
+        ref = gather_reference(qx, zx, qw, zw, table, stride, padding, dilation, groups)
+        expected = (ref * (sx * sw)).astype(np.float32)
+        for engine in engines_of(plan):
+            y, x_codes, w_codes = approx_conv2d(x, w, plan, stride, padding, dilation, groups,
+                                                engine=engine)
+            assert y.dtype == np.float32
+            np.testing.assert_array_equal(y, expected, err_msg=f"{name} {engine} {w_shape}")
+            np.testing.assert_array_equal(x_codes[0], qx)
+            assert x_codes[1:] == (sx, zx) and w_codes[1:] == (sw, zw)
+            np.testing.assert_array_equal(w_codes[0], qw)
+
+
+@pytest.mark.parametrize("engine", ["gather", "lowrank"])
+def test_a_corrupted_table_entry_is_caught_by_every_engine(engine):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 2, 5, 5)).astype(np.float32)
+    for w_shape, groups, padding in (((2, 1, 3, 3), 2, 1), ((3, 2, 1, 1), 1, 0)):
+        w = rng.standard_normal(w_shape).astype(np.float32)
+        qx, sx, zx = quantize_per_tensor(x)
+        qw, sw, zw = quantize_per_tensor(w)
+        good = load_multiplier("mul8u_2P7").table
+        bad = good.copy()
+        bad[qx[0, 0, 2, 2], qw[0, 0, 0, 0]] += 1     # an entry the output uses
+        expected = (gather_reference(qx, zx, qw, zw, good, 1, padding, 1, groups)
+                    * (sx * sw)).astype(np.float32)
+        y_good = approx_conv2d(x, w, make_lut_plan(good), 1, padding, 1, groups,
+                               engine=engine)[0]
+        y_bad = approx_conv2d(x, w, make_lut_plan(bad, max_rank=20), 1, padding, 1, groups,
+                              engine=engine)[0]
+        np.testing.assert_array_equal(y_good, expected)
+        assert not np.array_equal(y_bad, expected)
+
+
+def test_engine_choice_depends_on_rank_and_shape():
+    exact = make_lut_plan(load_multiplier("exact").table)
+    l40 = make_lut_plan(load_multiplier("mul8u_L40").table)
+    for x_shape, w_shape, groups in [((16, 4, 32, 32), (4, 1, 3, 3), 4),
+                                     ((64, 16, 32, 32), (16, 16, 1, 1), 1)]:
+        assert choose_engine(exact, x_shape, w_shape, 1, groups) == "lowrank"
+        assert choose_engine(l40, x_shape, w_shape, 1, groups) == "gather"   # no factors
+    # a high rank loses to the gather on a pointwise conv
+    p17 = make_lut_plan(load_multiplier("mul8u_17KS").table, max_rank=20)
+    assert choose_engine(p17, (64, 16, 32, 32), (16, 16, 1, 1), 1, 1) == "gather"

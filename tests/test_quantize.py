@@ -7,13 +7,14 @@ within float32 rounding of a tie: at most one step, on a tiny share of values).
 """
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from approxdarts_np.approx.quantize import (
-    dequantize, quant_params, quantize_per_tensor, quantize_with,
+    dequantize, quant_params, quantize_per_tensor, quantize_to_features, quantize_with,
 )
+from approxdarts_np.kernels.lut_conv import code_features, feature_sum
 
 
 def _twin_quantize(x, scale, zero_point):
@@ -185,3 +186,40 @@ def test_bad_parameters():
         dequantize(np.ones(3, np.int32), 1.0, 0)
     with pytest.raises(ValueError):
         dequantize(np.ones(3, np.uint8), -1.0, 0)
+
+
+@given(_tensors(), st.integers(0, 3), st.integers(0, 2 ** 32 - 1))
+def test_codes_and_features_in_one_pass(x, n_feat, seed):
+    assume(x.ndim >= 2)
+    scale, zp = quant_params(x)
+    table = np.random.default_rng(seed).integers(-300, 300, (256, n_feat)).astype(np.float32)
+    q, feats = quantize_to_features(x, scale, zp, table)
+    np.testing.assert_array_equal(q, _twin_quantize(x, scale, zp))
+    # channel c*J + j holds table[q[:, c], j]
+    twin = np.moveaxis(table[q], -1, 2).reshape((x.shape[0], x.shape[1] * n_feat) + x.shape[2:])
+    np.testing.assert_array_equal(feats, twin)
+    np.testing.assert_array_equal(code_features(q, table), twin)
+
+
+def test_large_tensors_take_the_parallel_kernel_with_the_same_codes():
+    x = np.random.default_rng(4).standard_normal((4, 16, 64, 80)).astype(np.float32)  # 2**18+
+    scale, zp = quant_params(x)
+    q, feats = quantize_to_features(x, scale, zp, np.arange(256, dtype=np.float32)[:, None])
+    np.testing.assert_array_equal(q, _twin_quantize(x, scale, zp))
+    np.testing.assert_array_equal(feats, q.astype(np.float32))
+    np.testing.assert_array_equal(quantize_per_tensor(x)[0], q)
+
+
+@pytest.mark.parametrize("size", [7, 1 << 18])
+def test_feature_sum_adds_the_features_and_the_constant_then_scales_once(size):
+    rng = np.random.default_rng(size)
+    y = rng.integers(-2 ** 24, 2 ** 24, (2, 6, size)).astype(np.float32)
+    cst = rng.integers(-10 ** 9, 10 ** 9, 3)
+    scale = 0.0123
+    exact = y.astype(np.int64).reshape(2, 3, 2, size).sum(axis=2) + cst[None, :, None]
+    np.testing.assert_array_equal(feature_sum(y, 2, cst, scale),
+                                  (exact * scale).astype(np.float32))
+    np.testing.assert_array_equal(feature_sum(y, 2, cst, 1.0, np.float64).astype(np.int64),
+                                  exact)
+    with pytest.raises(ValueError, match="multiple"):
+        feature_sum(y, 4, cst, scale)
