@@ -231,7 +231,6 @@ def _energy(genotype, channels, layers, multiplier):
     return report, sum(p.size for p in net.parameters())
 
 
-@pytest.mark.slow  # one forward of the paper-size network: 10-40 s
 def test_readme_figures_of_darts_v2_at_paper_size():
     """README "Energy of the paper-size network" (20 cells, 36 channels, one 32x32 image, mul8u_17KS)."""
     report, params = _energy(DARTS_V2, 36, 20, "mul8u_17KS")
