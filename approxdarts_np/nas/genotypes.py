@@ -150,6 +150,11 @@ class Genotype:
     def has_multipliers(self) -> bool:
         return self.normal_multipliers is not None or self.reduce_multipliers is not None
 
+    @property
+    def has_searched_ops(self) -> bool:
+        """Whether any kept operation is a sep or dil conv (an op that can have a multiplier)."""
+        return any(op in SEARCHED_OPS for op, _ in self.normal + self.reduce)
+
     def multipliers(self, field: str) -> tuple[str | None, ...]:
         """One multiplier name (or None) per kept operation of ``field`` ("normal" or "reduce")."""
         found = getattr(self, f"{field}_multipliers")

@@ -32,7 +32,7 @@ def network_energy(genotype: Genotype, channels: int, layers: int, multiplier: s
         raise UserError(f"--channels must be positive, got {channels}")
     net = NetworkCIFAR(genotype, channels, 10, layers, auxiliary=False)
     if multiplier == GENOTYPE_MULTIPLIERS:
-        if not genotype.has_multipliers:
+        if genotype.has_searched_ops and not genotype.has_multipliers:
             raise UserError("--multiplier genotype: this genotype names no multipliers")
         set_genotype_multipliers(net, genotype, arithmetic_from_spec)
     mult = None if multiplier in (None, "none", "exact", GENOTYPE_MULTIPLIERS) else load_multiplier(multiplier)
@@ -85,7 +85,7 @@ def evaluate_checkpoint(checkpoint: str | Path, multipliers: list[str] | None, d
     # UserError before any work: every name is loaded first ("genotype" = the genotype's per-op multipliers)
     arithmetics = [(spec, None if spec == GENOTYPE_MULTIPLIERS else arithmetic_from_spec(spec))
                    for spec in multipliers]
-    if any(spec == GENOTYPE_MULTIPLIERS for spec in multipliers) and not genotype.has_multipliers:
+    if GENOTYPE_MULTIPLIERS in multipliers and genotype.has_searched_ops and not genotype.has_multipliers:
         raise UserError("--multiplier genotype: the genotype of this network names no multipliers")
     data = load_cifar10(data_dir if data_dir is not None else config.data_dir)
     rows = []
