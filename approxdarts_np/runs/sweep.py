@@ -193,7 +193,7 @@ def run_trial(sweep: SweepConfig, multiplier: str, seed: int, threads: int,
     ``on_epoch(stage, event)`` is called after every epoch's checkpoint.
     """
     from approxdarts_np.nas.genotypes import Genotype, read_genotype
-    from approxdarts_np.runs.report import evaluate_checkpoint, network_energy
+    from approxdarts_np.runs.report import evaluate_checkpoint
     from approxdarts_np.runs.search import run_search
     from approxdarts_np.runs.train import GENOTYPE_MULTIPLIERS, run_train
 
@@ -219,14 +219,16 @@ def run_trial(sweep: SweepConfig, multiplier: str, seed: int, threads: int,
         row["test_acc"] = evaluated["test_acc"]
         wall += summary["elapsed_s"] + time.perf_counter() - started
     channels, layers = config.channels, config.layers
-    row.update(_energy_columns(network_energy, genotype, channels, layers, mode))
+    row.update(_energy_columns(genotype, channels, layers, mode))
     row.update(wall_s=round(wall, 3), genotype=genotype.to_darts_string(), folder=str(folder))
     write_json(folder / ROW_FILE, row)
     return row
 
 
-def _energy_columns(network_energy, genotype, channels: int, layers: int, multiplier: str) -> dict:
+def _energy_columns(genotype, channels: int, layers: int, multiplier: str) -> dict:
     """Energy per inference (FP32, exact 8-bit, this multiplier) and parameters of the trial's network."""
+    from approxdarts_np.runs.report import network_energy
+
     columns = {"energy_pj": None, "energy_fp32_pj": None, "energy_exact8_pj": None, "energy_approx_pj": None,
                "parameters": None}
     spec = str(multiplier).lower()
