@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from approxdarts_np.errors import UserError
-from approxdarts_np.runs.plots import pareto_front
+from approxdarts_np.runs.plots import pareto_front, plot_accuracy_energy
 from approxdarts_np.runs.sweep import SweepConfig, run_sweep, run_trial, summarize, trial_name
 from approxdarts_np_cli.main import app
 
@@ -68,6 +68,18 @@ def test_pareto_front_of_hand_made_points():
 def test_the_front_check_catches_wrong_fronts(wrong):
     with pytest.raises(AssertionError):
         check_front(wrong)
+
+
+def test_the_plot_labels_only_the_front_and_keeps_fp32_off_the_points(tmp_path):
+    rows = [{"multiplier": "none", "test_acc": 0.95, "energy_pj": 20e6},  # a reference line, not a point
+            {"multiplier": "exact", "test_acc": 0.90, "energy_pj": 1.0e6},
+            {"multiplier": "mul8u_A", "test_acc": 0.80, "energy_pj": 0.5e6},
+            {"multiplier": "mul8u_B", "test_acc": 0.70, "energy_pj": 0.6e6},  # dominated by A
+            {"multiplier": "mul8u_C", "test_acc": 0.85, "energy_pj": 0.7e6},
+            {"multiplier": "mul8u_D", "test_acc": 0.99, "energy_pj": None}]  # no energy: left out
+    labels = plot_accuracy_energy(rows, tmp_path / "plot.png")
+    assert labels == ["A", "C", "exact 8-bit"]
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():

@@ -34,7 +34,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def plot_accuracy_energy(rows: list[dict], path: str | Path, accuracy_label: str = "test accuracy",
                          title: str = "Accuracy against multiplier energy",
-                         references: list[tuple[str, float]] = ()) -> None:
+                         references: list[tuple[str, float]] = ()) -> list[str]:
     """PNG of accuracy against arithmetic energy per inference (µJ, linear), the front drawn and labelled.
 
     Each row needs ``multiplier``, ``energy_pj`` and an accuracy (``accuracy``,
@@ -46,7 +46,8 @@ def plot_accuracy_energy(rows: list[dict], path: str | Path, accuracy_label: str
     without an energy are left out. ``references`` are ``(label, energy_pj)``
     pairs drawn as vertical lines (e.g. the exact 8-bit and FP32 energy of the
     sweep's networks); one far beyond the points is named in the legend only.
-    Needs matplotlib (UserError when missing).
+    Needs matplotlib (UserError when missing). Returns the labels written on the
+    plot (the front, cheapest first).
     """
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(7.5, 5.6))
@@ -77,11 +78,12 @@ def plot_accuracy_energy(rows: list[dict], path: str | Path, accuracy_label: str
         ax.scatter([p[0] for p in front], [p[1] for p in front], facecolors="none", edgecolors="tab:orange",
                    s=90, zorder=4)
         for k, (energy, acc, label, _) in enumerate(front):
-            # left of the point (the axis starts at 0, so there is room), alternately above and below
-            # so that neighbours on the staircase do not overlap
+            # left of the point, alternately above and below, so that neighbours on the staircase
+            # do not overlap
             ax.annotate(label, (energy, acc), xytext=(-7, 5 if k % 2 == 0 else -11), textcoords="offset points",
                         fontsize=8, ha="right", zorder=5)
-    right = max((p[0] for p in points), default=0.0)
+    energies = [p[0] for p in points]
+    right = max(energies, default=0.0)
     styles = iter([("tab:green", ":"), ("tab:red", "-."), ("tab:gray", "--")] * 4)
     for label, energy_pj in references:
         color, style = next(styles)
@@ -90,10 +92,13 @@ def plot_accuracy_energy(rows: list[dict], path: str | Path, accuracy_label: str
             ax.plot([], [], color=color, linestyle=style, label=f"{label}: {energy:.3g} µJ (off the axis)")
         else:
             ax.axvline(energy, color=color, linestyle=style, linewidth=1, label=f"{label}: {energy:.3g} µJ")
-            right = max(right, energy)
-    ax.set_xlim(left=0)
-    if right > 0:
-        ax.set_xlim(right=1.05 * right)
+            energies.append(energy)
+    if energies:
+        # a linear axis over the points (not from zero): the cluster of good multipliers stays readable;
+        # more room on the left, where the front's labels go
+        lo, hi = min(energies), max(energies)
+        span = hi - lo if hi > lo else 0.1 * hi or 1.0
+        ax.set_xlim(lo - 0.15 * span, hi + 0.06 * span)
     ax.margins(y=0.12)
     ax.set_xlabel("arithmetic energy per inference (µJ, multiplications)")
     ax.set_ylabel(f"{accuracy_label} (%)")
@@ -103,6 +108,7 @@ def plot_accuracy_energy(rows: list[dict], path: str | Path, accuracy_label: str
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
+    return [p[2] for p in front]
 
 
 def _short(name: str) -> str:

@@ -524,7 +524,7 @@ def write_results(rows: list[dict], folder: Path) -> dict:
     write_json(files["json"], rows)
     accuracy = "test_acc" if all(r["test_acc"] is not None for r in rows) else "val_acc"
     points = [dict(r, label=f"{short_name(r['multiplier'])} s{r['seed']}"
-                   + ("" if r["energy_weight"] is None else f" λ{r['energy_weight']:g}"), accuracy=r[accuracy])
+                   + ("" if r.get("energy_weight") is None else f" λ{r['energy_weight']:g}"), accuracy=r[accuracy])
               for r in rows]
     references = []
     for key, label in (("energy_exact8_pj", "the networks in exact 8-bit (mean)"),
