@@ -11,8 +11,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from approxdarts_np.errors import UserError
+from approxdarts_np.runs.search import SearchConfig
+from approxdarts_np.runs.train import TrainConfig
 from approxdarts_np.runs.sweep import SweepConfig, format_mean_std, parse_list, run_sweep
 from approxdarts_np_cli._common import given, user_errors
+
+
+def _preset_help(text: str, name: str) -> str:
+    """``text [search: quick Q, paper P; train: quick Q, paper P]`` from the config defaults."""
+    def show(v):
+        return "all" if v is None else str(v)
+    parts = [f"{kind}: quick {show(getattr(cls.quick(), name))}, paper {show(getattr(cls.paper(), name))}"
+             for kind, cls in (("search", SearchConfig), ("train", TrainConfig))]
+    return escape(f"{text} [{'; '.join(parts)}].")
 
 
 @user_errors
@@ -29,11 +40,12 @@ def sweep(
     output_dir: Optional[Path] = typer.Option(None, help=escape(
         "Folder of the sweep: one run folder per trial, results.csv/json, pareto.png [runs/sweep].")),
     preset: Optional[str] = typer.Option(None, help=escape("quick or paper, for every run [quick].")),
-    epochs: Optional[int] = typer.Option(None, help="Epochs of each search and training [preset]."),
-    channels: Optional[int] = typer.Option(None, help="Initial channels [preset]."),
-    layers: Optional[int] = typer.Option(None, help="Cells [preset]."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size [preset]."),
-    max_train_images: Optional[int] = typer.Option(None, help="First N training images, 0 = all [preset]."),
+    epochs: Optional[int] = typer.Option(None, help=_preset_help("Epochs of each search and training", "epochs")),
+    channels: Optional[int] = typer.Option(None, help=_preset_help("Initial channels", "channels")),
+    layers: Optional[int] = typer.Option(None, help=_preset_help("Cells", "layers")),
+    batch_size: Optional[int] = typer.Option(None, help=_preset_help("Batch size", "batch_size")),
+    max_train_images: Optional[int] = typer.Option(None, help=_preset_help(
+        "First N training images, 0 = all", "max_train_images")),
     data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder; default: the bundled sample."),
     cpus_per_trial: Optional[int] = typer.Option(None, help=escape(
         "CPUs (and kernel threads) of each trial [all cores of this machine: one trial at a time].")),
@@ -44,7 +56,7 @@ def sweep(
     resume: Optional[Path] = typer.Option(None, help="Continue the sweep saved in this folder (only --address "
                                                       "may be given with it)."),
 ) -> None:
-    """Run a grid of searches and trainings (multipliers × seeds) as Ray Tune trials; results and Pareto plot."""
+    """Run a grid of searches and trainings (multipliers × seeds × λ) as Ray Tune trials; results, Pareto plot."""
     console = Console()
     console = Console(width=max(console.width, 92))  # the summary table unwrapped in a log or pipe (80 there)
     if resume is not None:
