@@ -248,6 +248,10 @@ def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine=
             return y, (qx, sx, zx), (qw, sw, zw)
     qx, _ = quantize_to_features(x, sx, zx, _NO_FEATURES)
     qw, _ = quantize_to_features(w, sw, zw, _NO_FEATURES)
+    if depthwise and engine == "gather":
+        y = lut_depthwise_conv(qx, zx, qw, zw, plan.gather_table, stride, padding, dilation,
+                               scale=sx * sw)
+        return y, (qx, sx, zx), (qw, sw, zw)
     # past the float32 bound an automatic choice gathers; a forced "lowrank" sums exact chunks
     acc = lut_conv2d(qx, zx, qw, zw, plan, stride, padding, dilation, groups,
                      engine="gather" if requested == "auto" else engine)
