@@ -202,7 +202,7 @@ def test_codes_and_features_in_one_pass(x, n_feat, seed):
 
 
 def test_large_tensors_take_the_parallel_kernel_with_the_same_codes():
-    x = np.random.default_rng(4).standard_normal((4, 16, 64, 80)).astype(np.float32)  # 2**18+
+    x = np.random.default_rng(4).standard_normal((4, 16, 128, 160)).astype(np.float32)  # 2**20+
     scale, zp = quant_params(x)
     q, feats = quantize_to_features(x, scale, zp, np.arange(256, dtype=np.float32)[:, None])
     np.testing.assert_array_equal(q, _twin_quantize(x, scale, zp))
@@ -210,7 +210,7 @@ def test_large_tensors_take_the_parallel_kernel_with_the_same_codes():
     np.testing.assert_array_equal(quantize_per_tensor(x)[0], q)
 
 
-@pytest.mark.parametrize("size", [7, 1 << 18])
+@pytest.mark.parametrize("size", [7, 1 << 19])
 def test_feature_sum_adds_the_features_and_the_constant_then_scales_once(size):
     rng = np.random.default_rng(size)
     y = rng.integers(-2 ** 24, 2 ** 24, (2, 6, size)).astype(np.float32)

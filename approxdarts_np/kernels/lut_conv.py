@@ -49,8 +49,9 @@ __all__ = [
 _BAG_ACC_BYTES = 1 << 18
 # Gathered low-rank features per job: about 512 KiB of float32 (or float64) per thread.
 _LOWRANK_X_BYTES = 1 << 19
-# Element-wise passes over fewer elements than this run on one thread (a thread team costs more).
-_PARALLEL_MIN = 1 << 18
+# Element-wise passes over fewer elements than this run on one thread (a thread team costs more,
+# see the same constant in approxdarts_np.approx.quantize).
+_PARALLEL_MIN = 1 << 20
 
 # Outputs are allocated by the NumPy wrappers and filled by the kernels: NumPy asks the kernel
 # for huge pages on large buffers, Numba's allocator does not, and the first touch of a fresh
