@@ -121,6 +121,9 @@ class SweepConfig:
         from approxdarts_np.nas.genotypes import DARTS_V2, Genotype
         from approxdarts_np.runs.config import available_cores
 
+        unknown = sorted(set(self.run_options) - set(PASSED_THROUGH))
+        if unknown:
+            raise UserError(f"a sweep passes only {', '.join(PASSED_THROUGH)} to its runs, not {', '.join(unknown)}")
         if self.stage not in STAGES:
             raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.preset not in ("quick", "paper"):
