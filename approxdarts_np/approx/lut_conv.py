@@ -38,9 +38,10 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..kernels._util import (as_pair, check_code_value, check_codes, conv_geometry,
-                             conv_output_hw)
-from ..kernels.lut_conv import feature_sum, im2col_codes, lut_bag_conv, lut_depthwise_conv
+from ..kernels._util import (as_pair, check_code_value, check_codes, check_float32_4d,
+                             conv_geometry, conv_output_hw)
+from ..kernels.lut_conv import (feature_sum, im2col_codes, lut_bag_conv, lut_depthwise_conv,
+                                table_peak)
 from .lowrank import (LowRankBoundError, LowRankFactors, activation_features,
                       exact_error_factors, feature_conv, features_fit_float32, filter_constants,
                       lowrank_conv2d, weight_features)
@@ -176,15 +177,17 @@ def lut_conv2d(qx, zx, qw, zw, plan, stride=1, padding=0, dilation=1, groups=1, 
                           out_size)
 
 
-def _gather_conv2d(qx, zx, qw, zw, table, stride, padding, dilation, groups, out_size):
+def _gather_conv2d(qx, zx, qw, zw, table, stride, padding, dilation, groups, out_size,
+                   scale=None):
+    """The gather engine: int64 acc, or float32(acc * scale) when ``scale`` is given."""
     n_img, n_in, h, wd = qx.shape
     n_out, n_in_g, k_h, k_w = qw.shape
     if groups == n_in and n_in_g == 1 and n_out == n_in:
-        return lut_depthwise_conv(qx, zx, qw, zw, table, stride, padding, dilation)
+        return lut_depthwise_conv(qx, zx, qw, zw, table, stride, padding, dilation, scale=scale)
     n_taps = n_in_g * k_h * k_w
-    peak = int(np.abs(table.astype(np.int64)).max())
     # taps per call so that the kernel's int32 sums cannot overflow; the parts add in int64
-    chunk = max(1, _INT32_MAX // (peak + 255 + 1))
+    chunk = max(1, _INT32_MAX // (table_peak(table) + 255 + 1))
+    fused = scale is not None and groups == 1 and n_taps <= chunk
     out_g = n_out // groups
     parts = []
     for grp in range(groups):
@@ -194,12 +197,16 @@ def _gather_conv2d(qx, zx, qw, zw, table, stride, padding, dilation, groups, out
         else:
             cols = im2col_codes(x_g, zx, (k_h, k_w), stride, padding, dilation)
         w_cols = qw[grp * out_g:(grp + 1) * out_g].reshape(out_g, n_taps)
-        part = lut_bag_conv(cols[:, :chunk], zx, w_cols[:, :chunk], zw, table)
+        part = lut_bag_conv(cols[:, :chunk], zx, w_cols[:, :chunk], zw, table,
+                            scale=scale if fused else None)
         for k0 in range(chunk, n_taps, chunk):
             part += lut_bag_conv(cols[:, k0:k0 + chunk], zx, w_cols[:, k0:k0 + chunk], zw, table)
         parts.append(part)
     out = parts[0] if groups == 1 else np.concatenate(parts, axis=1)
-    return out.reshape(n_img, n_out, out_size[0], out_size[1])
+    out = out.reshape(n_img, n_out, out_size[0], out_size[1])
+    if scale is None or fused:
+        return out
+    return feature_sum(out, 1, np.zeros(n_out, np.int64), scale)
 
 
 # ----------------------------------------------------------------------------- float operands
@@ -222,9 +229,14 @@ def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine=
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     stride, padding, dilation = _geometry(stride, padding, dilation)
+    x = check_float32_4d(x, "x")
+    w = check_float32_4d(w, "w")
     n_img, n_in, h, wd = x.shape
     n_out, n_in_g, k_h, k_w = w.shape
     groups = int(groups)
+    if groups < 1 or n_in % groups or n_out % groups or n_in_g != n_in // groups:
+        raise ValueError(f"w {w.shape} does not fit x {x.shape} with groups={groups}")
+    conv_output_hw(h, wd, k_h, k_w, stride + padding + dilation)   # raises on an empty output
     depthwise = groups == n_in and n_in_g == 1 and n_out == n_in
     sx, zx = quant_params(x)
     sw, zw = quant_params(w)
@@ -248,13 +260,14 @@ def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine=
             return y, (qx, sx, zx), (qw, sw, zw)
     qx, _ = quantize_to_features(x, sx, zx, _NO_FEATURES)
     qw, _ = quantize_to_features(w, sw, zw, _NO_FEATURES)
-    if depthwise and engine == "gather":
-        y = lut_depthwise_conv(qx, zx, qw, zw, plan.gather_table, stride, padding, dilation,
-                               scale=sx * sw)
+    if engine == "gather" or requested == "auto":
+        # (past the float32 bound an automatic choice gathers too)
+        out_size = conv_output_hw(h, wd, k_h, k_w, stride + padding + dilation)
+        y = _gather_conv2d(qx, zx, qw, zw, plan.gather_table, stride, padding, dilation, groups,
+                           out_size, scale=sx * sw)
         return y, (qx, sx, zx), (qw, sw, zw)
-    # past the float32 bound an automatic choice gathers; a forced "lowrank" sums exact chunks
-    acc = lut_conv2d(qx, zx, qw, zw, plan, stride, padding, dilation, groups,
-                     engine="gather" if requested == "auto" else engine)
+    # a forced "lowrank" past the float32 bound: exact tap chunks (dense) or LowRankBoundError
+    acc = lut_conv2d(qx, zx, qw, zw, plan, stride, padding, dilation, groups, engine=engine)
     return feature_sum(acc, 1, np.zeros(n_out, np.int64), sx * sw), (qx, sx, zx), (qw, sw, zw)
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "lut_bag_conv",
     "lut_depthwise_conv",
     "lowrank_bag_conv",
+    "table_peak",
 ]
 
 # Output pixels per job in the bag kernels: the int32 accumulator block (pixels x Co) is kept
@@ -103,8 +104,9 @@ def _bag_rows_kernel(table, qw_taps, rows):
 
 
 @njit(cache=True, parallel=True)
-def _lut_bag_kernel(cols, rows_flat, n_out, cst, zw, block, n_threads, out):
-    """out[n, co, p] = sum_k rows[k, cols[n, k, p], co] - zw * sum_k cols[n, k, p] + cst[co].
+def _lut_bag_kernel(cols, rows_flat, n_out, cst, zw, scale, block, n_threads, out):
+    """out[n, co, p] = scale * (sum_k rows[k, cols[n, k, p], co] - zw * sum_k cols[n, k, p]
+    + cst[co]), the product taken in float64 and stored in ``out``'s dtype.
 
     Jobs are (image, block of ``block`` pixels), split into ``n_threads`` contiguous ranges with
     one scratch accumulator each. Sums run in int32 (the caller guarantees K * max|row| <
@@ -122,12 +124,13 @@ def _lut_bag_kernel(cols, rows_flat, n_out, cst, zw, block, n_threads, out):
             ni = job // n_blk
             p0 = (job % n_blk) * block
             m = min(n_pix, p0 + block) - p0
-            _bag_block(cols[ni], rows_flat, n_out, cst, zw, p0, m, acc_buf, sum_buf, out[ni])
+            _bag_block(cols[ni], rows_flat, n_out, cst, zw, scale, p0, m, acc_buf, sum_buf,
+                       out[ni])
     return out
 
 
 @njit(cache=True)
-def _bag_block(cols, rows_flat, n_out, cst, zw, p0, m, acc_buf, sum_buf, out):
+def _bag_block(cols, rows_flat, n_out, cst, zw, scale, p0, m, acc_buf, sum_buf, out):
     """One job of :func:`_lut_bag_kernel`: pixels p0 .. p0+m of one image (cols (K, P))."""
     n_taps = cols.shape[0]
     acc = acc_buf[:m * n_out]
@@ -171,7 +174,8 @@ def _bag_block(cols, rows_flat, n_out, cst, zw, p0, m, acc_buf, sum_buf, out):
         dst = out[co]
         c = cst[co]
         for q in range(m):
-            dst[p0 + q] = np.int64(acc[q * n_out + co]) - zw * np.int64(code_sum[q]) + c
+            v = np.int64(acc[q * n_out + co]) - zw * np.int64(code_sum[q]) + c
+            dst[p0 + q] = np.float64(v) * scale
 
 
 @njit(cache=True)
@@ -443,6 +447,13 @@ def _code_features_serial(codes, table_t, feats):
 
 # ----------------------------------------------------------------------------- public API
 
+def table_peak(table):
+    """An upper bound of |table| (the dtype's for uint16 tables, which all EvoApprox tables are)."""
+    if table.dtype == np.uint16:
+        return 65535
+    return int(np.abs(table.astype(np.int64)).max()) if table.size else 0
+
+
 def _check_table(table):
     if (not isinstance(table, np.ndarray) or table.shape != (256, 256)
             or table.dtype not in (np.uint16, np.int32)):
@@ -471,13 +482,14 @@ def im2col_codes(qx, pad_code, kernel_size, stride=1, padding=0, dilation=1):
                                 out_h, out_w, cols)
 
 
-def lut_bag_conv(cols, zx, qw_cols, zw, table):
+def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None):
     """Return out (N, Co, P) int64, the table convolution of code columns with weight codes.
 
     out[n, co, p] = sum_k ( table[cols[n,k,p], qw_cols[co,k]] - zw*cols[n,k,p] - zx*qw_cols[co,k]
     + zx*zw ). ``cols`` (N, K, P) uint8 (padding already holds zx), ``qw_cols`` (Co, K) uint8,
-    ``table`` (256, 256) uint16 or int32. Raises ValueError if K * max|table| could overflow the
-    int32 accumulator (split K and add the parts instead).
+    ``table`` (256, 256) uint16 or int32. Returns int64, or with ``scale`` (a float)
+    float32(out * scale), the product taken in float64. Raises ValueError if K * max|table|
+    could overflow the int32 accumulator (split K and add the parts instead).
     """
     cols = check_codes(cols, "cols", 3)
     qw_cols = check_codes(qw_cols, "qw_cols", 2)
@@ -488,7 +500,7 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table):
     n_out = qw_cols.shape[0]
     if qw_cols.shape[1] != n_taps:
         raise ValueError(f"qw_cols must be (Co, {n_taps}), got {qw_cols.shape}")
-    peak = int(np.abs(table.astype(np.int64)).max()) if table.size else 0
+    peak = table_peak(table)
     if n_taps * peak + 255 * n_taps >= 2 ** 31:
         raise ValueError(f"K={n_taps} taps with table values up to {peak} could overflow int32")
     rows = np.empty((n_taps, 256, n_out), table.dtype)
@@ -496,12 +508,15 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table):
         _bag_rows_kernel(table, np.ascontiguousarray(qw_cols.T), rows)
     cst = (n_taps * zx * zw - zx * qw_cols.astype(np.int64).sum(axis=1)).astype(np.int64)
     block = max(16, min(n_pix, _BAG_ACC_BYTES // (4 * max(n_out, 1))))
+    out_dtype = np.int64 if scale is None else np.float32
     if n_img == 0 or n_pix == 0 or n_out == 0:
-        return np.zeros((n_img, n_out, n_pix), np.int64)
-    out = np.empty((n_img, n_out, n_pix), np.int64)
+        return np.zeros((n_img, n_out, n_pix), out_dtype)
+    # float64 holds the int64 sums exactly (|out| < K * 2**32 < 2**53)
+    out = np.empty((n_img, n_out, n_pix), np.float64 if scale is None else np.float32)
     n_threads = min(get_num_threads(), n_img * (-(-n_pix // block)))
-    return _lut_bag_kernel(cols, rows.reshape(-1), n_out, cst, np.int64(zw), block, n_threads,
-                           out)
+    _lut_bag_kernel(cols, rows.reshape(-1), n_out, cst, np.int64(zw),
+                    1.0 if scale is None else float(scale), block, n_threads, out)
+    return out.astype(np.int64) if scale is None else out
 
 
 def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, scale=None):
