@@ -15,6 +15,15 @@ as in DARTS (Liu et al., 2019, eq. 7–8, and its ``Architect``). Every pass
 is an ordinary forward/backward of the model, so an approximate multiplier
 and its straight-through gradients are used unchanged; weight gradients are
 computed only where the formula needs them (the virtual step and u).
+
+What the finite difference approximates: ∇α L_train jumps wherever a ReLU or
+a max-pool winner flips, and float32 rounding of the two gradients is divided
+by 2ε. On the quick supernet (8 channels, 5 cells, batch 32, at
+initialisation) the term at r = 0.01 had cosine 0.33 with torch's
+double-backward product and an L2 error 6× its size (r = 1e-3: cosine 0.07).
+It is DARTS's estimator, reproduced; tests/test_second_order.py shows it equal
+to the same difference in float64 torch, and equal to the exact product where
+no unit flips (tiny net, r = 1e-3).
 """
 from __future__ import annotations
 
