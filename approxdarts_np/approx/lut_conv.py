@@ -15,21 +15,21 @@ this integer bit for bit:
   every call (:mod:`approxdarts_np.approx.lowrank`); needs the table's error M - a*b to have
   a small rank R.
 
-Which engine is cheaper (``engine="auto"``). The gather engine's cost does not depend on the
-table; the low-rank engine's grows with the number of terms 1 + R. Measured on the reference
-machine (``benchmarks/bench_approx.py`` and ``benchmarks/results/bench_approx.json``: 2 cores,
-B64 C64 32x32, medians, GMAC/s):
+The quantised conv op calls :func:`approx_conv2d` on its float operands: it quantises each
+operand once (for the low-rank engine straight into the integer features, for the gather into
+uint8 codes), runs one engine and returns float32(s_x*s_w*acc) with the codes for backward.
 
-    shape           float (ours)  gather    low-rank 1+R=2   1+R=4   1+R=7   1+R=9
-    pointwise 1x1   46            16-19     23               14      7.7     6.6
-    depthwise 3x3   23            3.0-3.2   4.8              3.1     1.9     1.6
-
-so the low-rank engine wins at 1 + R = 2, loses at 1 + R = 4 in both shapes, and the
-interpolated 1 + R = 3 is about even for pointwise and ahead for depthwise (whose lookups are
-the slow part of a separable conv). The plan therefore picks ``"lowrank"`` when
-1 + R <= :data:`LOWRANK_MAX_TERMS` = 3 and ``"gather"`` otherwise. ``max_rank`` only bounds
-the work spent looking for a decomposition; a plan built with a larger ``max_rank`` keeps the
-factors (so ``engine="lowrank"`` can be forced) even when it picks the gather engine.
+Which engine is cheaper (``engine="auto"``). :func:`choose_engine` compares estimated times for
+the real shape (:data:`_COST`: per multiply-accumulate of the float and gather kernels, per
+element of the feature passes, per kernel call): the low-rank engine costs 1 + R float
+convolutions, the gather one lookup per multiply-accumulate, which is slow in depthwise convs
+(about 3-4 G lookups/s on 2 cores against about 15-20 GMAC/s for the float depthwise kernel).
+So exact mode (R = 0) and rank-1 tables run the float kernels and higher ranks gather; the
+larger the kernel, the larger the rank at which the gather takes over. ``plan.engine``
+is the shape-free default of :func:`lut_conv2d` (``"lowrank"`` when 1 + R <=
+:data:`LOWRANK_MAX_TERMS` = 3). ``max_rank`` only bounds the work spent looking for a
+decomposition; a plan built with a larger ``max_rank`` keeps the factors (so ``engine=
+"lowrank"`` can be forced) even when it picks the gather engine.
 """
 import hashlib
 import operator

@@ -229,6 +229,17 @@ def _plane_taps(acc, xf, taps_c, offs, length):
 
 
 @njit(cache=True)
+def _taps_kernel(table, w, zx, zw, taps):
+    """taps[t, a] = table[a, w[t]] - zw*a - zx*w[t] + zx*zw (in taps' dtype)."""
+    for t in range(w.shape[0]):
+        b = np.int64(w[t])
+        base = zx * zw - zx * b
+        dst = taps[t]
+        for a in range(256):
+            dst[a] = np.int64(table[a, b]) - zw * a + base
+
+
+@njit(cache=True)
 def _offsets(k_h, k_w, d_h, d_w, wp):
     """Flat offset of tap (i, j) in a plane stored with row stride wp."""
     offs = np.empty(k_h * k_w, np.int64)
@@ -539,13 +550,13 @@ def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, s
     geom = conv_geometry(stride, padding, dilation)
     out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
     s_h, s_w, p_h, p_w, d_h, d_w = geom
-    w = qw.reshape(n_ch * k_h * k_w)
-    # taps[c, t, a] = M[a, w] - zw*a - zx*w + zx*zw, one 256-entry row per (channel, tap)
-    taps = (table[:, w].T.astype(np.int64) - zw * np.arange(256, dtype=np.int64)
-            - zx * w.astype(np.int64)[:, None] + zx * zw)
-    peak = int(np.abs(taps).max()) if taps.size else 0
+    # taps[c, t, a] = M[a, w] - zw*a - zx*w + zx*zw, one 256-entry row per (channel, tap);
+    # int32 sums when no sum of k_h*k_w taps can overflow (bound from the table's peak)
+    peak = table_peak(table) + 255 * (zw + zx) + zx * zw
     dtype = np.int32 if k_h * k_w * peak < 2 ** 31 else np.int64
-    taps = np.ascontiguousarray(taps.astype(dtype).reshape(n_ch, k_h * k_w, 256))
+    taps = np.empty((n_ch * k_h * k_w, 256), dtype)
+    _taps_kernel(table, qw.reshape(n_ch * k_h * k_w), zx, zw, taps)
+    taps = taps.reshape(n_ch, k_h * k_w, 256)
     out_dtype = np.int64 if scale is None else np.float32
     if n_img * n_ch == 0:
         return np.zeros((n_img, n_ch, out_h, out_w), out_dtype)
