@@ -418,3 +418,22 @@ def test_kernel_entry_points_check_their_operands():
     with pytest.raises(ValueError, match="inconsistent"):
         lut_kernels.lowrank_bag_conv(cols, 0, np.zeros((1, 256), np.float32),
                                      np.zeros((1, 2, 3), np.float64), np.zeros(2, np.int64), 3)
+
+
+def test_kernel_entry_points_check_their_geometry():
+    qx = np.zeros((1, 2, 5, 5), np.uint8)
+    qw = np.zeros((2, 1, 3, 3), np.uint8)
+    table = np.zeros((256, 256), np.uint16)
+    with pytest.raises(ValueError, match="stride"):
+        lut_kernels.lut_depthwise_conv(qx, 0, qw, 0, table, stride=0)
+    with pytest.raises(ValueError, match="empty output"):
+        lut_kernels.lut_depthwise_conv(qx, 0, qw, 0, table, dilation=3)
+    with pytest.raises(ValueError, match="qw"):
+        lut_kernels.lut_depthwise_conv(qx, 0, qw[:1], 0, table, padding=1)
+    with pytest.raises(ValueError, match="padding"):
+        lut_kernels.im2col_codes(qx, 0, 3, padding=-1)
+    with pytest.raises(ValueError, match="0..255"):
+        lut_kernels.im2col_codes(qx, 256, 3)
+    cols = lut_kernels.im2col_codes(qx + 7, 9, (3, 1), stride=(2, 1), padding=(1, 0))
+    assert cols.shape == (1, 2 * 3, 3 * 5)
+    assert (cols[:, 0, :5] == 9).all() and (cols[:, 1] == 7).all()   # top padding row, centre
