@@ -90,17 +90,29 @@ def _im2col_codes_kernel(qx, pad_code, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, o
     return cols
 
 
-@njit(cache=True, parallel=True)
-def _bag_rows_kernel(table, qw_taps, rows):
-    """rows[k, a, co] = table[a, qw_taps[k, co]] (rows has the table's dtype)."""
-    n_taps, n_out = qw_taps.shape
-    for k in prange(n_taps):
+@njit(cache=True)
+def _bag_rows(table, qw_taps, rows, lo, hi):
+    """rows[k, a, co] = table[a, qw_taps[k, co]] for taps lo..hi (rows has the table's dtype)."""
+    n_out = qw_taps.shape[1]
+    for k in range(lo, hi):
         w = qw_taps[k]
         for a in range(256):
             src = table[a]
             dst = rows[k, a]
             for co in range(n_out):
                 dst[co] = src[w[co]]
+
+
+@njit(cache=True)
+def _bag_rows_serial(table, qw_taps, rows):
+    _bag_rows(table, qw_taps, rows, 0, qw_taps.shape[0])
+
+
+@njit(cache=True, parallel=True)
+def _bag_rows_parallel(table, qw_taps, rows, n_blocks):
+    for b in prange(n_blocks):
+        lo, hi = block_bounds(b, n_blocks, qw_taps.shape[0])
+        _bag_rows(table, qw_taps, rows, lo, hi)
 
 
 @njit(cache=True, parallel=True)
@@ -516,7 +528,11 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None):
         raise ValueError(f"K={n_taps} taps with table values up to {peak} could overflow int32")
     rows = np.empty((n_taps, 256, n_out), table.dtype)
     if n_taps and n_out:
-        _bag_rows_kernel(table, np.ascontiguousarray(qw_cols.T), rows)
+        qw_taps = np.ascontiguousarray(qw_cols.T)
+        if rows.size >= _PARALLEL_MIN:
+            _bag_rows_parallel(table, qw_taps, rows, min(get_num_threads(), n_taps))
+        else:
+            _bag_rows_serial(table, qw_taps, rows)
     cst = (n_taps * zx * zw - zx * qw_cols.astype(np.int64).sum(axis=1)).astype(np.int64)
     block = max(16, min(n_pix, _BAG_ACC_BYTES // (4 * max(n_out, 1))))
     out_dtype = np.int64 if scale is None else np.float32
