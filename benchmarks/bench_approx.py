@@ -90,7 +90,6 @@ def machine_info(threads):
         "torch_threads": torch.get_num_threads(),
         "requested_threads": threads,
         "blas": [{k: lib.get(k) for k in keep} for lib in threadpool_info()],
-        "load_average_at_start": list(os.getloadavg()),
     }
 
 
@@ -252,6 +251,7 @@ def main():
     args = parser.parse_args()
     with threadpool_limits(limits=1, user_api="blas"):
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        load_at_start = list(os.getloadavg())
         t0 = time.perf_counter()
         cases = run(args)
         report = {
@@ -266,6 +266,7 @@ def main():
                                            else f"not available ({CONV_IMPORT_ERROR})")},
             "cases": cases,
         }
+        report["machine"]["load_average_at_start"] = load_at_start
         report["machine"]["load_average_at_end"] = list(os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
