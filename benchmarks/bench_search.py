@@ -7,17 +7,20 @@ size is that configuration's alone. Modes: ``ours-float``, ``ours-exact``,
 DARTS first-order procedure as DARTS writes it: the architecture step also
 computes weight gradients and throws them away) and ``torch-float-frozen``
 (the same, with the weights' ``requires_grad`` off during the architecture
-step, as a careful torch user writes it). Timing: median, min and max over the
+step, as a careful torch user writes it). torch runs with its own OpenMP wait
+policy (loaded before the package sets ``OMP_WAIT_POLICY=passive`` for Numba)
+unless the environment sets one. Timing: median, min and max over the
 measured steps after warm-up steps (compilation, allocator and page faults
 excluded).
 
 Besides the main table the benchmark records (unless ``--no-extras``):
 
 * ``threads``: ours-float at 1 thread and at 2 threads for the quick and paper
-  settings, and the speed-up;
+  settings, and the speed-up (one process, 1- and 2-thread steps alternating,
+  so that both see the same background load);
 * ``shared_machine``: the step with one competing CPU-bound process running
-  (a pure-Python busy loop started before the warm-up), against the quiet
-  step measured in the same process right before;
+  (a pure-Python busy loop), against the step without it, alternating in one
+  process;
 * ``breakdown``: for the tiny setting, where one float step's time goes
   (cProfile, grouped by module: Python graph building, Python module code,
   Numba kernels including dispatch, NumPy element-wise work, allocation).
@@ -106,6 +109,10 @@ def _make_step(setting: str, mode: str, threads: int):
     """Build the network and optimizers of (setting, mode); return the function doing one search step."""
     cfg = SETTINGS[setting]
     batches = _batches(cfg)
+    if mode.startswith("torch-") and "OMP_WAIT_POLICY" not in os.environ:
+        # torch's best effort: its OpenMP starts with its own default wait policy, loaded
+        # before approxdarts_np sets OMP_WAIT_POLICY=passive for Numba's pool.
+        import torch  # noqa: F401
     from approxdarts_np.kernels.threads import configure_threads
     from approxdarts_np.nas.model_search import Network
     configure_threads(threads)
@@ -195,28 +202,57 @@ def _peak_rss_gb() -> float:
 def _one(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict:
     """Child process: time ``steps`` search steps after ``warmup`` ones."""
     load_before = os.getloadavg()
+    policy = os.environ.get("OMP_WAIT_POLICY", "OpenMP default")
     step = _make_step(setting, mode, threads)
     cpu: list[float] = []
     times = _time(step, steps, warmup, cpu)
     return {"setting": setting, "mode": mode, "threads": threads, **SETTINGS[setting], **_summary(times, cpu),
             "repeats": steps, "warmup": warmup, "peak_rss_gb": _peak_rss_gb(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "omp_wait_policy": policy,
             "load_before": load_before, "load_after": os.getloadavg()}
 
 
 def _shared(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict:
-    """Child process: quiet steps, then the same steps with one CPU-bound competitor running."""
+    """Child process: steps without and with one more CPU-bound process, alternating.
+
+    Alternating (a quiet step, then a step with a busy loop started just before it and
+    killed right after) lets both see the same background load of the machine.
+    """
     step = _make_step(setting, mode, threads)
-    quiet = _time(step, steps, warmup)
-    busy = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP])
-    try:
-        loaded = _time(step, steps, 1)
-    finally:
-        busy.kill()
-        busy.wait()
+    _time(step, 0, warmup)
+    quiet, loaded = [], []
+    for _ in range(steps):
+        quiet += _time(step, 1, 0)
+        busy = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP])
+        try:
+            time.sleep(0.2)  # let the competitor start running
+            loaded += _time(step, 1, 0)
+        finally:
+            busy.kill()
+            busy.wait()
     q, s = statistics.median(quiet), statistics.median(loaded)
     return {"setting": setting, "mode": mode, "threads": threads, "competitors": 1,
-            "quiet": _summary(quiet), "shared": _summary(loaded), "ratio_shared_to_quiet": s / q}
+            "quiet": _summary(quiet), "shared": _summary(loaded), "ratio_shared_to_quiet": s / q,
+            "load_after": os.getloadavg()}
+
+
+def _thread_scaling(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict:
+    """Child process: steps on 1 thread and on ``threads`` threads, alternating (same background load)."""
+    import numba
+    step = _make_step(setting, mode, threads)
+    times: dict[int, list[float]] = {1: [], threads: []}
+    cpu: dict[int, list[float]] = {1: [], threads: []}
+    for n in times:
+        numba.set_num_threads(n)
+        _time(step, 0, warmup)
+    for _ in range(steps):
+        for n in times:
+            numba.set_num_threads(n)
+            times[n] += _time(step, 1, 0, cpu[n])
+    one, many = statistics.median(times[1]), statistics.median(times[threads])
+    return {"setting": setting, "mode": mode, "one_thread": _summary(times[1], cpu[1]),
+            f"{threads}_threads": _summary(times[threads], cpu[threads]), f"speedup_{threads}_over_1": one / many,
+            "load_after": os.getloadavg()}
 
 
 def _dispatchers() -> dict[tuple[str, str], bool]:
@@ -346,6 +382,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--no-extras", action="store_true",
                         help="only the main table (no thread scaling, shared-machine case or breakdown)")
+    parser.add_argument("--extras-only", action="store_true",
+                        help="keep the main table of --out and measure only the extras again")
     parser.add_argument("--shared-modes", nargs="+", default=["ours-float", "ours-mul8u_1446"])
     parser.add_argument("--note", default="", help="free text stored in the JSON")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -356,7 +394,7 @@ def main() -> None:
             parser.error(f"unknown mode {mode!r}")
     if args.child:
         kind, setting, mode = args.child
-        fn = {"step": _one, "shared": _shared, "breakdown": _breakdown}[kind]
+        fn = {"step": _one, "shared": _shared, "threads": _thread_scaling, "breakdown": _breakdown}[kind]
         print(json.dumps(fn(setting, mode, args.steps, args.warmup, args.threads)))
         return
 
@@ -372,7 +410,12 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")
 
-    for setting in args.settings:
+    if args.extras_only and args.out.exists():
+        previous = json.loads(args.out.read_text())
+        out["results"] = previous["results"]
+        out["load_start"] = previous.get("load_start")
+        out["note"] = previous.get("note", "") + (" " + args.note if args.note else "")
+    for setting in [] if args.extras_only else args.settings:
         for mode in args.modes:
             row = _child("step", setting, mode, args)
             out["results"].append(row)
@@ -387,16 +430,12 @@ def main() -> None:
         save()
     if not args.no_extras:
         for setting in [s for s in ("quick", "paper") if s in args.settings]:
-            one = _child("step", setting, "ours-float", argparse.Namespace(**{**vars(args), "threads": 1}))
-            two = next((r for r in out["results"] if r["setting"] == setting and r["mode"] == "ours-float"
-                        and "error" not in r), None)
-            entry = {"setting": setting, "mode": "ours-float", "one_thread": one, "two_threads_s": None}
-            if two and "error" not in one:
-                entry["two_threads_s"] = two["step_s_median"]
-                entry["speedup_2_over_1"] = one["step_s_median"] / two["step_s_median"]
-                print(f"{setting:6s} threads 1: {one['step_s_median']:.3f} s, 2: {two['step_s_median']:.3f} s, "
-                      f"speed-up {entry['speedup_2_over_1']:.2f}x", flush=True)
+            entry = _child("threads", setting, "ours-float", args)
             out["threads"].append(entry)
+            if "error" not in entry:
+                print(f"{setting:6s} threads 1: {entry['one_thread']['step_s_median']:.3f} s, {args.threads}: "
+                      f"{entry[f'{args.threads}_threads']['step_s_median']:.3f} s, speed-up "
+                      f"{entry[f'speedup_{args.threads}_over_1']:.2f}x", flush=True)
             save()
         for setting in [s for s in ("tiny", "quick") if s in args.settings]:
             for mode in args.shared_modes:
@@ -423,6 +462,8 @@ def _ratios(results: list[dict], setting: str) -> None:
             if base in rows:
                 key = "ratio_to_" + base.replace("-", "_")
                 r[key] = r["step_s_median"] / rows[base]["step_s_median"]
+                if r.get("cpu_s_median") and rows[base].get("cpu_s_median"):
+                    r["cpu_" + key] = r["cpu_s_median"] / rows[base]["cpu_s_median"]
                 if base.startswith("torch"):
                     r["rss_ratio_to_" + base.replace("-", "_")] = r["peak_rss_gb"] / rows[base]["peak_rss_gb"]
 
