@@ -43,6 +43,9 @@ from pathlib import Path
 from machine import machine_info, source_state
 
 ROOT = Path(__file__).resolve().parents[1]
+# The environment as the user gave it, before importing approxdarts_np adds its threading
+# defaults: child processes start from it, so that torch rows keep torch's own OpenMP policy.
+_USER_ENV = dict(os.environ)
 THREADS = 2
 SETTINGS = {
     "paper": dict(channels=16, layers=8, batch_size=64),  # DARTS search setting
@@ -366,7 +369,7 @@ def _breakdown(setting: str, mode: str, steps: int, warmup: int, threads: int) -
 def _child(kind: str, setting: str, mode: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, setting, mode, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_USER_ENV)
     if proc.returncode != 0:
         return {"setting": setting, "mode": mode, "kind": kind, "error": proc.stderr.strip().splitlines()[-5:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
