@@ -205,8 +205,10 @@ def _peak_rss_gb() -> float:
 def _one(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict:
     """Child process: time ``steps`` search steps after ``warmup`` ones."""
     load_before = os.getloadavg()
-    policy = os.environ.get("OMP_WAIT_POLICY", "OpenMP default")
+    user_policy = os.environ.get("OMP_WAIT_POLICY")
     step = _make_step(setting, mode, threads)
+    # torch's OpenMP read the variable before the package set it; ours read it after
+    policy = (user_policy if mode.startswith("torch-") else os.environ.get("OMP_WAIT_POLICY")) or "OpenMP default"
     cpu: list[float] = []
     times = _time(step, steps, warmup, cpu)
     return {"setting": setting, "mode": mode, "threads": threads, **SETTINGS[setting], **_summary(times, cpu),
