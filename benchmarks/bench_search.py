@@ -3,6 +3,9 @@
 Each (setting, mode) runs in its own process, so that the peak resident set
 size is that configuration's alone. Modes: ``ours-float``, ``ours-exact``,
 ``ours-<table name or .bin/.npy path>`` (any multiplier the CLI accepts),
+``ours-multi<K>`` (the multiplier-aware search with the first K of exact,
+mul8u_2P7, mul8u_17KS, mul8u_L40, ...: one sampled multiplier per searched op
+each step, energy weight 1),
 ``torch-float`` (the same supernet in torch, tests/torch_reference.py, with the
 DARTS first-order procedure as DARTS writes it: the architecture step also
 computes weight gradients and throws them away) and ``torch-float-frozen``
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -108,6 +112,39 @@ def _step_functions():
     return architecture_step, weight_step
 
 
+MULTI_CANDIDATES = ("exact", "mul8u_2P7", "mul8u_17KS", "mul8u_L40", "mul8u_1446", "mul8u_JQQ", "mul8u_7C1",
+                    "mul8u_Y48")
+
+
+def _multi_step(cfg: dict, batches, k: int):
+    """One multiplier-aware search step with K candidates (a sampled multiplier per searched op, λ = 1)."""
+    import numpy as np
+
+    from approxdarts_np.approx.convolution import arithmetic_from_spec
+    from approxdarts_np.nas.multiplier_choice import MultiplierNetwork, network_expected_energy, searched_op_macs
+    from approxdarts_np.nn import SGD, Adam
+    from approxdarts_np.runs.search import architecture_step, energy_prices, weight_step
+
+    candidates = [arithmetic_from_spec(name) for name in MULTI_CANDIDATES[:k]]
+    net = MultiplierNetwork(cfg["channels"], 10, cfg["layers"], multipliers=candidates, seed=0)
+    prices = energy_prices(candidates, required=True)
+    macs = searched_op_macs(net)
+    a_opt = Adam(net.arch_parameters(), lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
+    w_opt = SGD(net.weights(), lr=0.025, momentum=0.9, weight_decay=3e-4)
+    draws = {"n": 0}
+
+    def penalty():
+        energy, reference = network_expected_energy(net, macs, prices["pj"], prices["exact_pj"])
+        return energy * (1.0 / reference)
+
+    def step():
+        net.choose(np.random.default_rng([0, draws["n"]]))
+        draws["n"] += 1
+        architecture_step(net, a_opt, *batches[0], penalty=penalty)
+        weight_step(net, w_opt, *batches[1], grad_clip=5.0)
+    return step
+
+
 def _make_step(setting: str, mode: str, threads: int):
     """Build the network and optimizers of (setting, mode); return the function doing one search step."""
     cfg = SETTINGS[setting]
@@ -120,6 +157,8 @@ def _make_step(setting: str, mode: str, threads: int):
     from approxdarts_np.nas.model_search import Network
     configure_threads(threads)
     impl, arith = mode.split("-", 1)
+    if impl == "ours" and re.fullmatch(r"multi\d+", arith):
+        return _multi_step(cfg, batches, int(arith[5:]))
     if impl == "ours":
         from approxdarts_np.approx.convolution import arithmetic_from_spec
         from approxdarts_np.nn import SGD, Adam
