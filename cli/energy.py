@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from approxdarts_np.approx.energy import EnergyTable
@@ -16,8 +18,9 @@ from approxdarts_np_cli._common import user_errors
 @user_errors
 def energy(
     genotype: str = typer.Option(..., help="genotype.json, a .txt with the DARTS string, or DARTS_V2."),
-    multiplier: str = typer.Option("exact", help="Multiplier of the searched convolutions (name or path), or "
-                                                 "genotype for the multiplier the genotype names per op."),
+    multiplier: Optional[str] = typer.Option(None, help=escape(
+        "Multiplier of the searched convolutions (name or path), or genotype for the multiplier the genotype "
+        "names per op [genotype when the genotype names multipliers, else exact].")),
     channels: int = typer.Option(36, help="Initial channels."),
     layers: int = typer.Option(20, help="Cells."),
     fp32_mul_pj: float = typer.Option(3.7, help="Energy of an FP32 multiply (pJ)."),
@@ -28,6 +31,8 @@ def energy(
     """Arithmetic energy of one inference: FP32, exact 8-bit and the chosen multiplier, per layer and total."""
     table = EnergyTable(fp32_mul_pj=fp32_mul_pj, int8_mul_pj=int8_mul_pj)
     geno = read_genotype(genotype)
+    if multiplier is None:
+        multiplier = "genotype" if geno.has_multipliers else "exact"
     report, params = network_energy(geno, channels, layers, multiplier, table)
     data = {"genotype": geno.to_darts_string(), "channels": channels, "layers": layers,
             "parameters": params, **report.to_dict(),
