@@ -22,7 +22,6 @@ import torch.nn.functional as TF
 from approxdarts_np.approx.convolution import QuantizedArithmetic, arithmetic_from_spec
 from approxdarts_np.approx.multipliers import Multiplier, load_multiplier
 from approxdarts_np.autodiff import Tensor
-from approxdarts_np.autodiff import functional as F
 from approxdarts_np.nas.genotypes import Genotype
 from approxdarts_np.nas.model_eval import NetworkCIFAR
 from approxdarts_np.nas.model_search import NUM_EDGES, Network

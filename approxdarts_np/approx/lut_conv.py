@@ -32,7 +32,6 @@ decomposition; a plan built with a larger ``max_rank`` keeps the factors (so ``e
 "lowrank"`` can be forced) even when it picks the gather engine.
 """
 import hashlib
-import operator
 from dataclasses import dataclass
 from functools import lru_cache
 
