@@ -70,45 +70,8 @@ def _batches(cfg: dict):
 
 
 def _step_functions():
-    """The search's ``architecture_step`` and ``weight_step``.
-
-    While the run modules are being reworked and do not import, the same two steps are
-    written out here (the first-order procedure of approxdarts_np.runs.search).
-    """
-    try:
-        from approxdarts_np.runs.search import architecture_step, weight_step
-        return architecture_step, weight_step
-    except ImportError:
-        pass
-    import numpy as np
-    from approxdarts_np.autodiff import Tensor
-    from approxdarts_np.autodiff import functional as F
-    from approxdarts_np.nn import clip_grad_norm
-
-    def loss_and_grad(model, images, labels, frozen):
-        for p in frozen:
-            p.requires_grad = False
-        try:
-            loss = F.cross_entropy(model(Tensor(images)), labels)
-            loss.backward()
-        finally:
-            for p in frozen:
-                p.requires_grad = True
-        return loss.item()
-
-    def architecture_step(model, optimizer, images, labels):
-        optimizer.zero_grad()
-        loss = loss_and_grad(model, images, labels, model.weights())
-        optimizer.step()
-        return loss
-
-    def weight_step(model, optimizer, images, labels, grad_clip):
-        optimizer.zero_grad()
-        loss = loss_and_grad(model, images, labels, model.arch_parameters())
-        clip_grad_norm(model.weights(), grad_clip)
-        optimizer.step()
-        return loss
-    del np
+    """The search's ``architecture_step`` and ``weight_step``."""
+    from approxdarts_np.runs.search import architecture_step, weight_step
     return architecture_step, weight_step
 
 

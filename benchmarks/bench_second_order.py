@@ -39,40 +39,8 @@ SETTINGS = {
 
 
 def _first_order_steps():
-    """``architecture_step`` and ``weight_step`` of the search module (a copy while it does not import)."""
-    try:
-        from approxdarts_np.runs.search import architecture_step, weight_step
-        return architecture_step, weight_step
-    except ImportError:
-        pass
-    from approxdarts_np.autodiff import Tensor
-    from approxdarts_np.autodiff import functional as F
-    from approxdarts_np.nn import clip_grad_norm
-
-    def loss_and_grad(model, images, labels, frozen):
-        for p in frozen:
-            p.requires_grad = False
-        try:
-            loss = F.cross_entropy(model(Tensor(images)), labels)
-            loss.backward()
-        finally:
-            for p in frozen:
-                p.requires_grad = True
-        return loss.item()
-
-    def architecture_step(model, optimizer, images, labels):
-        optimizer.zero_grad()
-        loss = loss_and_grad(model, images, labels, model.weights())
-        optimizer.step()
-        return loss
-
-    def weight_step(model, optimizer, images, labels, grad_clip):
-        optimizer.zero_grad()
-        loss = loss_and_grad(model, images, labels, model.arch_parameters())
-        clip_grad_norm(model.weights(), grad_clip)
-        optimizer.step()
-        return loss
-
+    """The search's ``architecture_step`` and ``weight_step``."""
+    from approxdarts_np.runs.search import architecture_step, weight_step
     return architecture_step, weight_step
 
 
