@@ -4,8 +4,6 @@ training, evaluation and the energy report."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from approxdarts_np.nas.operations import searched_convs
 from approxdarts_np.runs.loop import RunInterrupted
 from approxdarts_np.runs.report import network_energy
 from approxdarts_np.runs.search import SearchConfig, Searcher, energy_prices, run_search
+from run_helpers import ctrl_c_at, metrics_without_times
 
 TINY = dict(epochs=1, channels=2, layers=3, batch_size=4, max_train_images=24, threads=1, seed=3)
 CANDIDATES = "exact,mul8u_2P7,mul8u_17KS"
@@ -98,10 +97,7 @@ def test_beta_stops_and_resumes_bit_identically(tmp_path):
     run_search(SearchConfig.quick(output_dir=str(ref), **cfg))
     out = tmp_path / "run"
 
-    def progress(event):
-        if event["event"] == "step" and event["step"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
+    progress = ctrl_c_at(2)
     with pytest.raises(RunInterrupted):
         run_search(SearchConfig.quick(output_dir=str(out), **cfg), progress=progress)
     run_search(resume=out)
@@ -110,11 +106,8 @@ def test_beta_stops_and_resumes_bit_identically(tmp_path):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert (out / "genotype.txt").read_text() == (ref / "genotype.txt").read_text()
-    m_out = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    m_ref = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
-    for x, y in zip(m_out, m_ref):
-        x.pop("elapsed_s"), y.pop("elapsed_s")
-        assert x == y
+    m_out = metrics_without_times(out)
+    assert m_out == metrics_without_times(ref)
     assert "multiplier_probabilities" in m_out[-1] and m_out[-1]["expected_energy_pj"] > 0
 
 

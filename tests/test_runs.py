@@ -23,6 +23,7 @@ from approxdarts_np.errors import DivergedError, UserError
 from approxdarts_np.io.checkpoint import WriteError, load_tree
 from approxdarts_np.runs.loop import RunInterrupted
 from approxdarts_np.runs.search import SearchConfig, run_search
+from run_helpers import ctrl_c_at, metrics_without_times
 
 TINY = dict(epochs=2, channels=2, layers=3, batch_size=4, max_train_images=24, threads=1, seed=5)
 
@@ -36,11 +37,6 @@ def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
     run_search(_config(out))
     return out
-
-
-def metrics_without_times(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def same_run(out: Path, ref: Path) -> None:
@@ -298,10 +294,7 @@ def test_second_order_search_stops_and_resumes_bit_identically(tmp_path):
     run_search(SearchConfig.quick(output_dir=str(ref), **cfg))
     out = tmp_path / "run"
 
-    def progress(event):
-        if event["event"] == "step" and event["step"] == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-
+    progress = ctrl_c_at(1)
     with pytest.raises(RunInterrupted):
         run_search(SearchConfig.quick(output_dir=str(out), **cfg), progress=progress)
     run_search(resume=out)

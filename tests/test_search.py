@@ -17,6 +17,7 @@ from approxdarts_np.nas.genotypes import Genotype
 from approxdarts_np.runs.loop import RunInterrupted
 from approxdarts_np.runs.search import SearchConfig, run_search
 from approxdarts_np_cli.main import app
+from run_helpers import ctrl_c_at, metrics_without_times
 
 TINY = dict(epochs=2, channels=2, layers=3, batch_size=4, max_train_images=24, threads=2, seed=7)
 
@@ -88,10 +89,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_bit_identical(reference_run, tm
     ref_out, _ = reference_run
     out = tmp_path / "interrupted"
 
-    def progress(event):
-        if event["event"] == "step" and event["epoch"] == 0 and event["step"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
+    progress = ctrl_c_at(2, epoch=0)
     with pytest.raises(RunInterrupted) as info:
         run_search(_config(out), progress=progress)
     assert (info.value.epoch, info.value.step, info.value.exit_code) == (0, 2, 130)
@@ -100,12 +98,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_bit_identical(reference_run, tm
     run_search(resume=out)
     for ours, ref in zip(_alphas(out), _alphas(ref_out)):
         np.testing.assert_array_equal(ours, ref)
-    assert _metrics_without_times(out) == _metrics_without_times(ref_out)
-
-
-def _metrics_without_times(out):
-    return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics_without_times(out) == metrics_without_times(ref_out)
 
 
 @pytest.mark.parametrize("kw, message", [

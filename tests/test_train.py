@@ -1,7 +1,5 @@
 """Training, evaluation and energy commands end to end on tiny settings; exact resume of training."""
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from approxdarts_np.runs.report import network_energy
 from approxdarts_np.nas.genotypes import read_genotype
 from approxdarts_np.runs.train import TrainConfig, load_trained_network, run_train
 from approxdarts_np_cli.main import app
+from run_helpers import ctrl_c_at, metrics_without_times
 
 TINY = dict(epochs=2, channels=4, layers=3, batch_size=4, max_train_images=12, threads=2, seed=3,
             genotype=DARTS_V2.to_dict())
@@ -40,10 +39,7 @@ def test_ctrl_c_then_resume_matches_uninterrupted_training(trained, tmp_path):
     ref_out, _ = trained
     out = tmp_path / "interrupted"
 
-    def progress(event):
-        if event["event"] == "step" and event["epoch"] == 1 and event["step"] == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-
+    progress = ctrl_c_at(1, epoch=1)
     with pytest.raises(RunInterrupted):
         run_train(TrainConfig.quick(output_dir=str(out), **TINY), progress=progress)
     run_train(resume=out)
@@ -52,12 +48,7 @@ def test_ctrl_c_then_resume_matches_uninterrupted_training(trained, tmp_path):
     for (name, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
         np.testing.assert_array_equal(a, b, err_msg=name)
     # the resumed epoch's sums (train loss and accuracy) are those of the uninterrupted run
-    assert _metrics_without_times(out) == _metrics_without_times(ref_out)
-
-
-def _metrics_without_times(out):
-    return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics_without_times(out) == metrics_without_times(ref_out)
 
 
 def test_cli_evaluate_and_energy(trained, tmp_path):

@@ -1,0 +1,21 @@
+"""What the run tests share: a real Ctrl-C at a chosen step, and metrics compared without their times."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+
+def ctrl_c_at(step: int, epoch: int | None = None):
+    """A progress callback that sends this process a real SIGINT once ``step`` steps of ``epoch`` (any) are done."""
+    def progress(event):
+        if event["event"] == "step" and event["step"] == step and (epoch is None or event["epoch"] == epoch):
+            os.kill(os.getpid(), signal.SIGINT)
+    return progress
+
+
+def metrics_without_times(out: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl without ``elapsed_s`` (the one field a resume may change)."""
+    return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+            for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
