@@ -199,3 +199,79 @@ def test_engine_choice_depends_on_rank_and_shape():
     # a high rank loses to the gather on a pointwise conv
     p17 = make_lut_plan(load_multiplier("mul8u_17KS").table, max_rank=20)
     assert choose_engine(p17, (64, 16, 32, 32), (16, 16, 1, 1), 1, 1) == "gather"
+
+
+def _tie_laden(rng, shape, relu):
+    """float32 values of which a third sit exactly on a half-way point k + 1/2 of x / s."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    if relu:
+        x = np.maximum(x, 0)
+    s, _ = quantize_per_tensor(x)[1:]
+    k = rng.integers(-100, 100, shape)
+    ties = ((k + 0.5) * s).astype(np.float32)
+    pick = rng.random(shape) < 1 / 3
+    inside = (ties >= x.min()) & (ties <= x.max())
+    return np.where(pick & inside, ties, x).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["exact", "mul8u_1446", "mul8u_Y48", "mul8u_1JFF"])
+@pytest.mark.parametrize("n, c, size, k, stride, dilation", [
+    (5, 6, 8, 3, 1, 1), (3, 4, 16, 5, 1, 1), (4, 3, 9, 3, 2, 1), (2, 5, 12, 3, 1, 2),
+    (7, 2, 5, 5, 2, 2),
+])
+def test_one_pass_quantised_convolutions_equal_the_separate_passes(name, n, c, size, k, stride,
+                                                                   dilation):
+    """depthwise_conv2d_codes / pointwise_conv2d_codes against quantise + float conv + sum.
+
+    Several images per work item, several work items per thread, strides and dilations, every
+    feature count (exact: 1, 1446: 3, ...), inputs full of exact ties: outputs and codes equal.
+    """
+    from approxdarts_np.approx.lowrank import (activation_features, feature_conv,
+                                               filter_constants, weight_features)
+    from approxdarts_np.approx.quantize import quantize_to_features
+    from approxdarts_np.kernels import conv as kconv
+    from approxdarts_np.kernels import depthwise as kdw
+
+    plan = make_lut_plan(load_multiplier(name).table)
+    assert plan.factors is not None
+    rng = np.random.default_rng([n, c, size, k, stride, dilation])
+    for relu in (True, False):
+        x = _tie_laden(rng, (n, c, size, size), relu)
+        qx_ref, sx, zx = quantize_per_tensor(x)
+        act = activation_features(plan.factors, zx)
+        n_feat = act.table.shape[1]
+        for kind in ("depthwise", "pointwise"):
+            w_shape = (c, 1, k, k) if kind == "depthwise" else (3, c, 1, 1)
+            w = (0.3 * rng.standard_normal(w_shape)).astype(np.float32)
+            qw, sw, zw = quantize_per_tensor(w)
+            _, wf = quantize_to_features(w, sw, zw, weight_features(plan.factors, zw).table)
+            cst = filter_constants(act, qw)
+            _, xf = quantize_to_features(x, sx, zx, act.table)
+            if kind == "depthwise":
+                wf = wf.reshape(c * n_feat, 1, k, k)
+                pad = dilation * (k - 1) // 2
+                geom = (stride, pad, dilation)
+                y, codes = kdw.depthwise_conv2d_codes(x, sx, zx, act.table_t, wf, cst, sx * sw,
+                                                      *geom)
+                ref = feature_conv(xf, wf, cst, n_feat, True, *geom, c, sx * sw)
+            else:
+                y, codes = kconv.pointwise_conv2d_codes(x, sx, zx, act.table_t, wf, cst, sx * sw)
+                ref = feature_conv(xf, wf, cst, n_feat, False, 1, 0, 1, 1, sx * sw)
+            np.testing.assert_array_equal(codes, qx_ref)
+            np.testing.assert_array_equal(y, ref, err_msg=f"{name} {kind} relu={relu}")
+
+
+def test_the_tester_one_pass_convolution_sees_a_wrong_feature_entry():
+    """A feature table with one wrong entry (for a code the input uses) changes the output."""
+    from approxdarts_np.kernels import depthwise as kdw
+
+    rng = np.random.default_rng(3)
+    x = np.maximum(rng.standard_normal((2, 3, 6, 6)), 0).astype(np.float32)
+    qx, sx, zx = quantize_per_tensor(x)
+    table = (np.arange(256) - zx).astype(np.float32)[None, :]
+    w = rng.integers(-5, 5, (3, 1, 3, 3)).astype(np.float32)
+    good = kdw.depthwise_conv2d_codes(x, sx, zx, table, w, np.zeros(3), 1.0, 1, 1, 1)[0]
+    bad_table = table.copy()
+    bad_table[0, qx[1, 2, 3, 3]] += 1                 # no longer code - zx: looked up, wrong
+    bad = kdw.depthwise_conv2d_codes(x, sx, zx, bad_table, w, np.zeros(3), 1.0, 1, 1, 1)[0]
+    assert not np.array_equal(good, bad)

@@ -223,3 +223,71 @@ def test_feature_sum_adds_the_features_and_the_constant_then_scales_once(size):
                                   exact)
     with pytest.raises(ValueError, match="multiple"):
         feature_sum(y, 4, cst, scale)
+
+
+def _near_ties(seed):
+    """float32 values at and next to the half-way points k + 1/2 of x / s, for a random range.
+
+    The quantiser computes x * float32(1/s) in float32 and redoes the float64 rule near ties;
+    these are exactly the values where the float32 quotient alone can round the wrong way.
+    """
+    rng = np.random.default_rng(seed)
+    lo, hi = -float(rng.uniform(0.1, 50.0)), float(rng.uniform(0.1, 50.0))
+    s = (hi - lo) / 255.0
+    k = np.arange(-260, 260, dtype=np.float64)
+    exact = ((k + 0.5) * s).astype(np.float32)
+    cols = [exact]
+    for direction in (-np.inf, np.inf):   # up to three float32 steps either side
+        v = exact
+        for _ in range(3):
+            v = np.nextafter(v, np.float32(direction))
+            cols.append(v)
+    vals = np.stack(cols, axis=1).reshape(-1)
+    vals = vals[(vals >= lo) & (vals <= hi)]
+    x = np.concatenate([vals, np.float32([lo, hi])]).astype(np.float32)
+    return x.reshape(1, 1, 1, -1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_values_at_ties_get_the_float64_codes(seed):
+    x = _near_ties(seed)
+    scale, zp = quant_params(x)
+    twin = _twin_quantize(x, scale, zp)
+    q, feats = quantize_to_features(x, scale, zp, (np.arange(256) - zp).astype(np.float32)[:, None])
+    np.testing.assert_array_equal(q, twin)
+    np.testing.assert_array_equal(feats, twin.astype(np.float32) - zp)   # the computed feature
+    np.testing.assert_array_equal(quantize_per_tensor(x)[0], twin)
+
+
+def test_the_tester_ties_defeat_the_float32_quotient_alone():
+    """The tie values above are where float32 x * (1/s) alone gives other codes than float64."""
+    wrong = 0
+    for seed in range(6):
+        x = _near_ties(seed)
+        scale, zp = quant_params(x)
+        q32 = x.astype(np.float32) * np.float32(1.0 / scale)
+        f = np.floor(q32)
+        fast = np.clip(f + (q32 - f >= np.float32(0.5)) + zp, 0, 255).astype(np.uint8)
+        wrong += int(np.sum(fast != _twin_quantize(x, scale, zp)))
+    assert wrong > 0
+
+
+@pytest.mark.parametrize("values", [
+    [0.0, -0.0, 1.5], [-0.0, -2.0], [3.0, 3.0], [-1e30, 1e30, 0.0], [1e-40, -1e-41],
+])
+def test_one_pass_range_is_numpy_min_and_max(values):
+    x = np.array(values, np.float32).reshape(1, -1)
+    widened = (min(float(x.min()), 0.0), max(float(x.max()), 0.0))
+    s, z = quant_params(x)
+    if widened[0] == widened[1]:
+        assert (s, z) == (1.0, 0)
+    else:
+        assert s == (widened[1] - widened[0]) / 255.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, -np.nan, np.inf, -np.inf])
+def test_one_pass_range_sees_nan_and_inf_anywhere(bad):
+    x = np.zeros((3, 1000), np.float32)
+    x[2, 777] = bad
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        quant_params(x)

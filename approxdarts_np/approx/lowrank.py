@@ -40,6 +40,7 @@ import scipy.linalg
 
 from ..kernels import conv as kconv
 from ..kernels import depthwise as kdw
+from ..kernels.codes import affine_offset
 from ..kernels.lut_conv import code_features, feature_sum, im2col_codes, lowrank_bag_conv
 
 __all__ = [
@@ -280,6 +281,24 @@ class FeatureTable:
     peak: np.ndarray
     const: np.ndarray | None
 
+    @property
+    def table_t(self) -> np.ndarray:
+        """``table`` transposed, (J, 256) C-contiguous: the layout the quantisation pass reads."""
+        cached = self.__dict__.get("_table_t")
+        if cached is None:
+            cached = _frozen(self.table.T)
+            object.__setattr__(self, "_table_t", cached)
+        return cached
+
+    @property
+    def affine(self) -> int:
+        """z when feature 0 is code - z (the exact part: always, for these tables), else -1."""
+        cached = self.__dict__.get("_affine")
+        if cached is None:
+            cached = affine_offset(self.table_t)
+            object.__setattr__(self, "_affine", cached)
+        return cached
+
 
 @lru_cache(maxsize=1024)
 def activation_features(factors, zx):
@@ -300,6 +319,7 @@ def weight_features(factors, zw):
     return FeatureTable(_frozen(g.astype(np.float32)), _frozen(np.abs(g).max(axis=0)), None)
 
 
+@lru_cache(maxsize=4096)   # tables are cached objects: a handful of (n_taps, act, wgt) per run
 def features_fit_float32(n_taps, act, wgt):
     """True when n_taps taps of act . wgt features sum exactly in float32 in any order.
 

@@ -37,14 +37,17 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..kernels import conv as kconv
+from ..kernels import depthwise as kdw
 from ..kernels._util import (as_pair, check_code_value, check_codes, check_float32_4d,
                              conv_geometry, conv_output_hw)
+from ..kernels.codes import float32_inverse
 from ..kernels.lut_conv import (feature_sum, im2col_codes, lut_bag_conv, lut_depthwise_conv,
                                 table_peak)
 from .lowrank import (LowRankBoundError, LowRankFactors, activation_features,
                       exact_error_factors, feature_conv, features_fit_float32, filter_constants,
                       lowrank_conv2d, weight_features)
-from .quantize import quant_params, quantize_to_features
+from .quantize import codes_and_features, quant_params
 
 __all__ = ["LutPlan", "make_lut_plan", "lut_conv2d", "approx_conv2d", "choose_engine",
            "LOWRANK_MAX_TERMS", "ENGINES"]
@@ -210,7 +213,7 @@ def _gather_conv2d(qx, zx, qw, zw, table, stride, padding, dilation, groups, out
 
 # ----------------------------------------------------------------------------- float operands
 
-_NO_FEATURES = np.zeros((256, 0), np.float32)
+_NO_FEATURES_T = np.zeros((0, 256), np.float32)
 
 
 def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine="auto"):
@@ -250,15 +253,24 @@ def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine=
         wgt = weight_features(plan.factors, zw)
         if features_fit_float32(n_in_g * k_h * k_w, act, wgt):
             n_feat = act.table.shape[1]
-            qx, xf = quantize_to_features(x, sx, zx, act.table)
-            qw, wf = quantize_to_features(w, sw, zw, wgt.table)
+            qw, wf = codes_and_features(w, sw, zw, wgt.table_t, wgt.affine)
+            cst = filter_constants(act, qw)
             if depthwise:
                 wf = wf.reshape(n_out * n_feat, 1, k_h, k_w)
-            y = feature_conv(xf, wf, filter_constants(act, qw), n_feat, depthwise, stride,
-                             padding, dilation, groups, sx * sw)
+            pointwise = (groups == 1 and (k_h, k_w) == (1, 1) and stride == (1, 1)
+                         and padding == (0, 0))
+            if (depthwise or pointwise) and float32_inverse(sx) is not None:
+                # one pass: quantise x, run the float kernel on its features, add cst, scale
+                fused = kdw.depthwise_conv2d_codes if depthwise else kconv.pointwise_conv2d_codes
+                geom = (stride, padding, dilation) if depthwise else ()
+                y, qx = fused(x, sx, zx, act.table_t, wf, cst, sx * sw, *geom, affine=act.affine)
+                return y, (qx, sx, zx), (qw, sw, zw)
+            qx, xf = codes_and_features(x, sx, zx, act.table_t, act.affine)
+            y = feature_conv(xf, wf, cst, n_feat, depthwise, stride, padding, dilation, groups,
+                             sx * sw)
             return y, (qx, sx, zx), (qw, sw, zw)
-    qx, _ = quantize_to_features(x, sx, zx, _NO_FEATURES)
-    qw, _ = quantize_to_features(w, sw, zw, _NO_FEATURES)
+    qx, _ = codes_and_features(x, sx, zx, _NO_FEATURES_T, -1)
+    qw, _ = codes_and_features(w, sw, zw, _NO_FEATURES_T, -1)
     if engine == "gather" or requested == "auto":
         # (past the float32 bound an automatic choice gathers too)
         out_size = conv_output_hw(h, wd, k_h, k_w, stride + padding + dilation)
@@ -285,6 +297,7 @@ _COST = {
 }
 
 
+@lru_cache(maxsize=4096)   # called per convolution with a handful of distinct shapes per run
 def choose_engine(plan, x_shape, w_shape, stride=1, groups=1):
     """The cheaper engine (``"gather"`` or ``"lowrank"``) for this plan and convolution shape.
 

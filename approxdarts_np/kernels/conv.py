@@ -43,8 +43,9 @@ from numba import get_num_threads, njit, prange
 
 from ._util import block_bounds, check_float32_4d, check_shape4, conv_geometry, conv_output_hw
 from ._util import unsigned as _u
+from .codes import check_code_args, codes_plane, feature_plane
 
-__all__ = ["conv2d", "conv2d_grad_input", "conv2d_grad_weight"]
+__all__ = ["conv2d", "conv2d_grad_input", "conv2d_grad_weight", "pointwise_conv2d_codes"]
 
 # Elements of the weight gradient summed over the batch per float64 accumulator block.
 _REDUCE_BLOCK = 4096
@@ -201,6 +202,35 @@ def _conv2d_forward_kernel(x5, w_mat, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, ou
                 src = col
             np.dot(w_mat[g], src, y[n, g])
     return y
+
+
+@njit(parallel=True, cache=True)
+def _pointwise_codes_kernel(x3, scale, inv, zero_point, table_t, affine, w_mat, cst, out_scale,
+                            n_threads):
+    """:func:`pointwise_conv2d_codes`: per image, codes and features into a scratch block, one
+    GEMM, then cst added and the scale applied while the image's output is in cache."""
+    n_img, c_in, n_pix = x3.shape
+    n_feat = table_t.shape[0]
+    c_out = w_mat.shape[0]
+    y = np.empty((n_img, c_out, n_pix), np.float32)
+    codes = np.empty((n_img, c_in, n_pix), np.uint8)
+    n_blocks = min(n_threads, n_img)
+    for block in prange(n_blocks):
+        lo, hi = block_bounds(block, n_blocks, n_img)
+        feats = np.empty((c_in * n_feat, n_pix), np.float32)
+        near = np.empty(n_pix, np.uint8)
+        for n in range(lo, hi):
+            for c in range(c_in):
+                codes_plane(x3[n, c], scale, inv, zero_point, codes[n, c], near)
+                for j in range(n_feat):
+                    feature_plane(codes[n, c], table_t, affine, j, feats[c * n_feat + j])
+            np.dot(w_mat, feats, y[n])
+            for o in range(c_out):
+                base = np.float64(cst[o])
+                row = y[n, o]
+                for p in range(n_pix):
+                    row[p] = np.float32((np.float64(row[p]) + base) * out_scale)
+    return y, codes
 
 
 @njit(parallel=True, cache=True)
@@ -384,3 +414,36 @@ def conv2d_grad_weight(gy, x, weight_shape, stride=1, padding=0, dilation=1, gro
                                     out_w, _is_direct(k_h, k_w, geom), _REDUCE_BLOCK,
                                     get_num_threads())
     return gw.reshape(w_shape)
+
+
+def pointwise_conv2d_codes(x, scale, zero_point, table_t, w_feats, cst, out_scale,
+                           affine=None):
+    """The quantised 1x1 convolution (stride 1, no padding, one group) in one pass: ``(y, codes)``.
+
+    ``codes`` (uint8, x's shape) are x's 8-bit codes with ``scale`` and ``zero_point``
+    (:mod:`approxdarts_np.kernels.codes`); ``table_t`` (J, 256) float32 maps a code to its J
+    integer features (``affine``: its :func:`~approxdarts_np.kernels.codes.affine_offset`,
+    computed when None); ``w_feats`` (Co, Ci*J, 1, 1) float32 (input channel c*J + j: feature
+    j of channel c); ``cst`` (Co,) integers. y[n, o] = float32((cst[o] + sum_{c,j}
+    w_feats[o, c*J + j] * F_j[codes[n, c]]) * out_scale), the product taken in float64 -- what
+    quantising, :func:`conv2d` on the features and ``feature_sum`` give, without their passes
+    over memory. Exact only while the float32 sums stay below 2**24 (the caller checks). x must
+    be finite float32; ValueError for a scale without a normal float32 inverse or bad shapes.
+    """
+    x = check_float32_4d(x, "x")
+    w_feats = check_float32_4d(w_feats, "w_feats")
+    inv, zero_point, table_t, affine = check_code_args(scale, zero_point, table_t, affine)
+    n_img, c_in, h, wd = x.shape
+    n_feat = table_t.shape[0]
+    if w_feats.shape[1:] != (c_in * n_feat, 1, 1):
+        raise ValueError(
+            f"w_feats must be (Co, Ci*J = {c_in * n_feat}, 1, 1), got {w_feats.shape}")
+    c_out = w_feats.shape[0]
+    cst = np.ascontiguousarray(cst, dtype=np.int64)
+    if cst.shape != (c_out,):
+        raise ValueError(f"cst must have shape ({c_out},), got {cst.shape}")
+    y, codes = _pointwise_codes_kernel(x.reshape(n_img, c_in, h * wd), float(scale), inv,
+                                       zero_point, table_t, affine,
+                                       w_feats.reshape(c_out, c_in * n_feat), cst,
+                                       float(out_scale), get_num_threads())
+    return y.reshape(n_img, c_out, h, wd), codes.reshape(x.shape)

@@ -35,6 +35,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from ._util import block_bounds, check_float32_4d, check_shape4, conv_geometry, conv_output_hw
+from .codes import check_code_args, codes_plane, feature_plane
 
 # Target size, in float32 elements, of one work item's padded input: sets how many images of a
 # channel share an item. Measured on 2-core AMD EPYC: 32x32 planes run best alone (stacking
@@ -43,6 +44,7 @@ _STACK_BUDGET = 1200
 
 __all__ = [
     "depthwise_conv2d",
+    "depthwise_conv2d_codes",
     "depthwise_conv2d_grad_input",
     "depthwise_conv2d_grad_weight",
 ]
@@ -556,6 +558,59 @@ def _depthwise_forward_kernel(x, w_taps, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
 
 
 @njit(cache=True, parallel=True)
+def _depthwise_codes_kernel(x, scale, inv, zero_point, table_t, affine, w_taps, cst, out_scale,
+                            s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w, out_h, out_w, stack,
+                            n_threads):
+    """:func:`depthwise_conv2d_codes`: the forward kernel's items, each quantising its planes
+    first (codes kept) and running the taps once per feature, then adding cst and scaling."""
+    n_img, n_ch, h, wd = x.shape
+    n_feat = table_t.shape[0]
+    n_taps = k_h * k_w
+    n_pix = h * wd
+    hq, wq, lead = _layout(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
+    plane = hq * wq
+    phase_stride = stack * plane
+    offs = _tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq, phase_stride)
+
+    y = np.empty((n_img, n_ch, out_h, out_w), np.float32)
+    codes = np.empty((n_img, n_ch, h, wd), np.uint8)
+    x3 = x.reshape(n_img, n_ch, n_pix)
+    c3 = codes.reshape(n_img, n_ch, n_pix)
+    y3 = y.reshape(n_img, n_ch, out_h * out_w)
+    n_groups = (n_img + stack - 1) // stack
+    n_items = n_ch * n_groups
+    n_blocks = min(n_items, n_threads)
+    for blk in prange(n_blocks):
+        xbuf = np.zeros(lead + s_h * s_w * phase_stride, np.float32)
+        acc = np.empty(phase_stride, np.float32)
+        stage = np.empty((stack, 1, h, wd), np.float32)
+        s3 = stage.reshape(stack, 1, n_pix)
+        near = np.empty(n_pix, np.uint8)
+        start, stop = block_bounds(blk, n_blocks, n_items)
+        for item in range(start, stop):
+            ci = item % n_ch
+            n0 = (item // n_ch) * stack
+            count = min(stack, n_img - n0)
+            for g in range(count):
+                codes_plane(x3[n0 + g, ci], scale, inv, zero_point, c3[n0 + g, ci], near)
+            length = (count - 1) * plane + (out_h - 1) * wq + out_w
+            for j in range(n_feat):
+                for g in range(count):
+                    feature_plane(c3[n0 + g, ci], table_t, affine, j, s3[g, 0])
+                _stack_to_phases(stage, 0, count, 0, xbuf, p_h, p_w, s_h, s_w, wq, plane,
+                                 phase_stride)
+                _gather_taps(acc, 0, length, xbuf, offs, w_taps[ci * n_feat + j], 0, n_taps,
+                             j == 0)
+            _stack_rows_from_buf(acc, y, n0, count, ci, 0, wq, plane)
+            base = np.float64(cst[ci])
+            for g in range(count):
+                row = y3[n0 + g, ci]
+                for i in range(row.shape[0]):
+                    row[i] = np.float32((np.float64(row[i]) + base) * out_scale)
+    return y, codes
+
+
+@njit(cache=True, parallel=True)
 def _depthwise_grad_input_kernel(gy, w_taps, h, wd, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
                                  stack, n_threads):
     n_img, n_ch, out_h, out_w = gy.shape
@@ -746,3 +801,41 @@ def depthwise_conv2d_grad_weight(gy, x, weight_shape, stride=1, padding=0, dilat
     gw = _depthwise_grad_weight_kernel(gy, x, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w, stack,
                                        get_num_threads())
     return gw.reshape(n_ch, 1, k_h, k_w)
+
+
+def depthwise_conv2d_codes(x, scale, zero_point, table_t, w_feats, cst, out_scale, stride=1,
+                           padding=0, dilation=1, affine=None):
+    """The quantised depthwise convolution in one pass: returns ``(y, codes)``.
+
+    ``codes`` (uint8, x's shape) are x's 8-bit codes with ``scale`` and ``zero_point``
+    (:mod:`approxdarts_np.kernels.codes`: exactly the quantisation pass's codes);
+    ``table_t`` (J, 256) float32 maps a code to its J integer features (``affine``: its
+    :func:`~approxdarts_np.kernels.codes.affine_offset`, computed when None); ``w_feats``
+    (C*J, 1, kh, kw) float32 holds the weights' features (row c*J + j: feature j of channel
+    c); ``cst`` (C,) integers. y[n, c] = float32((cst[c] + sum_j depthwise(F_j[codes[n, c]],
+    w_feats[c*J + j])) * out_scale), the product taken in float64 -- what quantising, running
+    :func:`depthwise_conv2d` on the features and ``feature_sum`` give, without their passes
+    over memory. The float32 sums are exact only while they stay below 2**24: the caller
+    checks that bound (``features_fit_float32``). x must be finite float32 (its range gave the
+    scale); ValueError for a scale without a normal float32 inverse or bad shapes.
+    """
+    geom = conv_geometry(stride, padding, dilation)
+    x = check_float32_4d(x, "x")
+    w_feats = check_float32_4d(w_feats, "w_feats")
+    inv, zero_point, table_t, affine = check_code_args(scale, zero_point, table_t, affine)
+    n_img, n_ch, h, wd = x.shape
+    n_feat = table_t.shape[0]
+    k_h, k_w = _check_weight_shape((w_feats.shape[0] // n_feat,) + w_feats.shape[1:], n_ch,
+                                   "w_feats / J")
+    if w_feats.shape[0] != n_ch * n_feat:
+        raise ValueError(f"w_feats must have C*J = {n_ch * n_feat} rows, got {w_feats.shape[0]}")
+    cst = np.ascontiguousarray(cst, dtype=np.int64)
+    if cst.shape != (n_ch,):
+        raise ValueError(f"cst must have shape ({n_ch},), got {cst.shape}")
+    out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
+    s_h, s_w, p_h, p_w, d_h, d_w = geom
+    stack = _stack_size(n_img, h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
+    return _depthwise_codes_kernel(x, float(scale), inv, zero_point, table_t, affine,
+                                   w_feats.reshape(n_ch * n_feat, -1),
+                                   cst, float(out_scale), s_h, s_w, p_h, p_w, d_h, d_w, k_h,
+                                   k_w, out_h, out_w, stack, get_num_threads())
