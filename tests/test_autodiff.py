@@ -227,3 +227,76 @@ def test_engine_rejects_a_gradient_of_the_wrong_dtype():
     x = Tensor(np.ones(3), requires_grad=True)
     with pytest.raises(RuntimeError, match="float32"):
         _WrongDtype.apply(x).sum().backward()
+
+
+@pytest.mark.parametrize("size", [5, (1 << 17) + 13])     # one thread, then all kernel threads
+def test_weighted_sum_is_numpys_float32_sum_and_float64_dots(size):
+    """Forward bit for bit NumPy's term-by-term float32 sum; backward g*w_i bit for bit, and
+    dL/dw_i the float64 dot rounded once (scaled tolerance: relative 1e-6 of sum |g*x|)."""
+    rng = np.random.default_rng(size)
+    k = 4
+    w = rng.standard_normal(k).astype(np.float32)
+    xs = [rng.standard_normal(size).astype(np.float32) for _ in range(k)]
+    g = rng.standard_normal(size).astype(np.float32)
+    wt = Tensor(w, requires_grad=True)
+    xts = [Tensor(x, requires_grad=True) for x in xs]
+    out = F.weighted_sum(wt, xts)
+    expected = xs[0] * w[0]
+    for wi, x in zip(w[1:], xs[1:]):
+        expected = expected + x * wi
+    np.testing.assert_array_equal(out.data, expected)
+    out.backward(g)
+    for wi, xt in zip(w, xts):
+        np.testing.assert_array_equal(xt.grad, g * wi)
+    dots = np.array([np.dot(g.astype(np.float64), x.astype(np.float64)) for x in xs])
+    scale = np.array([np.abs(g.astype(np.float64) * x).sum() for x in xs])
+    assert np.all(np.abs(wt.grad - dots) <= 1e-6 * scale + 1e-30)
+
+
+def test_the_tester_a_wrong_weight_gradient_is_caught_at_the_parallel_size():
+    size = (1 << 17) + 13
+    rng = np.random.default_rng(1)
+    x, g = rng.standard_normal(size).astype(np.float32), rng.standard_normal(size).astype(np.float32)
+    right = np.dot(g.astype(np.float64), x.astype(np.float64))
+    wrong = right - np.dot(g[-13:].astype(np.float64), x[-13:].astype(np.float64))  # last block lost
+    scale = np.abs(g.astype(np.float64) * x).sum()
+    assert abs(wrong - right) > 1e-6 * scale
+
+
+def test_elementwise_results_do_not_depend_on_the_thread_count():
+    import numba
+
+    from approxdarts_np.kernels import elementwise as kew
+    rng = np.random.default_rng(2)
+    size = (1 << 18) + 7
+    g, x = rng.standard_normal(size).astype(np.float32), rng.standard_normal(size).astype(np.float32)
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(threads)
+            gx, dot = kew.scale_and_dot(g, x, np.float32(0.7))
+            acc = kew.scaled_add(np.empty_like(x), x, np.float32(0.3), True)
+            kew.add_into(acc, g)
+            results.append((gx, dot, acc))
+    finally:
+        numba.set_num_threads(before)
+    (gx1, d1, a1), (gx2, d2, a2) = results
+    np.testing.assert_array_equal(gx1, gx2)
+    np.testing.assert_array_equal(a1, a2)
+    assert d1 == d2
+    np.testing.assert_array_equal(a1, (x * np.float32(0.3)) + g)
+
+
+@pytest.mark.parametrize("size", [6, (1 << 17) + 5])
+def test_gradients_meeting_at_a_node_are_summed_without_touching_shared_arrays(size):
+    """Add's backward hands one array to both inputs; y1 then also gets 5*g from another
+    reader. An in-place sum into that shared array would give y2 the 5*g too."""
+    x = Tensor(np.ones(size, np.float32), requires_grad=True)
+    y1 = x * 1.0
+    y2 = x * 2.0
+    s = y1 + y2                      # dL/dy1 = dL/dy2 = g, one array
+    t = s + y1 * 5.0 + y1 * 7.0      # y1: three readers, so two sums (the second in place)
+    t.backward(np.ones(size, np.float32))
+    # dL/dx = 1*(1 + 5 + 7) + 2*1 = 15 everywhere
+    np.testing.assert_array_equal(x.grad, np.full(size, 15.0, np.float32))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from approxdarts_np.autodiff.tensor import DTYPE, Function, Tensor, is_grad_enabled, unbroadcast
+from approxdarts_np.kernels import elementwise as kew
 
 # ------------------------------------------------------------------ arithmetic
 
@@ -70,25 +71,39 @@ class MatMul(Function):
 
 
 class WeightedSum(Function):
-    """``Σ_i w[i] · x_i`` for a weight vector ``w`` and same-shape tensors ``x_i`` (DARTS MixedOp)."""
+    """``Σ_i w[i] · x_i`` for a weight vector ``w`` and same-shape tensors ``x_i`` (DARTS MixedOp).
+
+    The sum is formed term by term in float32 (x_0·w_0, then + x_i·w_i, each product and sum
+    rounded, as NumPy would); the passes run on all kernel threads
+    (:mod:`approxdarts_np.kernels.elementwise`). Backward: g·w_i, and dL/dw_i = Σ g·x_i summed
+    in float64.
+    """
 
     def forward(self, w, *xs):
         if w.ndim != 1 or w.shape[0] != len(xs):
             raise ValueError(f"weighted_sum needs one weight per tensor, got {w.shape} for {len(xs)}")
         self.w = w
+        xs = tuple(np.ascontiguousarray(x, dtype=DTYPE) for x in xs)
         self.xs = xs if self.needs_grad(0) else None
-        out = np.multiply(xs[0], w[0], dtype=DTYPE)
-        term = np.empty_like(out)
-        for wi, x in zip(w[1:], xs[1:]):
-            out += np.multiply(x, wi, out=term)
+        out = np.empty(xs[0].shape, DTYPE)
+        for i, (wi, x) in enumerate(zip(w, xs)):
+            if x.shape != out.shape:
+                raise ValueError(f"weighted_sum needs same-shape tensors, got {x.shape} and "
+                                 f"{out.shape}")
+            kew.scaled_add(out, x, wi, i == 0)
         return out
 
     def backward(self, g):
-        gw = None
-        if self.needs_grad(0):
-            gw = np.array([np.dot(g.ravel(), x.ravel()) for x in self.xs], dtype=DTYPE)
-        gxs = tuple(g * wi if self.needs_grad(i + 1) else None for i, wi in enumerate(self.w))
-        return (gw,) + gxs
+        g = np.ascontiguousarray(g, dtype=DTYPE)
+        gw = np.zeros(len(self.w), DTYPE) if self.needs_grad(0) else None
+        gxs = []
+        for i, wi in enumerate(self.w):
+            if gw is not None:
+                gx, gw[i] = kew.scale_and_dot(g, self.xs[i], wi)   # dot summed in float64
+            elif self.needs_grad(i + 1):
+                gx = kew.scaled_add(np.empty_like(g), g, wi, True)
+            gxs.append(gx if self.needs_grad(i + 1) else None)
+        return (gw,) + tuple(gxs)
 
 
 # ------------------------------------------------------------------ element-wise

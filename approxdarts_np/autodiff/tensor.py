@@ -16,6 +16,8 @@ from typing import Iterator
 
 import numpy as np
 
+from approxdarts_np.kernels import elementwise as kew
+
 DTYPE = np.float32
 
 # Whether new results record their graph. A ContextVar (not a module global) so
@@ -124,8 +126,13 @@ class Tensor:
         if root is self and not self.requires_grad:
             return
         grads: dict[int, np.ndarray] = {id(root): grad}
+        # Sums this loop allocated itself (id -> array, the reference keeps the id unique):
+        # only those may take further gradients in place. Arrays returned by a backward may be
+        # shared (Add returns one array for both inputs), so they are never written to.
+        owned: dict[int, np.ndarray] = {}
         for node in _topological_order(root):
             g = grads.pop(id(node), None)
+            owned.pop(id(g), None)
             if type(node) is Tensor or not isinstance(node, Function):  # a leaf Tensor
                 if g is not None:
                     node.grad = g.copy() if node.grad is None else node.grad + g
@@ -151,7 +158,14 @@ class Tensor:
                     _grad_error(node, node.in_shapes[i], pg)
                 key = id(nxt)
                 prev = grads.get(key)
-                grads[key] = pg if prev is None else prev + pg
+                if prev is None:
+                    grads[key] = pg
+                elif owned.get(id(prev)) is prev:
+                    kew.add_into(prev, pg)
+                else:
+                    total = np.add(prev, pg, dtype=DTYPE)
+                    owned[id(total)] = total
+                    grads[key] = total
             node.release()
 
     # ------------------------------------------------------------- operators

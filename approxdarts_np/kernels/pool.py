@@ -75,6 +75,74 @@ def _tap_offset(oh, i, j, s_h, s_w, hq, wq):
     return ((((i % s_h) * s_w + j % s_w) * hq + oh + i // s_h) * wq + j // s_w)
 
 
+# 3x3 windows (the DARTS pools) take all nine taps per output element in registers: one pass
+# over an output row instead of nine that each load and store the running result (measured
+# about 4x faster at B64 C16 32x32). Same taps, same order, same results as the generic loops.
+
+@njit(cache=True, inline="always")
+def _take(v, best, arg, cand):
+    """The running maximum after tap value v at flat index cand (greater or NaN wins)."""
+    take = (v > best) | (v != v)
+    return (v if take else best), (cand if take else arg)
+
+
+@njit(cache=True)
+def _max3x3_row(buf, yf, af, o0, out_w, oh, s_h, s_w, p_h, p_w, hq, wq, wd):
+    """Output row oh of a 3x3 max pool, written to yf/af[o0:o0 + out_w]."""
+    t0 = _tap_offset(oh, 0, 0, s_h, s_w, hq, wq)
+    t1 = _tap_offset(oh, 0, 1, s_h, s_w, hq, wq)
+    t2 = _tap_offset(oh, 0, 2, s_h, s_w, hq, wq)
+    t3 = _tap_offset(oh, 1, 0, s_h, s_w, hq, wq)
+    t4 = _tap_offset(oh, 1, 1, s_h, s_w, hq, wq)
+    t5 = _tap_offset(oh, 1, 2, s_h, s_w, hq, wq)
+    t6 = _tap_offset(oh, 2, 0, s_h, s_w, hq, wq)
+    t7 = _tap_offset(oh, 2, 1, s_h, s_w, hq, wq)
+    t8 = _tap_offset(oh, 2, 2, s_h, s_w, hq, wq)
+    r0 = (oh * s_h - p_h) * wd - p_w           # flat input index of tap (0, 0) at ow = 0
+    ih0 = max(oh * s_h - p_h, 0)
+    for ow in range(out_w):
+        c = r0 + ow * s_w
+        best = np.float32(-np.inf)
+        arg = np.int32(ih0 * wd + max(ow * s_w - p_w, 0))
+        best, arg = _take(buf[_u(t0 + ow)], best, arg, np.int32(c))
+        best, arg = _take(buf[_u(t1 + ow)], best, arg, np.int32(c + 1))
+        best, arg = _take(buf[_u(t2 + ow)], best, arg, np.int32(c + 2))
+        best, arg = _take(buf[_u(t3 + ow)], best, arg, np.int32(c + wd))
+        best, arg = _take(buf[_u(t4 + ow)], best, arg, np.int32(c + wd + 1))
+        best, arg = _take(buf[_u(t5 + ow)], best, arg, np.int32(c + wd + 2))
+        best, arg = _take(buf[_u(t6 + ow)], best, arg, np.int32(c + 2 * wd))
+        best, arg = _take(buf[_u(t7 + ow)], best, arg, np.int32(c + 2 * wd + 1))
+        best, arg = _take(buf[_u(t8 + ow)], best, arg, np.int32(c + 2 * wd + 2))
+        yf[_u(o0 + ow)] = best
+        af[_u(o0 + ow)] = arg
+
+
+@njit(cache=True)
+def _sum3x3_row(buf, yf, o0, out_w, oh, s_h, s_w, hq, wq):
+    """Window sums of output row oh of a 3x3 pool, taps in row-major order from 0."""
+    t0 = _tap_offset(oh, 0, 0, s_h, s_w, hq, wq)
+    t1 = _tap_offset(oh, 0, 1, s_h, s_w, hq, wq)
+    t2 = _tap_offset(oh, 0, 2, s_h, s_w, hq, wq)
+    t3 = _tap_offset(oh, 1, 0, s_h, s_w, hq, wq)
+    t4 = _tap_offset(oh, 1, 1, s_h, s_w, hq, wq)
+    t5 = _tap_offset(oh, 1, 2, s_h, s_w, hq, wq)
+    t6 = _tap_offset(oh, 2, 0, s_h, s_w, hq, wq)
+    t7 = _tap_offset(oh, 2, 1, s_h, s_w, hq, wq)
+    t8 = _tap_offset(oh, 2, 2, s_h, s_w, hq, wq)
+    for ow in range(out_w):
+        acc = np.float32(0.0)
+        acc += buf[_u(t0 + ow)]
+        acc += buf[_u(t1 + ow)]
+        acc += buf[_u(t2 + ow)]
+        acc += buf[_u(t3 + ow)]
+        acc += buf[_u(t4 + ow)]
+        acc += buf[_u(t5 + ow)]
+        acc += buf[_u(t6 + ow)]
+        acc += buf[_u(t7 + ow)]
+        acc += buf[_u(t8 + ow)]
+        yf[_u(o0 + ow)] = acc
+
+
 @njit(parallel=True, cache=True)
 def _max_pool2d_kernel(x3, k_h, k_w, s_h, s_w, p_h, p_w, out_h, out_w, hq, wq, n_threads):
     """Return (y, argmax) over planes x3 (P, H, W); argmax is the flat index ih*W + iw.
@@ -98,6 +166,9 @@ def _max_pool2d_kernel(x3, k_h, k_w, s_h, s_w, p_h, p_w, out_h, out_w, hq, wq, n
             af = arg[p].reshape(out_h * out_w)
             for oh in range(out_h):
                 o0 = oh * out_w
+                if k_h == 3 and k_w == 3:
+                    _max3x3_row(buf, yf, af, o0, out_w, oh, s_h, s_w, p_h, p_w, hq, wq, wd)
+                    continue
                 ih0 = max(oh * s_h - p_h, 0)
                 for ow in range(out_w):
                     yf[_u(o0 + ow)] = -np.inf
@@ -158,13 +229,16 @@ def _avg_pool2d_kernel(x3, k_h, k_w, s_h, s_w, p_h, p_w, out_h, out_w, count_inc
             yf = y[p].reshape(out_h * out_w)
             for oh in range(out_h):
                 o0 = oh * out_w
-                for ow in range(out_w):
-                    yf[_u(o0 + ow)] = 0.0
-                for i in range(k_h):
-                    for j in range(k_w):
-                        src = _tap_offset(oh, i, j, s_h, s_w, hq, wq)
-                        for ow in range(out_w):
-                            yf[_u(o0 + ow)] += buf[_u(src + ow)]
+                if k_h == 3 and k_w == 3:
+                    _sum3x3_row(buf, yf, o0, out_w, oh, s_h, s_w, hq, wq)
+                else:
+                    for ow in range(out_w):
+                        yf[_u(o0 + ow)] = 0.0
+                    for i in range(k_h):
+                        for j in range(k_w):
+                            src = _tap_offset(oh, i, j, s_h, s_w, hq, wq)
+                            for ow in range(out_w):
+                                yf[_u(o0 + ow)] += buf[_u(src + ow)]
                 for ow in range(out_w):
                     yf[_u(o0 + ow)] /= _window_count(oh, ow, k_h, k_w, s_h, s_w, p_h, p_w, h,
                                                      wd, count_include_pad)
@@ -177,16 +251,36 @@ def _avg_pool2d_grad_kernel(gy3, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, count_incl
     """Return gx (P, H, W): each gy / count added over its window, in a fixed order.
 
     Shares are added into a zeroed phase buffer (outputs row by row, taps in row-major order)
-    and the interior is read back; whatever lands on the border is dropped.
+    and the interior is read back; whatever lands on the border is dropped. The 3x3 stride-1
+    case gathers instead (below): the same shares, added in the opposite tap order.
     """
     n_planes, out_h, out_w = gy3.shape
     gx = np.empty((n_planes, h, wd), np.float32)
     n_blocks = min(n_threads, n_planes)
+    # 3x3, stride 1, padding 1 (the DARTS pool): a pixel's gradient is the sum of the shares of
+    # the 3x3 outputs around it, so it is gathered from a zero-bordered share plane with the
+    # forward's 3x3 row sums (one pass per row, no scattered read-modify-writes).
+    gather = k_h == 3 and k_w == 3 and s_h == 1 and s_w == 1 and p_h == 1 and p_w == 1
     for block in prange(n_blocks):
         lo, hi = block_bounds(block, n_blocks, n_planes)
         buf = np.empty(s_h * s_w * hq * wq, np.float32)
         share = np.empty(out_w, np.float32)
+        shares = np.empty((out_h, out_w), np.float32)
+        if gather:
+            buf[:] = 0.0
         for p in range(lo, hi):
+            if gather:
+                gf = gy3[p].reshape(out_h * out_w)
+                for oh in range(out_h):
+                    row = shares[oh]
+                    for ow in range(out_w):
+                        row[_u(ow)] = gf[_u(oh * out_w + ow)] / _window_count(
+                            oh, ow, k_h, k_w, s_h, s_w, p_h, p_w, h, wd, count_include_pad)
+                _plane_to_phases(shares, buf, 1, 1, 1, 1, hq, wq)
+                gxf = gx[p].reshape(h * wd)
+                for r in range(h):
+                    _sum3x3_row(buf, gxf, r * wd, wd, r, 1, 1, hq, wq)
+                continue
             buf[:] = 0.0
             gf = gy3[p].reshape(out_h * out_w)
             for oh in range(out_h):
