@@ -63,3 +63,87 @@ def test_a_step_is_bit_identical_for_a_fixed_thread_count():
     first, second = _gradients(n), _gradients(n)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+def _kernel_results():
+    """Every kernel that has a serial twin, on small shapes (forward and gradients)."""
+    from approxdarts_np.approx.lowrank import activation_features, filter_constants, weight_features
+    from approxdarts_np.approx.lut_conv import make_lut_plan
+    from approxdarts_np.approx.multipliers import load_multiplier
+    from approxdarts_np.approx.quantize import codes_and_features, quant_params
+    from approxdarts_np.kernels import batchnorm as kbn
+    from approxdarts_np.kernels import conv as kconv
+    from approxdarts_np.kernels import depthwise as kdw
+    from approxdarts_np.kernels import pool as kpool
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 4, 9, 9)).astype(np.float32)
+    out = []
+    for stride, dil in ((1, 1), (2, 1), (1, 2)):
+        w = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+        y = kdw.depthwise_conv2d(x, w, stride, dil, dil)
+        out += [y, kdw.depthwise_conv2d_grad_input(y, w, x.shape, stride, dil, dil),
+                kdw.depthwise_conv2d_grad_weight(y, x, w.shape, stride, dil, dil)]
+        wd = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
+        y = kconv.conv2d(x, wd, stride, 1, dil, 2)
+        out += [y, kconv.conv2d_grad_input(y, wd, x.shape, stride, 1, dil, 2),
+                kconv.conv2d_grad_weight(y, x, wd.shape, stride, 1, dil, 2)]
+        for k in (3, 2):
+            y, arg = kpool.max_pool2d(x, k, stride, 1)
+            out += [y, arg, kpool.max_pool2d_grad(y, arg, x.shape)]
+            y = kpool.avg_pool2d(x, k, stride, 1)
+            out += [y, kpool.avg_pool2d_grad(y, x.shape, k, stride, 1)]
+    g, b = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    y, mean, var, invstd = kbn.batch_norm_train(x, g, b, 1e-5)
+    out += [y, mean, var, invstd, *kbn.batch_norm_grad(y, x, mean, invstd, g)]
+    plan = make_lut_plan(load_multiplier("mul8u_1446").table)
+    sx, zx = quant_params(x)
+    act = activation_features(plan.factors, zx)
+    wq = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    sw, zw = quant_params(wq)
+    qw, wf = codes_and_features(wq, sw, zw, weight_features(plan.factors, zw).table_t)
+    n_feat = act.table.shape[1]
+    out += list(kdw.depthwise_conv2d_codes(x, sx, zx, act.table_t, wf.reshape(4 * n_feat, 1, 3, 3),
+                                           filter_constants(act, qw), sx * sw, 1, 1, 1))
+    wp = rng.standard_normal((3, 4, 1, 1)).astype(np.float32)
+    sp, zp = quant_params(wp)
+    qp, pf = codes_and_features(wp, sp, zp, weight_features(plan.factors, zp).table_t)
+    out += list(kconv.pointwise_conv2d_codes(x, sx, zx, act.table_t, pf,
+                                             filter_constants(act, qp), sx * sp))
+    from approxdarts_np.approx.quantize import quantize_per_tensor
+    from approxdarts_np.kernels import lut_conv as klut
+    table = make_lut_plan(load_multiplier("mul8u_2P7").table).gather_table
+    qx, _, _ = quantize_per_tensor(x)
+    for stride in (1, 2):
+        out.append(klut.lut_depthwise_conv(qx, zx, qw, zw, table, stride, 1, 1))
+        cols = klut.im2col_codes(qx, zx, 3, stride, 1, 1)
+        out += [cols, klut.lut_bag_conv(cols, zx, qw.reshape(4, 9)[:, :].repeat(4, axis=1)[:3],
+                                        zw, table)]
+    return out
+
+
+def test_serial_twins_give_the_parallel_kernels_bits(monkeypatch):
+    """Small calls run each kernel's serial twin; forcing every call onto the thread team
+    (SERIAL_BELOW = 0) must not change a single bit."""
+    from approxdarts_np.kernels import _util
+
+    monkeypatch.setattr(_util, "SERIAL_BELOW", 1 << 40)
+    serial = _kernel_results()
+    monkeypatch.setattr(_util, "SERIAL_BELOW", 0)
+    parallel = _kernel_results()
+    assert len(serial) == len(parallel) > 40
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_small_calls_take_the_serial_twin_and_large_ones_the_thread_team():
+    from approxdarts_np.kernels import _util
+    from approxdarts_np.kernels import depthwise as kdw
+
+    kernel, n = _util.pick_kernel(kdw._depthwise_forward_kernel,
+                                  kdw._depthwise_forward_kernel_serial, _util.SERIAL_BELOW - 1)
+    assert kernel is kdw._depthwise_forward_kernel_serial and n == 1
+    kernel, n = _util.pick_kernel(kdw._depthwise_forward_kernel,
+                                  kdw._depthwise_forward_kernel_serial, _util.SERIAL_BELOW)
+    assert kernel is kdw._depthwise_forward_kernel and n == numba.get_num_threads()
+    assert not kdw._depthwise_forward_kernel_serial.targetoptions.get("parallel")

@@ -16,8 +16,9 @@ this integer bit for bit:
   a small rank R.
 
 The quantised conv op calls :func:`approx_conv2d` on its float operands: it quantises each
-operand once (for the low-rank engine straight into the integer features, for the gather into
-uint8 codes), runs one engine and returns float32(s_x*s_w*acc) with the codes for backward.
+operand once (for the low-rank engine straight into the integer features -- inside the
+convolution kernel itself for depthwise and pointwise convolutions -- for the gather into uint8
+codes), runs one engine and returns float32(s_x*s_w*acc) with the codes for backward.
 
 Which engine is cheaper (``engine="auto"``). :func:`choose_engine` compares estimated times for
 the real shape (:data:`_COST`: per multiply-accumulate of the float and gather kernels, per
@@ -223,8 +224,11 @@ def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine=
     quantised convolution's forward); the uint8 codes and their parameters come back for the
     backward pass. x (N, Ci, H, W) and w (Co, Ci/groups, kh, kw) float32. ``engine`` as in
     :func:`lut_conv2d`; ``"auto"`` takes :func:`choose_engine`'s pick for this shape. The
-    low-rank engine quantises straight into integer features and runs the float kernels on
-    them; the gather engine quantises to codes and looks the products up.
+    low-rank engine runs the float kernels on integer features: for depthwise and pointwise
+    convolutions (the searched ones) one kernel quantises x as it reads it, convolves its
+    features and scales the result in cache (``depthwise_conv2d_codes``,
+    ``pointwise_conv2d_codes``); other shapes quantise into a feature array first. The gather
+    engine quantises to codes and looks the products up.
     """
     if not isinstance(plan, LutPlan):
         raise ValueError(f"plan must be a LutPlan (make_lut_plan), got {type(plan).__name__}")

@@ -6,9 +6,10 @@ of them, delete the ``__pycache__`` folders of the kernel modules.
 """
 import numbers
 import operator
+import types
 
 import numpy as np
-from numba import njit
+from numba import get_num_threads, njit
 
 
 def as_pair(v, name):
@@ -111,6 +112,43 @@ def check_code_value(z, name):
     if not 0 <= value <= 255:
         raise ValueError(f"{name} must be in 0..255, got {value}")
     return value
+
+
+# ----------------------------------------------------------------------------- serial twins
+
+# Calls over fewer elements than this run a kernel's serial twin on the calling thread. Waking
+# the idle (passive, see approxdarts_np.kernels.threads) OpenMP workers costs about 40 us per
+# parallel call here, and a tiny search step made about 7,000 such calls (0.30 s of 0.77 s);
+# below this size the work a second thread would take is worth less than the wake-up.
+SERIAL_BELOW = 1 << 17
+
+
+def serial_twin(kernel):
+    """``kernel`` (a ``parallel=True`` Numba function) compiled without ``parallel``.
+
+    ``prange`` then runs as ``range``. The twin is a copy of the Python function under its own
+    name, so the two never share an entry of Numba's on-disk cache (the cache key does not
+    include the ``parallel`` flag).
+    """
+    f = kernel.py_func
+    twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__,
+                              f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__module__ = f.__module__
+    twin.__doc__ = f"Serial twin of {f.__name__}."
+    options = {k: v for k, v in kernel.targetoptions.items() if k not in ("parallel", "nopython")}
+    return njit(**options)(twin)
+
+
+def pick_kernel(kernel, twin, size):
+    """``(kernel or its serial twin, thread count)`` for a call over ``size`` elements.
+
+    Results never depend on the choice: every kernel splits its work by the thread count it is
+    given only, and gives the same bits for any count.
+    """
+    if size < SERIAL_BELOW:
+        return twin, 1
+    return kernel, get_num_threads()
 
 
 # ----------------------------------------------------------------------------- Numba helpers

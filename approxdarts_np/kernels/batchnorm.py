@@ -18,7 +18,7 @@ not depend on the number of threads.
 import numpy as np
 from numba import njit, prange
 
-from ._util import check_float32_4d
+from ._util import check_float32_4d, pick_kernel, serial_twin
 from ._util import unsigned as _u
 
 __all__ = ["batch_norm_train", "batch_norm_grad", "batch_norm_eval"]
@@ -182,6 +182,13 @@ def _batch_norm_eval_kernel(x3, scale, shift):
     return y
 
 
+# Serial twins of the parallel kernels, for calls too small to wake the thread team
+# (kernels._util.SERIAL_BELOW).
+_batch_norm_train_kernel_serial = serial_twin(_batch_norm_train_kernel)
+_batch_norm_grad_kernel_serial = serial_twin(_batch_norm_grad_kernel)
+_batch_norm_eval_kernel_serial = serial_twin(_batch_norm_eval_kernel)
+
+
 # ----------------------------------------------------------------------------- validation
 
 def _check_x(x, name):
@@ -231,7 +238,8 @@ def batch_norm_train(x, gamma, beta, eps=1e-5):
             f"batch norm in training mode needs more than one value per channel, got input "
             f"shape {x.shape}")
     g, b = _affine(gamma, beta, n_ch)
-    y, mean, var, invstd = _batch_norm_train_kernel(x3, g, b, _check_eps(eps), _LANES)
+    kernel, _ = pick_kernel(_batch_norm_train_kernel, _batch_norm_train_kernel_serial, x3.size)
+    y, mean, var, invstd = kernel(x3, g, b, _check_eps(eps), _LANES)
     return y.reshape(x.shape), mean, var, invstd
 
 
@@ -249,7 +257,8 @@ def batch_norm_grad(gy, x, mean, invstd, gamma):
     m = _channel_vector(mean, n_ch, "mean")
     s = _channel_vector(invstd, n_ch, "invstd")
     g = np.ones(n_ch) if gamma is None else _channel_vector(gamma, n_ch, "gamma")
-    gx, ggamma, gbeta = _batch_norm_grad_kernel(gy3, x3, m, s, g, _LANES)
+    kernel, _ = pick_kernel(_batch_norm_grad_kernel, _batch_norm_grad_kernel_serial, x3.size)
+    gx, ggamma, gbeta = kernel(gy3, x3, m, s, g, _LANES)
     if gamma is None:
         return gx.reshape(x.shape), None, None
     return gx.reshape(x.shape), ggamma, gbeta
@@ -268,5 +277,6 @@ def batch_norm_eval(x, running_mean, running_var, gamma, beta, eps=1e-5):
         raise ValueError("running_var must be >= 0")
     g, b = _affine(gamma, beta, n_ch)
     scale = g / np.sqrt(rv + _check_eps(eps))
-    y = _batch_norm_eval_kernel(x3, scale, b - rm * scale)
+    kernel, _ = pick_kernel(_batch_norm_eval_kernel, _batch_norm_eval_kernel_serial, x3.size)
+    y = kernel(x3, scale, b - rm * scale)
     return y.reshape(x.shape)

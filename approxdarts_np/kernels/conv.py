@@ -39,9 +39,10 @@ gradient keeps one partial product per image and adds them in image order, in fl
 is bit-reproducible and independent of the number of threads as well.
 """
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
-from ._util import block_bounds, check_float32_4d, check_shape4, conv_geometry, conv_output_hw
+from ._util import (block_bounds, check_float32_4d, check_shape4, conv_geometry, conv_output_hw,
+                    pick_kernel, serial_twin)
 from ._util import unsigned as _u
 from .codes import check_code_args, codes_plane, feature_plane
 
@@ -339,6 +340,14 @@ def _is_direct(k_h, k_w, geom):
     return k_h == 1 and k_w == 1 and s_h == 1 and s_w == 1 and p_h == 0 and p_w == 0
 
 
+# Serial twins of the parallel kernels, for calls too small to wake the thread team
+# (kernels._util.SERIAL_BELOW).
+_conv2d_forward_kernel_serial = serial_twin(_conv2d_forward_kernel)
+_pointwise_codes_kernel_serial = serial_twin(_pointwise_codes_kernel)
+_conv2d_grad_input_kernel_serial = serial_twin(_conv2d_grad_input_kernel)
+_conv2d_grad_weight_kernel_serial = serial_twin(_conv2d_grad_weight_kernel)
+
+
 # ----------------------------------------------------------------------------- public API
 
 def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1):
@@ -358,8 +367,10 @@ def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1):
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     x5 = x.reshape(n_img, groups, c_in // groups, h, wd)
     w_mat = w.reshape(groups, c_out // groups, -1)
-    y = _conv2d_forward_kernel(x5, w_mat, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
-                               _is_direct(k_h, k_w, geom), get_num_threads())
+    kernel, n_threads = pick_kernel(_conv2d_forward_kernel, _conv2d_forward_kernel_serial,
+                                    max(x.size, n_img * c_out * out_h * out_w))
+    y = kernel(x5, w_mat, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
+               _is_direct(k_h, k_w, geom), n_threads)
     return y.reshape(n_img, c_out, out_h, out_w)
 
 
@@ -384,8 +395,10 @@ def conv2d_grad_input(gy, w, input_shape, stride=1, padding=0, dilation=1, group
     gy4 = gy.reshape(n_img, groups, c_out // groups, out_h * out_w)
     w_t = np.ascontiguousarray(w.reshape(groups, c_out // groups, -1).transpose(0, 2, 1))
     direct = _is_direct(k_h, k_w, geom)
-    gx = _conv2d_grad_input_kernel(gy4, w_t, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w,
-                                   out_h, out_w, direct, get_num_threads())
+    kernel, n_threads = pick_kernel(_conv2d_grad_input_kernel, _conv2d_grad_input_kernel_serial,
+                                    max(gy.size, n_img * c_in * h * wd))
+    gx = kernel(gy4, w_t, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w, direct,
+                n_threads)
     return gx.reshape(n_img, c_in, h, wd)
 
 
@@ -410,9 +423,10 @@ def conv2d_grad_weight(gy, x, weight_shape, stride=1, padding=0, dilation=1, gro
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     x5 = x.reshape(n_img, groups, c_in // groups, h, wd)
     gy4 = gy.reshape(n_img, groups, c_out // groups, out_h * out_w)
-    gw = _conv2d_grad_weight_kernel(gy4, x5, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h,
-                                    out_w, _is_direct(k_h, k_w, geom), _REDUCE_BLOCK,
-                                    get_num_threads())
+    kernel, n_threads = pick_kernel(_conv2d_grad_weight_kernel,
+                                    _conv2d_grad_weight_kernel_serial, max(gy.size, x.size))
+    gw = kernel(gy4, x5, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
+                _is_direct(k_h, k_w, geom), _REDUCE_BLOCK, n_threads)
     return gw.reshape(w_shape)
 
 
@@ -442,8 +456,9 @@ def pointwise_conv2d_codes(x, scale, zero_point, table_t, w_feats, cst, out_scal
     cst = np.ascontiguousarray(cst, dtype=np.int64)
     if cst.shape != (c_out,):
         raise ValueError(f"cst must have shape ({c_out},), got {cst.shape}")
-    y, codes = _pointwise_codes_kernel(x.reshape(n_img, c_in, h * wd), float(scale), inv,
-                                       zero_point, table_t, affine,
-                                       w_feats.reshape(c_out, c_in * n_feat), cst,
-                                       float(out_scale), get_num_threads())
+    kernel, n_threads = pick_kernel(_pointwise_codes_kernel, _pointwise_codes_kernel_serial,
+                                    max(x.size * n_feat, n_img * c_out * h * wd))
+    y, codes = kernel(x.reshape(n_img, c_in, h * wd), float(scale), inv, zero_point, table_t,
+                      affine, w_feats.reshape(c_out, c_in * n_feat), cst, float(out_scale),
+                      n_threads)
     return y.reshape(n_img, c_out, h, wd), codes.reshape(x.shape)

@@ -32,9 +32,10 @@ the same for any number of threads. The forward and input-gradient sums are plai
 in the tap order; the weight-gradient dot products use ``reassoc`` (see :func:`_dot_taps`).
 """
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
-from ._util import block_bounds, check_float32_4d, check_shape4, conv_geometry, conv_output_hw
+from ._util import (block_bounds, check_float32_4d, check_shape4, conv_geometry, conv_output_hw,
+                    pick_kernel, serial_twin)
 from .codes import check_code_args, codes_plane, feature_plane
 
 # Target size, in float32 elements, of one work item's padded input: sets how many images of a
@@ -721,6 +722,14 @@ def _stack_size(n_img, h, wd, out_h, out_w, s_h, s_w, p_h, p_w, shared):
     return max(1, min(n_img, _STACK_BUDGET // (s_h * s_w * hq * wq)))
 
 
+# Serial twins of the parallel kernels, for calls too small to wake the thread team
+# (kernels._util.SERIAL_BELOW).
+_depthwise_forward_kernel_serial = serial_twin(_depthwise_forward_kernel)
+_depthwise_codes_kernel_serial = serial_twin(_depthwise_codes_kernel)
+_depthwise_grad_input_kernel_serial = serial_twin(_depthwise_grad_input_kernel)
+_depthwise_grad_weight_kernel_serial = serial_twin(_depthwise_grad_weight_kernel)
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -746,9 +755,10 @@ def depthwise_conv2d(x, w, stride=1, padding=0, dilation=1):
     out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     stack = _stack_size(n_img, h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
-    return _depthwise_forward_kernel(x, w.reshape(n_ch, k_h * k_w), s_h, s_w, p_h, p_w,
-                                     d_h, d_w, k_h, k_w, out_h, out_w, stack,
-                                     get_num_threads())
+    kernel, n_threads = pick_kernel(_depthwise_forward_kernel, _depthwise_forward_kernel_serial,
+                                    max(x.size, n_img * n_ch * out_h * out_w))
+    return kernel(x, w.reshape(n_ch, k_h * k_w), s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w, out_h,
+                  out_w, stack, n_threads)
 
 
 def depthwise_conv2d_grad_input(gy, w, input_shape, stride=1, padding=0, dilation=1):
@@ -771,12 +781,16 @@ def depthwise_conv2d_grad_input(gy, w, input_shape, stride=1, padding=0, dilatio
     e_w = d_w * (k_w - 1) - p_w
     if s_h == 1 and s_w == 1 and e_h >= 0 and e_w >= 0:
         stack = _stack_size(n_img, out_h, out_w, h, wd, 1, 1, e_h, e_w, True)
-        return _depthwise_forward_kernel(gy, np.ascontiguousarray(w_taps[:, ::-1]), 1, 1,
-                                         e_h, e_w, d_h, d_w, k_h, k_w, h, wd, stack,
-                                         get_num_threads())
+        kernel, n_threads = pick_kernel(_depthwise_forward_kernel,
+                                        _depthwise_forward_kernel_serial,
+                                        max(gy.size, n_img * n_ch * h * wd))
+        return kernel(gy, np.ascontiguousarray(w_taps[:, ::-1]), 1, 1, e_h, e_w, d_h, d_w, k_h,
+                      k_w, h, wd, stack, n_threads)
     stack = _stack_size(n_img, h, wd, out_h, out_w, s_h, s_w, p_h, p_w, False)
-    return _depthwise_grad_input_kernel(gy, w_taps, h, wd, s_h, s_w, p_h, p_w, d_h, d_w,
-                                        k_h, k_w, stack, get_num_threads())
+    kernel, n_threads = pick_kernel(_depthwise_grad_input_kernel,
+                                    _depthwise_grad_input_kernel_serial,
+                                    max(gy.size, n_img * n_ch * h * wd))
+    return kernel(gy, w_taps, h, wd, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w, stack, n_threads)
 
 
 def depthwise_conv2d_grad_weight(gy, x, weight_shape, stride=1, padding=0, dilation=1):
@@ -798,8 +812,9 @@ def depthwise_conv2d_grad_weight(gy, x, weight_shape, stride=1, padding=0, dilat
             f"got {gy.shape}")
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     stack = _stack_size(n_img, h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
-    gw = _depthwise_grad_weight_kernel(gy, x, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w, stack,
-                                       get_num_threads())
+    kernel, n_threads = pick_kernel(_depthwise_grad_weight_kernel,
+                                    _depthwise_grad_weight_kernel_serial, max(gy.size, x.size))
+    gw = kernel(gy, x, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w, stack, n_threads)
     return gw.reshape(n_ch, 1, k_h, k_w)
 
 
@@ -835,7 +850,8 @@ def depthwise_conv2d_codes(x, scale, zero_point, table_t, w_feats, cst, out_scal
     out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     stack = _stack_size(n_img, h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
-    return _depthwise_codes_kernel(x, float(scale), inv, zero_point, table_t, affine,
-                                   w_feats.reshape(n_ch * n_feat, -1),
-                                   cst, float(out_scale), s_h, s_w, p_h, p_w, d_h, d_w, k_h,
-                                   k_w, out_h, out_w, stack, get_num_threads())
+    kernel, n_threads = pick_kernel(_depthwise_codes_kernel, _depthwise_codes_kernel_serial,
+                                    max(x.size, n_img * n_ch * out_h * out_w) * n_feat)
+    return kernel(x, float(scale), inv, zero_point, table_t, affine,
+                  w_feats.reshape(n_ch * n_feat, -1), cst, float(out_scale), s_h, s_w, p_h, p_w,
+                  d_h, d_w, k_h, k_w, out_h, out_w, stack, n_threads)

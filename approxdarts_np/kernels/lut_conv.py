@@ -33,7 +33,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from ._util import (as_pair, block_bounds, check_code_value, check_codes, conv_geometry,
-                    conv_output_hw)
+                    conv_output_hw, pick_kernel, serial_twin)
 
 __all__ = [
     "code_features",
@@ -468,6 +468,14 @@ def _code_features_serial(codes, table_t, feats):
     return _code_features_rows(codes, table_t, feats, 0, codes.shape[0])
 
 
+# Serial twins of the parallel kernels, for calls too small to wake the thread team
+# (kernels._util.SERIAL_BELOW).
+_im2col_codes_kernel_serial = serial_twin(_im2col_codes_kernel)
+_lut_bag_kernel_serial = serial_twin(_lut_bag_kernel)
+_lut_depthwise_kernel_serial = serial_twin(_lut_depthwise_kernel)
+_lut_depthwise_strided_kernel_serial = serial_twin(_lut_depthwise_strided_kernel)
+
+
 # ----------------------------------------------------------------------------- public API
 
 def table_peak(table):
@@ -501,8 +509,9 @@ def im2col_codes(qx, pad_code, kernel_size, stride=1, padding=0, dilation=1):
     out_h, out_w = conv_output_hw(qx.shape[2], qx.shape[3], k_h, k_w, geom)
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     cols = np.empty((qx.shape[0], qx.shape[1] * k_h * k_w, out_h * out_w), np.uint8)
-    return _im2col_codes_kernel(qx, np.uint8(pad_code), k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w,
-                                out_h, out_w, cols)
+    kernel, _ = pick_kernel(_im2col_codes_kernel, _im2col_codes_kernel_serial, cols.size)
+    return kernel(qx, np.uint8(pad_code), k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
+                  cols)
 
 
 def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None):
@@ -540,9 +549,12 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None):
         return np.zeros((n_img, n_out, n_pix), out_dtype)
     # float64 holds the int64 sums exactly (|out| < K * 2**32 < 2**53)
     out = np.empty((n_img, n_out, n_pix), np.float64 if scale is None else np.float32)
-    n_threads = min(get_num_threads(), n_img * (-(-n_pix // block)))
-    _lut_bag_kernel(cols, rows.reshape(-1), n_out, cst, np.int64(zw),
-                    1.0 if scale is None else float(scale), block, n_threads, out)
+    # work in element-equivalents of SERIAL_BELOW: about 16 row adds per ns of one thread
+    kernel, n_threads = pick_kernel(_lut_bag_kernel, _lut_bag_kernel_serial,
+                                    n_img * n_pix * n_taps * n_out // 16)
+    n_threads = min(n_threads, n_img * (-(-n_pix // block)))
+    kernel(cols, rows.reshape(-1), n_out, cst, np.int64(zw),
+           1.0 if scale is None else float(scale), block, n_threads, out)
     return out.astype(np.int64) if scale is None else out
 
 
@@ -576,16 +588,20 @@ def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, s
     out_dtype = np.int64 if scale is None else np.float32
     if n_img * n_ch == 0:
         return np.zeros((n_img, n_ch, out_h, out_w), out_dtype)
-    n_blocks = min(n_img * n_ch, get_num_threads())
+    # work in element-equivalents of SERIAL_BELOW: about 4 lookups per ns of one thread
+    work = n_img * n_ch * out_h * out_w * k_h * k_w // 4
     # float64 holds every int32/int64 sum of these kernels exactly (|acc| < 2**53)
     out = np.empty((n_img, n_ch, out_h, out_w), np.float64 if scale is None else np.float32)
     factor = 1.0 if scale is None else float(scale)
     if s_h == 1 and s_w == 1:
-        _lut_depthwise_kernel(qx, taps, np.uint8(zx), k_h, k_w, p_h, p_w, d_h, d_w, out_h, out_w,
-                              factor, n_blocks, out)
+        kernel, n_threads = pick_kernel(_lut_depthwise_kernel, _lut_depthwise_kernel_serial, work)
+        kernel(qx, taps, np.uint8(zx), k_h, k_w, p_h, p_w, d_h, d_w, out_h, out_w, factor,
+               min(n_img * n_ch, n_threads), out)
     else:
-        _lut_depthwise_strided_kernel(qx, taps, np.uint8(zx), k_h, k_w, s_h, s_w, p_h, p_w, d_h,
-                                      d_w, out_h, out_w, factor, n_blocks, out)
+        kernel, n_threads = pick_kernel(_lut_depthwise_strided_kernel,
+                                        _lut_depthwise_strided_kernel_serial, work)
+        kernel(qx, taps, np.uint8(zx), k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
+               factor, min(n_img * n_ch, n_threads), out)
     return out.astype(np.int64) if scale is None else out
 
 

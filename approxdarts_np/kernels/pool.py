@@ -19,9 +19,10 @@ written by one thread in a fixed order, so overlapping windows accumulate determ
 results are bit-reproducible and independent of the thread count.
 """
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
-from ._util import as_pair, block_bounds, check_float32_4d, check_shape4, conv_output_hw
+from ._util import (as_pair, block_bounds, check_float32_4d, check_shape4, conv_output_hw,
+                    pick_kernel, serial_twin)
 from ._util import unsigned as _u
 
 __all__ = ["max_pool2d", "max_pool2d_grad", "avg_pool2d", "avg_pool2d_grad"]
@@ -297,6 +298,14 @@ def _avg_pool2d_grad_kernel(gy3, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, count_incl
     return gx
 
 
+# Serial twins of the parallel kernels, for calls too small to wake the thread team
+# (kernels._util.SERIAL_BELOW).
+_max_pool2d_kernel_serial = serial_twin(_max_pool2d_kernel)
+_max_pool2d_grad_kernel_serial = serial_twin(_max_pool2d_grad_kernel)
+_avg_pool2d_kernel_serial = serial_twin(_avg_pool2d_kernel)
+_avg_pool2d_grad_kernel_serial = serial_twin(_avg_pool2d_grad_kernel)
+
+
 # ----------------------------------------------------------------------------- validation
 
 def _geometry(kernel_size, stride, padding):
@@ -348,8 +357,9 @@ def max_pool2d(x, kernel_size=3, stride=1, padding=1):
     x = check_float32_4d(x, "x")
     n_img, n_ch, h, wd = x.shape
     out_h, out_w = _output_hw(h, wd, geom)
-    y, arg = _max_pool2d_kernel(x.reshape(n_img * n_ch, h, wd), *geom, out_h, out_w,
-                                *_phase_size(h, wd, geom), get_num_threads())
+    kernel, n_threads = pick_kernel(_max_pool2d_kernel, _max_pool2d_kernel_serial, x.size)
+    y, arg = kernel(x.reshape(n_img * n_ch, h, wd), *geom, out_h, out_w,
+                    *_phase_size(h, wd, geom), n_threads)
     return y.reshape(n_img, n_ch, out_h, out_w), arg.reshape(n_img, n_ch, out_h, out_w)
 
 
@@ -369,9 +379,10 @@ def max_pool2d_grad(gy, argmax, input_shape):
     if argmax.size and (argmax.min() < 0 or argmax.max() >= h * wd):
         raise ValueError(f"argmax holds indices outside the {h}x{wd} input plane")
     out_h, out_w = gy.shape[2:]
-    gx = _max_pool2d_grad_kernel(gy.reshape(n_img * n_ch, out_h, out_w),
-                                 np.ascontiguousarray(argmax).reshape(n_img * n_ch, out_h, out_w),
-                                 h, wd)
+    kernel, _ = pick_kernel(_max_pool2d_grad_kernel, _max_pool2d_grad_kernel_serial,
+                            max(gy.size, n_img * n_ch * h * wd))
+    gx = kernel(gy.reshape(n_img * n_ch, out_h, out_w),
+                np.ascontiguousarray(argmax).reshape(n_img * n_ch, out_h, out_w), h, wd)
     return gx.reshape(n_img, n_ch, h, wd)
 
 
@@ -385,9 +396,9 @@ def avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False):
     x = check_float32_4d(x, "x")
     n_img, n_ch, h, wd = x.shape
     out_h, out_w = _output_hw(h, wd, geom)
-    y = _avg_pool2d_kernel(x.reshape(n_img * n_ch, h, wd), *geom, out_h, out_w,
-                           bool(count_include_pad), *_phase_size(h, wd, geom),
-                           get_num_threads())
+    kernel, n_threads = pick_kernel(_avg_pool2d_kernel, _avg_pool2d_kernel_serial, x.size)
+    y = kernel(x.reshape(n_img * n_ch, h, wd), *geom, out_h, out_w, bool(count_include_pad),
+               *_phase_size(h, wd, geom), n_threads)
     return y.reshape(n_img, n_ch, out_h, out_w)
 
 
@@ -397,7 +408,8 @@ def avg_pool2d_grad(gy, input_shape, kernel_size=3, stride=1, padding=1,
     geom = _geometry(kernel_size, stride, padding)
     gy, (n_img, n_ch, h, wd) = _check_grad(gy, input_shape, geom)
     out_h, out_w = gy.shape[2:]
-    gx = _avg_pool2d_grad_kernel(gy.reshape(n_img * n_ch, out_h, out_w), h, wd, *geom,
-                                 bool(count_include_pad), *_phase_size(h, wd, geom),
-                                 get_num_threads())
+    kernel, n_threads = pick_kernel(_avg_pool2d_grad_kernel, _avg_pool2d_grad_kernel_serial,
+                                    max(gy.size, n_img * n_ch * h * wd))
+    gx = kernel(gy.reshape(n_img * n_ch, out_h, out_w), h, wd, *geom, bool(count_include_pad),
+                *_phase_size(h, wd, geom), n_threads)
     return gx.reshape(n_img, n_ch, h, wd)
