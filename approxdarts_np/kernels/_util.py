@@ -131,8 +131,10 @@ def serial_twin(kernel):
     include the ``parallel`` flag).
     """
     f = kernel.py_func
-    twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__,
-                              f.__closure__)
+    name = f.__name__ + "_serial"
+    # its own code object name too, so that profiles tell the two apart
+    code = f.__code__.replace(co_name=name, co_qualname=f.__code__.co_qualname + "_serial")
+    twin = types.FunctionType(code, f.__globals__, name, f.__defaults__, f.__closure__)
     twin.__qualname__ = f.__qualname__ + "_serial"
     twin.__module__ = f.__module__
     twin.__doc__ = f"Serial twin of {f.__name__}."
