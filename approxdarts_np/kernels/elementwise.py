@@ -1,8 +1,8 @@
 """Element-wise passes of the autodiff ops on large float32 arrays, on all kernel threads.
 
 NumPy runs an element-wise operation on one thread, and a DARTS mixed op adds up eight
-candidate outputs: at the paper setting these passes took about a sixth of a step, all on one
-core. These kernels do the same arithmetic on every Numba thread, each fused into one pass:
+candidate outputs: at the paper setting these passes are a sizeable part of a step. These
+kernels do the same arithmetic on every Numba thread, each fused into one pass:
 
 * :func:`scaled_add` - ``out = x * w`` or ``out += x * w`` (the weighted sum of a mixed op,
   one term per call, without NumPy's temporary for the product);
@@ -22,14 +22,15 @@ from numba import njit, prange
 
 # Elements per work block: the split depends on the size only (deterministic sums).
 _BLOCK = 1 << 14
-# Fewer elements than this run on one thread (measured: a 2-thread pass over 128 Ki float32
-# values, about 40 us of work, gained little over the launch of a thread team).
+# Fewer elements than this run on one thread: waking the sleeping thread team costs about 45 us
+# per call (benchmarks/results/bench_search.json, breakdown), comparable to one thread's pass
+# over this many elements.
 PARALLEL_MIN = 1 << 17
 
 
 # The block functions loop over slices from index 0: with ``range(lo, hi)`` indices Numba keeps
-# a negative-index check that stops LLVM from vectorising (measured 4x slower than NumPy's
-# single thread; sliced, 2.3x faster than NumPy on 2 threads).
+# a negative-index check that stops LLVM from vectorising (measured on 2**20 values: 350 us
+# against 200 us for NumPy's single thread; sliced, 87 us on 2 threads).
 
 @njit(cache=True)
 def _scaled_add_block(out, x, w, lo, hi, assign):

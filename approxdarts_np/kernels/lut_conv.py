@@ -549,7 +549,8 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None):
         return np.zeros((n_img, n_out, n_pix), out_dtype)
     # float64 holds the int64 sums exactly (|out| < K * 2**32 < 2**53)
     out = np.empty((n_img, n_out, n_pix), np.float64 if scale is None else np.float32)
-    # work in element-equivalents of SERIAL_BELOW: about 16 row adds per ns of one thread
+    # work in element-equivalents of SERIAL_BELOW, a rough rate (it only decides whether the
+    # thread team is woken, never the result)
     kernel, n_threads = pick_kernel(_lut_bag_kernel, _lut_bag_kernel_serial,
                                     n_img * n_pix * n_taps * n_out // 16)
     n_threads = min(n_threads, n_img * (-(-n_pix // block)))
@@ -588,7 +589,8 @@ def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, s
     out_dtype = np.int64 if scale is None else np.float32
     if n_img * n_ch == 0:
         return np.zeros((n_img, n_ch, out_h, out_w), out_dtype)
-    # work in element-equivalents of SERIAL_BELOW: about 4 lookups per ns of one thread
+    # work in element-equivalents of SERIAL_BELOW, a rough rate (it only decides whether the
+    # thread team is woken, never the result)
     work = n_img * n_ch * out_h * out_w * k_h * k_w // 4
     # float64 holds every int32/int64 sum of these kernels exactly (|acc| < 2**53)
     out = np.empty((n_img, n_ch, out_h, out_w), np.float64 if scale is None else np.float32)

@@ -77,8 +77,9 @@ def _tap_offset(oh, i, j, s_h, s_w, hq, wq):
 
 
 # 3x3 windows (the DARTS pools) take all nine taps per output element in registers: one pass
-# over an output row instead of nine that each load and store the running result (measured
-# about 4x faster at B64 C16 32x32). Same taps, same order, same results as the generic loops.
+# over an output row instead of nine that each load and store the running result (measured at
+# B64 C16 32x32, 2 threads: max 1.76 -> 1.08 ms, average 1.37 -> 0.81 ms). Same taps, same
+# order, same results as the generic loops.
 
 @njit(cache=True, inline="always")
 def _take(v, best, arg, cand):
