@@ -274,6 +274,7 @@ def test_the_tester_ties_defeat_the_float32_quotient_alone():
 
 @pytest.mark.parametrize("values", [
     [0.0, -0.0, 1.5], [-0.0, -2.0], [3.0, 3.0], [-1e30, 1e30, 0.0], [1e-40, -1e-41],
+    [-1.5, -3.0], [2.0, 5.0],
 ])
 def test_one_pass_range_is_numpy_min_and_max(values):
     x = np.array(values, np.float32).reshape(1, -1)

@@ -117,7 +117,7 @@ def _kernel_results():
     for stride in (1, 2):
         out.append(klut.lut_depthwise_conv(qx, zx, qw, zw, table, stride, 1, 1))
         cols = klut.im2col_codes(qx, zx, 3, stride, 1, 1)
-        out += [cols, klut.lut_bag_conv(cols, zx, qw.reshape(4, 9)[:, :].repeat(4, axis=1)[:3],
+        out += [cols, klut.lut_bag_conv(cols, zx, qw.reshape(4, 9).repeat(4, axis=1)[:3],
                                         zw, table)]
     return out
 
