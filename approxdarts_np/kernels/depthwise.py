@@ -528,15 +528,24 @@ def _layout(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, shared):
 # a phase at g * hq*wq) and every tap is one loop over the whole stack: short planes (16x16,
 # 8x8) still give long vectorised loops. Rows beyond a plane's output are computed and dropped.
 
+@njit(cache=True)
+def _stack_geometry(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w, stack):
+    """(wq, lead, plane, phase_stride, tap offsets) of a work item's stacked scratch buffer
+    (:func:`_layout`, stride-1 planes sharing their borders), as the item kernels use it."""
+    hq, wq, lead = _layout(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
+    plane = hq * wq
+    phase_stride = stack * plane
+    return wq, lead, plane, phase_stride, _tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq,
+                                                        phase_stride)
+
+
 @njit(cache=True, parallel=True)
 def _depthwise_forward_kernel(x, w_taps, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w, out_h, out_w,
                               stack, n_threads):
     n_img, n_ch, h, wd = x.shape
     n_taps = k_h * k_w
-    hq, wq, lead = _layout(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
-    plane = hq * wq
-    phase_stride = stack * plane
-    offs = _tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq, phase_stride)
+    wq, lead, plane, phase_stride, offs = _stack_geometry(h, wd, out_h, out_w, s_h, s_w, p_h, p_w,
+                                                          d_h, d_w, k_h, k_w, stack)
 
     y = np.empty((n_img, n_ch, out_h, out_w), np.float32)
     n_groups = (n_img + stack - 1) // stack
@@ -568,10 +577,8 @@ def _depthwise_codes_kernel(x, scale, inv, zero_point, table_t, affine, w_taps, 
     n_feat = table_t.shape[0]
     n_taps = k_h * k_w
     n_pix = h * wd
-    hq, wq, lead = _layout(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
-    plane = hq * wq
-    phase_stride = stack * plane
-    offs = _tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq, phase_stride)
+    wq, lead, plane, phase_stride, offs = _stack_geometry(h, wd, out_h, out_w, s_h, s_w, p_h, p_w,
+                                                          d_h, d_w, k_h, k_w, stack)
 
     y = np.empty((n_img, n_ch, out_h, out_w), np.float32)
     codes = np.empty((n_img, n_ch, h, wd), np.uint8)
@@ -676,10 +683,8 @@ def _depthwise_grad_weight_kernel(gy, x, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
     n_img, n_ch, h, wd = x.shape
     out_h, out_w = gy.shape[2], gy.shape[3]
     n_taps = k_h * k_w
-    hq, wq, lead = _layout(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
-    plane = hq * wq
-    phase_stride = stack * plane
-    offs = _tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq, phase_stride)
+    wq, lead, plane, phase_stride, offs = _stack_geometry(h, wd, out_h, out_w, s_h, s_w, p_h, p_w,
+                                                          d_h, d_w, k_h, k_w, stack)
 
     # Pass 1: per item and tap, one dot product over the item's stacked planes of the output
     # gradient (zero outside each plane's out_h x out_w corner) with the input at the tap.

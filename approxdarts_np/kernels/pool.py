@@ -88,18 +88,20 @@ def _take(v, best, arg, cand):
     return (v if take else best), (cand if take else arg)
 
 
+@njit(cache=True, inline="always")
+def _taps3x3(oh, s_h, s_w, hq, wq):
+    """The nine buffer offsets of output row oh's 3x3 taps at ow = 0, row-major order."""
+    return (_tap_offset(oh, 0, 0, s_h, s_w, hq, wq), _tap_offset(oh, 0, 1, s_h, s_w, hq, wq),
+            _tap_offset(oh, 0, 2, s_h, s_w, hq, wq), _tap_offset(oh, 1, 0, s_h, s_w, hq, wq),
+            _tap_offset(oh, 1, 1, s_h, s_w, hq, wq), _tap_offset(oh, 1, 2, s_h, s_w, hq, wq),
+            _tap_offset(oh, 2, 0, s_h, s_w, hq, wq), _tap_offset(oh, 2, 1, s_h, s_w, hq, wq),
+            _tap_offset(oh, 2, 2, s_h, s_w, hq, wq))
+
+
 @njit(cache=True)
 def _max3x3_row(buf, yf, af, o0, out_w, oh, s_h, s_w, p_h, p_w, hq, wq, wd):
     """Output row oh of a 3x3 max pool, written to yf/af[o0:o0 + out_w]."""
-    t0 = _tap_offset(oh, 0, 0, s_h, s_w, hq, wq)
-    t1 = _tap_offset(oh, 0, 1, s_h, s_w, hq, wq)
-    t2 = _tap_offset(oh, 0, 2, s_h, s_w, hq, wq)
-    t3 = _tap_offset(oh, 1, 0, s_h, s_w, hq, wq)
-    t4 = _tap_offset(oh, 1, 1, s_h, s_w, hq, wq)
-    t5 = _tap_offset(oh, 1, 2, s_h, s_w, hq, wq)
-    t6 = _tap_offset(oh, 2, 0, s_h, s_w, hq, wq)
-    t7 = _tap_offset(oh, 2, 1, s_h, s_w, hq, wq)
-    t8 = _tap_offset(oh, 2, 2, s_h, s_w, hq, wq)
+    t0, t1, t2, t3, t4, t5, t6, t7, t8 = _taps3x3(oh, s_h, s_w, hq, wq)
     r0 = (oh * s_h - p_h) * wd - p_w           # flat input index of tap (0, 0) at ow = 0
     ih0 = max(oh * s_h - p_h, 0)
     for ow in range(out_w):
@@ -122,15 +124,7 @@ def _max3x3_row(buf, yf, af, o0, out_w, oh, s_h, s_w, p_h, p_w, hq, wq, wd):
 @njit(cache=True)
 def _sum3x3_row(buf, yf, o0, out_w, oh, s_h, s_w, hq, wq):
     """Window sums of output row oh of a 3x3 pool, taps in row-major order from 0."""
-    t0 = _tap_offset(oh, 0, 0, s_h, s_w, hq, wq)
-    t1 = _tap_offset(oh, 0, 1, s_h, s_w, hq, wq)
-    t2 = _tap_offset(oh, 0, 2, s_h, s_w, hq, wq)
-    t3 = _tap_offset(oh, 1, 0, s_h, s_w, hq, wq)
-    t4 = _tap_offset(oh, 1, 1, s_h, s_w, hq, wq)
-    t5 = _tap_offset(oh, 1, 2, s_h, s_w, hq, wq)
-    t6 = _tap_offset(oh, 2, 0, s_h, s_w, hq, wq)
-    t7 = _tap_offset(oh, 2, 1, s_h, s_w, hq, wq)
-    t8 = _tap_offset(oh, 2, 2, s_h, s_w, hq, wq)
+    t0, t1, t2, t3, t4, t5, t6, t7, t8 = _taps3x3(oh, s_h, s_w, hq, wq)
     for ow in range(out_w):
         acc = np.float32(0.0)
         acc += buf[_u(t0 + ow)]
