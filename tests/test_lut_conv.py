@@ -6,6 +6,8 @@ References used here:
 * ``integer_conv`` - the integer convolution of (qx - zx) and (qw - zw) through
   ``sliding_window_view`` and ``einsum`` in int64 (no table at all), for the exact multiplier.
 """
+import contextlib
+import os
 import zlib
 from importlib import resources
 from pathlib import Path
@@ -182,17 +184,34 @@ def plans():
 
 # ----------------------------------------------------------------------------- properties
 
+@contextlib.contextmanager
+def byte_shuffle_kernels(switch):
+    """Run the gather on the byte-shuffle kernels ("1", where the CPU has them) or on the
+    scalar ones ("0") (kernels/byte_shuffle.py)."""
+    before = os.environ.get("APPROXDARTS_NP_BYTE_SHUFFLE")
+    os.environ["APPROXDARTS_NP_BYTE_SHUFFLE"] = switch
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("APPROXDARTS_NP_BYTE_SHUFFLE")
+        else:
+            os.environ["APPROXDARTS_NP_BYTE_SHUFFLE"] = before
+
+
+@pytest.mark.parametrize("shuffle", ["1", "0"])
 @pytest.mark.parametrize("name", ["1446", "2P7", "17KS", "L40", "random_int32", "big_lowrank"])
 @given(case=conv_cases())
 @example(case=EDGE_CASES[0])
 @example(case=EDGE_CASES[1])
 @example(case=EDGE_CASES[2])
-def test_every_engine_equals_reference_gather(plans, name, case):
+def test_every_engine_equals_reference_gather(plans, name, shuffle, case):
     plan = plans[name]
     expected = reference(case, plan.table)
     for engine in engines_for(plan):
         try:
-            got = run(case, plan, engine)
+            with byte_shuffle_kernels(shuffle):
+                got = run(case, plan, engine)
         except LowRankBoundError:
             # only the float32 depthwise path (groups == Ci == Co, which includes Ci = Co = 1)
             # may refuse; the dispatcher falls back to the gather in "auto"
@@ -203,19 +222,21 @@ def test_every_engine_equals_reference_gather(plans, name, case):
         np.testing.assert_array_equal(got, expected, err_msg=f"{name} engine={engine}")
 
 
+@pytest.mark.parametrize("shuffle", ["1", "0"])
 @given(case=conv_cases())
 @example(case=EDGE_CASES[0])
 @example(case=EDGE_CASES[1])
 @example(case=EDGE_CASES[2])
-def test_exact_table_gives_integer_convolution(plans, case):
+def test_exact_table_gives_integer_convolution(plans, shuffle, case):
     plan = plans["1JFF"]
     qx, qw = make_codes(case)
     expected = integer_conv(qx, case["zx"], qw, case["zw"], case["stride"], case["padding"],
                             case["dilation"], case["groups"])
     np.testing.assert_array_equal(reference(case, plan.table, qx, qw), expected)
     for engine in engines_for(plan):
-        np.testing.assert_array_equal(run(case, plan, engine, qx, qw), expected,
-                                      err_msg=f"engine={engine}")
+        with byte_shuffle_kernels(shuffle):
+            got = run(case, plan, engine, qx, qw)
+        np.testing.assert_array_equal(got, expected, err_msg=f"engine={engine}")
 
 
 def test_exact_table_plan_is_rank_zero_lowrank(plans):
@@ -335,11 +356,13 @@ def test_corrupted_table_entry_is_detected(plans, kind):
     bad_plan = make_lut_plan(bad, max_rank=20)
     expected = reference(case, plan.table, qx, qw)
     assert not np.array_equal(reference(case, bad, qx, qw), expected)
-    for engine in engines_for(bad_plan):
-        assert not np.array_equal(run(case, bad_plan, engine, qx, qw), expected), engine
-    for engine in engines_for(plan):
-        assert not np.array_equal(run(case, plan, engine, qx, qw),
-                                  reference(case, bad, qx, qw)), engine
+    for shuffle in ("1", "0"):
+        with byte_shuffle_kernels(shuffle):
+            for engine in engines_for(bad_plan):
+                assert not np.array_equal(run(case, bad_plan, engine, qx, qw), expected), engine
+            for engine in engines_for(plan):
+                assert not np.array_equal(run(case, plan, engine, qx, qw),
+                                          reference(case, bad, qx, qw)), engine
 
 
 # ----------------------------------------------------------------------------- plan and API

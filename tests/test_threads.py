@@ -114,11 +114,25 @@ def _kernel_results():
     from approxdarts_np.kernels import lut_conv as klut
     table = make_lut_plan(load_multiplier("mul8u_2P7").table).gather_table
     qx, _, _ = quantize_per_tensor(x)
-    for stride in (1, 2):
-        out.append(klut.lut_depthwise_conv(qx, zx, qw, zw, table, stride, 1, 1))
-        cols = klut.im2col_codes(qx, zx, 3, stride, 1, 1)
-        out += [cols, klut.lut_bag_conv(cols, zx, qw.reshape(4, 9).repeat(4, axis=1)[:3],
-                                        zw, table)]
+    before = os.environ.get("APPROXDARTS_NP_BYTE_SHUFFLE")
+    try:
+        # the byte-shuffle kernels where the CPU has them, and the scalar ones
+        for shuffle in ("1", "0"):
+            os.environ["APPROXDARTS_NP_BYTE_SHUFFLE"] = shuffle
+            for stride in (1, 2):
+                out.append(klut.lut_depthwise_conv(qx, zx, qw, zw, table, stride, 1, 1))
+                cols = klut.im2col_codes(qx, zx, 3, stride, 1, 1)
+                out += [cols, klut.lut_bag_conv(cols, zx, qw.reshape(4, 9).repeat(4, axis=1)[:3],
+                                                zw, table)]
+            one_pass = klut.lut_conv_codes(x, sx, zx, qw, zw, table, 1, 1, 1, sx * sw)
+            out += list(one_pass) if one_pass is not None else []
+            one_pass = klut.lut_conv_codes(x, sx, zx, qp, zp, table, out_scale=sx * sp)
+            out += list(one_pass) if one_pass is not None else []
+    finally:
+        if before is None:
+            os.environ.pop("APPROXDARTS_NP_BYTE_SHUFFLE", None)
+        else:
+            os.environ["APPROXDARTS_NP_BYTE_SHUFFLE"] = before
     return out
 
 

@@ -43,8 +43,8 @@ from ..kernels import depthwise as kdw
 from ..kernels._util import (as_pair, check_code_value, check_codes, check_float32_4d,
                              conv_geometry, conv_output_hw)
 from ..kernels.codes import float32_inverse
-from ..kernels.lut_conv import (feature_sum, im2col_codes, lut_bag_conv, lut_depthwise_conv,
-                                table_peak)
+from ..kernels.lut_conv import (feature_sum, im2col_codes, lut_bag_conv, lut_conv_codes,
+                                lut_depthwise_conv, table_peak)
 from .lowrank import (LowRankBoundError, LowRankFactors, activation_features,
                       exact_error_factors, feature_conv, features_fit_float32, filter_constants,
                       lowrank_conv2d, weight_features)
@@ -176,17 +176,26 @@ def lut_conv2d(qx, zx, qw, zw, plan, stride=1, padding=0, dilation=1, groups=1, 
         except LowRankBoundError:
             if engine == "lowrank":
                 raise
-    return _gather_conv2d(qx, zx, qw, zw, plan.gather_table, stride, padding, dilation, groups,
-                          out_size)
+    return _gather_conv2d(qx, zx, qw, zw, plan, stride, padding, dilation, groups, out_size)
 
 
-def _gather_conv2d(qx, zx, qw, zw, table, stride, padding, dilation, groups, out_size,
+@lru_cache(maxsize=64)
+def _transposed_table(plan):
+    """plan.gather_table transposed (columns contiguous), read-only, once per plan."""
+    table_t = np.ascontiguousarray(plan.gather_table.T)
+    table_t.flags.writeable = False
+    return table_t
+
+
+def _gather_conv2d(qx, zx, qw, zw, plan, stride, padding, dilation, groups, out_size,
                    scale=None):
     """The gather engine: int64 acc, or float32(acc * scale) when ``scale`` is given."""
     n_img, n_in, h, wd = qx.shape
     n_out, n_in_g, k_h, k_w = qw.shape
+    table, table_t = plan.gather_table, _transposed_table(plan)
     if groups == n_in and n_in_g == 1 and n_out == n_in:
-        return lut_depthwise_conv(qx, zx, qw, zw, table, stride, padding, dilation, scale=scale)
+        return lut_depthwise_conv(qx, zx, qw, zw, table, stride, padding, dilation, scale=scale,
+                                  table_t=table_t)
     n_taps = n_in_g * k_h * k_w
     # taps per call so that the kernel's int32 sums cannot overflow; the parts add in int64
     chunk = max(1, _INT32_MAX // (table_peak(table) + 255 + 1))
@@ -201,9 +210,10 @@ def _gather_conv2d(qx, zx, qw, zw, table, stride, padding, dilation, groups, out
             cols = im2col_codes(x_g, zx, (k_h, k_w), stride, padding, dilation)
         w_cols = qw[grp * out_g:(grp + 1) * out_g].reshape(out_g, n_taps)
         part = lut_bag_conv(cols[:, :chunk], zx, w_cols[:, :chunk], zw, table,
-                            scale=scale if fused else None)
+                            scale=scale if fused else None, table_t=table_t)
         for k0 in range(chunk, n_taps, chunk):
-            part += lut_bag_conv(cols[:, k0:k0 + chunk], zx, w_cols[:, k0:k0 + chunk], zw, table)
+            part += lut_bag_conv(cols[:, k0:k0 + chunk], zx, w_cols[:, k0:k0 + chunk], zw, table,
+                                 table_t=table_t)
         parts.append(part)
     out = parts[0] if groups == 1 else np.concatenate(parts, axis=1)
     out = out.reshape(n_img, n_out, out_size[0], out_size[1])
@@ -273,13 +283,20 @@ def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine=
             y = feature_conv(xf, wf, cst, n_feat, depthwise, stride, padding, dilation, groups,
                              sx * sw)
             return y, (qx, sx, zx), (qw, sw, zw)
-    qx, _ = codes_and_features(x, sx, zx, _NO_FEATURES_T, -1)
     qw, _ = codes_and_features(w, sw, zw, _NO_FEATURES_T, -1)
+    if engine == "gather" or requested == "auto":
+        if groups == 1 or depthwise:
+            # one pass where the byte-shuffle kernel runs: quantise x as it is read
+            fused = lut_conv_codes(x, sx, zx, qw, zw, plan.gather_table, stride, padding,
+                                   dilation, sx * sw, table_t=_transposed_table(plan))
+            if fused is not None:
+                return fused[0], (fused[1], sx, zx), (qw, sw, zw)
+    qx, _ = codes_and_features(x, sx, zx, _NO_FEATURES_T, -1)
     if engine == "gather" or requested == "auto":
         # (past the float32 bound an automatic choice gathers too)
         out_size = conv_output_hw(h, wd, k_h, k_w, stride + padding + dilation)
-        y = _gather_conv2d(qx, zx, qw, zw, plan.gather_table, stride, padding, dilation, groups,
-                           out_size, scale=sx * sw)
+        y = _gather_conv2d(qx, zx, qw, zw, plan, stride, padding, dilation, groups, out_size,
+                           scale=sx * sw)
         return y, (qx, sx, zx), (qw, sw, zw)
     # a forced "lowrank" past the float32 bound: exact tap chunks (dense) or LowRankBoundError
     acc = lut_conv2d(qx, zx, qw, zw, plan, stride, padding, dilation, groups, engine=engine)

@@ -32,8 +32,10 @@ Kernels, all deterministic (integer sums, each output element written by one thr
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from ._util import (as_pair, block_bounds, check_code_value, check_codes, conv_geometry,
-                    conv_output_hw, pick_kernel, serial_twin)
+from . import byte_shuffle
+from .codes import float32_inverse
+from ._util import (as_pair, block_bounds, check_code_value, check_codes, check_float32_4d,
+                    conv_geometry, conv_output_hw, pick_kernel, serial_twin)
 
 __all__ = [
     "code_features",
@@ -41,6 +43,7 @@ __all__ = [
     "im2col_codes",
     "lut_bag_conv",
     "lut_depthwise_conv",
+    "lut_conv_codes",
     "lowrank_bag_conv",
     "table_peak",
 ]
@@ -494,6 +497,16 @@ def _check_table(table):
     return np.ascontiguousarray(table)
 
 
+def _transposed(table, table_t):
+    """``table_t`` checked against ``table``'s dtype and shape, or ``table`` transposed."""
+    if table_t is None:
+        return np.ascontiguousarray(table.T)
+    if (not isinstance(table_t, np.ndarray) or table_t.shape != (256, 256)
+            or table_t.dtype != table.dtype):
+        raise ValueError(f"table_t must be the (256, 256) {table.dtype} transposed table")
+    return np.ascontiguousarray(table_t)
+
+
 def im2col_codes(qx, pad_code, kernel_size, stride=1, padding=0, dilation=1):
     """Return cols (N, C*kh*kw, OH*OW) uint8: cols[n, c*kh*kw + i*kw + j, oh*OW + ow] is the code
     at padded position (oh*s_h + i*d_h, ow*s_w + j*d_w) of qx[n, c]; padding reads ``pad_code``.
@@ -514,14 +527,16 @@ def im2col_codes(qx, pad_code, kernel_size, stride=1, padding=0, dilation=1):
                   cols)
 
 
-def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None):
+def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None, table_t=None):
     """Return out (N, Co, P) int64, the table convolution of code columns with weight codes.
 
     out[n, co, p] = sum_k ( table[cols[n,k,p], qw_cols[co,k]] - zw*cols[n,k,p] - zx*qw_cols[co,k]
     + zx*zw ). ``cols`` (N, K, P) uint8 (padding already holds zx), ``qw_cols`` (Co, K) uint8,
     ``table`` (256, 256) uint16 or int32. Returns int64, or with ``scale`` (a float)
     float32(out * scale), the product taken in float64. Raises ValueError if K * max|table|
-    could overflow the int32 accumulator (split K and add the parts instead).
+    could overflow the int32 accumulator (split K and add the parts instead). ``table_t``,
+    optional, is ``table`` transposed and C-contiguous, for callers that keep one (the byte-
+    shuffle kernel builds its per-tap tables from columns; computed here when not given).
     """
     cols = check_codes(cols, "cols", 3)
     qw_cols = check_codes(qw_cols, "qw_cols", 2)
@@ -535,6 +550,22 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None):
     peak = table_peak(table)
     if n_taps * peak + 255 * n_taps >= 2 ** 31:
         raise ValueError(f"K={n_taps} taps with table values up to {peak} could overflow int32")
+    out_dtype = np.int64 if scale is None else np.float32
+    if n_img == 0 or n_pix == 0 or n_out == 0:
+        return np.zeros((n_img, n_out, n_pix), out_dtype)
+    # float64 holds the int64 sums exactly (|out| < K * 2**32 < 2**53)
+    out = np.empty((n_img, n_out, n_pix), np.float64 if scale is None else np.float32)
+    factor = 1.0 if scale is None else float(scale)
+    # work in element-equivalents of SERIAL_BELOW, a rough rate (it only decides whether the
+    # thread team is woken, never the result)
+    work = n_img * n_pix * n_taps * n_out // 16
+    shuffled = None
+    if byte_shuffle.available() and n_taps:
+        shuffled = byte_shuffle.tap_tables(_transposed(table, table_t), qw_cols, zx, zw)
+    if shuffled is not None:
+        # one 512-byte table per (output channel, tap), 64 lookups per shuffle
+        byte_shuffle.columns_lookup(cols, shuffled[0], shuffled[1], factor, out)
+        return out.astype(np.int64) if scale is None else out
     rows = np.empty((n_taps, 256, n_out), table.dtype)
     if n_taps and n_out:
         qw_taps = np.ascontiguousarray(qw_cols.T)
@@ -544,28 +575,21 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None):
             _bag_rows_serial(table, qw_taps, rows)
     cst = (n_taps * zx * zw - zx * qw_cols.astype(np.int64).sum(axis=1)).astype(np.int64)
     block = max(16, min(n_pix, _BAG_ACC_BYTES // (4 * max(n_out, 1))))
-    out_dtype = np.int64 if scale is None else np.float32
-    if n_img == 0 or n_pix == 0 or n_out == 0:
-        return np.zeros((n_img, n_out, n_pix), out_dtype)
-    # float64 holds the int64 sums exactly (|out| < K * 2**32 < 2**53)
-    out = np.empty((n_img, n_out, n_pix), np.float64 if scale is None else np.float32)
-    # work in element-equivalents of SERIAL_BELOW, a rough rate (it only decides whether the
-    # thread team is woken, never the result)
-    kernel, n_threads = pick_kernel(_lut_bag_kernel, _lut_bag_kernel_serial,
-                                    n_img * n_pix * n_taps * n_out // 16)
+    kernel, n_threads = pick_kernel(_lut_bag_kernel, _lut_bag_kernel_serial, work)
     n_threads = min(n_threads, n_img * (-(-n_pix // block)))
-    kernel(cols, rows.reshape(-1), n_out, cst, np.int64(zw),
-           1.0 if scale is None else float(scale), block, n_threads, out)
+    kernel(cols, rows.reshape(-1), n_out, cst, np.int64(zw), factor, block, n_threads, out)
     return out.astype(np.int64) if scale is None else out
 
 
-def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, scale=None):
+def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, scale=None,
+                       table_t=None):
     """Return the depthwise table conv of qx (N, C, H, W) with qw (C, 1, kh, kw): (N, C, OH, OW).
 
     acc[n, c, oh, ow] = sum_{i,j} ( table[xpad, w] - zw*xpad - zx*w + zx*zw ) with
     xpad = qx[n, c] bordered by code zx, w = qw[c, 0, i, j]; ``stride``, ``padding``,
     ``dilation`` are ints or (h, w) pairs. Returns acc as int64, or with ``scale`` (a float)
     float32(acc * scale), the product taken in float64 (the quantised conv's output).
+    ``table_t`` as in :func:`lut_bag_conv`.
     """
     qx = check_codes(qx, "qx", 4)
     qw = check_codes(qw, "qw", 4)
@@ -579,13 +603,6 @@ def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, s
     geom = conv_geometry(stride, padding, dilation)
     out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
     s_h, s_w, p_h, p_w, d_h, d_w = geom
-    # taps[c, t, a] = M[a, w] - zw*a - zx*w + zx*zw, one 256-entry row per (channel, tap);
-    # int32 sums when no sum of k_h*k_w taps can overflow (bound from the table's peak)
-    peak = table_peak(table) + 255 * (zw + zx) + zx * zw
-    dtype = np.int32 if k_h * k_w * peak < 2 ** 31 else np.int64
-    taps = np.empty((n_ch * k_h * k_w, 256), dtype)
-    _taps_kernel(table, qw.reshape(n_ch * k_h * k_w), zx, zw, taps)
-    taps = taps.reshape(n_ch, k_h * k_w, 256)
     out_dtype = np.int64 if scale is None else np.float32
     if n_img * n_ch == 0:
         return np.zeros((n_img, n_ch, out_h, out_w), out_dtype)
@@ -595,6 +612,22 @@ def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, s
     # float64 holds every int32/int64 sum of these kernels exactly (|acc| < 2**53)
     out = np.empty((n_img, n_ch, out_h, out_w), np.float64 if scale is None else np.float32)
     factor = 1.0 if scale is None else float(scale)
+    shuffled = None
+    if byte_shuffle.available():
+        shuffled = byte_shuffle.tap_tables(_transposed(table, table_t),
+                                           qw.reshape(n_ch, k_h * k_w), zx, zw)
+    if shuffled is not None:
+        # 64 lookups per shuffle (kernels/byte_shuffle.py)
+        byte_shuffle.depthwise_lookup(qx, shuffled[0], shuffled[1], zx, (k_h, k_w), geom,
+                                      (out_h, out_w), factor, out)
+        return out.astype(np.int64) if scale is None else out
+    # taps[c, t, a] = M[a, w] - zw*a - zx*w + zx*zw, one 256-entry row per (channel, tap);
+    # int32 sums when no sum of k_h*k_w taps can overflow (bound from the table's peak)
+    peak = table_peak(table) + 255 * (zw + zx) + zx * zw
+    dtype = np.int32 if k_h * k_w * peak < 2 ** 31 else np.int64
+    taps = np.empty((n_ch * k_h * k_w, 256), dtype)
+    _taps_kernel(table, qw.reshape(n_ch * k_h * k_w), zx, zw, taps)
+    taps = taps.reshape(n_ch, k_h * k_w, 256)
     if s_h == 1 and s_w == 1:
         kernel, n_threads = pick_kernel(_lut_depthwise_kernel, _lut_depthwise_kernel_serial, work)
         kernel(qx, taps, np.uint8(zx), k_h, k_w, p_h, p_w, d_h, d_w, out_h, out_w, factor,
@@ -605,6 +638,54 @@ def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, s
         kernel(qx, taps, np.uint8(zx), k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
                factor, min(n_img * n_ch, n_threads), out)
     return out.astype(np.int64) if scale is None else out
+
+
+def lut_conv_codes(x, x_scale, zx, qw, zw, table, stride=1, padding=0, dilation=1,
+                   out_scale=1.0, table_t=None):
+    """The depthwise or pointwise table conv of float32 x in one pass: ``(y, qx)``, or None.
+
+    The kernel quantises x as it reads it (``qx``: x's uint8 codes with ``x_scale`` and
+    ``zx``, exactly the quantisation pass's, kept for backward) and returns y =
+    float32(acc * out_scale) with acc as in :func:`lut_depthwise_conv` (``qw`` (C, 1, kh,
+    kw)) or :func:`lut_bag_conv` (``qw`` (Co, Ci, 1, 1), stride 1, no padding). None when this
+    path does not apply: no byte-shuffle kernel here (:mod:`~approxdarts_np.kernels.
+    byte_shuffle`), another kind of convolution, a table column too wide for it, or a scale
+    without a normal float32 inverse; the caller then quantises and calls the kernels above.
+    """
+    if not byte_shuffle.available():
+        return None
+    x = check_float32_4d(x, "x")
+    qw = check_codes(qw, "qw", 4)
+    table = _check_table(table)
+    zx = check_code_value(zx, "zx")
+    zw = check_code_value(zw, "zw")
+    inv = float32_inverse(float(x_scale)) if float(x_scale) > 0 else None
+    if inv is None:
+        return None
+    n_img, n_ch, h, wd = x.shape
+    n_out, n_in_g, k_h, k_w = qw.shape
+    geom = conv_geometry(stride, padding, dilation)
+    depthwise = n_in_g == 1 and n_out == n_ch
+    pointwise = n_in_g == n_ch and (k_h, k_w) == (1, 1) and geom[:4] == (1, 1, 0, 0)
+    if not (depthwise or pointwise) or n_img * n_ch * n_out == 0:
+        return None
+    out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
+    taps = byte_shuffle.tap_tables(_transposed(table, table_t),
+                                   qw.reshape(n_out, n_in_g * k_h * k_w), zx, zw)
+    if taps is None:
+        return None
+    qx = np.empty(x.shape, np.uint8)
+    out = np.empty((n_img, n_out, out_h, out_w), np.float32)
+    if depthwise:
+        byte_shuffle.depthwise_lookup(qx, taps[0], taps[1], zx, (k_h, k_w), geom,
+                                      (out_h, out_w), float(out_scale), out, x=x,
+                                      x_scale=float(x_scale), x_inv=inv)
+    else:
+        n_pix = h * wd
+        byte_shuffle.columns_lookup(qx.reshape(n_img, n_ch, n_pix), taps[0], taps[1],
+                                    float(out_scale), out.reshape(n_img, n_out, n_pix), x=x.reshape(n_img, n_ch, n_pix), x_scale=float(x_scale),
+                                    x_inv=inv, zx=zx)
+    return out, qx
 
 
 def lowrank_bag_conv(cols, zx, err_feat_t, w_chunks, cst, chunk_taps):

@@ -1,0 +1,286 @@
+"""The byte-shuffle table kernels (AVX-512 VBMI) against a plain NumPy table gather, bit for bit.
+
+Every bundled table, depthwise (strides, dilations, paddings, 1x1 to 5x5), pointwise and dense
+(im2col) shapes; the one-pass entry that quantises x inside the kernel against quantising
+first; the fallbacks to the scalar kernels (a table column wider than 16 bits, more than
+MAX_TAPS taps, the switch in the environment). The tests that need the instruction set are
+skipped on CPUs without it (the scalar kernels then run everywhere and test_lut_conv.py covers
+them).
+"""
+import zlib
+
+import numba
+import numpy as np
+import pytest
+
+from approxdarts_np.approx import quantize
+from approxdarts_np.approx.lut_conv import approx_conv2d, make_lut_plan
+from approxdarts_np.approx.multipliers import bundled_names, load_multiplier
+from approxdarts_np.kernels import _util, byte_shuffle
+from approxdarts_np.kernels import lut_conv as klut
+from test_lut_conv import reference_lut_conv
+
+needs_vbmi = pytest.mark.skipif(not byte_shuffle._cpu_has_vbmi(),
+                                reason="this CPU has no AVX-512 VBMI (byte-shuffle kernels)")
+
+# (k, stride, padding, dilation, h, w): the searched depthwise geometries and odd ones
+DW_GEOMETRIES = [(3, 1, 1, 1, 9, 9), (5, 1, 2, 1, 8, 11), (3, 1, 2, 2, 9, 7), (5, 1, 4, 2, 10, 10),
+                 (3, 2, 1, 1, 9, 9), (5, 2, 2, 1, 8, 7), (3, 2, 2, 2, 11, 9), (1, 3, 0, 1, 7, 8),
+                 (3, 1, 0, 1, 70, 5), (3, (2, 1), (1, 0), (1, 2), 9, 8)]
+
+
+def table_of(name):
+    return np.asarray(load_multiplier(name).table, dtype=np.int32)
+
+
+def gather_table(name):
+    return make_lut_plan(table_of(name)).gather_table
+
+
+@pytest.fixture
+def shuffle_on(monkeypatch):
+    monkeypatch.setenv("APPROXDARTS_NP_BYTE_SHUFFLE", "1")
+
+
+def _pairs(v):
+    return v if isinstance(v, tuple) else (v, v)
+
+
+def _reference_dw(qx, zx, qw, zw, table, stride, padding, dilation):
+    """reference_lut_conv for (h, w)-pair geometries: pad, then one plain gather per tap."""
+    (s_h, s_w), (p_h, p_w), (d_h, d_w) = _pairs(stride), _pairs(padding), _pairs(dilation)
+    if (s_h, p_h, d_h) == (s_w, p_w, d_w):
+        return reference_lut_conv(qx, zx, qw, zw, table, s_h, p_h, d_h, qx.shape[1])
+    m = np.asarray(table, np.int64)
+    n, c, h, w = qx.shape
+    k_h, k_w = qw.shape[2:]
+    xp = np.pad(qx.astype(np.int64), ((0, 0), (0, 0), (p_h, p_h), (p_w, p_w)),
+                constant_values=zx)
+    oh = (h + 2 * p_h - d_h * (k_h - 1) - 1) // s_h + 1
+    ow = (w + 2 * p_w - d_w * (k_w - 1) - 1) // s_w + 1
+    acc = np.zeros((n, c, oh, ow), np.int64)
+    for i in range(k_h):
+        for j in range(k_w):
+            a = xp[:, :, i * d_h:i * d_h + s_h * (oh - 1) + 1:s_h,
+                   j * d_w:j * d_w + s_w * (ow - 1) + 1:s_w]
+            b = qw[:, 0, i, j].astype(np.int64)[None, :, None, None]
+            acc += m[a, b] - zw * a - zx * b + zx * zw
+    return acc
+
+
+@needs_vbmi
+@pytest.mark.parametrize("name", bundled_names())
+def test_every_bundled_table_depthwise_and_columns_equal_the_plain_gather(shuffle_on, name):
+    table = table_of(name)
+    gt = gather_table(name)
+    for zw in (0, 128, 255):
+        # every column fits two byte planes, or three (never none) for any zero point
+        assert byte_shuffle.tap_tables(np.ascontiguousarray(gt.T), np.arange(256, dtype=np.uint8)
+                                       .reshape(16, 16), 255, zw) is not None, zw
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    for g, (k, stride, padding, dilation, h, w) in enumerate(DW_GEOMETRIES):
+        zx, zw = (int(v) for v in rng.integers(0, 256, 2))
+        zw = (0, 255)[g] if g < 2 else zw     # the extreme weight zero points too
+        qx = rng.integers(0, 256, (2, 3, h, w), dtype=np.uint8)
+        qw = rng.integers(0, 256, (3, 1, k, k), dtype=np.uint8)
+        got = klut.lut_depthwise_conv(qx, zx, qw, zw, gt, stride, padding, dilation)
+        np.testing.assert_array_equal(
+            got, _reference_dw(qx, zx, qw, zw, table, stride, padding, dilation),
+            err_msg=f"{name} depthwise k={k} s={stride} p={padding} d={dilation}")
+    for n_in, n_pix, n_out in ((5, 64, 4), (3, 77, 6), (16, 130, 2)):
+        zx, zw = (int(v) for v in rng.integers(0, 256, 2))
+        cols = rng.integers(0, 256, (3, n_in, n_pix), dtype=np.uint8)
+        qw = rng.integers(0, 256, (n_out, n_in), dtype=np.uint8)
+        a = cols.astype(np.int64)[:, None]
+        b = qw.astype(np.int64)[None, :, :, None]
+        expected = (table.astype(np.int64)[a, b] - zw * a - zx * b + zx * zw).sum(axis=2)
+        np.testing.assert_array_equal(klut.lut_bag_conv(cols, zx, qw, zw, gt), expected,
+                                      err_msg=f"{name} columns {n_in}x{n_pix}->{n_out}")
+
+
+@needs_vbmi
+@pytest.mark.parametrize("name", ["2P7", "17KS", "L40", "exact"])
+def test_scaled_outputs_equal_the_scaled_integer_sums(shuffle_on, name):
+    """float32(acc * scale) with the product in float64, as the scalar kernels give it."""
+    gt = gather_table(name)
+    rng = np.random.default_rng(3)
+    qx = rng.integers(0, 256, (2, 4, 9, 9), dtype=np.uint8)
+    qw = rng.integers(0, 256, (4, 1, 5, 5), dtype=np.uint8)
+    scale = 0.0123456789
+    acc = klut.lut_depthwise_conv(qx, 9, qw, 201, gt, 1, 2, 1)
+    y = klut.lut_depthwise_conv(qx, 9, qw, 201, gt, 1, 2, 1, scale=scale)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, (acc * scale).astype(np.float32))
+    cols = qx.reshape(2, 4, 81)
+    qp = rng.integers(0, 256, (6, 4), dtype=np.uint8)
+    acc = klut.lut_bag_conv(cols, 9, qp, 201, gt)
+    np.testing.assert_array_equal(klut.lut_bag_conv(cols, 9, qp, 201, gt, scale=scale),
+                                  (acc * scale).astype(np.float32))
+
+
+def _one_pass_cases():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 5, 9, 10)).astype(np.float32)
+    # values on and one ulp around rounding ties of x / s (s = 1/64: ties at odd multiples
+    # of 1/128), where a sloppy code pass rounds wrong
+    ties = np.array([1, -1, 3, -3, 5, 77, -101], np.float32) / 128
+    x[0, 0, 0, :7] = ties
+    x[1, 2, 3, :7] = np.nextafter(ties, np.float32(10))
+    x[2, 4, 5, :7] = np.nextafter(ties, np.float32(-10))
+    return x, [("depthwise", (5, 1, 3, 3), 1, 1, 1), ("depthwise", (5, 1, 5, 5), 2, 4, 2),
+               ("depthwise", (5, 1, 3, 3), 2, 1, 1), ("pointwise", (7, 5, 1, 1), 1, 0, 1)]
+
+
+@needs_vbmi
+@pytest.mark.parametrize("name", ["2P7", "17KS", "exact"])
+def test_one_pass_equals_quantise_then_gather(shuffle_on, monkeypatch, name):
+    """lut_conv_codes: codes and outputs identical to quantising first and gathering, with the
+    thread team forced on (the column kernel's jobs of one image split between threads)."""
+    monkeypatch.setattr(_util, "SERIAL_BELOW", 0)
+    gt = gather_table(name)
+    x, cases = _one_pass_cases()
+    for kind, w_shape, stride, padding, dilation in cases:
+        sx, zx = 1.0 / 64, 131
+        w = np.random.default_rng(len(w_shape)).standard_normal(w_shape).astype(np.float32)
+        sw, zw = quantize.quant_params(w)
+        qw, _, _ = quantize.quantize_per_tensor(w)
+        res = klut.lut_conv_codes(x, sx, zx, qw, zw, gt, stride, padding, dilation,
+                                  out_scale=sx * sw)
+        assert res is not None
+        y, qx = res
+        expected_qx = quantize.quantize_with(x, sx, zx)
+        np.testing.assert_array_equal(qx, expected_qx, err_msg=f"{name} {kind} codes")
+        if kind == "depthwise":
+            acc = klut.lut_depthwise_conv(expected_qx, zx, qw, zw, gt, stride, padding, dilation)
+        else:
+            acc = klut.lut_bag_conv(expected_qx.reshape(3, 5, 90), zx,
+                                    qw.reshape(w_shape[:2]), zw, gt).reshape(y.shape)
+        np.testing.assert_array_equal(y, (acc * (sx * sw)).astype(np.float32),
+                                      err_msg=f"{name} {kind}")
+
+
+@needs_vbmi
+def test_approx_conv_takes_the_one_pass_path_and_agrees_with_the_scalar_one(monkeypatch):
+    plan = make_lut_plan(table_of("2P7"))
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    calls = []
+    real = klut.lut_conv_codes
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    from approxdarts_np.approx import lut_conv as alut
+    monkeypatch.setattr(alut, "lut_conv_codes", spy)
+    for w_shape, kw in (((4, 1, 3, 3), dict(padding=1, groups=4)), ((6, 4, 1, 1), {}),
+                        ((4, 1, 5, 5), dict(stride=2, padding=4, dilation=2, groups=4))):
+        w = rng.standard_normal(w_shape).astype(np.float32)
+        monkeypatch.setenv("APPROXDARTS_NP_BYTE_SHUFFLE", "1")
+        y1, (qx1, _, _), _ = approx_conv2d(x, w, plan, **kw)
+        monkeypatch.setenv("APPROXDARTS_NP_BYTE_SHUFFLE", "0")
+        y0, (qx0, _, _), _ = approx_conv2d(x, w, plan, **kw)
+        np.testing.assert_array_equal(y1, y0)
+        np.testing.assert_array_equal(qx1, qx0)
+    assert len(calls) == 6    # every call asks; only the first of each pair runs the shuffle
+
+
+@needs_vbmi
+def test_columns_wider_than_16_bits_take_a_third_byte_plane(shuffle_on):
+    """JV3 with zw = 255: M[a, w] - 255 a spans more than 16 bits for some weight codes."""
+    gt = gather_table("JV3")
+    table_t = np.ascontiguousarray(gt.T)
+    spread = gt.astype(np.int64) - 255 * np.arange(256)[:, None]
+    wide = np.flatnonzero(spread.max(axis=0) - spread.min(axis=0) > 65535)
+    assert wide.size
+    qw = np.zeros((2, 1, 3, 3), np.uint8)
+    qw[0, 0, 1, 1] = wide[0]
+    tabs, _ = byte_shuffle.tap_tables(table_t, qw.reshape(2, 9), 4, 255)
+    assert tabs.shape == (2, 9 * 3 * 256)
+    assert byte_shuffle.tap_tables(table_t, qw.reshape(2, 9), 4, 128)[0].shape == (2, 9 * 512)
+    rng = np.random.default_rng(10)
+    qx = rng.integers(0, 256, (2, 2, 7, 7), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        klut.lut_depthwise_conv(qx, 4, qw, 255, gt, 1, 1, 1),
+        reference_lut_conv(qx, 4, qw, 255, table_of("JV3"), 1, 1, 1, 2))
+    cols = qx.reshape(2, 2, 49)
+    qc = np.array([[wide[0], 3], [7, wide[-1]]], np.uint8)
+    a = cols.astype(np.int64)[:, None]
+    b = qc.astype(np.int64)[None, :, :, None]
+    expected = (table_of("JV3").astype(np.int64)[a, b] - 255 * a - 4 * b + 4 * 255).sum(axis=2)
+    np.testing.assert_array_equal(klut.lut_bag_conv(cols, 4, qc, 255, gt), expected)
+
+
+def test_wide_columns_and_many_taps_fall_back_to_the_scalar_kernels(shuffle_on):
+    """A column spread of 24 bits or more, or more taps than the byte sums take: no tables,
+    same results."""
+    rng = np.random.default_rng(9)
+    wide = rng.integers(0, 2 ** 25, (256, 256)).astype(np.int32)
+    assert byte_shuffle.tap_tables(np.ascontiguousarray(wide.T),
+                                   np.zeros((1, 1), np.uint8), 0, 0) is None
+    qx = rng.integers(0, 256, (1, 2, 6, 6), dtype=np.uint8)
+    qw = rng.integers(0, 256, (2, 1, 3, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(klut.lut_depthwise_conv(qx, 3, qw, 4, wide, 1, 1, 1),
+                                  reference_lut_conv(qx, 3, qw, 4, wide, 1, 1, 1, 2))
+    assert klut.lut_conv_codes(np.zeros((1, 2, 6, 6), np.float32), 0.1, 3, qw, 4, wide) is None
+    gt = gather_table("2P7")
+    n_taps = byte_shuffle.MAX_TAPS + 1
+    assert byte_shuffle.tap_tables(np.ascontiguousarray(gt.T),
+                                   np.zeros((1, n_taps), np.uint8), 0, 0) is None
+    cols = rng.integers(0, 256, (1, n_taps, 5), dtype=np.uint8)
+    qc = rng.integers(0, 256, (2, n_taps), dtype=np.uint8)
+    a = cols.astype(np.int64)[:, None]
+    b = qc.astype(np.int64)[None, :, :, None]
+    expected = (table_of("2P7").astype(np.int64)[a, b] - 5 * a - 6 * b + 30).sum(axis=2)
+    np.testing.assert_array_equal(klut.lut_bag_conv(cols, 6, qc, 5, gt), expected)
+
+
+def test_switch_in_the_environment(monkeypatch):
+    monkeypatch.setenv("APPROXDARTS_NP_BYTE_SHUFFLE", "0")
+    assert not byte_shuffle.available()
+    monkeypatch.setenv("APPROXDARTS_NP_BYTE_SHUFFLE", "1")
+    assert byte_shuffle.available() == byte_shuffle._cpu_has_vbmi()
+
+
+@needs_vbmi
+def test_results_do_not_depend_on_thread_count(shuffle_on):
+    gt = gather_table("17KS")
+    rng = np.random.default_rng(12)
+    qx = rng.integers(0, 256, (4, 6, 12, 12), dtype=np.uint8)
+    qw = rng.integers(0, 256, (6, 1, 3, 3), dtype=np.uint8)
+    qp = rng.integers(0, 256, (5, 6), dtype=np.uint8)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for n in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(n)
+            results.append((klut.lut_depthwise_conv(qx, 7, qw, 8, gt, 2, 1, 1),
+                            klut.lut_bag_conv(qx.reshape(4, 6, 144), 7, qp, 8, gt)))
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(results[0], results[-1]):
+        np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- test the tester
+
+@needs_vbmi
+def test_a_wrong_tap_table_byte_is_caught(shuffle_on, monkeypatch):
+    """One flipped byte in the shuffled tables (low or high plane) changes the output: the
+    comparison above would see a wrong lookup."""
+    gt = gather_table("2P7")
+    rng = np.random.default_rng(13)
+    qx = rng.integers(0, 256, (1, 2, 6, 6), dtype=np.uint8)
+    qw = rng.integers(0, 256, (2, 1, 3, 3), dtype=np.uint8)
+    good = klut.lut_depthwise_conv(qx, 3, qw, 4, gt, 1, 1, 1)
+    code = int(qx[0, 0, 3, 3])          # an interior code that tap 0 of channel 0 reads
+    real = byte_shuffle.tap_tables
+    for plane in (0, 256):
+        def corrupted(*args, plane=plane):
+            tabs, cst = real(*args)
+            tabs[0, plane + code] ^= 1
+            return tabs, cst
+        monkeypatch.setattr(byte_shuffle, "tap_tables", corrupted)
+        assert not np.array_equal(klut.lut_depthwise_conv(qx, 3, qw, 4, gt, 1, 1, 1), good)
+    monkeypatch.setattr(byte_shuffle, "tap_tables", real)
+    np.testing.assert_array_equal(klut.lut_depthwise_conv(qx, 3, qw, 4, gt, 1, 1, 1), good)
