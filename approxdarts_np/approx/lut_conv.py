@@ -18,15 +18,22 @@ this integer bit for bit:
 The quantised conv op calls :func:`approx_conv2d` on its float operands: it quantises each
 operand once (for the low-rank engine straight into the integer features -- inside the
 convolution kernel itself for depthwise and pointwise convolutions -- for the gather into uint8
-codes), runs one engine and returns float32(s_x*s_w*acc) with the codes for backward.
+codes, inside the byte-shuffle kernel where it runs), runs one engine and returns
+float32(s_x*s_w*acc) with the codes for backward.
 
 Which engine is cheaper (``engine="auto"``). :func:`choose_engine` compares estimated times for
 the real shape (:data:`_COST`: per multiply-accumulate of the float and gather kernels, per
 element of the feature passes, per kernel call): the low-rank engine costs 1 + R float
 convolutions, the gather one lookup per multiply-accumulate, which is slow in depthwise convs
-(about 3-4 G lookups/s on 2 cores against about 15-20 GMAC/s for the float depthwise kernel).
-So exact mode (R = 0) and rank-1 tables run the float kernels and higher ranks gather; the
-larger the kernel, the larger the rank at which the gather takes over. ``plan.engine``
+(about 3-4 G lookups/s on 2 cores for the scalar kernel against about 15-20 GMAC/s for the
+float depthwise kernel). So exact mode (R = 0) and rank-1 tables run the float kernels and
+higher ranks gather; the larger the kernel, the larger the rank at which the gather takes
+over. The byte-shuffle gather (:mod:`approxdarts_np.kernels.byte_shuffle`, CPUs with AVX-512
+VBMI) is several times faster than the scalar one, but still not faster than the low-rank
+engine for R <= 1: forced to gather, a quick-setting search step took 1.58 s in exact mode and
+1.84-2.31 s with mul8u_1446 against 1.55 s and 1.72 s on the low-rank engine (medians of 4
+steps), so the model (which keeps the scalar rates) picks the same engines for the bundled
+tables on either kernel. ``plan.engine``
 is the shape-free default of :func:`lut_conv2d` (``"lowrank"`` when 1 + R <=
 :data:`LOWRANK_MAX_TERMS` = 3). ``max_rank`` only bounds the work spent looking for a
 decomposition; a plan built with a larger ``max_rank`` keeps the factors (so ``engine=

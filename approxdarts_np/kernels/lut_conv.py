@@ -20,6 +20,14 @@ Kernels, all deterministic (integer sums, each output element written by one thr
   the table fits (EvoApprox tables do), halving the memory the rows occupy.
 * :func:`lut_depthwise_conv` - one table lookup per multiply-accumulate, from a small per-channel
   table that already holds the zero-point terms (``taps x 256`` int32 values, in L1).
+* :func:`lut_conv_codes` - the depthwise or pointwise table conv of float input in one pass
+  (quantised inside the kernel), where the byte-shuffle kernels run.
+
+Where the CPU has AVX-512 VBMI, :func:`lut_depthwise_conv`, :func:`lut_bag_conv` and
+:func:`lut_conv_codes` run the byte-shuffle kernels of :mod:`approxdarts_np.kernels.
+byte_shuffle` (64 lookups per instruction, the same integers bit for bit); the loops below are
+the scalar kernels every CPU runs, and the fallback for columns or tap counts the shuffles do
+not take (``APPROXDARTS_NP_BYTE_SHUFFLE=0`` selects them everywhere).
 * :func:`lowrank_bag_conv` - the low-rank engine's pointwise/dense step: code features gathered
   per output-pixel block (the exact part ``code - zx`` computed, the R error features looked
   up), then a single-threaded BLAS GEMM per block inside the parallel loop.
