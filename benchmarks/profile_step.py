@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (module, function names) timed at their call sites
 TIMED = {
-    "approxdarts_np.approx.convolution": ["approx_conv2d", "dequantize"],
+    "approxdarts_np.approx.convolution": ["approx_conv2d", "dequantize_codes"],
     "approxdarts_np.approx.lut_conv": ["quant_params", "codes_and_features", "feature_conv",
                                        "_gather_conv2d", "choose_engine", "lut_depthwise_conv",
                                        "lut_bag_conv", "lut_conv_codes", "im2col_codes", "filter_constants",

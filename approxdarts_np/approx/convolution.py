@@ -12,7 +12,7 @@ import numpy as np
 
 from approxdarts_np.approx.lut_conv import approx_conv2d, make_lut_plan
 from approxdarts_np.approx.multipliers import Multiplier, load_multiplier
-from approxdarts_np.approx.quantize import dequantize
+from approxdarts_np.approx.quantize import dequantize_codes
 from approxdarts_np.autodiff import Function, Tensor
 from approxdarts_np.kernels import conv as kconv
 from approxdarts_np.kernels import depthwise as kdw
@@ -41,8 +41,8 @@ class ApproxConv2d(Function):
     def backward(self, g):
         g = np.ascontiguousarray(g)
         gx = gw = None
-        w_deq = dequantize(*self.w_codes) if self.needs_grad(0) else None
-        x_deq = dequantize(*self.x_codes) if self.needs_grad(1) else None
+        w_deq = dequantize_codes(*self.w_codes) if self.needs_grad(0) else None
+        x_deq = dequantize_codes(*self.x_codes) if self.needs_grad(1) else None
         if self.depthwise:
             if w_deq is not None:
                 gx = kdw.depthwise_conv2d_grad_input(g, w_deq, self.x_shape, *self.geometry)

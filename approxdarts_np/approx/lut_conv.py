@@ -30,10 +30,11 @@ float depthwise kernel). So exact mode (R = 0) and rank-1 tables run the float k
 higher ranks gather; the larger the kernel, the larger the rank at which the gather takes
 over. The byte-shuffle gather (:mod:`approxdarts_np.kernels.byte_shuffle`, CPUs with AVX-512
 VBMI) is several times faster than the scalar one, but still not faster than the low-rank
-engine for R <= 1: forced to gather, a quick-setting search step took 1.58 s in exact mode and
-1.84-2.31 s with mul8u_1446 against 1.55 s and 1.72 s on the low-rank engine (medians of 4
-steps), so the model (which keeps the scalar rates) picks the same engines for the bundled
-tables on either kernel. ``plan.engine``
+engine for R <= 1: forced to gather, a search step with mul8u_1446 took 0.63-0.67 s, 1.75-1.77
+s and 7.74 s at the tiny, quick and paper settings against 0.64-0.67 s, 1.72-1.74 s and 8.11 s
+on the low-rank engine (medians of 4 steps; the spread of repeated runs is as large as the
+differences), and exact mode 1.58 s against 1.55 s at quick, so the model (which keeps the
+scalar rates) keeps the same engines for the bundled tables on either kernel. ``plan.engine``
 is the shape-free default of :func:`lut_conv2d` (``"lowrank"`` when 1 + R <=
 :data:`LOWRANK_MAX_TERMS` = 3). ``max_rank`` only bounds the work spent looking for a
 decomposition; a plan built with a larger ``max_rank`` keeps the factors (so ``engine=

@@ -53,6 +53,8 @@ _PARALLEL_MIN = 1 << 20
 
 def _as_float_array(x, name: str) -> np.ndarray:
     x = np.asarray(x)
+    if x.dtype == np.float32 and x.size:
+        return x
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
     if x.size == 0:
@@ -283,6 +285,13 @@ def dequantize(q, scale: float, zero_point: int) -> np.ndarray:
     if q.dtype != np.uint8:
         raise TypeError(f"q must be a uint8 array, got dtype {q.dtype}")
     scale, zero_point = _check_params(scale, zero_point)
+    return dequantize_codes(q, scale, zero_point)
+
+
+def dequantize_codes(q, scale: float, zero_point: int) -> np.ndarray:
+    """:func:`dequantize` without its argument checks, for the hot path (the backward of the
+    quantised convolution): ``q`` uint8, ``scale`` and ``zero_point`` as quantisation made
+    them."""
     flat = np.ascontiguousarray(q).reshape(-1)
     out = np.empty(flat.size, dtype=np.float32)
     _dequantize_kernel(flat, scale, zero_point, out)

@@ -17,6 +17,11 @@ def as_pair(v, name):
 
     Raises ValueError naming ``name`` when ``v`` is neither (bools are rejected too).
     """
+    # the common cases first: every kernel call parses its geometry (thousands per step)
+    if type(v) is int:
+        return v, v
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return v
     if isinstance(v, numbers.Integral) and not isinstance(v, bool):
         return int(v), int(v)
     try:
