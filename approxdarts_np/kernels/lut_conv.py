@@ -22,12 +22,6 @@ Kernels, all deterministic (integer sums, each output element written by one thr
   table that already holds the zero-point terms (``taps x 256`` int32 values, in L1).
 * :func:`lut_conv_codes` - the depthwise or pointwise table conv of float input in one pass
   (quantised inside the kernel), where the byte-shuffle kernels run.
-
-Where the CPU has AVX-512 VBMI, :func:`lut_depthwise_conv`, :func:`lut_bag_conv` and
-:func:`lut_conv_codes` run the byte-shuffle kernels of :mod:`approxdarts_np.kernels.
-byte_shuffle` (64 lookups per instruction, the same integers bit for bit); the loops below are
-the scalar kernels every CPU runs, and the fallback for columns or tap counts the shuffles do
-not take (``APPROXDARTS_NP_BYTE_SHUFFLE=0`` selects them everywhere).
 * :func:`lowrank_bag_conv` - the low-rank engine's pointwise/dense step: code features gathered
   per output-pixel block (the exact part ``code - zx`` computed, the R error features looked
   up), then a single-threaded BLAS GEMM per block inside the parallel loop.
@@ -36,6 +30,12 @@ not take (``APPROXDARTS_NP_BYTE_SHUFFLE=0`` selects them everywhere).
   integer features of the codes, and the sum of the J feature outputs plus a per-channel
   constant, scaled (the quantised conv's output) or not (the exact integers).
 * :func:`im2col_codes` - the column layout of the codes, padded with ``zx``.
+
+Where the CPU has AVX-512 VBMI, :func:`lut_depthwise_conv`, :func:`lut_bag_conv` and
+:func:`lut_conv_codes` run the byte-shuffle kernels of :mod:`approxdarts_np.kernels.
+byte_shuffle` (64 lookups per instruction, the same integers bit for bit); the loops below are
+the scalar kernels every CPU runs, and the fallback for columns or tap counts the shuffles do
+not take (``APPROXDARTS_NP_BYTE_SHUFFLE=0`` selects them everywhere).
 """
 import numpy as np
 from numba import get_num_threads, njit, prange
