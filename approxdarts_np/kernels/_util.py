@@ -1,6 +1,6 @@
 """Small helpers shared by the kernel modules: argument validation, output sizes, work blocks.
 
-The two ``@njit`` helpers at the end are compiled into the kernels that call them. Numba's
+The ``@njit`` helpers at the end are compiled into the kernels that call them. Numba's
 on-disk cache (``cache=True``) only notices changes to a kernel's own file: after editing one
 of them, delete the ``__pycache__`` folders of the kernel modules.
 """
@@ -164,6 +164,21 @@ def pick_kernel(kernel, twin, size):
 def block_bounds(block, n_blocks, n_items):
     """[lo, hi) of the ``block``-th of ``n_blocks`` near-equal contiguous ranges of items."""
     return block * n_items // n_blocks, (block + 1) * n_items // n_blocks
+
+
+@njit(cache=True)
+def tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq, phase_stride):
+    """Offset of tap (i, j) in a buffer of s_h*s_w phase planes, ``phase_stride`` apart, rows of
+    ``wq``: its phase's start plus (i*d_h//s_h, j*d_w//s_w). Tap (i, j) of output (oh, ow)
+    reads bordered row oh*s_h + i*d_h and column ow*s_w + j*d_w, which sits in phase
+    ((i*d_h) % s_h, (j*d_w) % s_w) at (oh + i*d_h//s_h, ow + j*d_w//s_w)."""
+    offs = np.empty(k_h * k_w, np.int64)
+    for i in range(k_h):
+        for j in range(k_w):
+            phase = ((i * d_h) % s_h) * s_w + (j * d_w) % s_w
+            offs[i * k_w + j] = (phase * phase_stride
+                                 + ((i * d_h) // s_h) * wq + (j * d_w) // s_w)
+    return offs
 
 
 @njit(cache=True, inline="always")

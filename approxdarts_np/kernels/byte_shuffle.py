@@ -44,7 +44,7 @@ from numba import njit, prange
 from numba.core import cgutils, config, types
 from numba.extending import intrinsic
 
-from ._util import block_bounds, pick_kernel, serial_twin, unsigned
+from ._util import block_bounds, pick_kernel, serial_twin, tap_offsets, unsigned
 from .codes import codes_plane
 
 __all__ = ["available", "tap_tables", "depthwise_lookup", "columns_lookup"]
@@ -263,17 +263,6 @@ def tap_tables(table_t, qw_taps, zx, zw):
 
 
 @njit(cache=True)
-def _phase_offsets(k_h, k_w, s_h, s_w, d_h, d_w, rows, wq):
-    """Offset of tap (i, j) in the buffer of s_h*s_w phase planes of rows x wq codes."""
-    offs = np.empty(k_h * k_w, np.int64)
-    for i in range(k_h):
-        for j in range(k_w):
-            phase = ((i * d_h) % s_h) * s_w + (j * d_w) % s_w
-            offs[i * k_w + j] = phase * rows * wq + ((i * d_h) // s_h) * wq + (j * d_w) // s_w
-    return offs
-
-
-@njit(cache=True)
 def _split_plane(src, buf, p_h, p_w, s_h, s_w, plane, wq, row0):
     """Write plane src (H, W) into its phase planes (``plane`` codes each, rows of wq) at the
     border offsets (p_h, p_w), from phase row ``row0`` on.
@@ -324,7 +313,7 @@ def _depthwise_kernel(qx, x, x_scale, x_inv, tabs, cst, zx, k_h, k_w, s_h, s_w, 
     hq = (h + 2 * p_h + s_h - 1) // s_h
     wq = (wd + 2 * p_w + s_w - 1) // s_w
     rows = group * hq
-    offs = _phase_offsets(k_h, k_w, s_h, s_w, d_h, d_w, rows, wq)
+    offs = tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq, rows * wq)
     length = ((group - 1) * hq + out_h - 1) * wq + out_w
     n_chunks = (length + 63) // 64
     size = max(s_h * s_w * rows * wq, offs.max() + n_chunks * 64)

@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._util import (block_bounds, check_float32_4d, check_shape4, conv_geometry, conv_output_hw,
-                    pick_kernel, serial_twin)
+                    pick_kernel, serial_twin, tap_offsets)
 from .codes import check_code_args, codes_plane, feature_plane
 
 # Target size, in float32 elements, of one work item's padded input: sets how many images of a
@@ -493,18 +493,6 @@ def _dots1(g, src, offs, t, out_row):
 
 
 @njit(cache=True)
-def _tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq, phase_stride):
-    """Offset of tap (i, j) in the phase layout: its phase's start plus (i*d_h//s_h, j*d_w//s_w)."""
-    offs = np.empty(k_h * k_w, np.int64)
-    for i in range(k_h):
-        for j in range(k_w):
-            phase = ((i * d_h) % s_h) * s_w + (j * d_w) % s_w
-            offs[i * k_w + j] = (phase * phase_stride
-                                 + ((i * d_h) // s_h) * wq + (j * d_w) // s_w)
-    return offs
-
-
-@njit(cache=True)
 def _layout(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, shared):
     """Scratch geometry (hq, wq, lead): plane slot hq x wq per phase, ``lead`` zeros before slot 0.
 
@@ -535,7 +523,7 @@ def _stack_geometry(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
     hq, wq, lead = _layout(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
     plane = hq * wq
     phase_stride = stack * plane
-    return wq, lead, plane, phase_stride, _tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq,
+    return wq, lead, plane, phase_stride, tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq,
                                                         phase_stride)
 
 
