@@ -242,6 +242,20 @@ def test_switch_in_the_environment(monkeypatch):
     assert byte_shuffle.available() == byte_shuffle._cpu_has_vbmi()
 
 
+def test_a_fixed_numba_target_decides_by_its_feature_string(monkeypatch):
+    """With NUMBA_CPU_NAME set, Numba compiles for that target: the shuffles may only run when
+    its features grant AVX-512 BW and VBMI, whatever the host has."""
+    from numba.core import config
+
+    monkeypatch.setattr(config, "CPU_NAME", "generic")
+    monkeypatch.setattr(config, "CPU_FEATURES", "")
+    assert not byte_shuffle._cpu_has_vbmi.__wrapped__()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bw")
+    assert not byte_shuffle._cpu_has_vbmi.__wrapped__()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bw,+avx512vbmi")
+    assert byte_shuffle._cpu_has_vbmi.__wrapped__()
+
+
 @needs_vbmi
 def test_results_do_not_depend_on_thread_count(shuffle_on):
     gt = gather_table("17KS")
