@@ -384,8 +384,9 @@ def _columns_kernel(cols, x, x_scale, x_inv, zx, tabs, cst, scale, group, n_thre
     whole 64-code chunks (row k holds the group's images one after another; the padding codes'
     sums are computed and dropped) when its jobs reach a new group: small images then still
     give long runs of codes per table. With ``x`` (float32, cols' shape; empty otherwise) a
-    group's rows are quantised into ``cols`` first (as in :func:`_depthwise_kernel`); the
-    thread whose range starts a group does that, so each row is quantised once.
+    thread quantises the group's rows straight into its buffer (as in
+    :func:`_depthwise_kernel`), and the thread holding job (group, 0) also writes them into
+    ``cols``: two threads that share a group each quantise it, one of them writes the codes.
     """
     n_img, n_taps, n_pix = cols.shape
     n_out = tabs.shape[0]
