@@ -68,9 +68,25 @@ def _reference_dw(qx, zx, qw, zw, table, stride, padding, dilation):
     return acc
 
 
+@pytest.fixture
+def shuffle_calls(monkeypatch):
+    """Counts of the byte-shuffle kernel runs, so a test knows the shuffles (not the scalar
+    fallback) computed what it compared."""
+    calls = {"depthwise": 0, "columns": 0}
+    for key, attr in (("depthwise", "depthwise_lookup"), ("columns", "columns_lookup")):
+        real = getattr(byte_shuffle, attr)
+
+        def counted(*args, _real=real, _key=key, **kwargs):
+            calls[_key] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(byte_shuffle, attr, counted)
+    return calls
+
+
 @needs_vbmi
 @pytest.mark.parametrize("name", bundled_names())
-def test_every_bundled_table_depthwise_and_columns_equal_the_plain_gather(shuffle_on, name):
+def test_every_bundled_table_depthwise_and_columns_equal_the_plain_gather(shuffle_on,
+                                                                          shuffle_calls, name):
     table = table_of(name)
     gt = gather_table(name)
     for zw in (0, 128, 255):
@@ -96,6 +112,7 @@ def test_every_bundled_table_depthwise_and_columns_equal_the_plain_gather(shuffl
         expected = (table.astype(np.int64)[a, b] - zw * a - zx * b + zx * zw).sum(axis=2)
         np.testing.assert_array_equal(klut.lut_bag_conv(cols, zx, qw, zw, gt), expected,
                                       err_msg=f"{name} columns {n_in}x{n_pix}->{n_out}")
+    assert shuffle_calls == {"depthwise": len(DW_GEOMETRIES), "columns": 3}
 
 
 @needs_vbmi
@@ -133,7 +150,7 @@ def _one_pass_cases():
 
 @needs_vbmi
 @pytest.mark.parametrize("name", ["2P7", "17KS", "exact"])
-def test_one_pass_equals_quantise_then_gather(shuffle_on, monkeypatch, name):
+def test_one_pass_equals_quantise_then_gather(shuffle_on, shuffle_calls, monkeypatch, name):
     """lut_conv_codes: codes and outputs identical to quantising first and gathering, with the
     thread team forced on (the column kernel's jobs of one image split between threads)."""
     monkeypatch.setattr(_util, "SERIAL_BELOW", 0)
@@ -157,6 +174,8 @@ def test_one_pass_equals_quantise_then_gather(shuffle_on, monkeypatch, name):
                                     qw.reshape(w_shape[:2]), zw, gt).reshape(y.shape)
         np.testing.assert_array_equal(y, (acc * (sx * sw)).astype(np.float32),
                                       err_msg=f"{name} {kind}")
+    # each case ran the shuffles twice: the one pass, then the gather of the codes
+    assert shuffle_calls == {"depthwise": 6, "columns": 2}
 
 
 @needs_vbmi
@@ -168,8 +187,9 @@ def test_approx_conv_takes_the_one_pass_path_and_agrees_with_the_scalar_one(monk
     real = klut.lut_conv_codes
 
     def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+        result = real(*args, **kwargs)
+        calls.append(result is not None)
+        return result
 
     from approxdarts_np.approx import lut_conv as alut
     monkeypatch.setattr(alut, "lut_conv_codes", spy)
@@ -182,7 +202,8 @@ def test_approx_conv_takes_the_one_pass_path_and_agrees_with_the_scalar_one(monk
         y0, (qx0, _, _), _ = approx_conv2d(x, w, plan, **kw)
         np.testing.assert_array_equal(y1, y0)
         np.testing.assert_array_equal(qx1, qx0)
-    assert len(calls) == 6    # every call asks; only the first of each pair runs the shuffle
+    # every call asks; the first of each pair ran the one pass, the second was refused
+    assert calls == [True, False] * 3
 
 
 @needs_vbmi
