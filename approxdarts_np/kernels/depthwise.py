@@ -516,6 +516,21 @@ def _layout(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, shared):
 # a phase at g * hq*wq) and every tap is one loop over the whole stack: short planes (16x16,
 # 8x8) still give long vectorised loops. Rows beyond a plane's output are computed and dropped.
 
+@njit(cache=True, inline="always")
+def _item_blocks(n_img, n_ch, stack, n_threads):
+    """(work items, blocks): one item per (channel, group of ``stack`` images), at most one
+    block of consecutive items per thread."""
+    n_items = n_ch * ((n_img + stack - 1) // stack)
+    return n_items, min(n_items, n_threads)
+
+
+@njit(cache=True, inline="always")
+def _item_images(item, n_ch, stack, n_img):
+    """(channel, first image, image count) of work item ``item`` (items are group-major)."""
+    n0 = (item // n_ch) * stack
+    return item % n_ch, n0, min(stack, n_img - n0)
+
+
 @njit(cache=True)
 def _stack_geometry(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w, stack):
     """(wq, lead, plane, phase_stride, tap offsets) of a work item's stacked scratch buffer
@@ -536,17 +551,13 @@ def _depthwise_forward_kernel(x, w_taps, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
                                                           d_h, d_w, k_h, k_w, stack)
 
     y = np.empty((n_img, n_ch, out_h, out_w), np.float32)
-    n_groups = (n_img + stack - 1) // stack
-    n_items = n_ch * n_groups
-    n_blocks = min(n_items, n_threads)
+    n_items, n_blocks = _item_blocks(n_img, n_ch, stack, n_threads)
     for blk in prange(n_blocks):
         xbuf = np.zeros(lead + s_h * s_w * phase_stride, np.float32)
         acc = np.empty(phase_stride, np.float32)
         start, stop = block_bounds(blk, n_blocks, n_items)
         for item in range(start, stop):
-            ci = item % n_ch
-            n0 = (item // n_ch) * stack
-            count = min(stack, n_img - n0)
+            ci, n0, count = _item_images(item, n_ch, stack, n_img)
             _stack_to_phases(x, n0, count, ci, xbuf, p_h, p_w, s_h, s_w, wq, plane,
                              phase_stride)
             length = (count - 1) * plane + (out_h - 1) * wq + out_w
@@ -573,9 +584,7 @@ def _depthwise_codes_kernel(x, scale, inv, zero_point, table_t, affine, w_taps, 
     x3 = x.reshape(n_img, n_ch, n_pix)
     c3 = codes.reshape(n_img, n_ch, n_pix)
     y3 = y.reshape(n_img, n_ch, out_h * out_w)
-    n_groups = (n_img + stack - 1) // stack
-    n_items = n_ch * n_groups
-    n_blocks = min(n_items, n_threads)
+    n_items, n_blocks = _item_blocks(n_img, n_ch, stack, n_threads)
     for blk in prange(n_blocks):
         xbuf = np.zeros(lead + s_h * s_w * phase_stride, np.float32)
         acc = np.empty(phase_stride, np.float32)
@@ -584,9 +593,7 @@ def _depthwise_codes_kernel(x, scale, inv, zero_point, table_t, affine, w_taps, 
         near = np.empty(n_pix, np.uint8)
         start, stop = block_bounds(blk, n_blocks, n_items)
         for item in range(start, stop):
-            ci = item % n_ch
-            n0 = (item // n_ch) * stack
-            count = min(stack, n_img - n0)
+            ci, n0, count = _item_images(item, n_ch, stack, n_img)
             for g in range(count):
                 codes_plane(x3[n0 + g, ci], scale, inv, zero_point, c3[n0 + g, ci], near)
             length = (count - 1) * plane + (out_h - 1) * wq + out_w
@@ -641,18 +648,14 @@ def _depthwise_grad_input_kernel(gy, w_taps, h, wd, s_h, s_w, p_h, p_w, d_h, d_w
             offs[slot] = (margin - (i * d_h) // s_h) * wq - (j * d_w) // s_w
 
     gx = np.empty((n_img, n_ch, h, wd), np.float32)
-    n_groups = (n_img + stack - 1) // stack
-    n_items = n_ch * n_groups
-    n_blocks = min(n_items, n_threads)
+    n_items, n_blocks = _item_blocks(n_img, n_ch, stack, n_threads)
     for blk in prange(n_blocks):
         gybuf = np.zeros(margin * wq + phase_stride, np.float32)
         gxbuf = np.zeros(n_phases * phase_stride, np.float32)  # phases without taps stay 0
         ws = np.empty(n_taps, np.float32)
         start, stop = block_bounds(blk, n_blocks, n_items)
         for item in range(start, stop):
-            ci = item % n_ch
-            n0 = (item // n_ch) * stack
-            count = min(stack, n_img - n0)
+            ci, n0, count = _item_images(item, n_ch, stack, n_img)
             for t in range(n_taps):
                 ws[t] = w_taps[ci, order[t]]
             _stack_rows_to_buf(gy, n0, count, ci, gybuf, margin * wq, wq, plane)
@@ -676,19 +679,16 @@ def _depthwise_grad_weight_kernel(gy, x, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
 
     # Pass 1: per item and tap, one dot product over the item's stacked planes of the output
     # gradient (zero outside each plane's out_h x out_w corner) with the input at the tap.
+    n_items, n_blocks = _item_blocks(n_img, n_ch, stack, n_threads)
     n_groups = (n_img + stack - 1) // stack
-    n_items = n_ch * n_groups
     partial = np.empty((n_ch, n_groups, n_taps), np.float32)
-    n_blocks = min(n_items, n_threads)
     for blk in prange(n_blocks):
         xbuf = np.zeros(lead + s_h * s_w * phase_stride, np.float32)
         gybuf = np.zeros(phase_stride, np.float32)
         start, stop = block_bounds(blk, n_blocks, n_items)
         for item in range(start, stop):
-            ci = item % n_ch
+            ci, n0, count = _item_images(item, n_ch, stack, n_img)
             grp = item // n_ch
-            n0 = grp * stack
-            count = min(stack, n_img - n0)
             _stack_to_phases(x, n0, count, ci, xbuf, p_h, p_w, s_h, s_w, wq, plane,
                              phase_stride)
             _stack_rows_to_buf(gy, n0, count, ci, gybuf, 0, wq, plane)
