@@ -293,20 +293,20 @@ def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine=
             return y, (qx, sx, zx), (qw, sw, zw)
     qw, _ = codes_and_features(w, sw, zw, _NO_FEATURES_T, -1)
     if engine == "gather" or requested == "auto":
+        # (past the float32 bound an automatic choice gathers too)
         if groups == 1 or depthwise:
             # one pass where the byte-shuffle kernel runs: quantise x as it is read
             fused = lut_conv_codes(x, sx, zx, qw, zw, plan.gather_table, stride, padding,
                                    dilation, sx * sw, table_t=_transposed_table(plan))
             if fused is not None:
                 return fused[0], (fused[1], sx, zx), (qw, sw, zw)
-    qx, _ = codes_and_features(x, sx, zx, _NO_FEATURES_T, -1)
-    if engine == "gather" or requested == "auto":
-        # (past the float32 bound an automatic choice gathers too)
+        qx, _ = codes_and_features(x, sx, zx, _NO_FEATURES_T, -1)
         out_size = conv_output_hw(h, wd, k_h, k_w, stride + padding + dilation)
         y = _gather_conv2d(qx, zx, qw, zw, plan, stride, padding, dilation, groups, out_size,
                            scale=sx * sw)
         return y, (qx, sx, zx), (qw, sw, zw)
     # a forced "lowrank" past the float32 bound: exact tap chunks (dense) or LowRankBoundError
+    qx, _ = codes_and_features(x, sx, zx, _NO_FEATURES_T, -1)
     acc = lut_conv2d(qx, zx, qw, zw, plan, stride, padding, dilation, groups, engine=engine)
     return feature_sum(acc, 1, np.zeros(n_out, np.int64), sx * sw), (qx, sx, zx), (qw, sw, zw)
 
