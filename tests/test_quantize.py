@@ -259,6 +259,31 @@ def test_values_at_ties_get_the_float64_codes(seed):
     np.testing.assert_array_equal(quantize_per_tensor(x)[0], twin)
 
 
+@pytest.mark.parametrize("length", [64 * 37, 64 * 37 + 23, 50])
+def test_sparse_ties_are_redone_in_every_block_and_the_tail(length):
+    """A few tie values among ordinary ones: the redo pass finds each of them, whether it sits
+    at either end of a 64-value block, in a later block or in the tail after the last block.
+    """
+    rng = np.random.default_rng(length)
+    x = rng.uniform(-3.0, 5.0, length).astype(np.float32)
+    x[0], x[-1] = -3.0, 5.0
+    scale, zp = quant_params(x)
+    ties = np.float32((rng.integers(-100, 150, 12) + 0.5) * scale)
+    where = np.array([1, 63, 64, 127, 64 * 20 + 5, 64 * 36 + 63, length - 2, length - 12, 2, 3,
+                      5, 7]) % (length - 1)
+    x[np.maximum(where, 1)] = ties
+    twin = _twin_quantize(x, scale, zp)
+    table = (np.arange(256) - zp).astype(np.float32)[:, None]
+    q, feats = quantize_to_features(x.reshape(1, 1, 1, -1), scale, zp, table)
+    np.testing.assert_array_equal(q.reshape(-1), twin)
+    np.testing.assert_array_equal(feats.reshape(-1), twin.astype(np.float32) - zp)
+    # test the tester: the float32 quotient alone gets some of these ties wrong
+    q32 = x * np.float32(1.0 / scale)
+    f = np.floor(q32)
+    fast = np.clip(f + (q32 - f >= np.float32(0.5)) + zp, 0, 255).astype(np.uint8)
+    assert np.any(fast != twin)
+
+
 def test_the_tester_ties_defeat_the_float32_quotient_alone():
     """The tie values above are where float32 x * (1/s) alone gives other codes than float64."""
     wrong = 0

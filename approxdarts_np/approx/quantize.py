@@ -171,8 +171,11 @@ def _features_rows(x2, scale, inv, zero_point, table_t, affine, codes, feats, lo
     """Planes lo..hi: codes[p, i] = code of x2[p, i], feats[p, j, i] = feature j of the code."""
     near = np.empty(x2.shape[1], np.uint8)
     for p in range(lo, hi):
-        codes_plane(x2[p], scale, inv, zero_point, codes[p], near)
-        for j in range(table_t.shape[0]):
+        if affine >= 0:   # feature 0 (code - affine) written by the codes pass
+            codes_plane(x2[p], scale, inv, zero_point, codes[p], near, feats[p, 0], affine)
+        else:
+            codes_plane(x2[p], scale, inv, zero_point, codes[p], near)
+        for j in range(1 if affine >= 0 else 0, table_t.shape[0]):
             feature_plane(codes[p], table_t, affine, j, feats[p, j])
 
 

@@ -36,12 +36,15 @@ def code_exact(v, scale, zero_point):
 
 
 @njit(cache=True)
-def codes_plane(src, scale, inv, zero_point, dst, near):
+def codes_plane(src, scale, inv, zero_point, dst, near, feat=None, affine=0):
     """dst[i] = code of src[i] for the 1-D float32 arrays src (finite values) and uint8 dst.
 
     ``inv`` = float32(1 / scale) (finite, > 0); ``near`` a uint8 scratch at least as long.
+    With a float32 array ``feat`` (as long as src), also feat[i] = code - ``affine`` (the
+    exact feature 0 of :func:`feature_plane`, written in the same pass).
     """
     zp = np.float32(zero_point)
+    off = np.float32(affine)
     any_near = np.int32(0)   # an int32 max, not a count nor a uint8 |=: the loop vectorises
     for i in range(src.shape[0]):
         q = src[i] * inv
@@ -51,11 +54,36 @@ def codes_plane(src, scale, inv, zero_point, dst, near):
         flag = np.int32(1 if abs(r - np.float32(0.5)) < np.float32(TIE_MARGIN) else 0)
         any_near = max(any_near, flag)
         near[i] = np.uint8(flag)
-        dst[i] = np.uint8(np.int32(min(max(f + zp, np.float32(0.0)), np.float32(255.0))))
+        v = min(max(f + zp, np.float32(0.0)), np.float32(255.0))
+        dst[i] = np.uint8(np.int32(v))
+        if feat is not None:
+            feat[i] = v - off
     if any_near:
-        for i in range(src.shape[0]):
+        _redo_near(src, scale, zero_point, dst, near, feat, affine)
+
+
+@njit(cache=True)
+def _redo_near(src, scale, zero_point, dst, near, feat, affine):
+    """Redo by the exact rule the values :func:`codes_plane` flagged in ``near``.
+
+    About one value in 4,000 is flagged, so most 64-byte blocks of ``near`` are all zero: the
+    blocks are tested as eight OR-ed 64-bit words (a byte-by-byte scan of a 32x32 plane cost
+    as much as the quantisation loop itself) and only flagged blocks are scanned by byte.
+    """
+    n = src.shape[0]
+    n_blocks = n // 64
+    words = near[:n_blocks * 64].view(np.uint64)
+    for b in range(n_blocks + 1):
+        if b < n_blocks:
+            w = words[8 * b:8 * b + 8]
+            if (w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) == 0:
+                continue
+        for i in range(64 * b, min(64 * b + 64, n)):
             if near[i]:
-                dst[i] = code_exact(src[i], scale, zero_point)
+                code = code_exact(src[i], scale, zero_point)
+                dst[i] = code
+                if feat is not None:
+                    feat[i] = np.float32(code - affine)
 
 
 @njit(cache=True)
@@ -69,6 +97,23 @@ def feature_plane(codes, table_t, affine, j, out):
         col = table_t[j]
         for i in range(codes.shape[0]):
             out[i] = col[codes[i]]
+
+
+@njit(cache=True)
+def scale_row(row, cst, out_scale):
+    """row[i] = float32((row[i] + cst) * out_scale) in place, the sum and product in float64.
+
+    ``row`` float32 holds exact integers; ``cst`` an integer. With cst == 0 the sum is taken
+    in float32 (row[i] + 0 is exact there too, and turns -0 into +0 as the float64 sum does),
+    which leaves only the product to the half-width float64 lanes.
+    """
+    if cst == 0:
+        for i in range(row.shape[0]):
+            row[i] = np.float32(np.float64(row[i] + np.float32(0.0)) * out_scale)
+    else:
+        base = np.float64(cst)
+        for i in range(row.shape[0]):
+            row[i] = np.float32((np.float64(row[i]) + base) * out_scale)
 
 
 def affine_offset(table_t) -> int:

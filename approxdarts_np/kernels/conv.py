@@ -44,7 +44,7 @@ from numba import njit, prange
 from ._util import (block_bounds, check_float32_4d, check_shape4, conv_geometry, conv_output_hw,
                     pick_kernel, serial_twin)
 from ._util import unsigned as _u
-from .codes import check_code_args, codes_plane, feature_plane
+from .codes import check_code_args, codes_plane, feature_plane, scale_row
 
 __all__ = ["conv2d", "conv2d_grad_input", "conv2d_grad_weight", "pointwise_conv2d_codes"]
 
@@ -209,29 +209,39 @@ def _conv2d_forward_kernel(x5, w_mat, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, ou
 def _pointwise_codes_kernel(x3, scale, inv, zero_point, table_t, affine, w_mat, cst, out_scale,
                             n_threads):
     """:func:`pointwise_conv2d_codes`: per image, codes and features into a scratch block, one
-    GEMM, then cst added and the scale applied while the image's output is in cache."""
+    GEMM, then cst added and the scale applied while the image's output is in cache.
+
+    The scratch block is feature-major (row j*Ci + c: feature j of channel c), so the codes
+    and each feature are one long loop over the image's Ci*P values; the weight columns are
+    permuted to match. The sums are exact integers (the caller's bound), so their order does
+    not change the result.
+    """
     n_img, c_in, n_pix = x3.shape
     n_feat = table_t.shape[0]
     c_out = w_mat.shape[0]
+    w_fm = np.ascontiguousarray(
+        w_mat.reshape(c_out, c_in, n_feat).transpose(0, 2, 1)).reshape(c_out, n_feat * c_in)
     y = np.empty((n_img, c_out, n_pix), np.float32)
-    codes = np.empty((n_img, c_in, n_pix), np.uint8)
+    codes = np.empty((n_img, c_in * n_pix), np.uint8)
+    x2 = x3.reshape(n_img, c_in * n_pix)
     n_blocks = min(n_threads, n_img)
     for block in prange(n_blocks):
         lo, hi = block_bounds(block, n_blocks, n_img)
-        feats = np.empty((c_in * n_feat, n_pix), np.float32)
-        near = np.empty(n_pix, np.uint8)
+        feats = np.empty((n_feat, c_in * n_pix), np.float32)
+        near = np.empty(c_in * n_pix, np.uint8)
         for n in range(lo, hi):
-            for c in range(c_in):
-                codes_plane(x3[n, c], scale, inv, zero_point, codes[n, c], near)
-                for j in range(n_feat):
-                    feature_plane(codes[n, c], table_t, affine, j, feats[c * n_feat + j])
-            np.dot(w_mat, feats, y[n])
+            first = 0
+            if affine >= 0:
+                codes_plane(x2[n], scale, inv, zero_point, codes[n], near, feats[0], affine)
+                first = 1
+            else:
+                codes_plane(x2[n], scale, inv, zero_point, codes[n], near)
+            for j in range(first, n_feat):
+                feature_plane(codes[n], table_t, affine, j, feats[j])
+            np.dot(w_fm, feats.reshape(n_feat * c_in, n_pix), y[n])
             for o in range(c_out):
-                base = np.float64(cst[o])
-                row = y[n, o]
-                for p in range(n_pix):
-                    row[p] = np.float32((np.float64(row[p]) + base) * out_scale)
-    return y, codes
+                scale_row(y[n, o], cst[o], out_scale)
+    return y, codes.reshape(n_img, c_in, n_pix)
 
 
 @njit(parallel=True, cache=True)

@@ -36,7 +36,7 @@ from numba import njit, prange
 
 from ._util import (block_bounds, check_float32_4d, check_shape4, conv_geometry, conv_output_hw,
                     pick_kernel, serial_twin, tap_offsets)
-from .codes import check_code_args, codes_plane, feature_plane
+from .codes import check_code_args, codes_plane, feature_plane, scale_row
 
 # Target size, in float32 elements, of one work item's padded input: sets how many images of a
 # channel share an item. Measured on 2-core AMD EPYC: 32x32 planes run best alone (stacking
@@ -595,21 +595,23 @@ def _depthwise_codes_kernel(x, scale, inv, zero_point, table_t, affine, w_taps, 
         for item in range(start, stop):
             ci, n0, count = _item_images(item, n_ch, stack, n_img)
             for g in range(count):
-                codes_plane(x3[n0 + g, ci], scale, inv, zero_point, c3[n0 + g, ci], near)
+                if affine >= 0:   # feature 0 (code - affine) written by the codes pass
+                    codes_plane(x3[n0 + g, ci], scale, inv, zero_point, c3[n0 + g, ci], near,
+                                s3[g, 0], affine)
+                else:
+                    codes_plane(x3[n0 + g, ci], scale, inv, zero_point, c3[n0 + g, ci], near)
             length = (count - 1) * plane + (out_h - 1) * wq + out_w
             for j in range(n_feat):
-                for g in range(count):
-                    feature_plane(c3[n0 + g, ci], table_t, affine, j, s3[g, 0])
+                if j > 0 or affine < 0:
+                    for g in range(count):
+                        feature_plane(c3[n0 + g, ci], table_t, affine, j, s3[g, 0])
                 _stack_to_phases(stage, 0, count, 0, xbuf, p_h, p_w, s_h, s_w, wq, plane,
                                  phase_stride)
                 _gather_taps(acc, 0, length, xbuf, offs, w_taps[ci * n_feat + j], 0, n_taps,
                              j == 0)
             _stack_rows_from_buf(acc, y, n0, count, ci, 0, wq, plane)
-            base = np.float64(cst[ci])
             for g in range(count):
-                row = y3[n0 + g, ci]
-                for i in range(row.shape[0]):
-                    row[i] = np.float32((np.float64(row[i]) + base) * out_scale)
+                scale_row(y3[n0 + g, ci], cst[ci], out_scale)
     return y, codes
 
 
