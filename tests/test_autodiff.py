@@ -253,6 +253,35 @@ def test_weighted_sum_is_numpys_float32_sum_and_float64_dots(size):
     assert np.all(np.abs(wt.grad - dots) <= 1e-6 * scale + 1e-30)
 
 
+@pytest.mark.parametrize("size", [1, 63, 64, 65, 16384 + 3, (1 << 17) + 77])   # serial, parallel
+def test_relu_is_numpys_maximum_and_its_gradient_numpys_masked_product(size):
+    """Forward bit for bit np.maximum(a, 0) (NaN kept, -0 to +0), the mask a > 0 in bit j of
+    word w for element 64*w + j, and the gradient bit for bit g * mask as a float32 product
+    (so -0 and NaN of g behave as NumPy's). Elements sit on both sides of word and block ends."""
+    from approxdarts_np.kernels import elementwise as kew
+    rng = np.random.default_rng(size)
+    a = rng.standard_normal(size).astype(np.float32)
+    a[::7] = 0.0
+    a[3::11] = -0.0
+    a[5::13] = np.nan
+    a[-1] = 1.0
+    g = rng.standard_normal(size).astype(np.float32)
+    g[::5] = -g[::5]
+    x = Tensor(a.reshape(1, -1), requires_grad=True)
+    y = F.relu(x)
+    expected = np.maximum(a, np.float32(0))
+    np.testing.assert_array_equal(y.data.reshape(-1).view(np.int32), expected.view(np.int32))
+    out, bits = kew.relu_forward(a)
+    mask = np.unpackbits(bits.view(np.uint8), bitorder="little")[:size].astype(bool)
+    np.testing.assert_array_equal(mask, a > 0)
+    y.backward(g.reshape(1, -1))
+    gx = np.multiply(g, a > 0, dtype=np.float32)
+    np.testing.assert_array_equal(x.grad.reshape(-1).view(np.int32), gx.view(np.int32))
+    # test the tester: the mask of the previous element (a one-bit shift) is caught
+    shifted = kew.relu_backward(g, np.left_shift(bits, np.uint64(1)))
+    assert size == 1 or not np.array_equal(shifted, gx)
+
+
 def test_elementwise_results_do_not_depend_on_the_thread_count():
     import numba
 

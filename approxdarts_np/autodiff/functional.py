@@ -113,15 +113,11 @@ class ReLU(Function):
     """max(a, 0); backward keeps only a bit mask of the positive entries (1/32 of the input)."""
 
     def forward(self, a):
-        out = np.maximum(a, DTYPE(0))
-        self.mask = np.packbits(out > 0, axis=None)
-        self.shape = a.shape
+        out, self.mask = kew.relu_forward(np.ascontiguousarray(a, dtype=DTYPE))
         return out
 
     def backward(self, g):
-        size = g.size
-        mask = np.unpackbits(self.mask, count=size).view(np.bool_).reshape(self.shape)
-        return np.multiply(g, mask, dtype=DTYPE)
+        return kew.relu_backward(np.ascontiguousarray(g, dtype=DTYPE), self.mask)
 
 
 class Exp(Function):

@@ -8,7 +8,10 @@ kernels do the same arithmetic on every Numba thread, each fused into one pass:
   one term per call, without NumPy's temporary for the product);
 * :func:`scale_and_dot` - ``gx = g * w`` and ``sum(g * x)`` in one read of ``g`` and ``x``
   (the weighted sum's backward, one term per call);
-* :func:`add_into` - ``out += g`` (gradient accumulation into an array the engine owns).
+* :func:`add_into` - ``out += g`` (gradient accumulation into an array the engine owns);
+* :func:`relu_forward` - ``max(a, 0)`` and the bit mask of ``a > 0`` in one pass, and
+  :func:`relu_backward` - ``g * mask`` read straight from the bits (NumPy needs three passes
+  forward, ``maximum``, ``> 0`` and ``packbits``, and two back).
 
 Results: every element is the same IEEE float32 operation NumPy does (product rounded, then
 sum rounded: no fused multiply-add), so outputs are bit-identical to the NumPy expressions.
@@ -95,6 +98,66 @@ def _add_parallel(out, g):
         _add_block(out, g, b * _BLOCK, min(n, (b + 1) * _BLOCK))
 
 
+@njit(cache=True)
+def _relu_block(a, out, bits, lo, hi):
+    """out = max(a, 0) on [lo, hi) (NaN stays NaN, -0 becomes +0, as np.maximum) and bit j of
+    word w of ``bits`` = a[64*w + j] > 0 for the words of [lo, hi); lo is a multiple of 64."""
+    x = a[lo:hi]
+    o = out[lo:hi]
+    words = bits[lo // 64:(hi + 63) // 64]
+    full = x.shape[0] // 64
+    for w in range(full):
+        acc = np.uint64(0)
+        for j in range(64):
+            v = x[w * 64 + j]
+            pos = v > np.float32(0.0)
+            o[w * 64 + j] = v if pos or v != v else np.float32(0.0)
+            acc |= np.uint64(pos) << np.uint64(j)
+        words[w] = acc
+    if full * 64 < x.shape[0]:
+        acc = np.uint64(0)
+        for i in range(full * 64, x.shape[0]):
+            v = x[i]
+            pos = v > np.float32(0.0)
+            o[i] = v if pos or v != v else np.float32(0.0)
+            acc |= np.uint64(pos) << np.uint64(i - full * 64)
+        words[full] = acc
+
+
+@njit(cache=True)
+def _relu_grad_block(g, bits, out, lo, hi):
+    """out = g * (bit of g's element in ``bits``) on [lo, hi), a float32 product as NumPy's."""
+    x = g[lo:hi]
+    o = out[lo:hi]
+    words = bits[lo // 64:(hi + 63) // 64]
+    full = x.shape[0] // 64
+    for w in range(full):
+        word = words[w]
+        for j in range(64):
+            o[w * 64 + j] = x[w * 64 + j] * np.float32((word >> np.uint64(j)) & np.uint64(1))
+    for i in range(full * 64, x.shape[0]):
+        o[i] = x[i] * np.float32((words[full] >> np.uint64(i - full * 64)) & np.uint64(1))
+
+
+@njit(cache=True, parallel=True)
+def _relu_parallel(a, out, bits, backward):
+    n = a.shape[0]
+    for b in prange((n + _BLOCK - 1) // _BLOCK):
+        if backward:
+            _relu_grad_block(a, bits, out, b * _BLOCK, min(n, (b + 1) * _BLOCK))
+        else:
+            _relu_block(a, out, bits, b * _BLOCK, min(n, (b + 1) * _BLOCK))
+
+
+@njit(cache=True)
+def _relu_serial(a, out, bits, backward):
+    n = a.shape[0]
+    if backward:
+        _relu_grad_block(a, bits, out, 0, n)
+    else:
+        _relu_block(a, out, bits, 0, n)
+
+
 def _flat(a):
     """The flat view of a C-contiguous float32 array (no copy)."""
     return a.reshape(-1)
@@ -135,4 +198,26 @@ def add_into(out, g):
         out += g
     else:
         _add_parallel(_flat(out), _flat(g))
+    return out
+
+
+def relu_forward(a):
+    """``(max(a, 0), bits)`` for a C-contiguous float32 array: ``bits`` (uint64, one word per 64
+    elements of the flat array) holds a > 0, element 64*w + j in bit j of word w."""
+    out = np.empty_like(a)
+    bits = np.empty((a.size + 63) // 64, np.uint64)
+    kernel = _relu_serial if a.size < PARALLEL_MIN else _relu_parallel
+    kernel(_flat(a), _flat(out), bits, False)
+    return out, bits
+
+
+def relu_backward(g, bits):
+    """``g * mask`` (float32 products, as NumPy's) for the ``bits`` :func:`relu_forward` made
+    from an array of g's size; g C-contiguous float32."""
+    if bits.shape != ((g.size + 63) // 64,):
+        raise ValueError(f"bits must hold {(g.size + 63) // 64} words for {g.size} elements, "
+                         f"got {bits.shape}")
+    out = np.empty_like(g)
+    kernel = _relu_serial if g.size < PARALLEL_MIN else _relu_parallel
+    kernel(_flat(g), _flat(out), bits, True)
     return out
