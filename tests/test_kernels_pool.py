@@ -137,6 +137,36 @@ def test_darts_pools_3x3_match_torch(stride):
                                rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("shape, stride, padding", [
+    ((6, 2, 16, 16), 1, 1),    # four 16x16 planes to a work item: the last item holds two
+    ((7, 3, 8, 8), 1, 1),
+    ((5, 2, 16, 16), 2, 1),    # phase planes, a partial last item
+    ((9, 2, 7, 5), 2, 0),
+    ((3, 2, 32, 32), 1, 1),    # one plane per item
+])
+def test_darts_pools_on_stacked_planes_match_the_window_loop(shape, stride, padding):
+    """The 3x3 pools run on work items of several stacked planes (the depthwise kernels' layout);
+    with NaN, -inf and whole -inf planes they give the plain window loop's bits, argmax and all,
+    on any split of the images into items, and torch's values."""
+    rng = np.random.default_rng(sum(shape) + stride)
+    x = rng.standard_normal(shape).astype(np.float32)
+    u = rng.random(shape)
+    x[u < 0.1] = -np.inf
+    x[u > 0.98] = np.nan
+    x[1, 0] = -np.inf
+    for include in (False, True):
+        y_max, arg, y_avg = _window_loop(x, (3, 3), (stride, stride), (padding, padding), include)
+        ours_max, ours_arg = max_pool2d(x, 3, stride, padding)
+        np.testing.assert_array_equal(ours_max, y_max)
+        np.testing.assert_array_equal(ours_arg, arg)
+        np.testing.assert_array_equal(avg_pool2d(x, 3, stride, padding, include), y_avg)
+    finite = np.nan_to_num(x, nan=0.5, neginf=-3.0)
+    y_ref, idx_ref = F.max_pool2d(torch.tensor(finite), 3, stride, padding, return_indices=True)
+    ours_max, ours_arg = max_pool2d(finite, 3, stride, padding)
+    np.testing.assert_array_equal(ours_max, y_ref.numpy())
+    np.testing.assert_array_equal(ours_arg, idx_ref.numpy())
+
+
 def test_max_pool_padding_acts_as_minus_infinity():
     x = -1.0 - np.abs(_random((1, 2, 5, 5), 9))
     y, _ = max_pool2d(x, 3, 2, 1)
