@@ -14,7 +14,10 @@ step, as a careful torch user writes it). torch runs with its own OpenMP wait
 policy (loaded before the package sets ``OMP_WAIT_POLICY=passive`` for Numba)
 unless the environment sets one. Timing: median, min and max over the
 measured steps after warm-up steps (compilation, allocator and page faults
-excluded).
+excluded). With ``--rounds R`` the whole list of modes runs R times round-robin
+within each setting and a row reports the median of its R round medians (and
+each round under ``rounds``): on a shared machine a disturbance then hits one
+round of a row instead of a whole row.
 
 Besides the main table the benchmark records (unless ``--no-extras``):
 
@@ -386,6 +389,10 @@ def main() -> None:
                         help="ours-float, ours-exact, ours-<table name or path>, torch-float, torch-float-frozen")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the list of modes this many times, round-robin, and report the "
+                             "median of each row's round medians (a disturbance of the shared "
+                             "machine then hits one round of a row, not the row)")
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--no-extras", action="store_true",
                         help="only the main table (no thread scaling, shared-machine case or breakdown)")
@@ -409,7 +416,9 @@ def main() -> None:
            "machine": machine_info(args.threads), "source": source_state(),
            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
            "timing": f"median (min, max) of {args.steps} steps after {args.warmup} warm-up step(s), "
-                     f"{args.threads} threads; each (setting, mode) in its own process; peak RSS per process",
+                     f"{args.threads} threads; each (setting, mode) in its own process; peak RSS per process"
+                     + (f"; {args.rounds} rounds of the mode list round-robin per setting, a row's median "
+                        f"the median of its round medians" if args.rounds > 1 else ""),
            "note": args.note, "load_start": os.getloadavg(), "results": [], "threads": [],
            "shared_machine": [], "breakdown": []}
 
@@ -423,16 +432,24 @@ def main() -> None:
         out["load_start"] = previous.get("load_start")
         out["note"] = previous.get("note", "") + (" " + args.note if args.note else "")
     for setting in [] if args.extras_only else args.settings:
+        rounds: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+        for r in range(args.rounds):
+            for mode in args.modes:
+                row = _child("step", setting, mode, args)
+                rounds[mode].append(row)
+                tag = f"round {r + 1}/{args.rounds} " if args.rounds > 1 else ""
+                if "error" in row:
+                    print(f"{setting:6s} {mode:20s} {tag}FAILED {row['error']}", flush=True)
+                else:
+                    print(f"{setting:6s} {mode:20s} {tag}{row['step_s_median']:8.3f} s/step "
+                          f"[{row['step_s_min']:.3f}, {row['step_s_max']:.3f}]  peak {row['peak_rss_gb']:.2f} GB  "
+                          f"load {row['load_before'][0]:.2f}->{row['load_after'][0]:.2f}", flush=True)
         for mode in args.modes:
-            row = _child("step", setting, mode, args)
+            row = _merge_rounds(rounds[mode])
             out["results"].append(row)
-            if "error" in row:
-                print(f"{setting:6s} {mode:20s} FAILED {row['error']}", flush=True)
-            else:
-                print(f"{setting:6s} {mode:20s} {row['step_s_median']:8.3f} s/step "
-                      f"[{row['step_s_min']:.3f}, {row['step_s_max']:.3f}]  peak {row['peak_rss_gb']:.2f} GB  "
-                      f"load {row['load_before'][0]:.2f}->{row['load_after'][0]:.2f}", flush=True)
-            save()
+            if args.rounds > 1 and "error" not in row:
+                print(f"{setting:6s} {mode:20s} median of {args.rounds} rounds {row['step_s_median']:8.3f} s/step "
+                      f"(round medians {', '.join(f'{m:.3f}' for m in row['round_medians'])})", flush=True)
         _ratios(out["results"], setting)
         save()
     if not args.no_extras:
@@ -460,6 +477,33 @@ def main() -> None:
     out["load_end"] = os.getloadavg()
     save()
     print(f"wrote {args.out}")
+
+
+def _merge_rounds(rows: list[dict]) -> dict:
+    """One row from the rounds of a (setting, mode): the median of the round medians, the min and
+    max over every step, the largest peak RSS, and each round's own figures under ``rounds``."""
+    good = [r for r in rows if "error" not in r]
+    if not good:
+        return rows[0]
+    if len(rows) == 1:
+        return rows[0]
+    medians = [r["step_s_median"] for r in good]
+    merged = dict(good[0])
+    merged.update({
+        "step_s_median": statistics.median(medians),
+        "step_s_min": min(r["step_s_min"] for r in good),
+        "step_s_max": max(r["step_s_max"] for r in good),
+        "step_s_all": [t for r in good for t in r["step_s_all"]],
+        "round_medians": medians,
+        "peak_rss_gb": max(r["peak_rss_gb"] for r in good),
+        "load_before": good[0]["load_before"], "load_after": good[-1]["load_after"],
+        "rounds": [{k: r.get(k) for k in ("step_s_median", "step_s_min", "step_s_max", "step_s_all",
+                                          "cpu_s_median", "peak_rss_gb", "load_before", "load_after",
+                                          "error")} for r in rows],
+    })
+    if all(r.get("cpu_s_median") for r in good):
+        merged["cpu_s_median"] = statistics.median(r["cpu_s_median"] for r in good)
+    return merged
 
 
 def _ratios(results: list[dict], setting: str) -> None:
