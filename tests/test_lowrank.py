@@ -112,3 +112,42 @@ def test_float32_sum_at_the_limit_is_exact_and_past_it_is_not():
     assert int(np.dot(a, b)[0, 0]) == 258 * 65025                      # <= 2**24: exact
     # test the tester: one more odd term past 2**24 is no longer representable
     assert int(np.float32(2 ** 24) + np.float32(1)) != 2 ** 24 + 1
+
+
+@pytest.mark.parametrize("name", ["exact", "mul8u_1446", "mul8u_199Z", "mul8u_JQQ"])   # ranks 0, 1, 1, 3
+@pytest.mark.parametrize("shape", [(8, 1, 3, 3), (6, 4, 1, 1), (3, 2, 5, 5)])
+@pytest.mark.parametrize("kind", ["normal", "zeros", "constant", "negative", "subnormal_scale"])
+def test_weight_codes_is_the_three_step_weight_path(name, shape, kind):
+    """One compiled call gives the scale, zero point, codes, features and filter constants of
+    quant_params + codes_and_features + filter_constants, bit for bit, including the all-zero
+    and constant tensors and a scale whose inverse is no float32 (the exact-rule path)."""
+    from approxdarts_np.approx.multipliers import load_multiplier
+    from approxdarts_np.approx.quantize import codes_and_features, quant_params, weight_codes
+    factors = lowrank.exact_error_factors(load_multiplier(name).table, 4)
+    rng = np.random.default_rng(len(name) + sum(shape))
+    w = rng.standard_normal(shape).astype(np.float32)
+    w = {"normal": w, "zeros": 0 * w, "constant": np.full_like(w, 0.75), "negative": -np.abs(w),
+         "subnormal_scale": (w * 1e-39).astype(np.float32)}[kind]
+    for zx in (0, 37, 255):
+        act = lowrank.activation_features(factors, zx)
+        sw, zw = quant_params(w)
+        wgt = lowrank.weight_features(factors, zw)
+        qw, wf = codes_and_features(w, sw, zw, wgt.table_t, wgt.affine)
+        cst = lowrank.filter_constants(act, qw)
+        got = weight_codes(w, lowrank.weight_error_rows(factors), act.const)
+        assert got[:2] == (sw, zw)
+        np.testing.assert_array_equal(got[2], qw)
+        np.testing.assert_array_equal(got[3], wf)
+        np.testing.assert_array_equal(got[4], cst)
+        assert got[3].shape == wf.shape and got[4].dtype == np.int64
+
+
+def test_weight_codes_refuses_nan_and_infinity():
+    from approxdarts_np.approx.quantize import weight_codes
+    factors = lowrank.exact_error_factors(np.outer(np.arange(256), np.arange(256)), 0)
+    act = lowrank.activation_features(factors, 0)
+    for bad in (np.nan, np.inf, -np.inf):
+        w = np.ones((2, 1, 3, 3), np.float32)
+        w[1, 0, 2, 2] = bad
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            weight_codes(w, lowrank.weight_error_rows(factors), act.const)

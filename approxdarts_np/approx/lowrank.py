@@ -51,6 +51,7 @@ __all__ = [
     "FeatureTable",
     "activation_features",
     "weight_features",
+    "weight_error_rows",
     "features_fit_float32",
     "filter_constants",
     "feature_conv",
@@ -317,6 +318,13 @@ def weight_features(factors, zw):
     g[:, 0] = np.arange(256) - zw
     g[:, 1:] = factors.v
     return FeatureTable(_frozen(g.astype(np.float32)), _frozen(np.abs(g).max(axis=0)), None)
+
+
+@lru_cache(maxsize=256)
+def weight_error_rows(factors):
+    """(R, 256) float32 rows v[:, r] of the weight features beyond the first (those do not
+    depend on the zero point): what :func:`~approxdarts_np.approx.quantize.weight_codes` reads."""
+    return _frozen(factors.v.T.astype(np.float32))
 
 
 @lru_cache(maxsize=4096)   # tables are cached objects: a handful of (n_taps, act, wgt) per run

@@ -54,9 +54,9 @@ from ..kernels.codes import float32_inverse
 from ..kernels.lut_conv import (feature_sum, im2col_codes, lut_bag_conv, lut_conv_codes,
                                 lut_depthwise_conv, table_peak)
 from .lowrank import (LowRankBoundError, LowRankFactors, activation_features,
-                      exact_error_factors, feature_conv, features_fit_float32, filter_constants,
-                      lowrank_conv2d, weight_features)
-from .quantize import codes_and_features, quant_params
+                      exact_error_factors, feature_conv, features_fit_float32, lowrank_conv2d,
+                      weight_error_rows, weight_features)
+from .quantize import codes_and_features, quant_params, weight_codes
 
 __all__ = ["LutPlan", "make_lut_plan", "lut_conv2d", "approx_conv2d", "choose_engine",
            "LOWRANK_MAX_TERMS", "ENGINES"]
@@ -263,7 +263,6 @@ def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine=
     conv_output_hw(h, wd, k_h, k_w, stride + padding + dilation)   # raises on an empty output
     depthwise = groups == n_in and n_in_g == 1 and n_out == n_in
     sx, zx = quant_params(x)
-    sw, zw = quant_params(w)
     requested = engine
     if engine == "auto":
         engine = choose_engine(plan, x.shape, w.shape, stride, groups)
@@ -272,11 +271,11 @@ def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine=
             raise ValueError(f"engine='lowrank' needs a decomposition; this plan has none "
                              f"({plan.reason})")
         act = activation_features(plan.factors, zx)
+        # the weights' range, codes, features and filter constants in one compiled call
+        sw, zw, qw, wf, cst = weight_codes(w, weight_error_rows(plan.factors), act.const)
         wgt = weight_features(plan.factors, zw)
         if features_fit_float32(n_in_g * k_h * k_w, act, wgt):
             n_feat = act.table.shape[1]
-            qw, wf = codes_and_features(w, sw, zw, wgt.table_t, wgt.affine)
-            cst = filter_constants(act, qw)
             if depthwise:
                 wf = wf.reshape(n_out * n_feat, 1, k_h, k_w)
             pointwise = (groups == 1 and (k_h, k_w) == (1, 1) and stride == (1, 1)
@@ -291,7 +290,9 @@ def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine=
             y = feature_conv(xf, wf, cst, n_feat, depthwise, stride, padding, dilation, groups,
                              sx * sw)
             return y, (qx, sx, zx), (qw, sw, zw)
-    qw, _ = codes_and_features(w, sw, zw, _NO_FEATURES_T, -1)
+    else:
+        sw, zw = quant_params(w)
+        qw, _ = codes_and_features(w, sw, zw, _NO_FEATURES_T, -1)
     if engine == "gather" or requested == "auto":
         # (past the float32 bound an automatic choice gathers too)
         if groups == 1 or depthwise:

@@ -39,8 +39,8 @@ import numbers
 import numpy as np
 from numba import njit, prange
 
-from approxdarts_np.kernels.codes import (affine_offset, code_exact, codes_plane, feature_plane,
-                                          float32_inverse)
+from approxdarts_np.kernels.codes import (_FLOAT32_MAX, _FLOAT32_TINY, affine_offset, code_exact,
+                                          codes_plane, feature_plane, float32_inverse)
 
 QMIN = 0
 QMAX = 255
@@ -280,6 +280,61 @@ def _exact_rows(x2, scale, zero_point, table_t, codes, feats):
             codes[p, i] = code_exact(x2[p, i], scale, zero_point)
         for j in range(table_t.shape[0]):
             feature_plane(codes[p], table_t, -1, j, feats[p, j])
+
+
+@njit(cache=True)
+def _weight_codes_kernel(w2, err_t, g0, planes_per_filter):
+    """:func:`weight_codes` on w2 (planes, taps) float32: (scale, zp, finite, codes, feats, cst)."""
+    n_planes, n_taps = w2.shape
+    n_feat = 1 + err_t.shape[0]
+    scale, zero_point, finite = _float32_params(w2.reshape(-1).view(np.int32))
+    codes = np.empty((n_planes, n_taps), np.uint8)
+    feats = np.empty((n_planes, n_feat, n_taps), np.float32)
+    cst = np.zeros(n_planes // planes_per_filter, np.int64)
+    if not finite:
+        return scale, zero_point, False, codes, feats, cst
+    inv = 1.0 / scale
+    if _FLOAT32_TINY <= inv <= _FLOAT32_MAX:
+        near = np.empty(n_taps, np.uint8)
+        for p in range(n_planes):
+            codes_plane(w2[p], scale, np.float32(inv), zero_point, codes[p], near, feats[p, 0],
+                        zero_point)
+    else:
+        for p in range(n_planes):
+            for i in range(n_taps):
+                code = code_exact(w2[p, i], scale, zero_point)
+                codes[p, i] = code
+                feats[p, 0, i] = np.float32(code - zero_point)
+    for p in range(n_planes):
+        for j in range(1, n_feat):
+            feature_plane(codes[p], err_t, -1, j - 1, feats[p, j])
+        total = np.int64(0)
+        for i in range(n_taps):
+            total += g0[codes[p, i]]
+        cst[p // planes_per_filter] += total
+    return scale, zero_point, True, codes, feats, cst
+
+
+def weight_codes(w, err_t, g0):
+    """Quantise a convolution's weights in one call: ``(scale, zero_point, qw, wf, cst)``.
+
+    w (Co, Ci/g, kh, kw) float32 C-contiguous; err_t (R, 256) float32, the error features
+    v[b] of a low-rank table by rows (independent of the zero point); g0 (256,) int64, the
+    activation side's constant row. Gives exactly what :func:`quant_params`,
+    :func:`codes_and_features` (feature table (b - zw, v[b]), affine zw) and
+    ``filter_constants`` give, in one compiled pass for the whole (small) tensor: ``qw`` uint8
+    of w's shape, ``wf`` (Co, Ci/g * (1 + R), kh, kw) (input channel c*(1 + R) + j: feature j
+    of channel c), ``cst`` (Co,) int64 = sum over each filter's taps of g0[qw]. ValueError for
+    NaN or infinity, as :func:`quant_params`.
+    """
+    n_out, n_in_g, k_h, k_w = w.shape
+    scale, zero_point, finite, codes, feats, cst = _weight_codes_kernel(
+        w.reshape(n_out * n_in_g, k_h * k_w), err_t, g0, n_in_g)
+    if not finite:
+        raise ValueError("cannot quantise a tensor that contains NaN or infinity")
+    n_feat = feats.shape[1]
+    return (float(scale), int(zero_point), codes.reshape(w.shape),
+            feats.reshape(n_out, n_in_g * n_feat, k_h, k_w), cst)
 
 
 def dequantize(q, scale: float, zero_point: int) -> np.ndarray:
