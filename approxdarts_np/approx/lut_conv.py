@@ -280,11 +280,17 @@ def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine=
                 wf = wf.reshape(n_out * n_feat, 1, k_h, k_w)
             pointwise = (groups == 1 and (k_h, k_w) == (1, 1) and stride == (1, 1)
                          and padding == (0, 0))
-            if (depthwise or pointwise) and float32_inverse(sx) is not None:
+            inv = float32_inverse(sx)
+            if (depthwise or pointwise) and inv is not None:
                 # one pass: quantise x, run the float kernel on its features, add cst, scale
-                fused = kdw.depthwise_conv2d_codes if depthwise else kconv.pointwise_conv2d_codes
-                geom = (stride, padding, dilation) if depthwise else ()
-                y, qx = fused(x, sx, zx, act.table_t, wf, cst, sx * sw, *geom, affine=act.affine)
+                # (the kernels' unchecked entries: every argument is checked above)
+                if depthwise:
+                    y, qx = kdw.depthwise_codes_unchecked(
+                        x, sx, inv, zx, act.table_t, act.affine, wf, cst, sx * sw,
+                        stride + padding + dilation)
+                else:
+                    y, qx = kconv.pointwise_codes_unchecked(x, sx, inv, zx, act.table_t,
+                                                            act.affine, wf, cst, sx * sw)
                 return y, (qx, sx, zx), (qw, sw, zw)
             qx, xf = codes_and_features(x, sx, zx, act.table_t, act.affine)
             y = feature_conv(xf, wf, cst, n_feat, depthwise, stride, padding, dilation, groups,

@@ -466,6 +466,18 @@ def pointwise_conv2d_codes(x, scale, zero_point, table_t, w_feats, cst, out_scal
     cst = np.ascontiguousarray(cst, dtype=np.int64)
     if cst.shape != (c_out,):
         raise ValueError(f"cst must have shape ({c_out},), got {cst.shape}")
+    return pointwise_codes_unchecked(x, scale, inv, zero_point, table_t, affine, w_feats, cst,
+                                     out_scale)
+
+
+def pointwise_codes_unchecked(x, scale, inv, zero_point, table_t, affine, w_feats, cst,
+                              out_scale):
+    """:func:`pointwise_conv2d_codes` for arguments already checked (the quantised
+    convolution's hot path): ``inv`` = float32(1/scale), ``affine`` known, arrays C-contiguous
+    with the shapes and dtypes it requires."""
+    n_img, c_in, h, wd = x.shape
+    n_feat = table_t.shape[0]
+    c_out = w_feats.shape[0]
     kernel, n_threads = pick_kernel(_pointwise_codes_kernel, _pointwise_codes_kernel_serial,
                                     max(x.size * n_feat, n_img * c_out * h * wd))
     y, codes = kernel(x.reshape(n_img, c_in, h * wd), float(scale), inv, zero_point, table_t,

@@ -842,6 +842,19 @@ def depthwise_conv2d_codes(x, scale, zero_point, table_t, w_feats, cst, out_scal
     cst = np.ascontiguousarray(cst, dtype=np.int64)
     if cst.shape != (n_ch,):
         raise ValueError(f"cst must have shape ({n_ch},), got {cst.shape}")
+    conv_output_hw(h, wd, k_h, k_w, geom)
+    return depthwise_codes_unchecked(x, scale, inv, zero_point, table_t, affine, w_feats, cst,
+                                     out_scale, geom)
+
+
+def depthwise_codes_unchecked(x, scale, inv, zero_point, table_t, affine, w_feats, cst,
+                              out_scale, geom):
+    """:func:`depthwise_conv2d_codes` for arguments already checked (the quantised convolution's
+    hot path): ``inv`` = float32(1/scale), ``affine`` known, ``geom`` the 6-tuple of
+    ``conv_geometry``, arrays C-contiguous with the shapes and dtypes it requires."""
+    n_img, n_ch, h, wd = x.shape
+    n_feat = table_t.shape[0]
+    k_h, k_w = w_feats.shape[2], w_feats.shape[3]
     out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     stack = _stack_size(n_img, h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
