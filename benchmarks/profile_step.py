@@ -30,7 +30,7 @@ TIMED = {
     "approxdarts_np.approx.convolution": ["approx_conv2d", "dequantize_codes"],
     "approxdarts_np.approx.lut_conv": ["quant_params", "codes_and_features", "feature_conv",
                                        "_gather_conv2d", "choose_engine", "lut_depthwise_conv",
-                                       "lut_bag_conv", "lut_conv_codes", "im2col_codes", "filter_constants",
+                                       "lut_bag_conv", "lut_conv_codes", "im2col_codes", "weight_codes",
                                        "features_fit_float32"],
     "approxdarts_np.kernels.conv": ["conv2d", "conv2d_grad_input", "conv2d_grad_weight",
                                     "pointwise_conv2d_codes", "pointwise_codes_unchecked"],
