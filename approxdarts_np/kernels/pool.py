@@ -307,21 +307,21 @@ def _avg_pool2d_grad_kernel(gy3, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, count_incl
 _NO_TAKE = np.int32(-1)   # a window whose running maximum was never replaced (all -inf)
 
 
+@njit(cache=True, inline="always")
+def _tap_runs(buf, offs, n):
+    """The runs buf[offs[t]:offs[t] + n] of the nine taps of a 3x3 window, t row-major."""
+    return (buf[offs[0]:offs[0] + n], buf[offs[1]:offs[1] + n], buf[offs[2]:offs[2] + n],
+            buf[offs[3]:offs[3] + n], buf[offs[4]:offs[4] + n], buf[offs[5]:offs[5] + n],
+            buf[offs[6]:offs[6] + n], buf[offs[7]:offs[7] + n], buf[offs[8]:offs[8] + n])
+
+
 @njit(cache=True)
 def _max9(best, tap, n, buf, offs, deltas):
     """best[q], tap[q] = maximum over taps t of buf[offs[t] + q] (row-major, greater or NaN
     wins) and the winning tap's ``deltas[t]`` (_NO_TAKE if none won), for q < n."""
     b = best[:n]
     a = tap[:n]
-    s0 = buf[offs[0]:offs[0] + n]
-    s1 = buf[offs[1]:offs[1] + n]
-    s2 = buf[offs[2]:offs[2] + n]
-    s3 = buf[offs[3]:offs[3] + n]
-    s4 = buf[offs[4]:offs[4] + n]
-    s5 = buf[offs[5]:offs[5] + n]
-    s6 = buf[offs[6]:offs[6] + n]
-    s7 = buf[offs[7]:offs[7] + n]
-    s8 = buf[offs[8]:offs[8] + n]
+    s0, s1, s2, s3, s4, s5, s6, s7, s8 = _tap_runs(buf, offs, n)
     d0, d1, d2, d3, d4, d5, d6, d7, d8 = (deltas[0], deltas[1], deltas[2], deltas[3], deltas[4],
                                           deltas[5], deltas[6], deltas[7], deltas[8])
     for q in range(n):
@@ -342,15 +342,7 @@ def _max9(best, tap, n, buf, offs, deltas):
 def _sum9(acc, n, buf, offs):
     """acc[q] = sum over taps t of buf[offs[t] + q], from 0 in row-major tap order, q < n."""
     o = acc[:n]
-    s0 = buf[offs[0]:offs[0] + n]
-    s1 = buf[offs[1]:offs[1] + n]
-    s2 = buf[offs[2]:offs[2] + n]
-    s3 = buf[offs[3]:offs[3] + n]
-    s4 = buf[offs[4]:offs[4] + n]
-    s5 = buf[offs[5]:offs[5] + n]
-    s6 = buf[offs[6]:offs[6] + n]
-    s7 = buf[offs[7]:offs[7] + n]
-    s8 = buf[offs[8]:offs[8] + n]
+    s0, s1, s2, s3, s4, s5, s6, s7, s8 = _tap_runs(buf, offs, n)
     for q in range(n):
         t = np.float32(0.0)
         t += s0[q]
