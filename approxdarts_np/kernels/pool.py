@@ -79,10 +79,9 @@ def _tap_offset(oh, i, j, s_h, s_w, hq, wq):
     return ((((i % s_h) * s_w + j % s_w) * hq + oh + i // s_h) * wq + j // s_w)
 
 
-# 3x3 windows (the DARTS pools) take all nine taps per output element in registers: one pass
-# over an output row instead of nine that each load and store the running result (measured at
-# B64 C16 32x32, 2 threads: max 1.76 -> 1.08 ms, average 1.37 -> 0.81 ms). Same taps, same
-# order, same results as the generic loops.
+# The 3x3 stride-1 average-pool gradient sums all nine taps per element in registers, one
+# pass over a row (:func:`_sum3x3_row`); the 3x3 forward pools run on stacked planes
+# (:func:`_pool3x3_stacked_kernel`, below).
 
 @njit(cache=True, inline="always")
 def _take(v, best, arg, cand):
@@ -99,29 +98,6 @@ def _taps3x3(oh, s_h, s_w, hq, wq):
             _tap_offset(oh, 1, 1, s_h, s_w, hq, wq), _tap_offset(oh, 1, 2, s_h, s_w, hq, wq),
             _tap_offset(oh, 2, 0, s_h, s_w, hq, wq), _tap_offset(oh, 2, 1, s_h, s_w, hq, wq),
             _tap_offset(oh, 2, 2, s_h, s_w, hq, wq))
-
-
-@njit(cache=True)
-def _max3x3_row(buf, yf, af, o0, out_w, oh, s_h, s_w, p_h, p_w, hq, wq, wd):
-    """Output row oh of a 3x3 max pool, written to yf/af[o0:o0 + out_w]."""
-    t0, t1, t2, t3, t4, t5, t6, t7, t8 = _taps3x3(oh, s_h, s_w, hq, wq)
-    r0 = (oh * s_h - p_h) * wd - p_w           # flat input index of tap (0, 0) at ow = 0
-    ih0 = max(oh * s_h - p_h, 0)
-    for ow in range(out_w):
-        c = r0 + ow * s_w
-        best = np.float32(-np.inf)
-        arg = np.int32(ih0 * wd + max(ow * s_w - p_w, 0))
-        best, arg = _take(buf[_u(t0 + ow)], best, arg, np.int32(c))
-        best, arg = _take(buf[_u(t1 + ow)], best, arg, np.int32(c + 1))
-        best, arg = _take(buf[_u(t2 + ow)], best, arg, np.int32(c + 2))
-        best, arg = _take(buf[_u(t3 + ow)], best, arg, np.int32(c + wd))
-        best, arg = _take(buf[_u(t4 + ow)], best, arg, np.int32(c + wd + 1))
-        best, arg = _take(buf[_u(t5 + ow)], best, arg, np.int32(c + wd + 2))
-        best, arg = _take(buf[_u(t6 + ow)], best, arg, np.int32(c + 2 * wd))
-        best, arg = _take(buf[_u(t7 + ow)], best, arg, np.int32(c + 2 * wd + 1))
-        best, arg = _take(buf[_u(t8 + ow)], best, arg, np.int32(c + 2 * wd + 2))
-        yf[_u(o0 + ow)] = best
-        af[_u(o0 + ow)] = arg
 
 
 @njit(cache=True)
@@ -165,9 +141,6 @@ def _max_pool2d_kernel(x3, k_h, k_w, s_h, s_w, p_h, p_w, out_h, out_w, hq, wq, n
             af = arg[p].reshape(out_h * out_w)
             for oh in range(out_h):
                 o0 = oh * out_w
-                if k_h == 3 and k_w == 3:
-                    _max3x3_row(buf, yf, af, o0, out_w, oh, s_h, s_w, p_h, p_w, hq, wq, wd)
-                    continue
                 ih0 = max(oh * s_h - p_h, 0)
                 for ow in range(out_w):
                     yf[_u(o0 + ow)] = -np.inf
@@ -228,16 +201,13 @@ def _avg_pool2d_kernel(x3, k_h, k_w, s_h, s_w, p_h, p_w, out_h, out_w, count_inc
             yf = y[p].reshape(out_h * out_w)
             for oh in range(out_h):
                 o0 = oh * out_w
-                if k_h == 3 and k_w == 3:
-                    _sum3x3_row(buf, yf, o0, out_w, oh, s_h, s_w, hq, wq)
-                else:
-                    for ow in range(out_w):
-                        yf[_u(o0 + ow)] = 0.0
-                    for i in range(k_h):
-                        for j in range(k_w):
-                            src = _tap_offset(oh, i, j, s_h, s_w, hq, wq)
-                            for ow in range(out_w):
-                                yf[_u(o0 + ow)] += buf[_u(src + ow)]
+                for ow in range(out_w):
+                    yf[_u(o0 + ow)] = 0.0
+                for i in range(k_h):
+                    for j in range(k_w):
+                        src = _tap_offset(oh, i, j, s_h, s_w, hq, wq)
+                        for ow in range(out_w):
+                            yf[_u(o0 + ow)] += buf[_u(src + ow)]
                 for ow in range(out_w):
                     yf[_u(o0 + ow)] /= _window_count(oh, ow, k_h, k_w, s_h, s_w, p_h, p_w, h,
                                                      wd, count_include_pad)
@@ -358,16 +328,20 @@ def _sum9(acc, n, buf, offs):
 
 
 @njit(parallel=True, cache=True)
-def _pool3x3_stacked_kernel(x, is_max, s_h, s_w, p_h, p_w, out_h, out_w, counts, stack,
-                            n_threads):
-    """3x3 max (``is_max``: returns y, argmax) or average pool (y, divided by ``counts``, the
-    (OH*OW,) window divisors; argmax empty) of x (N, C, H, W) on stacked work items."""
+def _pool3x3_stacked_kernel(x, is_max, s_h, s_w, p_h, p_w, out_h, out_w, count_include_pad,
+                            stack, n_threads):
+    """3x3 max (``is_max``: returns y, argmax) or average pool (y, each window's sum divided
+    by its :func:`_window_count`; argmax empty) of x (N, C, H, W) on stacked work items."""
     n_img, n_ch, h, wd = x.shape
     wq, lead, plane, phase_stride, offs = _stack_geometry(h, wd, out_h, out_w, s_h, s_w, p_h,
                                                           p_w, 1, 1, 3, 3, stack)
     deltas = np.empty(9, np.int32)
     for t in range(9):
         deltas[t] = (t // 3) * wd + t % 3
+    counts = np.empty(0 if is_max else out_h * out_w, np.float32)
+    for o in range(counts.shape[0]):
+        counts[o] = _window_count(o // out_w, o % out_w, 3, 3, s_h, s_w, p_h, p_w, h, wd,
+                                  count_include_pad)
     y = np.empty((n_img, n_ch, out_h, out_w), np.float32)
     arg = np.empty((n_img, n_ch, out_h, out_w) if is_max else (0, 0, 0, 0), np.int32)
     n_items, n_blocks = _item_blocks(n_img, n_ch, stack, n_threads)
@@ -408,28 +382,15 @@ def _pool3x3_stacked_kernel(x, is_max, s_h, s_w, p_h, p_w, out_h, out_w, counts,
     return y, arg
 
 
-def _window_counts(h, wd, geom, out_h, out_w, count_include_pad):
-    """(OH*OW,) float32 divisors of the average pool's windows (_window_count for each)."""
-    k_h, k_w, s_h, s_w, p_h, p_w = geom
-    if count_include_pad:
-        return np.full(out_h * out_w, k_h * k_w, np.float32)
-    top = np.arange(out_h) * s_h - p_h
-    left = np.arange(out_w) * s_w - p_w
-    rows = np.minimum(top + k_h, h) - np.maximum(top, 0)
-    cols = np.minimum(left + k_w, wd) - np.maximum(left, 0)
-    return np.outer(rows, cols).astype(np.float32).reshape(-1)
-
-
 def _stacked_3x3(x, geom, out_h, out_w, is_max, count_include_pad=False):
     """:func:`_pool3x3_stacked_kernel` on x (N, C, H, W) for a 3x3 ``geom``."""
     _, _, s_h, s_w, p_h, p_w = geom
     n_img, n_ch, h, wd = x.shape
     stack = _stack_size(n_img, h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
-    counts = (np.empty(0, np.float32) if is_max
-              else _window_counts(h, wd, geom, out_h, out_w, count_include_pad))
     kernel, n_threads = pick_kernel(_pool3x3_stacked_kernel, _pool3x3_stacked_kernel_serial,
                                     x.size)
-    return kernel(x, is_max, s_h, s_w, p_h, p_w, out_h, out_w, counts, stack, n_threads)
+    return kernel(x, is_max, s_h, s_w, p_h, p_w, out_h, out_w, count_include_pad, stack,
+                  n_threads)
 
 
 # Serial twins of the parallel kernels, for calls too small to wake the thread team
