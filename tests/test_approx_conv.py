@@ -275,3 +275,42 @@ def test_the_tester_one_pass_convolution_sees_a_wrong_feature_entry():
     bad_table[0, qx[1, 2, 3, 3]] += 1                 # no longer code - zx: looked up, wrong
     bad = kdw.depthwise_conv2d_codes(x, sx, zx, bad_table, w, np.zeros(3), 1.0, 1, 1, 1)[0]
     assert not np.array_equal(good, bad)
+
+
+@pytest.mark.parametrize("kind", ["depthwise", "pointwise"])
+def test_one_pass_convolutions_look_up_a_feature_0_that_is_not_code_minus_z(kind):
+    """With a feature table whose first row is not code - z (so it is looked up, not computed
+    in the codes pass), the one-pass kernels equal NumPy gathers of the features followed by
+    the float convolution and the constant; test the tester: the affine first row gives
+    other outputs."""
+    from approxdarts_np.approx.lowrank import feature_conv
+    from approxdarts_np.kernels import conv as kconv
+    from approxdarts_np.kernels import depthwise as kdw
+
+    rng = np.random.default_rng(17)
+    c, n_feat = 4, 2
+    x = np.maximum(rng.standard_normal((3, c, 9, 9)), 0).astype(np.float32)
+    qx, sx, zx = quantize_per_tensor(x)
+    table_t = rng.integers(-20, 20, (n_feat, 256)).astype(np.float32)
+    table_t[:, zx] = 0.0                              # zero padding stays the right padding
+    xf = np.ascontiguousarray(                        # (N, C*J, H, W), channel c*J + j
+        np.moveaxis(table_t[:, qx], 0, 2).reshape(3, c * n_feat, 9, 9))
+    if kind == "depthwise":
+        wf = rng.integers(-9, 9, (c * n_feat, 1, 3, 3)).astype(np.float32)
+        cst = rng.integers(-50, 50, c)
+        y, codes = kdw.depthwise_conv2d_codes(x, sx, zx, table_t, wf, cst, 0.5, 1, 1, 1)
+        ref = feature_conv(xf, wf, cst, n_feat, True, 1, 1, 1, c, 0.5)
+    else:
+        wf = rng.integers(-9, 9, (5, c * n_feat, 1, 1)).astype(np.float32)
+        cst = rng.integers(-50, 50, 5)
+        y, codes = kconv.pointwise_conv2d_codes(x, sx, zx, table_t, wf, cst, 0.5)
+        ref = feature_conv(xf, wf, cst, n_feat, False, 1, 0, 1, 1, 0.5)
+    np.testing.assert_array_equal(codes, qx)
+    np.testing.assert_array_equal(y, ref)
+    affine = table_t.copy()
+    affine[0] = np.arange(256) - zx
+    if kind == "depthwise":
+        other = kdw.depthwise_conv2d_codes(x, sx, zx, affine, wf, cst, 0.5, 1, 1, 1)[0]
+    else:
+        other = kconv.pointwise_conv2d_codes(x, sx, zx, affine, wf, cst, 0.5)[0]
+    assert not np.array_equal(other, ref)

@@ -40,7 +40,8 @@ import numpy as np
 from numba import njit, prange
 
 from approxdarts_np.kernels.codes import (_FLOAT32_MAX, _FLOAT32_TINY, affine_offset, code_exact,
-                                          codes_plane, feature_plane, float32_inverse)
+                                          codes_and_feature0, codes_plane, feature_plane,
+                                          float32_inverse)
 
 QMIN = 0
 QMAX = 255
@@ -171,11 +172,12 @@ def _features_rows(x2, scale, inv, zero_point, table_t, affine, codes, feats, lo
     """Planes lo..hi: codes[p, i] = code of x2[p, i], feats[p, j, i] = feature j of the code."""
     near = np.empty(x2.shape[1], np.uint8)
     for p in range(lo, hi):
-        if affine >= 0:   # feature 0 (code - affine) written by the codes pass
-            codes_plane(x2[p], scale, inv, zero_point, codes[p], near, feats[p, 0], affine)
-        else:
+        if table_t.shape[0] == 0:
             codes_plane(x2[p], scale, inv, zero_point, codes[p], near)
-        for j in range(1 if affine >= 0 else 0, table_t.shape[0]):
+            continue
+        codes_and_feature0(x2[p], scale, inv, zero_point, codes[p], near, table_t, affine,
+                           feats[p, 0])
+        for j in range(1, table_t.shape[0]):
             feature_plane(codes[p], table_t, affine, j, feats[p, j])
 
 

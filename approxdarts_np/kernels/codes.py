@@ -87,6 +87,17 @@ def _redo_near(src, scale, zero_point, dst, near, feat, affine):
 
 
 @njit(cache=True)
+def codes_and_feature0(src, scale, inv, zero_point, dst, near, table_t, affine, feat0):
+    """:func:`codes_plane` of src into dst, and feature 0 of those codes into feat0: in the
+    same pass when ``affine`` >= 0 (feature 0 is code - affine), else by :func:`feature_plane`."""
+    if affine >= 0:
+        codes_plane(src, scale, inv, zero_point, dst, near, feat0, affine)
+    else:
+        codes_plane(src, scale, inv, zero_point, dst, near)
+        feature_plane(dst, table_t, affine, 0, feat0)
+
+
+@njit(cache=True)
 def feature_plane(codes, table_t, affine, j, out):
     """out[i] = feature j of codes[i]: ``table_t[j, code]``, or code - affine when j == 0 and
     ``affine`` >= 0 (computed: the exact part of every feature table is code - z)."""

@@ -44,7 +44,7 @@ from numba import njit, prange
 from ._util import (block_bounds, check_float32_4d, check_shape4, conv_geometry, conv_output_hw,
                     pick_kernel, serial_twin)
 from ._util import unsigned as _u
-from .codes import check_code_args, codes_plane, feature_plane, scale_row
+from .codes import check_code_args, codes_and_feature0, feature_plane, scale_row
 
 __all__ = ["conv2d", "conv2d_grad_input", "conv2d_grad_weight", "pointwise_conv2d_codes"]
 
@@ -230,13 +230,9 @@ def _pointwise_codes_kernel(x3, scale, inv, zero_point, table_t, affine, w_mat, 
         feats = np.empty((n_feat, c_in * n_pix), np.float32)
         near = np.empty(c_in * n_pix, np.uint8)
         for n in range(lo, hi):
-            first = 0
-            if affine >= 0:
-                codes_plane(x2[n], scale, inv, zero_point, codes[n], near, feats[0], affine)
-                first = 1
-            else:
-                codes_plane(x2[n], scale, inv, zero_point, codes[n], near)
-            for j in range(first, n_feat):
+            codes_and_feature0(x2[n], scale, inv, zero_point, codes[n], near, table_t, affine,
+                               feats[0])
+            for j in range(1, n_feat):
                 feature_plane(codes[n], table_t, affine, j, feats[j])
             np.dot(w_fm, feats.reshape(n_feat * c_in, n_pix), y[n])
             for o in range(c_out):

@@ -36,7 +36,7 @@ from numba import njit, prange
 
 from ._util import (block_bounds, check_float32_4d, check_shape4, conv_geometry, conv_output_hw,
                     pick_kernel, serial_twin, tap_offsets)
-from .codes import check_code_args, codes_plane, feature_plane, scale_row
+from .codes import check_code_args, codes_and_feature0, feature_plane, scale_row
 
 # Target size, in float32 elements, of one work item's padded input: sets how many images of a
 # channel share an item. Measured on 2-core AMD EPYC: 32x32 planes run best alone (stacking
@@ -595,14 +595,11 @@ def _depthwise_codes_kernel(x, scale, inv, zero_point, table_t, affine, w_taps, 
         for item in range(start, stop):
             ci, n0, count = _item_images(item, n_ch, stack, n_img)
             for g in range(count):
-                if affine >= 0:   # feature 0 (code - affine) written by the codes pass
-                    codes_plane(x3[n0 + g, ci], scale, inv, zero_point, c3[n0 + g, ci], near,
-                                s3[g, 0], affine)
-                else:
-                    codes_plane(x3[n0 + g, ci], scale, inv, zero_point, c3[n0 + g, ci], near)
+                codes_and_feature0(x3[n0 + g, ci], scale, inv, zero_point, c3[n0 + g, ci],
+                                   near, table_t, affine, s3[g, 0])
             length = (count - 1) * plane + (out_h - 1) * wq + out_w
             for j in range(n_feat):
-                if j > 0 or affine < 0:
+                if j > 0:   # feature 0 came with the codes
                     for g in range(count):
                         feature_plane(c3[n0 + g, ci], table_t, affine, j, s3[g, 0])
                 _stack_to_phases(stage, 0, count, 0, xbuf, p_h, p_w, s_h, s_w, wq, plane,
