@@ -31,7 +31,7 @@ higher ranks gather; the larger the kernel, the larger the rank at which the gat
 over. The byte-shuffle gather (:mod:`approxdarts_np.kernels.byte_shuffle`, CPUs with AVX-512
 VBMI) is several times faster than the scalar one, but not faster than the low-rank engine
 for R <= 1 over a whole step. Timed by hand (not in the committed benchmark; medians of 5
-steps, commit 2699cf9), a mul8u_1446 search step forced to gather took 0.53 s at the tiny
+steps, commit b1b3975), a mul8u_1446 search step forced to gather took 0.53 s at the tiny
 setting against 0.53-0.60 s on the low-rank engine (within the run-to-run spread), and 1.89 s
 at quick against 1.57 s; per call the gather won only on the smallest depthwise shapes (56
 against 78 us at 8x4x32x32) and lost on the larger pointwise ones (788 against 528 us at
