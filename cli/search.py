@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from approxdarts_np.errors import UserError
 from approxdarts_np.runs.search import SearchConfig, run_search
 from approxdarts_np_cli._common import default_help, given, run_with_interrupts, user_errors
 from approxdarts_np_cli.progress import EpochProgress
@@ -19,6 +20,20 @@ Q, P = SearchConfig.quick(), SearchConfig.paper()
 class Preset(str, Enum):
     quick = "quick"
     paper = "paper"
+
+
+def parse_temperature(text: str | None) -> dict:
+    """``--gumbel-temperature T`` or ``START:END`` as config fields (UserError for anything else)."""
+    if text is None:
+        return {}
+    parts = text.split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise UserError(f"--gumbel-temperature must be a number T or START:END, got {text!r}")
+    return {"gumbel_temperature": values[0], "gumbel_temperature_end": values[-1] if len(values) == 2 else None}
 
 
 @user_errors
@@ -54,8 +69,25 @@ def search(
         "λ of the energy term λ·E/E_ref in the architecture loss.", Q.energy_weight)),
     energy_target: Optional[float] = typer.Option(None, help=(
         "Expected energy per image (pJ) above which the energy term acts (instead of everywhere).")),
-    gumbel_temperature: Optional[float] = typer.Option(None, help=default_help(
-        "τ of the Gumbel-softmax over β.", Q.gumbel_temperature)),
+    energy_budget: Optional[float] = typer.Option(None, help=(
+        "r in (0, 1]: the searched convolutions may spend at most r times their exact-8-bit multiplication "
+        "energy. λ is found by dual ascent, and the genotype is projected into the budget on the "
+        "20-cell, 36-channel network. Needs --multipliers.")),
+    budget_step: Optional[float] = typer.Option(None, help=default_help(
+        "η of the dual ascent λ ← max(0, λ + η·(E/E_ref − r)), per architecture step.", Q.budget_step)),
+    energy_scope: Optional[str] = typer.Option(None, help=default_help(
+        "What the energy term moves: beta (the multipliers only) or all (the ops too; it then deletes "
+        "convolutions).", Q.energy_scope)),
+    max_parameter_free: Optional[int] = typer.Option(None, help=default_help(
+        "At most N pools/skips per cell in the genotype; the weakest beyond N become the edge's best conv.",
+        Q.max_parameter_free)),
+    warmup_epochs: Optional[int] = typer.Option(None, help=default_help(
+        "First epochs train the weights only (α and β frozen; multipliers still drawn).",
+        "a quarter of --epochs with --multipliers, else 0")),
+    beta_lr: Optional[float] = typer.Option(None, help=default_help("Adam learning rate of β.", Q.beta_lr)),
+    gumbel_temperature: Optional[str] = typer.Option(None, help=default_help(
+        "τ of the Gumbel-softmax over β: T, or START:END (geometric from the first to the last epoch).",
+        Q.gumbel_temperature)),
     order: Optional[int] = typer.Option(None, help=default_help(
         "Architecture gradient: 1 = first order, 2 = DARTS's unrolled second order (about 2-3x a step).",
         Q.order)),
@@ -71,7 +103,9 @@ def search(
         momentum=momentum, weight_decay=weight_decay, grad_clip=grad_clip, arch_lr=arch_lr,
         arch_weight_decay=arch_weight_decay, threads=threads, order=order, unrolled_lr=unrolled_lr, seed=seed,
         multipliers=multipliers, energy_weight=energy_weight, energy_target=energy_target,
-        gumbel_temperature=gumbel_temperature,
+        energy_budget=energy_budget, budget_step=budget_step, energy_scope=energy_scope,
+        max_parameter_free=max_parameter_free, warmup_epochs=warmup_epochs, beta_lr=beta_lr,
+        **parse_temperature(gumbel_temperature),
         multiplier=multiplier,
         data_dir=str(data_dir) if data_dir else None, output_dir=str(output_dir) if output_dir else None,
         preset=preset.value if preset else None)

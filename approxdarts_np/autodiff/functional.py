@@ -112,12 +112,13 @@ class WeightedSum(Function):
 class ReLU(Function):
     """max(a, 0); backward keeps only a bit mask of the positive entries (1/32 of the input)."""
 
+    # np.ascontiguousarray makes a 0-d array 1-d; the results take the input's shape back.
     def forward(self, a):
         out, self.mask = kew.relu_forward(np.ascontiguousarray(a, dtype=DTYPE))
-        return out
+        return out.reshape(np.shape(a))
 
     def backward(self, g):
-        return kew.relu_backward(np.ascontiguousarray(g, dtype=DTYPE), self.mask)
+        return kew.relu_backward(np.ascontiguousarray(g, dtype=DTYPE), self.mask).reshape(np.shape(g))
 
 
 class Exp(Function):

@@ -5,6 +5,7 @@ import numpy as np
 
 from approxdarts_np.autodiff import Tensor
 from approxdarts_np.autodiff import functional as F
+from approxdarts_np.nas.budget import cap_parameter_free
 from approxdarts_np.nas.genotypes import Genotype, derive_genotype
 from approxdarts_np.nas.operations import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, set_multiplier
 from approxdarts_np.nn import (BatchNorm2d, Conv2d, GlobalAvgPool2d, Linear, Module,
@@ -138,9 +139,14 @@ class Network(Module):
             s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
         return self.classifier(self.global_pooling(s1))
 
-    def genotype(self) -> Genotype:
-        """The discrete cell pair that the current α selects (DARTS rule)."""
-        return derive_genotype(_softmax(self.alphas_normal.data), _softmax(self.alphas_reduce.data))
+    def genotype(self, max_parameter_free: int | None = None) -> Genotype:
+        """The discrete cell pair that the current α selects (DARTS rule); with ``max_parameter_free``, at
+        most that many pools and skips per cell (:func:`~approxdarts_np.nas.budget.cap_parameter_free`)."""
+        weights = {"normal": _softmax(self.alphas_normal.data), "reduce": _softmax(self.alphas_reduce.data)}
+        genotype = derive_genotype(weights["normal"], weights["reduce"])
+        if max_parameter_free is None:
+            return genotype
+        return cap_parameter_free(weights, genotype, max_parameter_free)
 
 
 def _softmax(a: np.ndarray) -> np.ndarray:

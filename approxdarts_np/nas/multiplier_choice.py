@@ -123,20 +123,40 @@ def straight_through_factors(betas: Tensor, k_star: np.ndarray, noise: np.ndarra
     return picked - Tensor(picked.data) + 1.0
 
 
-def network_expected_energy(network, macs: dict, pj: np.ndarray, exact_pj: float) -> tuple[Tensor, float]:
+def network_expected_energy(network, macs: dict, pj: np.ndarray, exact_pj: float,
+                            ops_fixed: bool = False) -> tuple[Tensor, float]:
     """(E, E_ref) of a supernet: E differentiable in α (and β when the network has them), E_ref a number.
 
     ``macs`` from :func:`searched_op_macs`; ``pj`` holds the energy per
     multiply of each candidate multiplier (one entry for a network without β).
+    ``ops_fixed``: the op probabilities enter E as constants, so E's gradient
+    reaches β only (an energy term then cannot delete convolutions).
     """
     energy, reference = None, 0.0
     for kind in ("normal", "reduce"):
         alphas = getattr(network, f"alphas_{kind}")
+        if ops_fixed:
+            alphas = Tensor(alphas.data)
         betas = getattr(network, f"betas_{kind}", None)
         e = expected_energy(alphas, betas, macs[kind], pj)
         energy = e if energy is None else energy + e
         reference += reference_energy(alphas.data, macs[kind], exact_pj)
     return energy, reference
+
+
+def argmax_energy_ratio(network, macs: dict, pj: np.ndarray, exact_pj: float) -> float:
+    """E/E_ref with every searched op on its argmax-β multiplier (the choice a genotype would make), the op
+    probabilities soft as in E: the ratio that a budget constrains (a plain number, no gradient)."""
+    spent = reference = 0.0
+    pj = np.asarray(pj, dtype=np.float64)
+    for kind in ("normal", "reduce"):
+        a = getattr(network, f"alphas_{kind}").data.astype(np.float64)
+        p = np.exp(a - a.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        weight = p[:, SEARCHED_COLUMNS] * macs[kind]
+        spent += float((weight * pj[np.argmax(getattr(network, f"betas_{kind}").data, axis=-1)]).sum())
+        reference += float(weight.sum()) * exact_pj
+    return spent / reference
 
 
 class MultiplierNetwork(Network):
@@ -225,9 +245,10 @@ class MultiplierNetwork(Network):
         """argmax-β multiplier index per (edge, searched op), per cell type."""
         return {kind: np.argmax(getattr(self, f"betas_{kind}").data, axis=-1) for kind in ("normal", "reduce")}
 
-    def genotype(self) -> Genotype:
-        """DARTS's genotype of α, with the argmax-β multiplier of every kept sep/dil conv."""
-        base = super().genotype()
+    def genotype(self, max_parameter_free: int | None = None) -> Genotype:
+        """DARTS's genotype of α (capped as :meth:`Network.genotype`), with the argmax-β multiplier of every
+        kept sep/dil conv."""
+        base = super().genotype(max_parameter_free)
         chosen = self.chosen_multipliers()
         mults = {}
         for kind in ("normal", "reduce"):

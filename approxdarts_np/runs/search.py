@@ -26,9 +26,11 @@ from approxdarts_np.data.augment import AugmentConfig, BatchLoader
 from approxdarts_np.data.cifar import load_cifar10, search_split
 from approxdarts_np.errors import UserError
 from approxdarts_np.io.checkpoint import save_tree, write_text
+from approxdarts_np.nas.budget import DualAscent, energy_ratio, gumbel_temperature, parameter_free_share, \
+    project_to_budget
 from approxdarts_np.nas.model_search import Network
-from approxdarts_np.nas.multiplier_choice import (SEARCHED_OPS, MultiplierNetwork, network_expected_energy,
-                                                  searched_op_macs)
+from approxdarts_np.nas.multiplier_choice import (SEARCHED_OPS, MultiplierNetwork, argmax_energy_ratio,
+                                                  network_expected_energy, searched_op_macs)
 from approxdarts_np.nas.operations import PRIMITIVES
 from approxdarts_np.nn import SGD, Adam, clip_grad_norm, cosine_lr
 from approxdarts_np.runs.config import RunConfig, resolve_run_config
@@ -66,10 +68,30 @@ class SearchConfig(RunConfig):
     multipliers: str | None = None  # comma list of K candidate multipliers (a choice per searched op)
     energy_weight: float = 0.0  # λ of the energy term λ·E/E_ref in the architecture loss
     energy_target: float | None = None  # pJ per image: penalise only the expected energy above it
-    gumbel_temperature: float = 1.0  # τ of the straight-through Gumbel-softmax over β
+    energy_budget: float | None = None  # r: searched convs at most r × their exact-8-bit energy (dual ascent on λ)
+    budget_step: float = 1.0  # η of the dual ascent λ ← max(0, λ + η·(E/E_ref − r)), per architecture step
+    energy_scope: str = "beta"  # what the energy term's gradient reaches: "beta" (multipliers only) or "all"
+    max_parameter_free: int = 2  # at most this many pools/skips per cell in the derived genotype
+    warmup_epochs: int | None = None  # weights only (α, β frozen) for these first epochs; None: see warmup()
+    beta_lr: float = 0.01  # Adam learning rate of β (the multiplier logits)
+    gumbel_temperature: float = 1.0  # τ of the straight-through Gumbel-softmax over β (first epoch)
+    gumbel_temperature_end: float | None = None  # τ of the last epoch, geometric in between (None: constant)
+    budget_channels: int = 36  # the evaluation network on which the budget is checked (DARTS: 36 channels,
+    budget_layers: int = 20  # 20 cells)
     order: int = 1  # 1: first-order architecture gradient; 2: DARTS's unrolled (second-order) gradient
     unrolled_lr: float | None = None  # ξ of the virtual step (None: the current weight learning rate)
     preset: str = "quick"
+
+    def warmup(self) -> int:
+        """Epochs of weights only: ``warmup_epochs``, or by default a quarter of the epochs of a search that
+        chooses multipliers (0 for a plain search, as DARTS)."""
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        return self.epochs // 4 if len(self.candidate_specs()) > 1 else 0
+
+    def temperature(self, epoch: int) -> float:
+        end = self.gumbel_temperature if self.gumbel_temperature_end is None else self.gumbel_temperature_end
+        return gumbel_temperature(epoch, self.epochs, self.gumbel_temperature, end)
 
     def candidate_specs(self) -> list[str]:
         """The candidate multipliers of ``--multipliers`` (empty without it)."""
@@ -105,8 +127,38 @@ class SearchConfig(RunConfig):
             raise UserError(f"--energy-target must be a positive number of pJ, got {self.energy_target}")
         if self.energy_target is not None and self.energy_weight == 0:
             raise UserError("--energy-target needs an --energy-weight > 0 to act")
-        if not self.gumbel_temperature > 0:
-            raise UserError(f"--gumbel-temperature must be positive, got {self.gumbel_temperature}")
+        if not self.gumbel_temperature > 0 or not (self.gumbel_temperature_end is None
+                                                   or self.gumbel_temperature_end > 0):
+            raise UserError(f"--gumbel-temperature must be positive, got {self.gumbel_temperature}"
+                            + ("" if self.gumbel_temperature_end is None else f":{self.gumbel_temperature_end}"))
+        choosing = len(self.candidate_specs()) > 1
+        if self.energy_scope not in ("beta", "all"):
+            raise UserError(f"--energy-scope must be beta (the energy term moves the multipliers only) or all "
+                            f"(it moves the ops too), got {self.energy_scope!r}")
+        if self.energy_weight > 0 and self.energy_scope == "beta" and not choosing:
+            raise UserError("--energy-weight with one multiplier has no multiplier to choose: give --multipliers "
+                            "(two or more) or --energy-scope all (the energy term then moves the ops)")
+        if self.energy_budget is not None:
+            if not 0 < self.energy_budget <= 1:
+                raise UserError(f"--energy-budget must lie in (0, 1] (a share of the exact-8-bit energy), "
+                                f"got {self.energy_budget}")
+            if not choosing:
+                raise UserError("--energy-budget needs --multipliers with two or more candidates to choose from")
+            if self.energy_weight > 0:
+                raise UserError("give either --energy-budget (λ is then found by the search) or --energy-weight "
+                                "(a fixed λ), not both")
+        if not self.budget_step > 0:
+            raise UserError(f"--budget-step must be positive, got {self.budget_step}")
+        if not 0 <= self.max_parameter_free <= 8:
+            raise UserError(f"--max-parameter-free must lie in 0..8 (ops per cell), got {self.max_parameter_free}")
+        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs < self.epochs:
+            raise UserError(f"--warmup-epochs must lie in 0..{self.epochs - 1} (fewer than --epochs "
+                            f"{self.epochs}), got {self.warmup_epochs}")
+        if not self.beta_lr > 0:
+            raise UserError(f"--beta-lr must be positive, got {self.beta_lr}")
+        if self.budget_channels <= 0 or self.budget_layers < 3:
+            raise UserError(f"the budget's network needs channels > 0 and at least 3 cells, got "
+                            f"{self.budget_channels} channels and {self.budget_layers} cells")
         if self.order == 2 and (self.energy_weight > 0 or len(self.candidate_specs()) > 1):
             raise UserError("--order 2 works with --multiplier; with --multipliers (K > 1) or --energy-weight "
                             "use --order 1")
@@ -115,17 +167,20 @@ class SearchConfig(RunConfig):
         check_memory(search_memory_bytes(self), "search")
 
 
-def architecture_step(model: Network, optimizer: Adam, images, labels, penalty=None) -> tuple[float, int]:
+def architecture_step(model: Network, optimizers, images, labels, penalty=None) -> tuple[float, int]:
     """Update α (and β) with the gradient of the val-batch loss at the current weights (first order).
 
-    ``penalty()``, when given, returns a differentiable term added to the loss
-    (the energy term of a multiplier-aware search); the returned loss is the
-    cross-entropy alone.
+    ``optimizers``: one Adam, or a list (α's and β's, each with its own learning rate). ``penalty()``,
+    when given, returns a differentiable term added to the loss (the energy term of a multiplier-aware
+    search); the returned loss is the cross-entropy alone.
     """
-    optimizer.zero_grad()
+    optimizers = optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]
+    for optimizer in optimizers:
+        optimizer.zero_grad()
     loss, correct = _loss_and_grad(model, images, labels, frozen=model.weights(), penalty=penalty)
     if math.isfinite(loss):
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
     return loss, correct
 
 
@@ -197,8 +252,16 @@ class Searcher:
         self.macs = searched_op_macs(self.model) if energy is not None else None
         self.w_optimizer = SGD(self.model.weights(), lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
-        self.a_optimizer = Adam(self.model.arch_parameters(), lr=config.arch_lr, betas=config.arch_betas,
+        alphas = [self.model.alphas_normal, self.model.alphas_reduce]
+        self.a_optimizer = Adam(alphas, lr=config.arch_lr, betas=config.arch_betas,
                                 weight_decay=config.arch_weight_decay)
+        # β (the multiplier logits) has a learning rate of its own: at α's, two epochs moved it by 1e-3
+        self.b_optimizer = Adam([self.model.betas_normal, self.model.betas_reduce], lr=config.beta_lr,
+                                betas=config.arch_betas, weight_decay=config.arch_weight_decay) \
+            if self.choosing else None
+        self.warmup_epochs = config.warmup()
+        self.dual = DualAscent(config.energy_budget, config.budget_step) if config.energy_budget is not None \
+            else None
         self.alpha_history: list = []  # (normal, reduce) α after each finished epoch
         self.beta_history: list = []  # (normal, reduce) β after each finished epoch (multiplier choice)
 
@@ -210,7 +273,12 @@ class Searcher:
         cfg = self.config
         self.w_optimizer.lr = cosine_lr(cfg.lr, cfg.lr_min, epoch, cfg.epochs)
         self.model.train()
-        return {"lr": self.w_optimizer.lr}
+        begun = {"lr": self.w_optimizer.lr}
+        if self.choosing:
+            self.model.temperature = begun["gumbel_temperature"] = cfg.temperature(epoch)
+        if epoch < self.warmup_epochs:
+            begun["warmup"] = True
+        return begun
 
     def step(self, epoch: int, step: int) -> StepResult:
         # architecture step on an architecture-val batch, then weight step on a weight-train batch
@@ -218,14 +286,25 @@ class Searcher:
         val_batch, train_batch = self.val_loader.batch(epoch, step), self.train_loader.batch(epoch, step)
         if self.choosing:  # one sampled multiplier per searched op for both halves of the step
             self.model.choose(np.random.default_rng([cfg.seed, epoch, step, _CHOICE_STREAM]))
+        if epoch < self.warmup_epochs:  # warm-up: weights only, on the multipliers drawn above
+            t_loss, t_correct = weight_step(self.model, self.w_optimizer, *train_batch, grad_clip=cfg.grad_clip)
+            bs = cfg.batch_size
+            return StepResult(losses={"train_loss": t_loss},
+                              sums={"train_loss": t_loss * bs, "train_correct": t_correct, "seen": bs},
+                              shown={"train_loss": t_loss, "train_acc": t_correct / bs})
         if cfg.order == 2:
             # DARTS: the virtual step uses the same weight-train batch and, by default, the current lr
             xi = cfg.unrolled_lr if cfg.unrolled_lr is not None else self.w_optimizer.lr
             a_loss, a_correct = unrolled_architecture_step(self.model, self.a_optimizer, self.w_optimizer,
                                                            train_batch, val_batch, xi)
         else:
-            penalty = self.energy_penalty if cfg.energy_weight > 0 else None
-            a_loss, a_correct = architecture_step(self.model, self.a_optimizer, *val_batch, penalty=penalty)
+            penalty = self.energy_penalty if cfg.energy_weight > 0 or self.dual is not None else None
+            optimizers = [self.a_optimizer] + ([self.b_optimizer] if self.choosing else [])
+            a_loss, a_correct = architecture_step(self.model, optimizers, *val_batch, penalty=penalty)
+            if self.dual is not None and math.isfinite(a_loss):
+                # λ for the next step, from the ratio of the argmax-β choice after this step: the budget
+                # holds for the multipliers the genotype takes, not for the mixture
+                self.dual.update(self.argmax_ratio())
         if not math.isfinite(a_loss):
             return StepResult(losses={"arch_loss": a_loss}, sums={})
         t_loss, t_correct = weight_step(self.model, self.w_optimizer, *train_batch, grad_clip=cfg.grad_clip)
@@ -237,23 +316,68 @@ class Searcher:
             shown={"train_loss": t_loss, "train_acc": t_correct / bs, "arch_loss": a_loss})
 
     def energy_penalty(self) -> Tensor:
-        """λ·E/E_ref, or λ·max(0, E − target)/E_ref with an energy target (E_ref a constant normaliser)."""
+        """The energy term of the architecture loss (E_ref a constant normaliser):
+
+        - with a budget, λ·E/E_ref with the dual ascent's current λ;
+        - otherwise λ·E/E_ref with λ = ``--energy-weight``, or λ·max(0, E − target)/E_ref with a target.
+
+        With the default scope (``beta``) the op probabilities in E are constants, so the term moves the
+        multipliers only and α's gradient is the task loss's alone.
+        """
         cfg = self.config
         energy, reference = network_expected_energy(self.model, self.macs, self.energy["pj"],
-                                                    self.energy["exact_pj"])
+                                                    self.energy["exact_pj"], ops_fixed=cfg.energy_scope == "beta")
+        if self.dual is not None:
+            return energy * (self.dual.value / reference)
         if cfg.energy_target is not None:
             energy = F.relu(energy - cfg.energy_target)
         return energy * (cfg.energy_weight / reference)
 
     def energy_figures(self) -> dict:
-        """Expected energy of the searched convs now (pJ per image), its exact-8-bit reference and ratio."""
+        """Expected energy of the searched convs now (pJ per image), its exact-8-bit reference and ratio;
+        with a budget also λ and the ratio of the derived genotype on the budget's network."""
         if self.energy is None:
             return {}
         with no_grad():
             energy, reference = network_expected_energy(self.model, self.macs, self.energy["pj"],
                                                         self.energy["exact_pj"])
-        return {"expected_energy_pj": energy.item(), "reference_energy_pj": reference,
-                "energy_ratio": energy.item() / reference}
+        figures = {"expected_energy_pj": energy.item(), "reference_energy_pj": reference,
+                   "energy_ratio": energy.item() / reference}
+        if self.dual is not None:
+            figures["lagrange_multiplier"] = self.dual.value
+        if self.choosing:
+            figures["energy_ratio_argmax"] = self.argmax_ratio()
+            cfg = self.config
+            unprojected = self.model.genotype(cfg.max_parameter_free)
+            figures["genotype_energy_ratio_argmax"] = energy_ratio(
+                unprojected, self.prices(), self.energy["exact_pj"], cfg.budget_channels, cfg.budget_layers)
+            genotype, moves = self.genotype_and_moves()
+            figures["genotype_energy_ratio"] = energy_ratio(
+                genotype, self.prices(), self.energy["exact_pj"], cfg.budget_channels, cfg.budget_layers)
+            figures["projection_moves"] = len(moves)
+        return figures
+
+    def argmax_ratio(self) -> float:
+        return argmax_energy_ratio(self.model, self.macs, self.energy["pj"], self.energy["exact_pj"])
+
+    def prices(self) -> dict[str, float]:
+        """Energy per multiply of each candidate, by name."""
+        return {a.name: float(pj) for a, pj in zip(self.model.candidates, self.energy["pj"])}
+
+    def genotype_and_moves(self):
+        """The derived genotype (parameter-free ops capped; with a budget, projected into it) and the
+        projection's moves."""
+        cfg = self.config
+        genotype = self.model.genotype(cfg.max_parameter_free)
+        if self.dual is None:
+            return genotype, []
+        betas = {"normal": self.model.betas_normal.data, "reduce": self.model.betas_reduce.data}
+        return project_to_budget(genotype, betas, [a.name for a in self.model.candidates], self.energy["pj"],
+                                 self.energy["exact_pj"], cfg.energy_budget, cfg.budget_channels,
+                                 cfg.budget_layers)
+
+    def genotype(self):
+        return self.genotype_and_moves()[0]
 
     def end_epoch(self, epoch: int, sums: dict, begun: dict) -> dict:
         if self.choosing:
@@ -266,14 +390,14 @@ class Searcher:
             probs = self.model.multiplier_probabilities()
             record_extra["multiplier_probabilities"] = {
                 kind: np.round(p, 6).tolist() for kind, p in probs.items()}
-        genotype = self.model.genotype()
-        kept = [op for op, _ in genotype.normal + genotype.reduce]
+        genotype = self.genotype()
         seen = sums["seen"]
-        return {"train_loss": sums["train_loss"] / seen, "train_acc": sums["train_correct"] / seen,
-                "arch_step_loss": sums["arch_loss"] / seen, "arch_step_acc": sums["arch_correct"] / seen,
+        arch = {"arch_step_loss": sums["arch_loss"] / seen, "arch_step_acc": sums["arch_correct"] / seen} \
+            if "arch_loss" in sums else {"arch_step_loss": None, "arch_step_acc": None}
+        return {"train_loss": sums["train_loss"] / seen, "train_acc": sums["train_correct"] / seen, **arch,
                 "val_loss": val_loss, "val_acc": val_acc, "genotype": genotype.to_darts_string(),
-                "skip_pool_share": sum(op in ("skip_connect", "max_pool_3x3", "avg_pool_3x3") for op in kept)
-                / len(kept), **record_extra}
+                "skip_pool_share": parameter_free_share(genotype),
+                "skip_pool_share_uncapped": parameter_free_share(self.model.genotype()), **record_extra}
 
     def evaluate_val(self) -> tuple[float, float]:
         """Loss and accuracy on the whole architecture-val half, eval mode (running BN statistics)."""
@@ -286,6 +410,9 @@ class Searcher:
         if self.choosing:
             k = len(self.model.candidates)
             extra["beta_history"] = np.array(self.beta_history, dtype=np.float32).reshape(-1, 2, 14, 4, k)
+            extra["b_optimizer"] = self.b_optimizer.state_dict()
+        if self.dual is not None:
+            extra["dual"] = {"lagrange_multiplier": self.dual.value}
         return {**extra,
                 "alpha_history": np.array(self.alpha_history, dtype=np.float32).reshape(-1, 2, 14, len(PRIMITIVES)),
                 "model": self.model.state_dict(),
@@ -295,7 +422,17 @@ class Searcher:
     def load_state_tree(self, tree: dict) -> None:
         self.model.load_state_dict(tree["model"])
         self.w_optimizer.load_state_dict(tree["w_optimizer"])
-        self.a_optimizer.load_state_dict(tree["a_optimizer"])
+        a_state = tree["a_optimizer"]
+        if self.choosing and "b_optimizer" not in tree:
+            # a checkpoint from before β had its own optimizer: one Adam over α and β, α's entries first
+            b_state = {"lr": self.config.beta_lr, "steps": a_state["steps"], "state": a_state["state"][2:]}
+            a_state = {**a_state, "state": a_state["state"][:2]}
+            self.b_optimizer.load_state_dict(b_state)
+        elif self.choosing:
+            self.b_optimizer.load_state_dict(tree["b_optimizer"])
+        self.a_optimizer.load_state_dict(a_state)
+        if self.dual is not None:
+            self.dual.value = float(tree["dual"]["lagrange_multiplier"])
         self.alpha_history = [list(a) for a in np.asarray(tree["alpha_history"])]
         if self.choosing:
             self.beta_history = [list(b) for b in np.asarray(tree["beta_history"])]
@@ -303,7 +440,7 @@ class Searcher:
 
     def write_results(self, folder: Path) -> None:
         """alpha.h5, genotype.json and genotype.txt for the epochs done so far."""
-        genotype = self.model.genotype()
+        genotype = self.genotype()
         write_text(folder / "genotype.json", genotype.to_json() + "\n")
         write_text(folder / "genotype.txt", genotype.to_text() + "\n")
         history = np.array(self.alpha_history, dtype=np.float32).reshape(-1, 2, 14, len(PRIMITIVES))
@@ -327,7 +464,7 @@ class Searcher:
 
     def summary(self, metrics: list) -> dict:
         last = metrics[-1] if metrics else {}
-        genotype = self.model.genotype()
+        genotype = self.genotype()
         return {"val_acc": last.get("val_acc"), "val_loss": last.get("val_loss"),
                 "train_acc": last.get("train_acc"), "genotype": genotype.to_dict(),
                 "genotype_string": genotype.to_darts_string()}
@@ -370,10 +507,15 @@ def run_search(config: SearchConfig | None = None, resume: str | Path | None = N
     arithmetic = arithmetic_from_spec(specs[0] if len(specs) == 1 else config.multiplier)
     candidates = [arithmetic_from_spec(spec) for spec in specs] if len(specs) > 1 else None
     energy = energy_prices(candidates or [arithmetic], required=config.energy_weight > 0 or candidates)
+    if config.energy_budget is not None:
+        cheapest = float(np.min(energy["pj"]) / energy["exact_pj"])
+        if config.energy_budget < cheapest:
+            raise UserError(f"--energy-budget {config.energy_budget} is below {cheapest:.3f}, the ratio of the "
+                            f"cheapest candidate: no choice of these multipliers can meet it")
     searcher = Searcher(config, multiplier=arithmetic, candidates=candidates, energy=energy)
     threads = configure_threads(config.threads)
     resolved = {"threads": threads, "multiplier": arithmetic.name if arithmetic else "none",
-                "steps_per_epoch": searcher.steps_per_epoch}
+                "steps_per_epoch": searcher.steps_per_epoch, "warmup_epochs": searcher.warmup_epochs}
     if candidates:
         resolved["multipliers"] = [a.name for a in candidates]
     if energy is not None:
