@@ -115,8 +115,8 @@ def run_job(job: dict, root: str) -> dict:
         extra["skip_pool_share_uncapped"] = last.get("skip_pool_share_uncapped")
         for key in ("lagrange_multiplier", "energy_ratio", "energy_ratio_argmax", "genotype_energy_ratio_argmax",
                     "projection_moves"):
-            if key in last:
-                extra[key] = last[key]
+            if key in last:  # the search's own figures at its last epoch, kept apart from the row's
+                extra[f"search_{key}"] = last[key]
     train_dir = folder / "train"
     multiplier = job.get("multiplier", "genotype")
     t0 = time.time()
@@ -221,8 +221,8 @@ def write_outputs(root: Path, rows: list[dict], settings: dict) -> None:
     summary = summarise(rows)
     write_json(root / "results.json", {"settings": settings, "summary": summary, "rows": rows})
     columns = ["job", "arm", "multiplier", "budget", "seed", "test_acc", "energy_ratio", "energy_uj",
-               "searched_conv_share", "skip_pool_share", "multiplier_mix", "search_val_acc", "lagrange_multiplier",
-               "projection_moves", "search_s", "train_s"]
+               "searched_conv_share", "skip_pool_share", "multiplier_mix", "search_val_acc",
+               "search_lagrange_multiplier", "search_projection_moves", "search_s", "train_s"]
     import io
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
@@ -251,6 +251,7 @@ def main() -> int:
                                                             "python": sys.version.split()[0]},
                 "command": " ".join(sys.argv)}
     started = time.time()
+    settings["load_average_start"] = os.getloadavg()
     rows = []
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_job, job, str(root)): job for job in todo}

@@ -131,6 +131,8 @@ def project_to_budget(genotype: Genotype, betas: dict[str, np.ndarray], names: l
     # budget still allows, so the projection does not cheapen more ops than it must.
     for move in reversed(moves[:-1]):
         kind, k = move["cell"], move["op"]
+        if chosen[kind][k] != move["to"]:
+            continue  # a later move cheapened this op further; that one is kept
         chosen[kind][k] = move["from"]
         if energy_ratio(current(), prices, exact_pj, channels, layers) > budget:
             chosen[kind][k] = move["to"]

@@ -1,0 +1,317 @@
+"""The budgeted multiplier search: warm-up, the energy scope, the dual variable, the projection into the
+budget, the cap on parameter-free ops, β's own learning rate and the annealed temperature — each checked
+against the fact it must hold, not only that a run finishes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from approxdarts_np.approx.convolution import arithmetic_from_spec
+from approxdarts_np.approx.energy import EnergyTable
+from approxdarts_np.io.checkpoint import load_tree
+from approxdarts_np.nas.budget import (PARAMETER_FREE_OPS, SEARCHED_OPS, DualAscent, cap_parameter_free,
+                                       edge_index, energy_ratio, genotype_op_multiplies, gumbel_temperature,
+                                       parameter_free_share, project_to_budget, random_genotype)
+from approxdarts_np.nas.genotypes import DARTS_V2, Genotype, derive_genotype
+from approxdarts_np.nas.operations import PRIMITIVES
+from approxdarts_np.runs.loop import RunInterrupted
+from approxdarts_np.runs.report import network_energy
+from approxdarts_np.runs.search import SearchConfig, Searcher, energy_prices, run_search
+from approxdarts_np_cli.main import app
+from run_helpers import ctrl_c_at, metrics_without_times
+
+TINY = dict(epochs=2, channels=2, layers=3, batch_size=4, max_train_images=24, threads=1, seed=3)
+CANDIDATES = ["exact", "mul8u_2P7", "mul8u_17KS", "mul8u_L40"]
+TABLE = EnergyTable()
+PJ = np.array([TABLE.approx_mul_pj(arithmetic_from_spec(n).multiplier) for n in CANDIDATES])
+PRICES = dict(zip(CANDIDATES, map(float, PJ)))
+EXACT_PJ = TABLE.int8_mul_pj
+CHEAPEST = float(PJ.min() / EXACT_PJ)
+
+
+def _searcher(tmp_path, **kw):
+    cfg = SearchConfig.quick(output_dir=str(tmp_path), multipliers=",".join(CANDIDATES), **{**TINY, **kw})
+    candidates = [arithmetic_from_spec(s) for s in cfg.candidate_specs()]
+    return Searcher(cfg, candidates=candidates, energy=energy_prices(candidates, required=True))
+
+
+def _arch(searcher):
+    m = searcher.model
+    return [p.data.copy() for p in (m.alphas_normal, m.alphas_reduce, m.betas_normal, m.betas_reduce)]
+
+
+# ----------------------------------------------------------------------------- warm-up
+def test_a_warmup_epoch_leaves_alpha_and_beta_bit_identical_and_trains_the_weights(tmp_path):
+    searcher = _searcher(tmp_path, warmup_epochs=1, energy_budget=0.5)
+    before, weights = _arch(searcher), [p.data.copy() for p in searcher.model.weights()]
+    begun = searcher.begin_epoch(0)
+    assert begun.get("warmup") is True
+    drawn = set()
+    for step in range(searcher.steps_per_epoch):
+        searcher.step(0, step)
+        drawn |= set(np.unique(searcher.model.choice["normal"][0]).tolist())
+    for a, b in zip(before, _arch(searcher)):
+        np.testing.assert_array_equal(a, b)
+    assert searcher.dual.value == 0.0
+    assert any(not np.array_equal(a, p.data) for a, p in zip(weights, searcher.model.weights()))
+    assert len(drawn) > 1  # multipliers are still drawn during warm-up, so every candidate's weights adapt
+    searcher.begin_epoch(1)  # after warm-up the architecture moves
+    searcher.step(1, 0)
+    assert all(not np.array_equal(a, b) for a, b in zip(before, _arch(searcher)))
+
+
+def test_the_default_warmup_is_a_quarter_of_a_multiplier_search_and_none_for_a_plain_one():
+    assert SearchConfig.quick(epochs=8, multipliers="exact,mul8u_17KS").warmup() == 2
+    assert SearchConfig.quick(epochs=8, multiplier="mul8u_17KS").warmup() == 0
+    assert SearchConfig.quick(epochs=8, multipliers="exact,mul8u_17KS", warmup_epochs=0).warmup() == 0
+
+
+# ----------------------------------------------------------------------------- scope
+def _arch_gradients(tmp_path, **kw):
+    searcher = _searcher(tmp_path, warmup_epochs=0, **kw)
+    searcher.begin_epoch(0)
+    searcher.step(0, 0)
+    m = searcher.model
+    return [p.grad.copy() for p in (m.alphas_normal, m.alphas_reduce, m.betas_normal, m.betas_reduce)]
+
+
+def test_by_default_the_energy_term_reaches_beta_only(tmp_path):
+    plain = _arch_gradients(tmp_path / "a", energy_weight=0.0)
+    weighted = _arch_gradients(tmp_path / "b", energy_weight=5.0)
+    budgeted = _arch_gradients(tmp_path / "c", energy_budget=0.3, budget_step=100.0)
+    everywhere = _arch_gradients(tmp_path / "d", energy_weight=5.0, energy_scope="all")
+    for g in (weighted, budgeted):  # α: exactly the task loss's gradient
+        np.testing.assert_array_equal(g[0], plain[0])
+        np.testing.assert_array_equal(g[1], plain[1])
+    assert not np.array_equal(weighted[2], plain[2])  # β: the energy term acts
+    assert not np.array_equal(everywhere[0], plain[0])  # scope all: it moves α too
+
+
+def test_a_budget_below_the_start_lowers_the_argmax_ratio_within_an_epoch(tmp_path):
+    searcher = _searcher(tmp_path, warmup_epochs=0, energy_budget=CHEAPEST, budget_step=50.0, beta_lr=0.05)
+    searcher.begin_epoch(0)
+    start = searcher.argmax_ratio()
+    for step in range(searcher.steps_per_epoch):
+        searcher.step(0, step)
+    assert searcher.argmax_ratio() < start
+    assert searcher.dual.value > 0
+
+
+# ----------------------------------------------------------------------------- dual ascent
+def test_the_dual_variable_rises_over_budget_and_falls_back_once_it_is_met():
+    dual = DualAscent(budget=0.5, step_size=2.0)
+    rising = [dual.update(r) for r in (0.9, 0.8, 0.7)]
+    assert rising == pytest.approx([0.8, 1.4, 1.8])
+    falling = [dual.update(r) for r in (0.3, 0.3, 0.3)]
+    assert falling == pytest.approx([1.4, 1.0, 0.6])
+    assert [dual.update(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]  # never negative
+
+
+def test_in_a_search_lambda_rises_while_the_argmax_ratio_is_over_budget_then_falls(tmp_path):
+    searcher = _searcher(tmp_path, warmup_epochs=0, energy_budget=0.6, budget_step=5.0, beta_lr=0.05,
+                         max_train_images=64)
+    searcher.begin_epoch(0)
+    trace = []
+    for step in range(searcher.steps_per_epoch):
+        before = searcher.dual.value
+        searcher.step(0, step)
+        trace.append((before, searcher.argmax_ratio(), searcher.dual.value))
+    for before, ratio, after in trace:
+        # the update uses the ratio after the step's β update
+        assert after == pytest.approx(max(0.0, before + 5.0 * (ratio - 0.6)), rel=1e-12, abs=1e-15)
+    assert any(ratio > 0.6 for _, ratio, _ in trace) and any(ratio <= 0.6 for _, ratio, _ in trace), trace
+    assert max(after for *_, after in trace) > 0
+
+
+# ----------------------------------------------------------------------------- energy ratio and projection
+@pytest.mark.parametrize("channels, layers", [(36, 20), (4, 3), (8, 5), (6, 7)])
+def test_the_shape_count_of_searched_multiplies_equals_the_forward_pass_count(channels, layers):
+    rng = np.random.default_rng(channels * 100 + layers)
+    for genotype in [DARTS_V2] + [random_genotype(rng, CANDIDATES) for _ in range(3)]:
+        report, _ = network_energy(genotype.without_multipliers(), channels, layers, "exact")
+        counted = genotype_op_multiplies(genotype, channels, layers)
+        assert int(counted["normal"].sum() + counted["reduce"].sum()) == report.macs_quantised
+
+
+def test_energy_ratio_matches_the_energy_report():
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        g = random_genotype(rng, CANDIDATES)
+        report, _ = network_energy(g, 8, 5, "genotype")
+        quantised = [r for r in report.layers if r.quantised]
+        by_report = sum(r.mul_energy_approx_pj for r in quantised) / sum(r.mul_energy_exact8_pj for r in quantised)
+        assert energy_ratio(g, PRICES, EXACT_PJ, 8, 5) == pytest.approx(by_report, rel=1e-12)
+
+
+def _betas(rng):
+    return {k: rng.standard_normal((14, 4, len(CANDIDATES))) for k in ("normal", "reduce")}
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), budget=st.floats(CHEAPEST, 1.0))
+def test_the_projection_always_meets_the_budget_and_keeps_what_it_need_not_change(seed, budget):
+    rng = np.random.default_rng(seed)
+    g = random_genotype(rng, CANDIDATES)
+    projected, moves = project_to_budget(g, _betas(rng), CANDIDATES, PJ, EXACT_PJ, budget)
+    ratio = energy_ratio(projected, PRICES, EXACT_PJ)
+    assert ratio <= budget + 1e-12
+    assert projected.without_multipliers() == g.without_multipliers()  # ops and inputs untouched
+    changed = [(kind, k, a, b) for kind in ("normal", "reduce")
+               for k, (a, b) in enumerate(zip(g.multipliers(kind), projected.multipliers(kind))) if a != b]
+    assert {(m["cell"], m["op"]) for m in moves} == {(kind, k) for kind, k, _, _ in changed}
+    for _, _, before, after in changed:  # only ever cheaper
+        assert PRICES[after] < PRICES[before]
+    if energy_ratio(g, PRICES, EXACT_PJ) <= budget:
+        assert projected == g and not moves
+
+
+def test_the_projection_cheapens_the_op_with_the_smallest_beta_margin_first():
+    g = Genotype(normal=[("sep_conv_3x3", 0), ("sep_conv_3x3", 1)] * 4, normal_concat=(2, 3, 4, 5),
+                 reduce=[("sep_conv_3x3", 0), ("sep_conv_3x3", 1)] * 4, reduce_concat=(2, 3, 4, 5),
+                 normal_multipliers=["exact"] * 8, reduce_multipliers=["exact"] * 8)
+    betas = {k: np.zeros((14, 4, 4)) for k in ("normal", "reduce")}
+    for kind in betas:
+        betas[kind][:, :, 0] = 5.0  # every op prefers exact strongly ...
+    row = edge_index(2, 1)  # ... except normal op 5 (node 2, input 1), which barely prefers it over L40
+    betas["normal"][row, 0, 0], betas["normal"][row, 0, 3] = 1.0, 0.9
+    full = energy_ratio(g, PRICES, EXACT_PJ)
+    projected, moves = project_to_budget(g, betas, CANDIDATES, PJ, EXACT_PJ, full - 1e-9)
+    assert moves == [{"cell": "normal", "op": 5, "from": "exact", "to": "mul8u_L40", "margin": pytest.approx(0.1)}]
+    assert projected.multipliers("normal")[5] == "mul8u_L40"
+
+
+def test_a_budget_below_the_cheapest_candidate_is_refused_before_anything_is_written(tmp_path):
+    result = CliRunner().invoke(app, ["search", "--multipliers", ",".join(CANDIDATES), "--energy-budget", "0.1",
+                                      "--output-dir", str(tmp_path / "out"), "--threads", "1"])
+    assert result.exit_code == 2 and "cheapest" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------- parameter-free cap
+def _softmax(a):
+    e = np.exp(a - a.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2, 3])
+def test_the_cap_holds_on_an_alpha_that_prefers_skips_everywhere(limit):
+    rng = np.random.default_rng(limit)
+    alphas = 1e-2 * rng.standard_normal((14, 8))
+    alphas[:, PRIMITIVES.index("skip_connect")] += 5.0
+    alphas[:, PRIMITIVES.index("max_pool_3x3")] += 4.0
+    weights = {"normal": _softmax(alphas), "reduce": _softmax(alphas[::-1].copy())}
+    base = derive_genotype(weights["normal"], weights["reduce"])
+    assert parameter_free_share(base) == 1.0
+    capped = cap_parameter_free(weights, base, limit)
+    for kind in ("normal", "reduce"):
+        before, after = getattr(base, kind), getattr(capped, kind)
+        assert sum(op in PARAMETER_FREE_OPS for op, _ in after) == limit
+        assert [j for _, j in before] == [j for _, j in after]  # the cell keeps its inputs
+        for k, ((op0, j), (op1, _)) in enumerate(zip(before, after)):
+            if op1 != op0:  # a replacement is the strongest conv of that very edge
+                row = weights[kind][edge_index(k // 2, j)]
+                assert op1 == max(SEARCHED_OPS, key=lambda o: row[PRIMITIVES.index(o)])
+        # the weakest parameter-free ops went first: every kept one outweighs every replaced one
+        kept = [weights[kind][edge_index(k // 2, j), PRIMITIVES.index(op)]
+                for k, (op, j) in enumerate(after) if op in PARAMETER_FREE_OPS]
+        gone = [weights[kind][edge_index(k // 2, j), PRIMITIVES.index(op)]
+                for k, ((op, j), (new, _)) in enumerate(zip(before, after)) if new != op]
+        assert not kept or not gone or min(kept) >= max(gone)
+
+
+def test_a_search_writes_the_capped_genotype_and_records_the_uncapped_share(tmp_path):
+    out = tmp_path / "s"
+    run_search(SearchConfig.quick(output_dir=str(out), max_parameter_free=0, **{**TINY, "epochs": 1}))
+    metrics = metrics_without_times(out)[-1]
+    assert metrics["skip_pool_share"] == 0.0
+    assert "skip_pool_share_uncapped" in metrics
+    text = (out / "genotype.txt").read_text()
+    assert not any(op in text for op in PARAMETER_FREE_OPS)
+
+
+# ----------------------------------------------------------------------------- β's learning rate, temperature
+def test_beta_and_alpha_step_at_their_own_learning_rates(tmp_path):
+    searcher = _searcher(tmp_path, warmup_epochs=0, arch_lr=1e-3, beta_lr=0.03, arch_weight_decay=0.0,
+                         energy_weight=1.0)
+    before = _arch(searcher)
+    searcher.begin_epoch(0)
+    searcher.step(0, 0)
+    after = _arch(searcher)
+    # Adam's first step moves every coordinate with a clear gradient by its learning rate
+    for (b, a), lr in zip(zip(before, after), (1e-3, 1e-3, 0.03, 0.03)):
+        moved = np.abs(a.astype(np.float64) - b)
+        assert moved.max() == pytest.approx(lr, rel=1e-3)
+
+
+def test_the_temperature_follows_its_geometric_schedule():
+    assert gumbel_temperature(0, 5, 5.0, 0.5) == 5.0
+    assert gumbel_temperature(4, 5, 5.0, 0.5) == pytest.approx(0.5)
+    assert gumbel_temperature(2, 5, 5.0, 0.5) == pytest.approx(np.sqrt(5.0 * 0.5))
+    assert gumbel_temperature(3, 1, 5.0, 0.5) == 5.0
+
+
+def test_temperature_beta_lr_and_lambda_resume_bit_identically(tmp_path):
+    cfg = dict(TINY, epochs=3, multipliers=",".join(CANDIDATES), energy_budget=0.5, warmup_epochs=1,
+               beta_lr=0.05, gumbel_temperature=4.0, gumbel_temperature_end=0.5, budget_step=3.0)
+    ref = tmp_path / "ref"
+    run_search(SearchConfig.quick(output_dir=str(ref), **cfg))
+    out = tmp_path / "run"
+    with pytest.raises(RunInterrupted):
+        run_search(SearchConfig.quick(output_dir=str(out), **cfg), progress=ctrl_c_at(2, epoch=1))
+    run_search(resume=out)
+    a, b = load_tree(out / "alpha.h5"), load_tree(ref / "alpha.h5")
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    metrics = metrics_without_times(out)
+    assert metrics == metrics_without_times(ref)
+    assert [m["gumbel_temperature"] for m in metrics] == pytest.approx([4.0, np.sqrt(2.0), 0.5])
+    assert metrics[0]["warmup"] is True and metrics[0]["lagrange_multiplier"] == 0.0
+    assert metrics[-1]["genotype_energy_ratio"] <= 0.5
+    assert (out / "genotype.txt").read_text() == (ref / "genotype.txt").read_text()
+
+
+# ----------------------------------------------------------------------------- the options end to end
+SEARCH = ["search", "--epochs", "1", "--channels", "2", "--layers", "3", "--batch-size", "4",
+          "--max-train-images", "16", "--threads", "1"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--energy-budget", "0.5"], "--energy-budget needs --multipliers"),
+    (["--multipliers", "exact,mul8u_17KS", "--energy-budget", "0"], "--energy-budget must lie in (0, 1]"),
+    (["--multipliers", "exact,mul8u_17KS", "--energy-budget", "1.5"], "--energy-budget must lie in (0, 1]"),
+    (["--multipliers", "exact,mul8u_17KS", "--energy-budget", "0.5", "--energy-weight", "1"], "not both"),
+    (["--multipliers", "exact,mul8u_17KS", "--energy-budget", "0.5", "--budget-step", "0"], "--budget-step"),
+    (["--energy-weight", "1"], "no multiplier to choose"),
+    (["--multipliers", "exact,mul8u_17KS", "--energy-scope", "ops"], "--energy-scope"),
+    (["--max-parameter-free", "9"], "--max-parameter-free"),
+    (["--warmup-epochs", "1"], "--warmup-epochs"),
+    (["--multipliers", "exact,mul8u_17KS", "--beta-lr", "0"], "--beta-lr"),
+    (["--multipliers", "exact,mul8u_17KS", "--gumbel-temperature", "5:0"], "--gumbel-temperature"),
+    (["--multipliers", "exact,mul8u_17KS", "--gumbel-temperature", "5:1:2"], "--gumbel-temperature"),
+    (["--multipliers", "exact,mul8u_17KS", "--gumbel-temperature", "hot"], "--gumbel-temperature"),
+])
+def test_bad_budget_options_are_one_line(tmp_path, args, fragment):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, SEARCH + ["--output-dir", str(out)] + args)
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert not (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["--multipliers", "exact,mul8u_17KS", "--energy-weight", "1", "--energy-target", "1000"],
+    ["--multipliers", "exact,mul8u_17KS", "--energy-weight", "1", "--energy-scope", "all"],
+    ["--multiplier", "mul8u_17KS", "--energy-weight", "1", "--energy-scope", "all"],
+    ["--multipliers", "exact,mul8u_17KS,mul8u_L40", "--energy-budget", "0.6", "--warmup-epochs", "0",
+     "--beta-lr", "0.02", "--gumbel-temperature", "3:1", "--max-parameter-free", "1", "--budget-step", "2"],
+])
+def test_every_energy_option_runs_end_to_end(tmp_path, args):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, SEARCH + ["--output-dir", str(out)] + args)
+    assert result.exit_code == 0, result.output
+    assert (out / "genotype.json").exists()
