@@ -166,6 +166,14 @@ def test_the_projection_always_meets_the_budget_and_keeps_what_it_need_not_chang
         assert PRICES[after] < PRICES[before]
     if energy_ratio(g, PRICES, EXACT_PJ) <= budget:
         assert projected == g and not moves
+    # no more than needed: putting any changed op back on its original multiplier breaks the budget
+    for kind, k, before, _ in changed:
+        names = list(projected.multipliers(kind))
+        names[k] = before
+        other = "reduce" if kind == "normal" else "normal"
+        undone = Genotype(g.normal, g.normal_concat, g.reduce, g.reduce_concat,
+                          **{f"{kind}_multipliers": names, f"{other}_multipliers": projected.multipliers(other)})
+        assert energy_ratio(undone, PRICES, EXACT_PJ) > budget
 
 
 def test_the_projection_cheapens_the_op_with_the_smallest_beta_margin_first():
@@ -315,3 +323,59 @@ def test_every_energy_option_runs_end_to_end(tmp_path, args):
     result = CliRunner().invoke(app, SEARCH + ["--output-dir", str(out)] + args)
     assert result.exit_code == 0, result.output
     assert (out / "genotype.json").exists()
+
+
+# ----------------------------------------------------------------------------- the energy term by hand
+def _probabilities(a):
+    a = np.asarray(a, np.float64)
+    e = np.exp(a - a.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("order", [CANDIDATES, CANDIDATES[::-1]])
+def test_the_energy_term_and_its_beta_gradient_by_hand(tmp_path, order):
+    """λ·E/E_ref with E_ref priced at the exact 8-bit multiply whatever the candidates' order, and β's gradient
+    λ/E_ref · p_op·M · p_k (pJ_k − Σ_j p_j pJ_j), each cell type from its own β."""
+    weight = 0.7
+    cfg = SearchConfig.quick(output_dir=str(tmp_path), multipliers=",".join(order), energy_weight=weight, **TINY)
+    candidates = [arithmetic_from_spec(s) for s in cfg.candidate_specs()]
+    searcher = Searcher(cfg, candidates=candidates, energy=energy_prices(candidates, required=True))
+    m = searcher.model
+    rng = np.random.default_rng(1)
+    for p in (m.alphas_normal, m.alphas_reduce, m.betas_normal, m.betas_reduce):
+        p.data[...] = rng.standard_normal(p.data.shape).astype(np.float32)
+    pj = np.array([PRICES[n] for n in order])
+    columns = [PRIMITIVES.index(op) for op in SEARCHED_OPS]
+    spent = reference = 0.0
+    grads = {}
+    for kind in ("normal", "reduce"):
+        p_op = _probabilities(getattr(m, f"alphas_{kind}").data)[:, columns]
+        p_mul = _probabilities(getattr(m, f"betas_{kind}").data)
+        macs = searcher.macs[kind]
+        per = (p_mul * pj).sum(-1)
+        spent += float((p_op * macs * per).sum())
+        reference += float((p_op * macs).sum()) * EXACT_PJ
+        grads[kind] = (p_op * macs)[..., None] * p_mul * (pj - per[..., None])
+    for p in m.arch_parameters():
+        p.grad = None
+    penalty = searcher.energy_penalty()
+    assert penalty.item() == pytest.approx(weight * spent / reference, rel=1e-5)
+    penalty.backward()
+    for kind in ("normal", "reduce"):
+        expected = weight / reference * grads[kind]
+        got = getattr(m, f"betas_{kind}").grad
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+        assert getattr(m, f"alphas_{kind}").grad is None or not getattr(m, f"alphas_{kind}").grad.any()
+
+
+def test_each_cell_type_takes_its_multipliers_from_its_own_beta(tmp_path):
+    searcher = _searcher(tmp_path)
+    m = searcher.model
+    m.betas_normal.data[...] = 0
+    m.betas_reduce.data[...] = 0
+    m.betas_normal.data[..., CANDIDATES.index("mul8u_17KS")] = 1
+    m.betas_reduce.data[..., CANDIDATES.index("exact")] = 1
+    g = m.genotype(2)
+    for kind, name in (("normal", "mul8u_17KS"), ("reduce", "exact")):
+        for (op, _), mult in zip(getattr(g, kind), g.multipliers(kind)):
+            assert mult == (name if op in SEARCHED_OPS else None)
