@@ -90,13 +90,13 @@ def test_by_default_the_energy_term_reaches_beta_only(tmp_path):
     assert not np.array_equal(everywhere[0], plain[0])  # scope all: it moves α too
 
 
-def test_a_budget_below_the_start_lowers_the_argmax_ratio_within_an_epoch(tmp_path):
+def test_a_budget_below_the_start_lowers_the_genotype_ratio_within_an_epoch(tmp_path):
     searcher = _searcher(tmp_path, warmup_epochs=0, energy_budget=CHEAPEST, budget_step=50.0, beta_lr=0.05)
     searcher.begin_epoch(0)
-    start = searcher.argmax_ratio()
+    start = searcher.genotype_ratio()
     for step in range(searcher.steps_per_epoch):
         searcher.step(0, step)
-    assert searcher.argmax_ratio() < start
+    assert searcher.genotype_ratio() < start
     assert searcher.dual.value > 0
 
 
@@ -110,7 +110,7 @@ def test_the_dual_variable_rises_over_budget_and_falls_back_once_it_is_met():
     assert [dual.update(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]  # never negative
 
 
-def test_in_a_search_lambda_rises_while_the_argmax_ratio_is_over_budget_then_falls(tmp_path):
+def test_in_a_search_lambda_rises_while_the_genotype_ratio_is_over_budget_then_falls(tmp_path):
     searcher = _searcher(tmp_path, warmup_epochs=0, energy_budget=0.6, budget_step=5.0, beta_lr=0.05,
                          max_train_images=64)
     searcher.begin_epoch(0)
@@ -118,7 +118,7 @@ def test_in_a_search_lambda_rises_while_the_argmax_ratio_is_over_budget_then_fal
     for step in range(searcher.steps_per_epoch):
         before = searcher.dual.value
         searcher.step(0, step)
-        trace.append((before, searcher.argmax_ratio(), searcher.dual.value))
+        trace.append((before, searcher.genotype_ratio(), searcher.dual.value))
     for before, ratio, after in trace:
         # the update uses the ratio after the step's β update
         assert after == pytest.approx(max(0.0, before + 5.0 * (ratio - 0.6)), rel=1e-12, abs=1e-15)

@@ -302,9 +302,9 @@ class Searcher:
             optimizers = [self.a_optimizer] + ([self.b_optimizer] if self.choosing else [])
             a_loss, a_correct = architecture_step(self.model, optimizers, *val_batch, penalty=penalty)
             if self.dual is not None and math.isfinite(a_loss):
-                # λ for the next step, from the ratio of the argmax-β choice after this step: the budget
-                # holds for the multipliers the genotype takes, not for the mixture
-                self.dual.update(self.argmax_ratio())
+                # λ for the next step, from the ratio of the genotype this step leads to (argmax α and β,
+                # on the budget's network): the budget holds for what the search returns, not for the mixture
+                self.dual.update(self.genotype_ratio())
         if not math.isfinite(a_loss):
             return StepResult(losses={"arch_loss": a_loss}, sums={})
         t_loss, t_correct = weight_step(self.model, self.w_optimizer, *train_batch, grad_clip=cfg.grad_clip)
@@ -348,9 +348,7 @@ class Searcher:
         if self.choosing:
             figures["energy_ratio_argmax"] = self.argmax_ratio()
             cfg = self.config
-            unprojected = self.model.genotype(cfg.max_parameter_free)
-            figures["genotype_energy_ratio_argmax"] = energy_ratio(
-                unprojected, self.prices(), self.energy["exact_pj"], cfg.budget_channels, cfg.budget_layers)
+            figures["genotype_energy_ratio_argmax"] = self.genotype_ratio()
             genotype, moves = self.genotype_and_moves()
             figures["genotype_energy_ratio"] = energy_ratio(
                 genotype, self.prices(), self.energy["exact_pj"], cfg.budget_channels, cfg.budget_layers)
@@ -358,7 +356,14 @@ class Searcher:
         return figures
 
     def argmax_ratio(self) -> float:
+        """E/E_ref of the supernet with every searched op on its argmax-β multiplier (op weights soft)."""
         return argmax_energy_ratio(self.model, self.macs, self.energy["pj"], self.energy["exact_pj"])
+
+    def genotype_ratio(self) -> float:
+        """Energy ratio of the derived genotype before projection, on the budget's network."""
+        cfg = self.config
+        return energy_ratio(self.model.genotype(cfg.max_parameter_free), self.prices(), self.energy["exact_pj"],
+                            cfg.budget_channels, cfg.budget_layers)
 
     def prices(self) -> dict[str, float]:
         """Energy per multiply of each candidate, by name."""
