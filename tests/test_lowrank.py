@@ -18,7 +18,7 @@ if not TABLE_DIR.is_dir():
     TABLE_DIR = Path(str(resources.files("approxdarts_np.approx").joinpath("tables")))
 BUNDLED = sorted(p.stem.removeprefix("mul8u_") for p in TABLE_DIR.glob("mul8u_*.bin"))
 CODES = np.arange(256, dtype=np.int64)
-# ranks of M - a*b stated in DESIGN.md section 4
+# ranks of M - a*b stated in docs/design.md §2
 DESIGN_RANKS = {"1446": 1, "Y48": 1, "JQQ": 3, "2P7": 6, "7C1": 8, "17KS": 19, "1JFF": 0}
 
 

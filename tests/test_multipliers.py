@@ -1,7 +1,7 @@
 """Multiplier tables: loading, validation, characterisation vs the published figures, exact rank.
 
 References: the published figures in ``tables/multipliers.json`` (compared to the precision they
-are printed with), the ranks quoted in DESIGN §4, a Fraction-based Gaussian elimination for
+are printed with), the ranks quoted in docs/design.md §2, a Fraction-based Gaussian elimination for
 ``exact_rank`` and float SVD rank as a cross-check.
 """
 from fractions import Fraction

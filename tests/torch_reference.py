@@ -6,7 +6,7 @@ FactorizedReduce, drop-path) is written here again in torch, following the
 DARTS definitions, so that the two implementations share no arithmetic.
 
 Layers set to 8-bit arithmetic (``layer.multiplier``) run here on de-quantised operands,
-quantised by this module's own code (DESIGN §4): with an exact table as torch's float conv of
+quantised by this module's own code (docs/design.md §2): with an exact table as torch's float conv of
 the de-quantised tensors, with any other table as :class:`TableConv`, whose forward is a plain
 NumPy gather ``M[q_x, q_w]`` and whose backward is the straight-through estimator (torch's conv
 gradients at the de-quantised tensors).
@@ -227,7 +227,7 @@ def _round_half_up(v: np.ndarray) -> np.ndarray:
 
 
 def quantize_reference(x: np.ndarray) -> tuple[np.ndarray, float, int]:
-    """DESIGN §4 per-tensor uint8 quantisation: ``(q as int64, scale, zero point)``.
+    """docs/design.md §2 per-tensor uint8 quantisation: ``(q as int64, scale, zero point)``.
 
     Range widened to contain 0, s = (hi - lo) / 255, z = round(-lo / s) clamped, q = clamp(round(x / s)
     + z); rounding half up, in float64; an all-zero tensor gets s = 1, z = 0.

@@ -1,4 +1,4 @@
-"""Energy of one inference's arithmetic: MACs per layer times energy per operation (DESIGN §5).
+"""Energy of one inference's arithmetic: MACs per layer times energy per operation (docs/design.md §3).
 
 Three scenarios over the same layers:
 

@@ -1,6 +1,6 @@
 """Per-tensor asymmetric unsigned 8-bit quantisation, following TFApprox.
 
-For a tensor ``x`` (DESIGN §4):
+For a tensor ``x`` (docs/design.md §2):
 
 - range: ``lo = min(min(x), 0)``, ``hi = max(max(x), 0)`` — widened so that 0 is inside;
 - scale ``s = (hi - lo) / 255``; zero point ``z = round(-lo / s)`` clamped to 0..255;
@@ -28,7 +28,7 @@ Choices, so that results are exactly reproducible:
   and gives the same numbers.)
 - **Widening, not nudging**: TFApprox's ``fake_approx_conv2d`` passes the raw batch min/max to
   TensorFlow's ``Nudge``, which for an all-positive tensor *shifts* the range to
-  ``[0, max - min]`` rather than widening it to ``[0, max]``. We widen as DESIGN §4 says (as
+  ``[0, max - min]`` rather than widening it to ``[0, max]``. We widen as docs/design.md §2 says (as
   TensorFlow's quantisation-aware training does with ``min(batch_min, 0)``); the two agree
   whenever the tensor already spans 0, as ReLU outputs and weights do.
 """

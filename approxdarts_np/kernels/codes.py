@@ -1,6 +1,6 @@
 """8-bit codes and integer features of float32 values, one plane at a time (Numba helpers).
 
-The rule (DESIGN §4, :mod:`approxdarts_np.approx.quantize`): the code of a finite value v
+The rule (docs/design.md §2, :mod:`approxdarts_np.approx.quantize`): the code of a finite value v
 with scale s and zero point z is ``clamp(round_half_up(v / s) + z, 0, 255)``, the quotient
 taken in float64 with IEEE division. These helpers are compiled into the quantisation pass
 and into the convolution kernels that quantise their input as they read it
