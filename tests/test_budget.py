@@ -379,3 +379,47 @@ def test_each_cell_type_takes_its_multipliers_from_its_own_beta(tmp_path):
     for kind, name in (("normal", "mul8u_17KS"), ("reduce", "exact")):
         for (op, _), mult in zip(getattr(g, kind), g.multipliers(kind)):
             assert mult == (name if op in SEARCHED_OPS else None)
+
+
+NEW_SETTINGS = ("energy_budget", "budget_step", "energy_scope", "max_parameter_free", "warmup_epochs", "beta_lr",
+                "gumbel_temperature_end", "budget_channels", "budget_layers")
+
+
+def test_a_multiplier_search_saved_before_the_budget_settings_resumes_as_it_ran(tmp_path):
+    """An older run folder (no budget settings in config.json, one Adam over α and β in the checkpoint)
+    resumes with the behaviour it had: energy scope all, no cap, no warm-up, β at α's learning rate."""
+    import json
+
+    from approxdarts_np.io.checkpoint import save_tree
+    from approxdarts_np.runs.config import resolve_run_config
+
+    out = tmp_path / "old"
+    run_search(SearchConfig.quick(output_dir=str(out), multipliers="exact,mul8u_17KS", energy_weight=1.0,
+                                  energy_scope="all", max_parameter_free=8, warmup_epochs=0, **{**TINY, "epochs": 1}))
+    config = json.loads((out / "config.json").read_text())
+    for key in NEW_SETTINGS:
+        config.pop(key)
+    (out / "config.json").write_text(json.dumps(config))
+    tree = load_tree(out / "checkpoint.h5")
+    a, b = tree["a_optimizer"], tree.pop("b_optimizer")
+    tree["a_optimizer"] = {**a, "state": list(a["state"]) + list(b["state"])}
+    tree["config"] = json.dumps({k: v for k, v in json.loads(tree["config"]).items() if k not in NEW_SETTINGS})
+    save_tree(out / "checkpoint.h5", tree)
+    loaded, _ = resolve_run_config(SearchConfig, None, out, {"epochs": 2})
+    assert (loaded.energy_scope, loaded.max_parameter_free, loaded.warmup(), loaded.beta_lr) == \
+        ("all", 8, 0, loaded.arch_lr)
+    run_search(resume=out, overrides={"epochs": 2})
+    assert len(metrics_without_times(out)) == 2
+
+
+def test_a_sweep_lambda_on_one_multiplier_moves_the_ops_and_on_a_choice_the_multipliers(tmp_path):
+    from approxdarts_np.runs.sweep import SweepConfig
+
+    sweep = SweepConfig(multipliers=["mul8u_17KS", "exact+mul8u_17KS"], seeds=[0], energy_weights=[0.0, 1.0],
+                        stage="search", output_dir=str(tmp_path))
+    one = sweep.run_config("search", "mul8u_17KS", 0, tmp_path / "a", 1, 1.0)
+    choice = sweep.run_config("search", "exact+mul8u_17KS", 0, tmp_path / "b", 1, 1.0)
+    plain = sweep.run_config("search", "mul8u_17KS", 0, tmp_path / "c", 1, 0.0)
+    for config in (one, choice, plain):
+        config.validate()
+    assert (one.energy_scope, choice.energy_scope, plain.energy_scope) == ("all", "beta", "beta")

@@ -17,7 +17,7 @@ which is exactly 1 in the forward pass (so the network computes the plain
 op with multiplier k*) and passes ∂L/∂s = Σ (∂L/∂out · out) to y[k*] and so
 to β in the backward pass.
 
-Expected energy (DESIGN §9). With M[e, o] the multiplies of op o on edge e
+Expected energy (docs/design.md §4). With M[e, o] the multiplies of op o on edge e
 summed over the cells of the type (depthwise and pointwise convs, at each
 cell's size) and pJ[k] the energy of one multiply with multiplier k,
 

@@ -82,6 +82,16 @@ class SearchConfig(RunConfig):
     unrolled_lr: float | None = None  # ξ of the virtual step (None: the current weight learning rate)
     preset: str = "quick"
 
+    # Settings added after runs were saved, with the value that reproduces what such a run did.
+    LEGACY: ClassVar[dict] = dict(energy_scope="all", max_parameter_free=8, warmup_epochs=0)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config"):
+        """As :meth:`RunConfig.from_dict`; a config saved before a setting existed resumes as it ran then."""
+        if isinstance(d, dict) and "energy_scope" not in d:
+            d = {**cls.LEGACY, "beta_lr": d.get("arch_lr", cls.arch_lr), **d}
+        return super().from_dict(d, source)
+
     def warmup(self) -> int:
         """Epochs of weights only: ``warmup_epochs``, or by default a quarter of the epochs of a search that
         chooses multipliers (0 for a plain search, as DARTS)."""

@@ -109,6 +109,9 @@ class SweepConfig:
                 options.update(multiplier="none", multipliers=",".join(candidates))
             if energy_weight is not None:
                 options["energy_weight"] = float(energy_weight)
+                if len(candidates) == 1 and energy_weight > 0:
+                    # one multiplier leaves no β to move: λ then acts on the ops (docs/design.md §4)
+                    options["energy_scope"] = "all"
         else:
             options["genotype"] = self.genotype if self.genotype is not None else {}
             if len(candidates) > 1:
