@@ -78,6 +78,12 @@ def search(
     energy_scope: Optional[str] = typer.Option(None, help=default_help(
         "What the energy term moves: beta (the multipliers only) or all (the ops too; it then deletes "
         "convolutions).", Q.energy_scope)),
+    allocation: Optional[str] = typer.Option(None, help=default_help(
+        "How a budget's multipliers are chosen: sensitivity (after the last epoch, each kept op's loss "
+        "increase with each candidate is measured and a greedy knapsack fills the budget) or beta (argmax β, "
+        "projected into the budget).", Q.allocation)),
+    sensitivity_images: Optional[int] = typer.Option(None, help=default_help(
+        "Architecture-val images the sensitivities are measured on.", Q.sensitivity_images)),
     max_parameter_free: Optional[int] = typer.Option(None, help=default_help(
         "At most N pools/skips per cell in the genotype; the weakest beyond N become the edge's best conv.",
         Q.max_parameter_free)),
@@ -105,6 +111,7 @@ def search(
         multipliers=multipliers, energy_weight=energy_weight, energy_target=energy_target,
         energy_budget=energy_budget, budget_step=budget_step, energy_scope=energy_scope,
         max_parameter_free=max_parameter_free, warmup_epochs=warmup_epochs, beta_lr=beta_lr,
+        allocation=allocation, sensitivity_images=sensitivity_images,
         **parse_temperature(gumbel_temperature),
         multiplier=multiplier,
         data_dir=str(data_dir) if data_dir else None, output_dir=str(output_dir) if output_dir else None,

@@ -141,6 +141,58 @@ def project_to_budget(genotype: Genotype, betas: dict[str, np.ndarray], names: l
     return current(), [m for m in moves if not m.get("undone")]
 
 
+def allocate_by_sensitivity(genotype: Genotype, increase: dict, names: list[str], pj: np.ndarray,
+                            exact_pj: float, budget: float, channels: int = 36,
+                            layers: int = 20) -> tuple[Genotype, list[dict]]:
+    """Multipliers for the genotype's kept searched ops from their measured loss increases, within ``budget``.
+
+    ``increase[(cell, op)]`` holds, for the op at position ``op`` of the cell type's 8 kept ops, the loss
+    increase measured with each candidate (0 for the reference, the most expensive). Every op starts on
+    the reference; while over budget, the move to a cheaper candidate with the smallest loss increase per
+    pJ saved is made (a greedy knapsack, as HAQ allocates bit widths); moves the budget turns out not to
+    need are then undone, latest first. Meets every budget at or above the cheapest candidate's ratio.
+    """
+    pj = np.asarray(pj, dtype=np.float64)
+    prices = dict(zip(names, map(float, pj)))
+    reference = int(np.argmax(pj))
+    macs = genotype_op_multiplies(genotype, channels, layers)
+    chosen = {kind: [names[reference] if op in SEARCHED_OPS else None for op, _ in getattr(genotype, kind)]
+              for kind in ("normal", "reduce")}
+    index = {name: k for k, name in enumerate(names)}
+    moves = []
+
+    def current() -> Genotype:
+        return Genotype(genotype.normal, genotype.normal_concat, genotype.reduce, genotype.reduce_concat,
+                        normal_multipliers=chosen["normal"], reduce_multipliers=chosen["reduce"])
+
+    while energy_ratio(current(), prices, exact_pj, channels, layers) > budget:
+        best = None
+        for (kind, k), losses in sorted(increase.items()):
+            now = index[chosen[kind][k]]
+            for c in range(len(names)):
+                saved = float(macs[kind][k]) * (pj[now] - pj[c])
+                if saved <= 0:
+                    continue
+                score = (float(losses[c]) - float(losses[now])) / saved
+                if best is None or score < best[0]:
+                    best = (score, kind, k, now, c)
+        if best is None:
+            break
+        score, kind, k, now, c = best
+        chosen[kind][k] = names[c]
+        moves.append({"cell": kind, "op": k, "from": names[now], "to": names[c], "loss_per_pj": score})
+    for move in reversed(moves[:-1]):
+        kind, k = move["cell"], move["op"]
+        if chosen[kind][k] != move["to"]:
+            continue
+        chosen[kind][k] = move["from"]
+        if energy_ratio(current(), prices, exact_pj, channels, layers) > budget:
+            chosen[kind][k] = move["to"]
+        else:
+            move["undone"] = True
+    return current(), [m for m in moves if not m.get("undone")]
+
+
 def cap_parameter_free(weights: dict[str, np.ndarray], genotype: Genotype, limit: int) -> Genotype:
     """At most ``limit`` parameter-free ops (pools, skip) per cell, P-DARTS-style.
 

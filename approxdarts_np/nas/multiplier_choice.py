@@ -263,6 +263,41 @@ class MultiplierNetwork(Network):
                         normal_multipliers=mults["normal"], reduce_multipliers=mults["reduce"])
 
 
+def multiplier_sensitivity(network: "MultiplierNetwork", genotype: Genotype, loss_of, reference: int) -> dict:
+    """Loss increase of each kept searched op of ``genotype`` with each candidate multiplier.
+
+    Every searched conv runs candidate ``reference`` (the most expensive one) except the op measured,
+    which runs candidate c in every cell of its type; ``loss_of()`` returns the loss of the network as it is set (e.g. on a fixed set of held-out images).
+    Returns ``{(cell type, position among the 8 kept ops): array of K loss increases}`` (0 at the
+    reference). The network is left on its argmax-β multipliers.
+    """
+    base = {kind: np.full((len(network.cells[0].edges), len(SEARCHED_OPS)), reference) for kind in ("normal", "reduce")}
+    increase = {}
+    try:
+        network.choice = None
+        for kind in ("normal", "reduce"):
+            network._apply(kind, base[kind])
+        base_loss = loss_of()
+        for kind in ("normal", "reduce"):
+            for k, (op, j) in enumerate(getattr(genotype, kind)):
+                if op not in SEARCHED_OPS:
+                    continue
+                edge = sum(2 + i for i in range(k // 2)) + j
+                losses = np.zeros(len(network.candidates))
+                for c in range(len(network.candidates)):
+                    if c == reference:
+                        continue
+                    trial = base[kind].copy()
+                    trial[edge, SEARCHED_OPS.index(op)] = c
+                    network._apply(kind, trial)
+                    losses[c] = loss_of() - base_loss
+                network._apply(kind, base[kind])
+                increase[(kind, k)] = losses
+    finally:
+        network.choose_most_likely()
+    return increase
+
+
 def set_genotype_multipliers(network, genotype: Genotype, arithmetic_of) -> None:
     """Give every searched conv of an evaluation network the multiplier its genotype names for its op.
 

@@ -13,6 +13,7 @@ uninterrupted one.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,12 @@ from approxdarts_np.data.augment import AugmentConfig, BatchLoader
 from approxdarts_np.data.cifar import load_cifar10, search_split
 from approxdarts_np.errors import UserError
 from approxdarts_np.io.checkpoint import save_tree, write_text
-from approxdarts_np.nas.budget import DualAscent, energy_ratio, gumbel_temperature, parameter_free_share, \
-    project_to_budget
+from approxdarts_np.nas.budget import DualAscent, allocate_by_sensitivity, energy_ratio, gumbel_temperature, \
+    parameter_free_share, project_to_budget
 from approxdarts_np.nas.model_search import Network
+from approxdarts_np.nas.genotypes import Genotype
 from approxdarts_np.nas.multiplier_choice import (SEARCHED_OPS, MultiplierNetwork, argmax_energy_ratio,
-                                                  network_expected_energy, searched_op_macs)
+                                                  multiplier_sensitivity, network_expected_energy, searched_op_macs)
 from approxdarts_np.nas.operations import PRIMITIVES
 from approxdarts_np.nn import SGD, Adam, clip_grad_norm, cosine_lr
 from approxdarts_np.runs.config import RunConfig, resolve_run_config
@@ -78,6 +80,8 @@ class SearchConfig(RunConfig):
     gumbel_temperature_end: float | None = None  # τ of the last epoch, geometric in between (None: constant)
     budget_channels: int = 36  # the evaluation network on which the budget is checked (DARTS: 36 channels,
     budget_layers: int = 20  # 20 cells)
+    allocation: str = "sensitivity"  # a budget's multipliers: "sensitivity" (measured at the end) or "beta"
+    sensitivity_images: int = 128  # architecture-val images on which the sensitivities are measured
     order: int = 1  # 1: first-order architecture gradient; 2: DARTS's unrolled (second-order) gradient
     unrolled_lr: float | None = None  # ξ of the virtual step (None: the current weight learning rate)
     preset: str = "quick"
@@ -157,6 +161,11 @@ class SearchConfig(RunConfig):
             if self.energy_weight > 0:
                 raise UserError("give either --energy-budget (λ is then found by the search) or --energy-weight "
                                 "(a fixed λ), not both")
+        if self.allocation not in ("sensitivity", "beta"):
+            raise UserError(f"--allocation must be sensitivity (measured loss increases) or beta (argmax β, "
+                            f"projected), got {self.allocation!r}")
+        if self.sensitivity_images < 1:
+            raise UserError(f"--sensitivity-images must be at least 1, got {self.sensitivity_images}")
         if not self.budget_step > 0:
             raise UserError(f"--budget-step must be positive, got {self.budget_step}")
         if not 0 <= self.max_parameter_free <= 8:
@@ -270,6 +279,7 @@ class Searcher:
                                 betas=config.arch_betas, weight_decay=config.arch_weight_decay) \
             if self.choosing else None
         self.warmup_epochs = config.warmup()
+        self.sensitivity: dict | None = None  # {"ops": genotype without multipliers, "increase": {...}}
         self.dual = DualAscent(config.energy_budget, config.budget_step) if config.energy_budget is not None \
             else None
         self.alpha_history: list = []  # (normal, reduce) α after each finished epoch
@@ -363,6 +373,13 @@ class Searcher:
             figures["genotype_energy_ratio"] = energy_ratio(
                 genotype, self.prices(), self.energy["exact_pj"], cfg.budget_channels, cfg.budget_layers)
             figures["projection_moves"] = len(moves)
+            if self.sensitivity is not None and self.dual is not None:
+                projected, _ = self.beta_projection(self.model.genotype(cfg.max_parameter_free))
+                figures["genotype_beta_projected"] = projected.to_dict()
+                figures["genotype_beta_projected_energy_ratio"] = energy_ratio(
+                    projected, self.prices(), self.energy["exact_pj"], cfg.budget_channels, cfg.budget_layers)
+                figures["sensitivity"] = {f"{kind}:{k}": [float(x) for x in losses]
+                                          for (kind, k), losses in sorted(self.sensitivity["increase"].items())}
         return figures
 
     def argmax_ratio(self) -> float:
@@ -386,17 +403,65 @@ class Searcher:
         genotype = self.model.genotype(cfg.max_parameter_free)
         if self.dual is None:
             return genotype, []
+        names = [a.name for a in self.model.candidates]
+        measured = self.sensitivity
+        if measured is not None and measured["ops"] == genotype.without_multipliers():
+            return allocate_by_sensitivity(genotype, measured["increase"], names, self.energy["pj"],
+                                           self.energy["exact_pj"], cfg.energy_budget, cfg.budget_channels,
+                                           cfg.budget_layers)
+        return self.beta_projection(genotype)
+
+    def beta_projection(self, genotype):
+        """The genotype's argmax-β multipliers, projected into the budget (smallest β margin first)."""
+        cfg = self.config
         betas = {"normal": self.model.betas_normal.data, "reduce": self.model.betas_reduce.data}
         return project_to_budget(genotype, betas, [a.name for a in self.model.candidates], self.energy["pj"],
                                  self.energy["exact_pj"], cfg.energy_budget, cfg.budget_channels,
                                  cfg.budget_layers)
 
+    def measure_sensitivity(self) -> None:
+        """Loss increases of the derived genotype's kept searched ops with each candidate, on the first
+        ``sensitivity_images`` architecture-val images, for :func:`allocate_by_sensitivity`.
+
+        The batches are normalised with their own statistics (training-mode BN, as in the search's
+        steps and as the final network will renormalise whatever its multipliers do to the scale), so
+        a loss increase measures the damage a multiplier does, not a mismatch with running statistics
+        gathered under the mix of multipliers. Nothing of the model changes: the BN running statistics
+        the forward passes update are restored.
+        """
+        cfg = self.config
+        genotype = self.model.genotype(cfg.max_parameter_free)
+        v = self.val_loader
+        loader = BatchLoader(v.x, v.y, min(64, cfg.sensitivity_images), seed=0,
+                             indices=v.indices[:cfg.sensitivity_images], augment=None, shuffle=False)
+        saved = self.model.state_dict()
+
+        def loss_of() -> float:
+            total, seen = 0.0, 0
+            with no_grad():
+                for _, x, y in loader.iter_epoch(0):
+                    total += F.cross_entropy(self.model(Tensor(x)), y).item() * len(y)
+                    seen += len(y)
+            return total / seen
+
+        was_training = self.model.training
+        self.model.train()
+        try:
+            increase = multiplier_sensitivity(self.model, genotype, loss_of, int(np.argmax(self.energy["pj"])))
+        finally:
+            self.model.load_state_dict(saved)
+            self.model.train(was_training)
+        self.sensitivity = {"ops": genotype.without_multipliers(), "increase": increase}
+
     def genotype(self):
         return self.genotype_and_moves()[0]
 
     def end_epoch(self, epoch: int, sums: dict, begun: dict) -> dict:
+        cfg = self.config
         if self.choosing:
             self.model.choose_most_likely()
+        if self.dual is not None and cfg.allocation == "sensitivity" and epoch == cfg.epochs - 1:
+            self.measure_sensitivity()
         val_loss, val_acc = self.evaluate_val()
         self.alpha_history.append([self.model.alphas_normal.data.copy(), self.model.alphas_reduce.data.copy()])
         record_extra = self.energy_figures()
@@ -428,6 +493,11 @@ class Searcher:
             extra["b_optimizer"] = self.b_optimizer.state_dict()
         if self.dual is not None:
             extra["dual"] = {"lagrange_multiplier": self.dual.value}
+        if self.sensitivity is not None:
+            extra["sensitivity"] = json.dumps({
+                "ops": self.sensitivity["ops"].to_dict(),
+                "increase": [[kind, k, [float(x) for x in losses]]
+                             for (kind, k), losses in sorted(self.sensitivity["increase"].items())]})
         return {**extra,
                 "alpha_history": np.array(self.alpha_history, dtype=np.float32).reshape(-1, 2, 14, len(PRIMITIVES)),
                 "model": self.model.state_dict(),
@@ -448,6 +518,10 @@ class Searcher:
         self.a_optimizer.load_state_dict(a_state)
         if self.dual is not None:
             self.dual.value = float(tree["dual"]["lagrange_multiplier"])
+        if "sensitivity" in tree:
+            saved = json.loads(tree["sensitivity"])
+            self.sensitivity = {"ops": Genotype.from_dict(saved["ops"]),
+                                "increase": {(kind, k): np.array(losses) for kind, k, losses in saved["increase"]}}
         self.alpha_history = [list(a) for a in np.asarray(tree["alpha_history"])]
         if self.choosing:
             self.beta_history = [list(b) for b in np.asarray(tree["beta_history"])]
