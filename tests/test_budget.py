@@ -423,3 +423,111 @@ def test_a_sweep_lambda_on_one_multiplier_moves_the_ops_and_on_a_choice_the_mult
     for config in (one, choice, plain):
         config.validate()
     assert (one.energy_scope, choice.energy_scope, plain.energy_scope) == ("all", "beta", "beta")
+
+
+# ----------------------------------------------------------------------------- allocation by sensitivity
+def _increases(rng, g):
+    out = {}
+    for kind in ("normal", "reduce"):
+        for k, (op, _) in enumerate(getattr(g, kind)):
+            if op in SEARCHED_OPS:
+                losses = np.abs(rng.standard_normal(len(CANDIDATES))) * 1e-2
+                losses[0] = 0.0  # exact is the reference
+                out[(kind, k)] = losses
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), budget=st.floats(CHEAPEST, 1.0))
+def test_the_sensitivity_allocation_always_meets_the_budget_and_needs_every_move(seed, budget):
+    from approxdarts_np.nas.budget import allocate_by_sensitivity
+
+    rng = np.random.default_rng(seed)
+    g = random_genotype(rng, CANDIDATES)
+    allocated, moves = allocate_by_sensitivity(g, _increases(rng, g), CANDIDATES, PJ, EXACT_PJ, budget)
+    assert energy_ratio(allocated, PRICES, EXACT_PJ) <= budget + 1e-12
+    assert allocated.without_multipliers() == g.without_multipliers()
+    for kind in ("normal", "reduce"):
+        for (op, _), name in zip(getattr(allocated, kind), allocated.multipliers(kind)):
+            assert (name is not None) == (op in SEARCHED_OPS)
+    # every cheapened op is needed: putting it back on exact breaks the budget
+    for kind in ("normal", "reduce"):
+        for k, name in enumerate(allocated.multipliers(kind)):
+            if name in (None, "exact"):
+                continue
+            names = list(allocated.multipliers(kind))
+            names[k] = "exact"
+            other = "reduce" if kind == "normal" else "normal"
+            undone = Genotype(g.normal, g.normal_concat, g.reduce, g.reduce_concat,
+                              **{f"{kind}_multipliers": names, f"{other}_multipliers": allocated.multipliers(other)})
+            assert energy_ratio(undone, PRICES, EXACT_PJ) > budget
+    if budget >= 1.0:
+        assert not moves
+
+
+def test_the_sensitivity_allocation_cheapens_where_it_costs_least_loss_per_pj():
+    from approxdarts_np.nas.budget import allocate_by_sensitivity
+
+    g = Genotype(normal=[("sep_conv_3x3", 0), ("sep_conv_3x3", 1)] * 4, normal_concat=(2, 3, 4, 5),
+                 reduce=[("sep_conv_3x3", 0), ("sep_conv_3x3", 1)] * 4, reduce_concat=(2, 3, 4, 5))
+    # every op is hurt badly by any cheaper multiplier, except normal op 3, where 17KS is free
+    increase = {(kind, k): np.array([0.0, 1.0, 1.0, 1.0]) for kind in ("normal", "reduce") for k in range(8)}
+    increase[("normal", 3)] = np.array([0.0, 1.0, 0.0, 1.0])
+    full = energy_ratio(g, PRICES, EXACT_PJ)
+    allocated, moves = allocate_by_sensitivity(g, increase, CANDIDATES, PJ, EXACT_PJ, full - 1e-9)
+    assert [(m["cell"], m["op"], m["to"]) for m in moves] == [("normal", 3, "mul8u_17KS")]
+    assert allocated.multipliers("normal")[3] == "mul8u_17KS"
+    assert set(allocated.multipliers("reduce")) == {"exact"}
+
+
+def test_sensitivity_is_zero_at_the_reference_larger_for_a_broken_table_and_leaves_the_model_as_it_was(tmp_path):
+    """A table of zeros wrecks any op it runs in; the nearly exact mul8u_1446 hardly changes the loss. The
+    measurement restores every weight and BN statistic it touched."""
+    from approxdarts_np.autodiff import Tensor, no_grad
+    from approxdarts_np.autodiff import functional as F
+    from approxdarts_np.nas.multiplier_choice import MultiplierNetwork, multiplier_sensitivity
+
+    zeros = tmp_path / "zeros.npy"
+    np.save(zeros, np.zeros((256, 256), np.int64))
+    arithmetics = [arithmetic_from_spec(s) for s in ("exact", "mul8u_1446", str(zeros))]
+    net = MultiplierNetwork(4, 10, 3, multipliers=arithmetics, seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, 8)
+    g = net.genotype(8)
+    before = net.state_dict()
+
+    def loss_of():
+        with no_grad():
+            return F.cross_entropy(net(Tensor(x)), y).item()
+
+    net.train()
+    increase = multiplier_sensitivity(net, g, loss_of, reference=0)
+    searched = [(kind, k) for kind in ("normal", "reduce") for k, (op, _) in enumerate(getattr(g, kind))
+                if op in SEARCHED_OPS]
+    assert sorted(increase) == sorted(searched)
+    for losses in increase.values():
+        assert losses[0] == 0.0
+    assert np.median([abs(v[2]) for v in increase.values()]) > 10 * np.median([abs(v[1]) for v in increase.values()])
+    after = net.state_dict()
+    for key in before:
+        if "running" not in key and "num_batches" not in key:
+            np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    assert net.choice is None  # back on the argmax-β multipliers
+
+
+def test_a_budgeted_search_restores_its_model_after_measuring_and_writes_the_allocated_genotype(tmp_path):
+    searcher = _searcher(tmp_path, warmup_epochs=0, energy_budget=0.6, epochs=1, sensitivity_images=8)
+    searcher.begin_epoch(0)
+    for step in range(searcher.steps_per_epoch):
+        searcher.step(0, step)
+    searcher.model.choose_most_likely()
+    before = searcher.model.state_dict()
+    searcher.measure_sensitivity()
+    after = searcher.model.state_dict()
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    genotype = searcher.genotype()
+    assert energy_ratio(genotype, PRICES, EXACT_PJ) <= 0.6
+    beta, _ = searcher.beta_projection(searcher.model.genotype(2))
+    assert genotype.without_multipliers() == beta.without_multipliers()
