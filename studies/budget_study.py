@@ -6,6 +6,9 @@ Arms, each over the same seeds, each trained with the same budget:
                  genotype trained with that multiplier: exact, mul8u_1446, mul8u_2P7, mul8u_17KS, mul8u_L40;
 (b) budget    -- a multiplier-aware search over CANDIDATES with --energy-budget r, the genotype trained with
                  the multipliers it names;
+(b') budget_beta -- the same searches' cells with argmax-β multipliers projected into the budget (the search
+                 records this genotype beside the one it returns), trained the same way: what the measured
+                 sensitivities add over β;
 (c) random    -- a random cell pair with random per-op multipliers from CANDIDATES (DARTS's random-search
                  draw, at most as many pools/skips per cell as the searches may keep), redrawn until its
                  energy ratio lies within [r - 0.05, r], trained with its multipliers.
@@ -47,6 +50,8 @@ def jobs(seeds: list[int]) -> list[dict]:
         out += [{"arm": "budget", "budget": r, "seed": seed} for r in BUDGETS]
         out += [{"arm": "uniform", "multiplier": m, "seed": seed} for m in UNIFORM]
         out += [{"arm": "random", "budget": r, "seed": seed} for r in BUDGETS]
+    for seed in seeds:  # after every budget search: they train the cells those searches found
+        out += [{"arm": "budget_beta", "budget": r, "seed": seed} for r in BUDGETS]
     return out
 
 
@@ -97,6 +102,11 @@ def run_job(job: dict, root: str) -> dict:
     if job["arm"] == "random":
         genotype, draws = random_genotype_in_budget(job["budget"], seed)
         extra["random_draws"] = draws
+    elif job["arm"] == "budget_beta":
+        search_dir = Path(root) / job_name({**job, "arm": "budget"}) / "search"
+        last = [json.loads(line) for line in (search_dir / "metrics.jsonl").read_text().splitlines()][-1]
+        genotype = Genotype.from_dict(last["genotype_beta_projected"])
+        extra["search_from"] = str(search_dir)
     else:
         search_dir = folder / "search"
         if job["arm"] == "uniform":
@@ -184,20 +194,22 @@ def plot(summary: list[dict], rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"uniform": "tab:blue", "budget": "tab:red", "random": "tab:gray"}
+    colours = {"uniform": "tab:blue", "budget": "tab:red", "budget_beta": "tab:orange", "random": "tab:gray"}
     fig, ax = plt.subplots(figsize=(9, 6))
     for row in rows:
         ax.scatter(row["energy_ratio"], 100 * row["test_acc"], s=12, alpha=0.35, color=colours[row["arm"]])
     for kind in colours:
         shown = False
         for e in summary:
-            if not e["arm"].startswith(kind):
+            if e["arm"].split(" ")[0] != kind:
                 continue
             ax.errorbar(e["energy_ratio_mean"], 100 * e["test_acc_mean"], xerr=e["energy_ratio_std"],
                         yerr=100 * e["test_acc_std"], fmt="o", ms=7, capsize=4, color=colours[kind],
-                        label=None if shown else {"uniform": "(a) uniform multiplier", "budget":
-                                                  "(b) multiplier-aware search, budget r",
-                                                  "random": "(c) random cell + multipliers, matched to r"}[kind])
+                        label=None if shown else {
+                            "uniform": "(a) uniform multiplier, searched cell",
+                            "budget": "(b) budgeted search, sensitivity allocation",
+                            "budget_beta": "(b') budgeted search, argmax β projected",
+                            "random": "(c) random cell + multipliers, matched to r"}[kind])
             shown = True
             ax.annotate(e["arm"].split(" ", 1)[1], (e["energy_ratio_mean"], 100 * e["test_acc_mean"]),
                         textcoords="offset points", xytext=(6, 6), fontsize=8, color=colours[kind])
@@ -238,13 +250,18 @@ def main() -> int:
     parser.add_argument("--output-dir", default="studies/results/budget")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=2, help="jobs side by side (one kernel thread each)")
-    parser.add_argument("--only", default=None, help="run only jobs whose name contains this")
+    parser.add_argument("--only", default=None, help="run only jobs whose name starts with this arm name "
+                        "(uniform, budget, budget_beta, random)")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="run nothing; rebuild results.json, results.csv and pareto.png from the jobs done")
     args = parser.parse_args()
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     todo = jobs([int(s) for s in args.seeds.split(",")])
     if args.only:
-        todo = [j for j in todo if args.only in job_name(j)]
+        todo = [j for j in todo if job_name(j).startswith(args.only + "-")]
+    if args.summarise_only:
+        todo = []
     settings = {"candidates": CANDIDATES, "uniform": UNIFORM, "budgets": BUDGETS, "random_window": RANDOM_WINDOW,
                 "search": SEARCH, "train": TRAIN, "energy_priced_on": EVAL_SIZE, "seeds": args.seeds,
                 "jobs_side_by_side": args.jobs, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -262,7 +279,10 @@ def main() -> int:
                   f"ratio {row['energy_ratio']:.3f}  {time.time() - started:6.0f} s", flush=True)
     settings["wall_s"] = time.time() - started
     settings["load_average_end"] = os.getloadavg()
-    write_outputs(root, rows, settings)
+    # the outputs cover every job done in this folder, whichever invocation ran it
+    done = [json.loads(p.read_text()) for p in sorted(root.glob("*/row.json"))]
+    settings["jobs_done"] = len(done)
+    write_outputs(root, done, settings)
     return 0
 
 
