@@ -71,10 +71,11 @@ def search(
         "Expected energy per image (pJ) above which the energy term acts (instead of everywhere).")),
     energy_budget: Optional[float] = typer.Option(None, help=(
         "r in (0, 1]: the searched convolutions may spend at most r times their exact-8-bit multiplication "
-        "energy. λ is found by dual ascent, and the genotype is projected into the budget on the "
-        "20-cell, 36-channel network. Needs --multipliers.")),
+        "energy on the 20-cell, 36-channel network. λ is found by dual ascent; the genotype's multipliers "
+        "are then allocated within the budget (--allocation). Needs --multipliers.")),
     budget_step: Optional[float] = typer.Option(None, help=default_help(
-        "η of the dual ascent λ ← max(0, λ + η·(E/E_ref − r)), per architecture step.", Q.budget_step)),
+        "η of the dual ascent λ ← max(0, λ + η·(ratio − r)), per architecture step (ratio: the genotype's "
+        "now).", Q.budget_step)),
     energy_scope: Optional[str] = typer.Option(None, help=default_help(
         "What the energy term moves: beta (the multipliers only) or all (the ops too; it then deletes "
         "convolutions).", Q.energy_scope)),

@@ -71,7 +71,7 @@ class SearchConfig(RunConfig):
     energy_weight: float = 0.0  # λ of the energy term λ·E/E_ref in the architecture loss
     energy_target: float | None = None  # pJ per image: penalise only the expected energy above it
     energy_budget: float | None = None  # r: searched convs at most r × their exact-8-bit energy (dual ascent on λ)
-    budget_step: float = 1.0  # η of the dual ascent λ ← max(0, λ + η·(E/E_ref − r)), per architecture step
+    budget_step: float = 1.0  # η of the dual ascent λ ← max(0, λ + η·(ratio − r)), per architecture step
     energy_scope: str = "beta"  # what the energy term's gradient reaches: "beta" (multipliers only) or "all"
     max_parameter_free: int = 2  # at most this many pools/skips per cell in the derived genotype
     warmup_epochs: int | None = None  # weights only (α, β frozen) for these first epochs; None: see warmup()
