@@ -23,7 +23,7 @@ def fail(message: str) -> None:
 
 
 def user_errors(func: F) -> F:
-    """Decorate a command so a UserError becomes one line and exit code 2, no traceback."""
+    """Decorate a command so a UserError becomes one line and exit code 2, and a Ctrl-C one line and 130."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -31,6 +31,13 @@ def user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except UserError as exc:
             fail(str(exc))
+        except (KeyboardInterrupt, SystemError) as exc:
+            # Outside a run loop (loading data, building the network, the first compile). typer would turn
+            # the interrupt into a silent exit 130; Numba can wrap it in a SystemError.
+            if isinstance(exc, SystemError) and not isinstance(exc.__context__, KeyboardInterrupt):
+                raise
+            err_console.print("interrupted (Ctrl-C)", markup=False, soft_wrap=True)
+            raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
 
