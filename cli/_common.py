@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import typer
@@ -9,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from approxdarts_np.errors import UserError
+from approxdarts_np.io.rundir import CHECKPOINT
 from approxdarts_np.runs.loop import RunInterrupted
 
 F = TypeVar("F", bound=Callable)
@@ -54,8 +56,13 @@ def run_with_interrupts(run: Callable[[], dict], console: Console, resume_hint: 
         # A second Ctrl-C abandons the step in progress; Numba can wrap the interrupt in a SystemError.
         if isinstance(exc, SystemError) and not isinstance(exc.__context__, KeyboardInterrupt):
             raise
-        console.print(f"abandoned the step in progress; the last checkpoint in {folder} is kept. "
-                      f"Continue with: {resume_hint}", highlight=False, markup=False, soft_wrap=True)
+        if not (Path(folder) / CHECKPOINT).is_file():
+            # Ctrl-C while the data loaded or the network was built: the run never began.
+            console.print(f"interrupted before the run started; nothing was written to {folder}",
+                          highlight=False, markup=False, soft_wrap=True)
+        else:
+            console.print(f"abandoned the step in progress; the last checkpoint in {folder} is kept. "
+                          f"Continue with: {resume_hint}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(code=130) from None
 
 
