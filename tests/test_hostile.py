@@ -109,6 +109,25 @@ def test_search_empty_data_folder(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("batch, fragment", [
+    ({1: 2, b"labels": [0, 1, 2, 3]}, "a key of type int"),
+    ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10 ** 5000]}, "about 5001 digits"),
+    ({b"data": np.zeros((4, 3072), np.uint8), b"labels": np.array([9, 0, 1, 2 ** 64 - 1], np.uint64)}, "0..9"),
+])
+def test_search_malformed_cifar_batch(tmp_path, batch, fragment):
+    import pickle
+
+    from approxdarts_np.data.cifar import default_data_dir
+
+    data = tmp_path / "cifar"
+    shutil.copytree(default_data_dir(), data)
+    (data / "data_batch_5").write_bytes(pickle.dumps(batch))
+    out = tmp_path / "out"
+    one_error_line(runner.invoke(app, SEARCH + ["--output-dir", str(out), "--data-dir", str(data)]),
+                   str(data / "data_batch_5"), fragment)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("content, name", [
     (b"\x00" * 1000, "short.bin"),
     (b"", "empty.bin"),
