@@ -234,6 +234,8 @@ GOOD = DARTS_V2.to_dict()
     ("binary.json", b"\x89PNG\r\n\x1a\n\x00\x00\x00", "binary.json"),
     ("utf16.txt", DARTS_V2.to_darts_string().encode("utf-16"), "utf16.txt"),
     ("list.json", "[1, 2]", "list.json"),
+    ("long_index.json", json.dumps(GOOD).replace('"sep_conv_3x3", 0', '"sep_conv_3x3", ' + "9" * 5000, 1),
+     "more than 4,300 digits"),
 ])
 def test_train_bad_genotype_files(tmp_path, name, content, fragment):
     path = tmp_path / name
