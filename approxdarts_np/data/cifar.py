@@ -107,6 +107,18 @@ def missing_files(folder: Path) -> list[str]:
     return [name for name in REQUIRED_FILES if not (folder / name).is_file()]
 
 
+def check_data_dir(data_dir: str | Path | None) -> Path:
+    """The folder :func:`load_cifar10` reads; UserError when it is missing or lacks batch files (nothing is read)."""
+    folder = resolve_data_dir(data_dir)
+    missing = missing_files(folder)
+    if len(missing) == len(REQUIRED_FILES):
+        raise UserError(f"CIFAR-10 folder {folder} holds none of the python-version batch files "
+                        f"({', '.join(REQUIRED_FILES)})")
+    if missing:
+        raise UserError(f"CIFAR-10 folder {folder} is missing {', '.join(missing)}")
+    return folder
+
+
 def load_cifar10(data_dir: str | Path | None = None) -> CifarData:
     """Read and validate CIFAR-10 from ``data_dir`` (the bundled sample when ``None``).
 
@@ -115,13 +127,7 @@ def load_cifar10(data_dir: str | Path | None = None) -> CifarData:
     the expected dict of ``uint8 (n, 3072)`` data and ``n`` labels in 0..9.
     Only point this at trusted files: see the module docstring.
     """
-    folder = resolve_data_dir(data_dir)
-    missing = missing_files(folder)
-    if len(missing) == len(REQUIRED_FILES):
-        raise UserError(f"CIFAR-10 folder {folder} holds none of the python-version batch files "
-                        f"({', '.join(REQUIRED_FILES)})")
-    if missing:
-        raise UserError(f"CIFAR-10 folder {folder} is missing {', '.join(missing)}")
+    folder = check_data_dir(data_dir)
     class_names = _read_meta(folder / META_FILE)
     train = [_read_batch(folder / name) for name in TRAIN_FILES]
     test_x, test_y = _read_batch(folder / TEST_FILE)
