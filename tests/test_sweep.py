@@ -94,6 +94,20 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert approx["trials"] == 1 and approx["val_acc_std"] is None and approx["test_acc_mean"] is None
 
 
+def test_summary_groups_by_multiplier_and_lambda():
+    """Trials of one multiplier at two λ are two rows of the summary, each over its own seeds."""
+    rows = [{"multiplier": "exact+mul8u_2P7", "energy_weight": w, "seed": s, "val_acc": acc, "test_acc": None,
+             "energy_pj": energy, "parameters": 10, "wall_s": 1}
+            for w, s, acc, energy in [(0.0, 0, 0.5, 4e6), (0.0, 1, 0.7, 6e6), (1.0, 0, 0.2, 1e6), (1.0, 1, 0.4, 3e6)]]
+    rows.append({"multiplier": "exact", "energy_weight": None, "seed": 0, "val_acc": 0.9, "test_acc": None,
+                 "energy_pj": 9e6, "parameters": 10, "wall_s": 1})
+    summary = summarize(rows)
+    assert [(s["multiplier"], s["energy_weight"], s["trials"]) for s in summary] == [
+        ("exact+mul8u_2P7", 0.0, 2), ("exact+mul8u_2P7", 1.0, 2), ("exact", None, 1)]
+    assert summary[0]["val_acc_mean"] == pytest.approx(0.6) and summary[1]["val_acc_mean"] == pytest.approx(0.3)
+    assert summary[0]["energy_pj_mean"] == pytest.approx(5e6) and summary[1]["energy_pj_mean"] == pytest.approx(2e6)
+
+
 # ----------------------------------------------------------------- options: exit 2 before any trial
 @pytest.mark.parametrize("args, message", [
     (["--multipliers", "exact,mul8u_NOSUCH"], "NOSUCH"),
