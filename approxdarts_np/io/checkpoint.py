@@ -43,7 +43,7 @@ from approxdarts_np.errors import UserError
 _LIST = "__list__"
 _JSON = "__json__:"
 _SHA = "sha256"  # on every dataset: SHA-256 of its dtype, shape and C-order bytes
-_TREE_SHA = "tree_sha256"  # on the root: SHA-256 over all names and attributes (see _tree_digest)
+_TREE_SHA = "tree_sha256"  # on the root: SHA-256 over all names and attributes (see _TreeDigest)
 
 
 class WriteError(UserError):
