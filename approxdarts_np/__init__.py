@@ -12,7 +12,14 @@ and 0.82-0.95 s, ``GOMP_SPINCOUNT=10000`` 7.7-13 s and 14-25 s,
 ``NUMBA_THREADING_LAYER=workqueue`` 3.0-5.3 s and 3.4-6.4 s. The policy
 changes only how idle threads wait, not how work is split, so results stay
 bit-identical for a fixed thread count. See :mod:`approxdarts_np.kernels.threads`.
+
+It also makes sure Numba has a folder to cache compiled kernels in when the
+package folder is not writable (:mod:`approxdarts_np.kernel_cache`);
+``KERNEL_CACHE_NOTE`` is then the one-line note the command line prints, else None.
 """
 import os
 
+from approxdarts_np.kernel_cache import choose_cache_dir
+
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+KERNEL_CACHE_NOTE = choose_cache_dir()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import typer
@@ -9,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from approxdarts_np.errors import UserError
+from approxdarts_np.io.rundir import CHECKPOINT
 from approxdarts_np.runs.loop import RunInterrupted
 
 F = TypeVar("F", bound=Callable)
@@ -23,7 +25,7 @@ def fail(message: str) -> None:
 
 
 def user_errors(func: F) -> F:
-    """Decorate a command so a UserError becomes one line and exit code 2, no traceback."""
+    """Decorate a command so a UserError becomes one line and exit code 2, and a Ctrl-C one line and 130."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -31,6 +33,13 @@ def user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except UserError as exc:
             fail(str(exc))
+        except (KeyboardInterrupt, SystemError) as exc:
+            # Outside a run loop (loading data, building the network, the first compile). typer would turn
+            # the interrupt into a silent exit 130; Numba can wrap it in a SystemError.
+            if isinstance(exc, SystemError) and not isinstance(exc.__context__, KeyboardInterrupt):
+                raise
+            err_console.print("interrupted (Ctrl-C)", markup=False, soft_wrap=True)
+            raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -47,8 +56,13 @@ def run_with_interrupts(run: Callable[[], dict], console: Console, resume_hint: 
         # A second Ctrl-C abandons the step in progress; Numba can wrap the interrupt in a SystemError.
         if isinstance(exc, SystemError) and not isinstance(exc.__context__, KeyboardInterrupt):
             raise
-        console.print(f"abandoned the step in progress; the last checkpoint in {folder} is kept. "
-                      f"Continue with: {resume_hint}", highlight=False, markup=False, soft_wrap=True)
+        if not (Path(folder) / CHECKPOINT).is_file():
+            # Ctrl-C while the data loaded or the network was built: the run never began.
+            console.print(f"interrupted before the run started; nothing was written to {folder}",
+                          highlight=False, markup=False, soft_wrap=True)
+        else:
+            console.print(f"abandoned the step in progress; the last checkpoint in {folder} is kept. "
+                          f"Continue with: {resume_hint}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(code=130) from None
 
 

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from approxdarts_np.approx.energy import EnergyTable
 from approxdarts_np.nas.genotypes import read_genotype
-from approxdarts_np.runs.report import network_energy
+from approxdarts_np.runs.report import MAX_ENERGY_CHANNELS, MAX_ENERGY_LAYERS, network_energy
 from approxdarts_np_cli._common import user_errors
 
 
@@ -21,8 +21,8 @@ def energy(
     multiplier: Optional[str] = typer.Option(None, help=escape(
         "Multiplier of the searched convolutions (name or path), or genotype for the multiplier the genotype "
         "names per op [genotype when the genotype names multipliers, else exact].")),
-    channels: int = typer.Option(36, help="Initial channels."),
-    layers: int = typer.Option(20, help="Cells."),
+    channels: int = typer.Option(36, help=f"Initial channels (1 to {MAX_ENERGY_CHANNELS:,})."),
+    layers: int = typer.Option(20, help=f"Cells (3 to {MAX_ENERGY_LAYERS:,})."),
     fp32_mul_pj: float = typer.Option(3.7, help="Energy of an FP32 multiply (pJ)."),
     int8_mul_pj: float = typer.Option(0.2, help="Energy of an exact 8-bit multiply (pJ)."),
     per_layer: bool = typer.Option(False, "--per-layer", help="Print every layer's MACs and multiplier."),

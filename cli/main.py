@@ -19,11 +19,27 @@ app.command()(sweep)
 app.add_typer(data.app, name="data", help="CIFAR-10 data: fetch the full set.")
 
 
+def _package_version() -> str:
+    from importlib.metadata import version as _v
+    return _v("approxdarts-np")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(_package_version())
+        raise typer.Exit()
+
+
+@app.callback()
+def options(show_version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                               help="Print the package version and exit.")) -> None:
+    """ApproxDARTS in NumPy/Numba: architecture search with approximate multipliers."""
+
+
 @app.command()
 def version() -> None:
     """Print the package version."""
-    from importlib.metadata import version as _v
-    typer.echo(_v("approxdarts-np"))
+    typer.echo(_package_version())
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import os
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +125,86 @@ BROKEN_BATCHES = {
     "string labels": pickle.dumps({b"data": _GOOD_DATA, b"labels": ["a", "b", "c", "d"]}),
     "foreign global": pickle.dumps({b"data": _GOOD_DATA, b"labels": [0, 1, 2, 3], b"x": _CallsGetcwd()}),
 }
+
+# Well-formed pickles with content that used to escape as TypeError or OverflowError tracebacks.
+MALFORMED_BATCHES = {
+    "int key, no data": ({1: 2, b"labels": [0, 1, 2, 3]}, "a key of type int"),
+    "int key beside the data": ({b"data": _GOOD_DATA, b"labels": [0, 1, 2, 3], 7: b"x"}, "a key of type int"),
+    "tuple key": ({b"data": _GOOD_DATA, b"labels": [0, 1, 2, 3], (1, 2): 0}, "a key of type tuple"),
+    "data as bytes and as text": ({b"data": _GOOD_DATA, "data": _GOOD_DATA, b"labels": [0, 1, 2, 3]}, "twice"),
+    "5,000-digit label": ({b"data": _GOOD_DATA, b"labels": [0, 1, 2, 10 ** 5000]},
+                          "item 3 is an integer of about 5001 digits"),
+    "negative 5,000-digit label": ({b"data": _GOOD_DATA, b"labels": [0, -10 ** 5000, 2, 3]},
+                                   "item 1 is a negative integer of about 5001 digits"),
+    "uint64 label array": ({b"data": _GOOD_DATA, b"labels": np.array([0, 1, 2, 2 ** 64 - 1], np.uint64)},
+                           "found 0..18446744073709551615"),
+    "uint64 labels in a list": ({b"data": _GOOD_DATA, b"labels": [np.uint64(2 ** 64 - 1)] * 4},
+                                "item 0 is 18446744073709551615"),
+    "bool label": ({b"data": _GOOD_DATA, b"labels": [0, True, 2, 3]}, "item 1 is bool"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_BATCHES))
+def test_malformed_batch_content_is_one_clear_error(tmp_path, case):
+    content, fragment = MALFORMED_BATCHES[case]
+    folder = _copy_sample(tmp_path / "cifar")
+    (folder / "data_batch_2").write_bytes(pickle.dumps(content))
+    with pytest.raises(UserError) as info:
+        load_cifar10(folder)
+    message = str(info.value)
+    assert message.startswith(str(folder / "data_batch_2")) and fragment in message, message
+    assert "\n" not in message and len(message) < 300
+
+
+def test_uint64_labels_in_range_still_load(tmp_path, sample):
+    folder = _copy_sample(tmp_path / "cifar")
+    with open(folder / "test_batch", "rb") as handle:
+        batch = pickle.load(handle, encoding="bytes")
+    batch[b"labels"] = np.array(batch[b"labels"], np.uint64)
+    (folder / "test_batch").write_bytes(pickle.dumps(batch))
+    loaded = load_cifar10(folder)
+    assert loaded.test_y.dtype == np.int64 and np.array_equal(loaded.test_y, sample.test_y)
+
+
+def _write_huge_batch(path: Path, n: int) -> None:
+    """A well-formed batch pickle of ``n`` zero images (protocol 3, no framing), written as a sparse file."""
+    small = np.full((1001, 3072), 7, np.uint8)
+    raw = pickle.dumps({b"data": small, b"labels": [0] * n}, protocol=3)
+    shape_old = b"M" + struct.pack("<H", 1001) + b"M" + struct.pack("<H", 3072) + b"\x86"
+    shape_new = b"J" + struct.pack("<i", n) + b"M" + struct.pack("<H", 3072) + b"\x86"
+    data_old = b"B" + struct.pack("<I", small.size) + small.tobytes()
+    assert raw.count(shape_old) == 1 and raw.count(data_old) == 1
+    head, tail = raw.replace(shape_old, shape_new).split(data_old)
+    with open(path, "wb") as handle:
+        handle.write(head + b"B" + struct.pack("<I", n * 3072))
+        handle.seek(n * 3072, 1)
+        handle.write(tail)
+
+
+def test_writer_of_huge_batches_writes_a_real_pickle(tmp_path):
+    """Test the tester: the patched stream unpickles to n images of zeros with n labels."""
+    _write_huge_batch(tmp_path / "batch", 1200)
+    with open(tmp_path / "batch", "rb") as handle:
+        loaded = pickle.load(handle, encoding="bytes")
+    assert loaded[b"data"].shape == (1200, 3072) and not loaded[b"data"].any() and len(loaded[b"labels"]) == 1200
+
+
+def test_huge_sparse_batch_is_refused_by_its_size(tmp_path):
+    """3 GB of (sparse) images: refused before reading, in a process limited to 4 GB of address space."""
+    folder = _copy_sample(tmp_path / "cifar")
+    _write_huge_batch(folder / "data_batch_3", 1_000_000)
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+            "from approxdarts_np.data.cifar import load_cifar10\n"
+            "from approxdarts_np.errors import UserError\n"
+            "try:\n"
+            "    load_cifar10(sys.argv[1])\n"
+            "except UserError as exc:\n"
+            "    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.startswith(str(folder / "data_batch_3")), result.stdout
+    assert "bytes is more than any CIFAR-10 batch file" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN_BATCHES))

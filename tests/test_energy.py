@@ -196,3 +196,115 @@ def test_bad_layer_cost(macs, quantised):
 def test_layer_cost_accepts_numpy_integers():
     layer = LayerCost("x", "conv", np.int64(3) * np.int64(4), np.bool_(True))
     assert layer.macs == 12 and type(layer.macs) is int and layer.quantised is True
+
+
+# ----------------------------------------------------------------------------- the network's costs from shapes
+def _random_genotype(seed: int, with_multipliers: bool = False):
+    from approxdarts_np.nas.genotypes import Genotype
+    from approxdarts_np.nas.operations import PRIMITIVES
+
+    rng = np.random.default_rng(seed)
+    ops = PRIMITIVES[1:]
+    fields = {}
+    for field in ("normal", "reduce"):
+        pairs = []
+        for node in range(4):
+            for _ in range(2):
+                pairs.append((str(rng.choice(ops)), int(rng.integers(0, 2 + node))))
+        fields[field] = pairs
+        fields[f"{field}_concat"] = sorted(set(int(i) for i in rng.choice(np.arange(2, 6), rng.integers(1, 5))))
+        if with_multipliers:
+            names = ["exact", "mul8u_2P7", "mul8u_17KS", "mul8u_1446"]
+            fields[f"{field}_multipliers"] = [str(rng.choice(names)) if op.startswith(("sep", "dil")) and rng.random() < 0.8
+                                              else None for op, _ in pairs]
+    return Genotype(**fields)
+
+
+GENOTYPE_CASES = ["DARTS_V2", "seed0", "seed1", "seed2", "seed3", "multipliers4", "multipliers5"]
+
+
+def _genotype(case: str):
+    from approxdarts_np.nas.genotypes import DARTS_V2
+
+    if case == "DARTS_V2":
+        return DARTS_V2
+    return _random_genotype(int(case[-1]), with_multipliers=case.startswith("multipliers"))
+
+
+@pytest.mark.parametrize("case", GENOTYPE_CASES)
+@pytest.mark.parametrize("channels, layers", [(1, 3), (2, 4), (3, 5), (5, 7), (4, 8)])
+def test_shape_count_equals_the_forward_pass_count(case, channels, layers):
+    from approxdarts_np.approx.convolution import arithmetic_from_spec
+    from approxdarts_np.nas.costs import evaluation_network_costs, network_costs
+    from approxdarts_np.nas.model_eval import NetworkCIFAR
+    from approxdarts_np.nas.multiplier_choice import set_genotype_multipliers
+
+    genotype = _genotype(case)
+    net = NetworkCIFAR(genotype, channels, 10, layers, auxiliary=False)
+    named = genotype.has_multipliers
+    if named:
+        set_genotype_multipliers(net, genotype, arithmetic_from_spec)
+    rows, params = evaluation_network_costs(genotype, channels, layers,
+                                            (lambda spec: arithmetic_from_spec(spec).name) if named else None)
+    assert rows == network_costs(net)
+    assert params == sum(p.size for p in net.parameters())
+    if named:
+        assert {row.multiplier for row in rows if row.quantised} - {None}
+
+
+@pytest.mark.parametrize("case, multiplier", [("DARTS_V2", "mul8u_17KS"), ("seed1", "exact"),
+                                              ("multipliers4", "genotype"), ("seed2", "none")])
+def test_network_energy_is_unchanged(case, multiplier):
+    """The report from shapes equals the report of the built network, row for row and in every total."""
+    from approxdarts_np.approx.convolution import arithmetic_from_spec
+    from approxdarts_np.nas.costs import network_costs
+    from approxdarts_np.nas.model_eval import NetworkCIFAR
+    from approxdarts_np.nas.multiplier_choice import set_genotype_multipliers
+    from approxdarts_np.runs.report import network_energy
+
+    genotype = _genotype(case)
+    net = NetworkCIFAR(genotype, 6, 10, 6, auxiliary=False)
+    if multiplier == "genotype":
+        set_genotype_multipliers(net, genotype, arithmetic_from_spec)
+    mult = None if multiplier in ("none", "exact", "genotype") else load_multiplier(multiplier)
+    expected = energy_report(network_costs(net), mult, EnergyTable())
+    report, params = network_energy(genotype, 6, 6, multiplier, EnergyTable())
+    assert report.to_dict() == expected.to_dict()
+    assert params == sum(p.size for p in net.parameters())
+
+
+def test_wide_network_energy_fits_in_4_gb():
+    """--channels 5000 built every weight (about 9 GB) and died with MemoryError under a 4 GB limit."""
+    import subprocess
+    import sys
+
+    code = ("import resource\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+            "from approxdarts_np.nas.genotypes import DARTS_V2\n"
+            "from approxdarts_np.runs.report import network_energy\n"
+            "report, params = network_energy(DARTS_V2, 5000, 20, 'mul8u_17KS')\n"
+            "print(params, report.macs)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    params, macs = map(int, result.stdout.split())
+    assert params > 5000 ** 2 * 20 and macs > params  # grows as channels squared
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--layers", "100000"], "--layers must lie between 3 and 1,000"),
+    (["--layers", "1001"], "--layers must lie between 3 and 1,000"),
+    (["--channels", "100001"], "--channels must lie between 1 and 100,000"),
+    (["--int8-mul-pj", "1e308", "--fp32-mul-pj", "1e308"], "not a finite number"),
+    (["--fp32-mul-pj", "1e300"], "not a finite number"),
+    (["--int8-mul-pj", "1e307"], "not a finite number"),
+])
+def test_energy_refuses_sizes_and_energies_out_of_bounds(args, fragment):
+    from typer.testing import CliRunner
+
+    from approxdarts_np_cli.main import app
+
+    result = CliRunner().invoke(app, ["energy", "--genotype", "DARTS_V2"] + args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr

@@ -160,6 +160,17 @@ BAD = {
     "utf16le_nobom.json": (DARTS_V2.to_json().encode("utf-16-le"), "UTF-16"),
     "utf16be_nobom.txt": (DARTS_V2.to_darts_string().encode("utf-16-be"), "UTF-16"),
     "huge.txt": (b" " * (1 << 20) + b"x", "bytes; a genotype is a few hundred"),
+    # integers past Python's 4,300-digit limit, and a range too long to spell out
+    "long_index.json": (json.dumps(DARTS_V2.to_dict()).replace('"sep_conv_3x3", 0', '"sep_conv_3x3", ' + "9" * 5000, 1).encode(),
+                        "a number in it has more than 4,300 digits"),
+    "long_concat.json": (json.dumps(DARTS_V2.to_dict()).replace("[2, 3, 4, 5]", "[2, " + "7" * 5000 + "]", 1).encode(),
+                         "a number in it has more than 4,300 digits"),
+    "long_index.txt": (DARTS_V2.to_darts_string().replace("('sep_conv_3x3', 0)", "('sep_conv_3x3', " + "9" * 5000 + ")",
+                                                          1).encode(), "a number in it has more than 4,300 digits"),
+    "long_range.txt": (DARTS_V2.to_darts_string().replace("range(2, 6)", "range(2, " + "9" * 5000 + ")", 1).encode(),
+                       "is not a concat"),
+    "wide_range.txt": (DARTS_V2.to_darts_string().replace("range(2, 6)", "range(2, 600000000)", 1).encode(),
+                       "'range(2, 600000000)' is not a concat"),
 }
 
 
@@ -202,3 +213,15 @@ def test_constructor_checks_stay_value_errors():
         Genotype(normal=DARTS_V2.normal, normal_concat=(), reduce=DARTS_V2.reduce, reduce_concat=(2, 3, 4, 5))
     with pytest.raises(UserError):
         Genotype.from_dict({"normal": DARTS_V2.to_dict()["normal"]})
+
+
+@pytest.mark.parametrize("entry, expected", [
+    (["sep_conv_3x3", 10 ** 5000], "cannot take input an integer of about 5001 digits"),
+    (["sep_conv_3x3", 1, 2, 10 ** 5000], "got a list holding an integer too long to print"),
+    (["x" * 10000, 0], "unknown operation 'xxxx"),
+])
+def test_huge_values_in_a_genotype_dict_are_named_briefly(entry, expected):
+    d = DARTS_V2.to_dict()
+    with pytest.raises(GenotypeError) as info:
+        Genotype.from_dict({**d, "normal": [entry] + d["normal"][1:]})
+    assert expected in str(info.value) and len(str(info.value)) < 300

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from approxdarts_np.errors import UserError
 from approxdarts_np.io.rundir import RunFolder
 from approxdarts_np.nas.genotypes import DARTS_V2
 from approxdarts_np.runs.search import SearchConfig, run_search
@@ -79,6 +80,8 @@ def no_temp_files(folder: Path) -> None:
     (["--threads", "100000"], "--threads"),
     (["--max-train-images", "1"], "--max-train-images"),
     (["--seed", "-1"], "--seed"),
+    (["--seed", str(2 ** 64)], "--seed must lie between 0 and 2**32 - 1"),
+    (["--seed", str(2 ** 32)], "--seed must lie between 0 and 2**32 - 1"),
     (["--order", "3"], "--order"),
     (["--multipliers", ","], "names no multiplier"),
     (["--multipliers", "none,exact"], "'none' (FP32) cannot be one"),
@@ -102,11 +105,59 @@ def test_search_settings(tmp_path, args, fragment):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", [SEARCH, ["train", "--genotype", "DARTS_V2", "--max-train-images", "64",
+                                                "--channels", "2", "--layers", "3", "--threads", "1"]])
+@pytest.mark.parametrize("epochs", [str(2 ** 63 - 1), "10001"])
+def test_epochs_beyond_the_bound(tmp_path, monkeypatch, command, epochs):
+    from approxdarts_np.runs.loop import RunLoop
+
+    def never(*args, **kwargs):  # without the bound the run would start and not end
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(RunLoop, "start", never)
+    out = tmp_path / "out"
+    one_error_line(runner.invoke(app, command + ["--output-dir", str(out), "--epochs", epochs]),
+                   "--epochs must lie between 1 and 10,000")
+    assert not out.exists()
+
+
+def test_largest_seed_and_epochs_are_accepted():
+    from approxdarts_np.runs.config import MAX_EPOCHS, MAX_SEED
+
+    SearchConfig.quick(seed=MAX_SEED, epochs=MAX_EPOCHS, threads=1).validate()
+    TrainConfig.quick(seed=MAX_SEED, epochs=MAX_EPOCHS, threads=1, genotype=DARTS_V2.to_dict()).validate()
+    assert MAX_SEED == 2 ** 32 - 1
+
+
+def test_seed_past_python_printing_limit_is_one_line():
+    with pytest.raises(UserError, match="an integer of about 5001 digits"):
+        SearchConfig.quick(seed=10 ** 5000, threads=1).validate()
+
+
 def test_search_empty_data_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, SEARCH + ["--output-dir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "empty")])
     one_error_line(result, str(tmp_path / "empty"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("batch, fragment", [
+    ({1: 2, b"labels": [0, 1, 2, 3]}, "a key of type int"),
+    ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10 ** 5000]}, "about 5001 digits"),
+    ({b"data": np.zeros((4, 3072), np.uint8), b"labels": np.array([9, 0, 1, 2 ** 64 - 1], np.uint64)}, "0..9"),
+])
+def test_search_malformed_cifar_batch(tmp_path, batch, fragment):
+    import pickle
+
+    from approxdarts_np.data.cifar import default_data_dir
+
+    data = tmp_path / "cifar"
+    shutil.copytree(default_data_dir(), data)
+    (data / "data_batch_5").write_bytes(pickle.dumps(batch))
+    out = tmp_path / "out"
+    one_error_line(runner.invoke(app, SEARCH + ["--output-dir", str(out), "--data-dir", str(data)]),
+                   str(data / "data_batch_5"), fragment)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("content, name", [
@@ -215,6 +266,8 @@ GOOD = DARTS_V2.to_dict()
     ("binary.json", b"\x89PNG\r\n\x1a\n\x00\x00\x00", "binary.json"),
     ("utf16.txt", DARTS_V2.to_darts_string().encode("utf-16"), "utf16.txt"),
     ("list.json", "[1, 2]", "list.json"),
+    ("long_index.json", json.dumps(GOOD).replace('"sep_conv_3x3", 0', '"sep_conv_3x3", ' + "9" * 5000, 1),
+     "more than 4,300 digits"),
 ])
 def test_train_bad_genotype_files(tmp_path, name, content, fragment):
     path = tmp_path / name
@@ -233,6 +286,7 @@ def test_train_bad_genotype_files(tmp_path, name, content, fragment):
     (["--genotype", "DARTS_V2", "--lr", "inf"], "--lr"),
     (["--genotype", "DARTS_V2", "--channels", "100000"], "memory"),
     (["--genotype", "DARTS_V2", "--batch-size", "5000"], "--batch-size"),
+    (["--genotype", "DARTS_V2", "--seed", str(2 ** 64)], "--seed must lie between 0 and 2**32 - 1"),
 ])
 def test_train_settings(tmp_path, args, fragment):
     out = tmp_path / "out"

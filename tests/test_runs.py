@@ -176,6 +176,31 @@ def test_a_folder_locked_by_another_process_is_refused(tmp_path):
     run_search(_config(out, epochs=1))  # the lock dies with its holder
 
 
+def test_a_resume_takes_the_folder_lock(reference, tmp_path):
+    """A resume of a folder another process holds is refused, and changes nothing there."""
+    import shutil
+
+    out = tmp_path / "held"
+    shutil.copytree(reference, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from approxdarts_np.io.rundir import RunFolder
+        with RunFolder({str(out)!r}, fresh=False):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"in use by another run \\(pid {holder.pid} "):
+            run_search(resume=out, overrides={"epochs": 3})
+        after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name in before}
+        assert after == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # ----------------------------------------------------------------------------- resume overrides, divergence
 def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
     out = tmp_path / "run"

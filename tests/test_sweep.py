@@ -94,6 +94,20 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert approx["trials"] == 1 and approx["val_acc_std"] is None and approx["test_acc_mean"] is None
 
 
+def test_summary_groups_by_multiplier_and_lambda():
+    """Trials of one multiplier at two λ are two rows of the summary, each over its own seeds."""
+    rows = [{"multiplier": "exact+mul8u_2P7", "energy_weight": w, "seed": s, "val_acc": acc, "test_acc": None,
+             "energy_pj": energy, "parameters": 10, "wall_s": 1}
+            for w, s, acc, energy in [(0.0, 0, 0.5, 4e6), (0.0, 1, 0.7, 6e6), (1.0, 0, 0.2, 1e6), (1.0, 1, 0.4, 3e6)]]
+    rows.append({"multiplier": "exact", "energy_weight": None, "seed": 0, "val_acc": 0.9, "test_acc": None,
+                 "energy_pj": 9e6, "parameters": 10, "wall_s": 1})
+    summary = summarize(rows)
+    assert [(s["multiplier"], s["energy_weight"], s["trials"]) for s in summary] == [
+        ("exact+mul8u_2P7", 0.0, 2), ("exact+mul8u_2P7", 1.0, 2), ("exact", None, 1)]
+    assert summary[0]["val_acc_mean"] == pytest.approx(0.6) and summary[1]["val_acc_mean"] == pytest.approx(0.3)
+    assert summary[0]["energy_pj_mean"] == pytest.approx(5e6) and summary[1]["energy_pj_mean"] == pytest.approx(2e6)
+
+
 # ----------------------------------------------------------------- options: exit 2 before any trial
 @pytest.mark.parametrize("args, message", [
     (["--multipliers", "exact,mul8u_NOSUCH"], "NOSUCH"),
@@ -123,6 +137,63 @@ def test_bad_option_exits_2_before_any_trial(tmp_path, args, message):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
     assert not out.exists()  # nothing written, no Ray started for it
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--multipliers", "mul8u_17KS,17KS"], "--multipliers mul8u_17KS and 17KS name the same multiplier"),
+    (["--multipliers", "exact+2P7,exact+mul8u_2P7"], "name the same multiplier (exact+mul8u_2P7)"),
+    (["--multipliers", "none,fp32"], "name the same multiplier (none)"),
+    (["--data-dir", "/nonexistent"], "CIFAR-10 folder /nonexistent does not exist"),
+    (["--address", "garbage"], "--address must be auto, local, HOST:PORT or ray://HOST:PORT"),
+    (["--address", ""], "--address must be"),
+    (["--address", "10.0.0.1:99999"], "--address must be"),
+    (["--address", "ray://:6379"], "--address must be"),
+])
+def test_the_whole_grid_is_checked_before_ray_starts(tmp_path, monkeypatch, args, message):
+    import approxdarts_np.runs.sweep as sweep_module
+
+    def no_ray():
+        raise AssertionError("Ray was imported before the settings were checked")
+
+    monkeypatch.setattr(sweep_module, "import_ray", no_ray)
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", "--output-dir", str(out)] + TINY_ARGS + args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+    assert not out.exists()
+
+
+def test_data_dir_without_batches_is_checked_before_ray(tmp_path, monkeypatch):
+    import approxdarts_np.runs.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "import_ray", lambda: (_ for _ in ()).throw(AssertionError("Ray imported")))
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["sweep", "--output-dir", str(tmp_path / "out"), "--data-dir",
+                                 str(tmp_path / "empty")] + TINY_ARGS)
+    assert result.exit_code == 2 and "holds none of the python-version batch files" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("seeds", ["zero"]), ("seeds", 0), ("multipliers", "exact"), ("multipliers", [1]),
+    ("energy_weights", [True]), ("max_failures", 1.5), ("cpus_per_trial", "1"), ("stage", 3),
+    ("run_options", {"epochs": "1"}), ("run_options", {"colour": 1}), ("run_options", []), ("genotype", "DARTS_V2"),
+])
+def test_resume_of_a_sweep_whose_saved_settings_have_wrong_types(tmp_path, monkeypatch, setting, value):
+    import approxdarts_np.runs.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "import_ray", lambda: (_ for _ in ()).throw(AssertionError("Ray imported")))
+    saved = SweepConfig(run_options=dict(TINY), cpus_per_trial=1).to_dict()
+    saved[setting] = value
+    (tmp_path / "sweep.json").write_text(json.dumps(saved))
+    (tmp_path / "tune").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = runner.invoke(app, ["sweep", "--resume", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"setting {setting!r} has the wrong type" in lines[0], result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_resume_refuses_other_settings_and_folders_without_a_sweep(tmp_path):

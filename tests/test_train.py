@@ -93,3 +93,68 @@ def test_genotype_inputs(tmp_path):
         read_genotype(tmp_path / "bad.txt")
     with pytest.raises(UserError, match="does not exist"):
         read_genotype(tmp_path / "nope.json")
+
+
+def test_evaluate_runs_in_eval_mode():
+    """Batch norm with running statistics: the result does not depend on the batch size, the running
+    statistics do not move, and the model comes back in the mode it was in."""
+    from approxdarts_np.autodiff import Tensor, no_grad
+    from approxdarts_np.autodiff import functional as F
+    from approxdarts_np.data.augment import normalize
+    from approxdarts_np.data.cifar import load_cifar10
+    from approxdarts_np.nas.model_eval import NetworkCIFAR
+    from approxdarts_np.runs.evaluate import evaluate
+
+    data = load_cifar10()
+    images, labels = data.test_x[:12], data.test_y[:12]
+    model = NetworkCIFAR(DARTS_V2, 4, 10, 3, auxiliary=False, seed=1)
+    rng = np.random.default_rng(0)
+    for name, value in model.state_dict().items():  # running statistics far from a batch's own
+        if name.endswith("running_mean"):
+            value[...] = rng.normal(0, 1, value.shape)
+        elif name.endswith("running_var"):
+            value[...] = rng.uniform(0.5, 4, value.shape)
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    model.train()
+    one = evaluate(model, images, labels, batch_size=1)
+    twelve = evaluate(model, images, labels, batch_size=12)
+    assert model.training
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    assert one[1] == twelve[1] and one[0] == pytest.approx(twelve[0], rel=1e-5)
+    model.eval()
+    with no_grad():
+        logits, _ = model(Tensor(normalize(images)))
+    assert twelve[0] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_evaluate_genotype_runs_each_op_with_the_genotype_multiplier(trained, tmp_path):
+    """`evaluate --multiplier genotype` computes with the multipliers the genotype names, per op, in the
+    accuracy and in the energy, and the FP32 row does not."""
+    from approxdarts_np.approx.convolution import arithmetic_from_spec
+    from approxdarts_np.data.cifar import load_cifar10
+    from approxdarts_np.nas.genotypes import Genotype
+    from approxdarts_np.nas.multiplier_choice import set_genotype_multipliers
+    from approxdarts_np.runs.evaluate import evaluate
+    from approxdarts_np.runs.report import evaluate_checkpoint
+
+    def pick(pairs):
+        return [("mul8u_17KS" if op.startswith("sep") else "exact") if op.startswith(("sep", "dil")) else None
+                for op, _ in pairs]
+
+    genotype = Genotype(DARTS_V2.normal, DARTS_V2.normal_concat, DARTS_V2.reduce, DARTS_V2.reduce_concat,
+                        normal_multipliers=pick(DARTS_V2.normal), reduce_multipliers=pick(DARTS_V2.reduce))
+    out = tmp_path / "train"
+    run_train(TrainConfig.quick(output_dir=str(out), **dict(TINY, epochs=1, genotype=genotype.to_dict()),
+                                multiplier="none"))
+    rows = {r["multiplier"]: r for r in evaluate_checkpoint(out / "checkpoint.h5", ["genotype", "none"],
+                                                             batch_size=200)}
+    model, _ = load_trained_network(out / "checkpoint.h5")
+    set_genotype_multipliers(model, genotype, arithmetic_from_spec)
+    data = load_cifar10()
+    loss, acc = evaluate(model, data.test_x, data.test_y, 200)
+    assert rows["genotype"]["test_loss"] == loss and rows["genotype"]["test_acc"] == acc
+    assert rows["none"]["test_loss"] != loss
+    report, _ = network_energy(genotype, TINY["channels"], TINY["layers"], "genotype")
+    assert rows["genotype"]["energy_pj"] == pytest.approx(report.energy_approx_pj, rel=1e-12)
+    assert report.energy_approx_pj < report.energy_exact8_pj  # 17KS is cheaper than exact

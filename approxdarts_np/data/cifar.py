@@ -48,6 +48,11 @@ NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
 _ROW_LENGTH = 3 * 32 * 32
 
+#: Bounds checked before a batch is read: a batch of the official set has 10,000 images (31 MB);
+#: one batch may hold the whole training set, 50,000 images, plus room for labels and names.
+MAX_BATCH_IMAGES = 50_000
+MAX_BATCH_BYTES = MAX_BATCH_IMAGES * (_ROW_LENGTH + 64) + 2 ** 20
+
 #: Per-channel (R, G, B) mean and standard deviation of the CIFAR-10 training
 #: images scaled to [0, 1], the constants DARTS normalises with.
 CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)
@@ -102,6 +107,18 @@ def missing_files(folder: Path) -> list[str]:
     return [name for name in REQUIRED_FILES if not (folder / name).is_file()]
 
 
+def check_data_dir(data_dir: str | Path | None) -> Path:
+    """The folder :func:`load_cifar10` reads; UserError when it is missing or lacks batch files (nothing is read)."""
+    folder = resolve_data_dir(data_dir)
+    missing = missing_files(folder)
+    if len(missing) == len(REQUIRED_FILES):
+        raise UserError(f"CIFAR-10 folder {folder} holds none of the python-version batch files "
+                        f"({', '.join(REQUIRED_FILES)})")
+    if missing:
+        raise UserError(f"CIFAR-10 folder {folder} is missing {', '.join(missing)}")
+    return folder
+
+
 def load_cifar10(data_dir: str | Path | None = None) -> CifarData:
     """Read and validate CIFAR-10 from ``data_dir`` (the bundled sample when ``None``).
 
@@ -110,13 +127,7 @@ def load_cifar10(data_dir: str | Path | None = None) -> CifarData:
     the expected dict of ``uint8 (n, 3072)`` data and ``n`` labels in 0..9.
     Only point this at trusted files: see the module docstring.
     """
-    folder = resolve_data_dir(data_dir)
-    missing = missing_files(folder)
-    if len(missing) == len(REQUIRED_FILES):
-        raise UserError(f"CIFAR-10 folder {folder} holds none of the python-version batch files "
-                        f"({', '.join(REQUIRED_FILES)})")
-    if missing:
-        raise UserError(f"CIFAR-10 folder {folder} is missing {', '.join(missing)}")
+    folder = check_data_dir(data_dir)
     class_names = _read_meta(folder / META_FILE)
     train = [_read_batch(folder / name) for name in TRAIN_FILES]
     test_x, test_y = _read_batch(folder / TEST_FILE)
@@ -153,11 +164,16 @@ def search_split(n_train: int, seed: int | None = None) -> tuple[np.ndarray, np.
 
 
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Images as ``(n, 3, 32, 32) uint8`` and labels as ``(n,) int64`` from one batch file."""
+    """Images as ``(n, 3, 32, 32) uint8`` and labels as ``(n,) int64`` from one batch file.
+
+    Everything is checked before anything is converted: the keys, the types,
+    the number of images and every label's value (a label may be any Python
+    integer in a pickle, thousands of digits long).
+    """
     batch = _as_str_keys(_unpickle(path), path)
     for key in ("data", "labels"):
         if key not in batch:
-            raise UserError(f"{path}: not a CIFAR-10 batch (no {key!r} entry; has {sorted(batch)})")
+            raise UserError(f"{path}: not a CIFAR-10 batch (no {key!r} entry; has {_key_list(batch)})")
     data = batch["data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != _ROW_LENGTH or data.shape[0] == 0:
@@ -166,6 +182,8 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path}: 'data' must be a uint8 array of shape (n, {_ROW_LENGTH}) "
                         f"with n >= 1, got {described}")
     n = data.shape[0]
+    if n > MAX_BATCH_IMAGES:
+        raise UserError(f"{path}: {n} images in one batch; a CIFAR-10 batch holds at most {MAX_BATCH_IMAGES}")
     labels = _as_labels(batch["labels"], path)
     if labels.shape[0] != n:
         raise UserError(f"{path}: {labels.shape[0]} labels for {n} images")
@@ -173,22 +191,38 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def _show_int(value: int) -> str:
+    """An integer for a message; one too long to print (Python refuses over 4,300 digits) by its size."""
+    value = int(value)
+    if abs(value) < 10 ** 30:
+        return str(value)
+    return f"{'a negative' if value < 0 else 'an'} integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+
+
 def _as_labels(raw: object, path: Path) -> np.ndarray:
-    """Labels as a 1-D ``int64`` array, checked to lie in 0..9."""
+    """Labels as a 1-D ``int64`` array, each checked to lie in 0..9 before any conversion."""
     if isinstance(raw, np.ndarray):
-        labels = raw
-    elif isinstance(raw, (list, tuple)) and all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw):
-        labels = np.asarray(raw, dtype=np.int64)
-    else:
+        if raw.ndim != 1 or raw.dtype.kind not in "iu":
+            raise UserError(f"{path}: 'labels' must be 1-D integers, got {raw.dtype} "
+                            f"array of shape {raw.shape}")
+        if raw.size > MAX_BATCH_IMAGES:
+            raise UserError(f"{path}: {raw.size} labels; a CIFAR-10 batch holds at most {MAX_BATCH_IMAGES}")
+        if raw.size and (raw.min() < 0 or raw.max() >= NUM_CLASSES):
+            raise UserError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1}, "
+                            f"found {_show_int(raw.min())}..{_show_int(raw.max())}")
+        return raw.astype(np.int64)
+    if not isinstance(raw, (list, tuple)):
         raise UserError(f"{path}: 'labels' must be a list of integers, got {type(raw).__name__}")
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise UserError(f"{path}: 'labels' must be 1-D integers, got {labels.dtype} "
-                        f"array of shape {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise UserError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1}, "
-                        f"found {labels.min()}..{labels.max()}")
-    return labels.astype(np.int64)
+    if len(raw) > MAX_BATCH_IMAGES:
+        raise UserError(f"{path}: {len(raw)} labels; a CIFAR-10 batch holds at most {MAX_BATCH_IMAGES}")
+    for index, value in enumerate(raw):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise UserError(f"{path}: 'labels' must be a list of integers, item {index} is "
+                            f"{type(value).__name__}")
+        if not 0 <= value < NUM_CLASSES:
+            raise UserError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1}, "
+                            f"item {index} is {_show_int(value)}")
+    return np.array([int(v) for v in raw], dtype=np.int64)
 
 
 def _read_meta(path: Path) -> tuple[str, ...]:
@@ -202,16 +236,35 @@ def _read_meta(path: Path) -> tuple[str, ...]:
 
 
 def _as_str_keys(obj: object, path: Path) -> dict[str, object]:
-    """A pickled dict with its (bytes or str) keys as ``str``."""
+    """A pickled dict with its (bytes or str) keys as ``str``; other or clashing keys are refused."""
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
-    keys = [k.decode("latin-1") if isinstance(k, bytes) else k for k in obj]
-    return dict(zip(keys, obj.values()))
+    result: dict[str, object] = {}
+    for key, value in obj.items():
+        if not isinstance(key, (bytes, str)):
+            raise UserError(f"{path}: not a CIFAR-10 batch (a key of type {type(key).__name__}; "
+                            f"keys are names)")
+        name = key.decode("latin-1") if isinstance(key, bytes) else key
+        if name in result:
+            raise UserError(f"{path}: not a CIFAR-10 batch (key {name!r} twice, as bytes and as text)")
+        result[name] = value
+    return result
+
+
+def _key_list(batch: dict[str, object]) -> str:
+    """The keys of a batch for a message, at most ten, each cut to 40 characters."""
+    names = sorted(batch)
+    shown = [repr(name[:40]) for name in names[:10]]
+    return "[" + ", ".join(shown) + (f", ... {len(names) - 10} more" if len(names) > 10 else "") + "]"
 
 
 def _unpickle(path: Path) -> object:
     """Load one pickle with the restricted unpickler; any failure names the file."""
     try:
+        size = path.stat().st_size
+        if size > MAX_BATCH_BYTES:
+            raise UserError(f"{path}: {size:,} bytes is more than any CIFAR-10 batch file "
+                            f"(at most {MAX_BATCH_IMAGES:,} images, {MAX_BATCH_BYTES:,} bytes); refusing to read it")
         raw = path.read_bytes()
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from exc

@@ -15,9 +15,20 @@ an ``OSError`` here (HDF5's own writer has been seen to crash the process on
 :class:`WriteError` (a :class:`~approxdarts_np.errors.UserError`: one line,
 exit code 2). Files are created with mode 0666 filtered by the user's umask,
 like any file a program creates.
+
+Integrity. Every non-empty array is stored with HDF5's Fletcher32 filter (a
+flipped bit in its raw data fails the read) and carries a ``sha256``
+attribute: the SHA-256 of its dtype, shape and bytes, which an edit through
+h5py (that rewrites the Fletcher32 sum) does not update. The root carries
+``tree_sha256``, a SHA-256 over every group, dataset name and attribute
+(the datasets' ``sha256`` included), so an edited setting or position is
+caught too. :func:`load_tree` checks both and raises :class:`ReadError`
+naming what does not match. Files written before these checksums existed
+have neither attribute and load unchecked.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -31,6 +42,8 @@ from approxdarts_np.errors import UserError
 
 _LIST = "__list__"
 _JSON = "__json__:"
+_SHA = "sha256"  # on every dataset: SHA-256 of its dtype, shape and C-order bytes
+_TREE_SHA = "tree_sha256"  # on the root: SHA-256 over all names and attributes (see _TreeDigest)
 
 
 class WriteError(UserError):
@@ -100,8 +113,11 @@ def write_json(path: str | Path, obj: Any) -> None:
 def tree_to_bytes(tree: dict) -> bytes:
     """The HDF5 file image of ``tree`` (built in memory)."""
     name = f"approxdarts-np-{os.getpid()}-{secrets.token_hex(4)}.h5"
-    with h5py.File(name, "w", driver="core", backing_store=False) as f:
-        _write_group(f, tree)
+    # libver="latest": the small chunk index of HDF5 1.10, so the checksummed (chunked) datasets cost no space.
+    with h5py.File(name, "w", driver="core", backing_store=False, libver="latest") as f:
+        digest = _TreeDigest()
+        _write_group(f, tree, digest)
+        f.attrs[_TREE_SHA] = digest.hexdigest()
         f.flush()
         return f.id.get_file_image()
 
@@ -118,37 +134,128 @@ def load_tree(path: str | Path) -> dict:
         raise ReadError(f"{path} does not exist")
     try:
         with h5py.File(path, "r") as f:
-            return _read_group(f)
+            digest = _TreeDigest()
+            tree = _read_group(f, path, digest)
+            stored = f.attrs.get(_TREE_SHA)
+            if stored is not None and _text(stored) != digest.hexdigest():
+                raise ReadError(f"{path} is damaged: its settings or layout changed after it was written "
+                                f"(the file's checksum does not match)")
+            return tree
+    except ReadError:
+        raise
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         reason = "empty file" if path.stat().st_size == 0 else str(exc).splitlines()[0]
         raise ReadError(f"{path} is not a readable checkpoint (truncated or not HDF5: {reason})") from None
 
 
-def _write_group(group: h5py.Group, tree: dict) -> None:
+def _array_digest(arr: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{arr.dtype.str} {arr.shape}\n".encode())
+    digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _TreeDigest:
+    """SHA-256 over (name, value) entries taken in name order, so that writer and reader agree.
+
+    The writer adds every attribute as it stores it and the reader as it reads it back; the entries are
+    groups, attributes of groups (settings, positions, JSON strings) and the attributes of datasets
+    (their ``sha256``, which covers their data).
+    """
+
+    def __init__(self):
+        self._entries: list[tuple[str, bytes]] = []
+
+    def group(self, group: h5py.Group) -> None:
+        self._entries.append((group.name, b"group"))
+
+    def attr(self, owner: str, key: str, value) -> None:
+        self._entries.append((f"{owner}@{key}", _value_bytes(value)))
+
+    def hexdigest(self) -> str:
+        digest = hashlib.sha256()
+        for name, payload in sorted(self._entries):
+            encoded = name.encode("utf-8", "surrogatepass")
+            digest.update(len(encoded).to_bytes(8, "little") + encoded + len(payload).to_bytes(8, "little") + payload)
+        return digest.hexdigest()
+
+
+def _value_bytes(value) -> bytes:
+    """An attribute's value as bytes, with its kind so that "1" and 1 differ; as written and as read back."""
+    if isinstance(value, str):
+        return b"str:" + value.encode("utf-8", "surrogatepass")
+    if isinstance(value, bytes):
+        return b"bytes:" + bytes(value)
+    arr = np.asarray(value)
+    return f"array:{arr.dtype.str} {arr.shape}:".encode() + arr.tobytes()
+
+
+def _create_dataset(group: h5py.Group, key: str, value, digest: _TreeDigest, as_list: int | None = None) -> None:
+    """A dataset with a Fletcher32 checksum (chunked; not possible for scalars and empty arrays) and its SHA-256."""
+    arr = np.asarray(value)
+    dataset = group.create_dataset(key, data=arr, fletcher32=arr.ndim > 0 and arr.size > 0)
+    attrs = {_SHA: _array_digest(arr)} if as_list is None else {_SHA: _array_digest(arr), _LIST: as_list}
+    for name, attr in attrs.items():
+        dataset.attrs[name] = attr
+        digest.attr(dataset.name, name, attr)
+
+
+def _read_dataset(item: h5py.Dataset, path: Path, digest: _TreeDigest):
+    """The dataset's array (a list if it was one), checked against its SHA-256 when it has one."""
+    try:
+        arr = item[()]
+    except OSError as exc:
+        raise ReadError(f"{path} is damaged: dataset {item.name} cannot be read "
+                        f"({str(exc).splitlines()[0]})") from None
+    attrs = dict(item.attrs.items())
+    for name, attr in attrs.items():
+        digest.attr(item.name, name, attr)
+    stored = attrs.get(_SHA)
+    if stored is not None and _text(stored) != _array_digest(np.asarray(arr)):
+        raise ReadError(f"{path} is damaged: dataset {item.name} does not match its checksum "
+                        f"(it changed after the file was written)")
+    return arr.tolist() if _LIST in attrs else arr
+
+
+def _set_attr(group: h5py.Group, key: str, value, digest: _TreeDigest) -> None:
+    stored = value if isinstance(value, (str, bytes)) else np.asarray(value)
+    group.attrs[key] = value
+    digest.attr(group.name, key, stored)
+
+
+def _write_group(group: h5py.Group, tree: dict, digest: _TreeDigest) -> None:
+    digest.group(group)
     for key, value in tree.items():
         key = str(key)
         if isinstance(value, dict):
-            _write_group(group.create_group(key), value)
+            _write_group(group.create_group(key), value, digest)
         elif isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
             sub = group.create_group(key)
-            sub.attrs[_LIST] = len(value)
-            _write_group(sub, {str(i): v for i, v in enumerate(value)})
+            _set_attr(sub, _LIST, len(value), digest)
+            _write_group(sub, {str(i): v for i, v in enumerate(value)}, digest)
         elif isinstance(value, np.ndarray):
-            group.create_dataset(key, data=value)
+            _create_dataset(group, key, value, digest)
         elif isinstance(value, (list, tuple)) and any(isinstance(v, str) for v in value):
-            group.attrs[key] = _JSON + json.dumps(list(value))
+            _set_attr(group, key, _JSON + json.dumps(list(value)), digest)
         elif isinstance(value, (list, tuple)):
-            group.create_dataset(key, data=np.asarray(value))
-            group[key].attrs[_LIST] = len(value)
+            _create_dataset(group, key, np.asarray(value), digest, as_list=len(value))
         elif value is None:
-            group.attrs[key] = "__none__"
+            _set_attr(group, key, "__none__", digest)
         else:
-            group.attrs[key] = value
+            _set_attr(group, key, value, digest)
 
 
-def _read_group(group: h5py.Group):
+def _read_group(group: h5py.Group, path: Path, digest: _TreeDigest):
+    digest.group(group)
     out: dict[str, Any] = {}
-    for key, value in group.attrs.items():
+    attrs = dict(group.attrs.items())
+    for key, value in attrs.items():
+        if key == _TREE_SHA and group.name == "/":
+            continue
+        digest.attr(group.name, key, value)
         if key == _LIST:
             continue
         if isinstance(value, bytes):
@@ -162,10 +269,9 @@ def _read_group(group: h5py.Group):
         out[key] = value
     for key, item in group.items():
         if isinstance(item, h5py.Group):
-            out[key] = _read_group(item)
+            out[key] = _read_group(item, path, digest)
         else:
-            arr = item[()]
-            out[key] = arr.tolist() if _LIST in item.attrs else arr
-    if _LIST in group.attrs:
-        return [out[str(i)] for i in range(int(group.attrs[_LIST]))]
+            out[key] = _read_dataset(item, path, digest)
+    if _LIST in attrs:
+        return [out[str(i)] for i in range(int(attrs[_LIST]))]
     return out

@@ -24,6 +24,25 @@ class GenotypeError(UserError, ValueError):
 
 
 SEARCHED_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+_INT_TOO_LONG = "integer string conversion"  # Python refuses to read or print integers over 4,300 digits
+
+
+def _short(value) -> str:
+    """A value for a message: an integer too long to print by its size, anything else cut to 80 characters."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(int(value)) >= 10 ** 30:
+        return f"an integer of about {int(int(value).bit_length() * 0.30103) + 1} digits"
+    try:
+        text = repr(value)
+    except ValueError:  # a list or tuple holding such an integer
+        return f"a {type(value).__name__} holding an integer too long to print"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _parse_failure(exc: BaseException) -> str:
+    """Why a genotype did not parse, in one line, without Python's advice on its integer limit."""
+    if _INT_TOO_LONG in str(exc):
+        return "a number in it has more than 4,300 digits; input and state indices are 0..5"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _pairs(value, field: str) -> tuple[tuple[str, int], ...]:
@@ -43,7 +62,7 @@ def _pairs(value, field: str) -> tuple[tuple[str, int], ...]:
         for node, item in enumerate(value):
             if not isinstance(item, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in item):
                 raise GenotypeError(f"{field}: node {node} must be a list of 2 (operation, input) pairs "
-                                    f"like the other nodes, got {item!r}")
+                                    f"like the other nodes, got {_short(item)}")
             if len(item) != 2:
                 raise GenotypeError(f"{field}: node {node} has {len(item)} inputs; a DARTS node takes "
                                     f"exactly 2")
@@ -56,21 +75,21 @@ def _pairs(value, field: str) -> tuple[tuple[str, int], ...]:
     for k, pair in enumerate(value):
         if not isinstance(pair, (list, tuple)) or len(pair) not in (2, 3):
             raise GenotypeError(f"{field}: entry {k} must be an (operation, input) pair or an (operation, "
-                                f"input, multiplier) triple, got {pair!r}")
+                                f"input, multiplier) triple, got {_short(pair)}")
         op, j = pair[0], pair[1]
         if not isinstance(op, str):
-            raise GenotypeError(f"{field}: entry {k}: the operation must be a name, got {op!r}")
+            raise GenotypeError(f"{field}: entry {k}: the operation must be a name, got {_short(op)}")
         if op == "none":
             raise GenotypeError(f"{field}: entry {k}: 'none' cannot be a kept operation "
                                 f"(choose one of {', '.join(PRIMITIVES[1:])})")
         if op not in PRIMITIVES:
-            raise GenotypeError(f"{field}: entry {k}: unknown operation {op!r} "
+            raise GenotypeError(f"{field}: entry {k}: unknown operation {_short(op)} "
                                 f"(choose one of {', '.join(PRIMITIVES[1:])})")
         if isinstance(j, bool) or not isinstance(j, numbers.Integral):
-            raise GenotypeError(f"{field}: entry {k}: the input index must be an integer, got {j!r}")
+            raise GenotypeError(f"{field}: entry {k}: the input index must be an integer, got {_short(j)}")
         node = k // 2
         if not 0 <= j < 2 + node:
-            raise GenotypeError(f"{field}: node {node} cannot take input {j} (its inputs are "
+            raise GenotypeError(f"{field}: node {node} cannot take input {_short(j)} (its inputs are "
                                 f"0..{1 + node}: the two cell inputs and the earlier nodes)")
         pairs.append((op, int(j)))
     return tuple(pairs)
@@ -95,7 +114,7 @@ def _multipliers(value, pairs, field: str) -> tuple[str | None, ...] | None:
     out = []
     for k, (m, (op, _)) in enumerate(zip(value, pairs)):
         if m is not None and not (isinstance(m, str) and m.strip()):
-            raise GenotypeError(f"{field}: entry {k}: a multiplier is a name or a table path, got {m!r}")
+            raise GenotypeError(f"{field}: entry {k}: a multiplier is a name or a table path, got {_short(m)}")
         if m is not None and op not in SEARCHED_OPS:
             raise GenotypeError(f"{field}: entry {k}: {op} has no multiplier (only sep and dil convs have one)")
         out.append(m)
@@ -110,9 +129,9 @@ def _concat(value, field: str) -> tuple[int, ...]:
         raise GenotypeError(f"{field} is empty: the cell output concatenates at least one state")
     for i in value:
         if isinstance(i, bool) or not isinstance(i, numbers.Integral):
-            raise GenotypeError(f"{field}: state indices must be integers, got {i!r}")
+            raise GenotypeError(f"{field}: state indices must be integers, got {_short(i)}")
         if not 0 <= i < 2 + STEPS:
-            raise GenotypeError(f"{field}: state index {i} is out of range (a cell has states "
+            raise GenotypeError(f"{field}: state index {_short(i)} is out of range (a cell has states "
                                 f"0..{1 + STEPS}: the two inputs and {STEPS} nodes)")
     return tuple(int(i) for i in value)
 
@@ -220,9 +239,8 @@ class Genotype:
         m = re.fullmatch(r"(?:[A-Za-z_][A-Za-z_0-9]*\s*=\s*)?Genotype\s*\((.*)\)", body, flags=re.S)
         if not m:
             raise GenotypeError("not a DARTS genotype string: expected 'Genotype(normal=..., ...)'")
-        inner = re.sub(r"range\(\s*(\d+)\s*,\s*(\d+)\s*\)",
-                       lambda r: repr(list(range(int(r[1]), int(r[2])))), m.group(1))
         try:
+            inner = re.sub(r"range\(\s*(\d+)\s*,\s*(\d+)\s*\)", _range_as_list, m.group(1))
             call = ast.parse(f"f({inner})", mode="eval").body
             if not isinstance(call, ast.Call) or len(call.args) + len(call.keywords) == 0:
                 raise ValueError("no fields")
@@ -234,8 +252,10 @@ class Genotype:
                 if kw.arg is None or kw.arg in fields:
                     raise ValueError(f"field {kw.arg!r} given twice or unpacked")
                 fields[kw.arg] = ast.literal_eval(kw.value)
+        except GenotypeError:
+            raise
         except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = _parse_failure(exc)
             raise GenotypeError(f"cannot parse the genotype string ({reason}); expected "
                                 f"Genotype(normal=[('sep_conv_3x3', 0), ...], normal_concat=range(2, 6), "
                                 f"reduce=[...], reduce_concat=range(2, 6))") from None
@@ -243,6 +263,14 @@ class Genotype:
         if unknown:
             raise GenotypeError(f"unknown genotype field {unknown[0]!r} (fields: {', '.join(_FIELDS)})")
         return cls.from_dict(fields)
+
+
+def _range_as_list(match: re.Match) -> str:
+    """``range(a, b)`` of a concat as the list it stands for; GenotypeError for one no cell can have."""
+    start, stop = match[1], match[2]
+    if len(start) > 3 or len(stop) > 3 or int(stop) - int(start) > 64:  # spelled out, it could fill the memory
+        raise GenotypeError(f"{_short(match[0])} is not a concat: a cell has states 0..{1 + STEPS}")
+    return repr(list(range(int(start), int(stop))))
 
 
 def derive_genotype(weights_normal: np.ndarray, weights_reduce: np.ndarray) -> Genotype:
@@ -303,8 +331,8 @@ def read_genotype(spec: str | Path) -> Genotype:
                 fields = json.loads(content)
             except RecursionError:
                 raise GenotypeError("JSON nested too deeply") from None
-            except json.JSONDecodeError as exc:
-                raise GenotypeError(f"not valid JSON ({exc})") from None
+            except ValueError as exc:  # JSONDecodeError, or an integer over Python's 4,300-digit limit
+                raise GenotypeError(f"not valid JSON ({_parse_failure(exc)})") from None
             return Genotype.from_dict(fields)
         return _from_text(content)
     except GenotypeError as exc:
@@ -320,8 +348,8 @@ def _from_text(content: str) -> Genotype:
     try:
         call = ast.parse(f"f({m.group(1)})", mode="eval").body
         fields = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-    except (SyntaxError, ValueError, TypeError, AttributeError) as exc:
-        raise GenotypeError(f"cannot parse the Multipliers(...) line ({exc})") from None
+    except (SyntaxError, ValueError, TypeError, AttributeError, RecursionError, MemoryError) as exc:
+        raise GenotypeError(f"cannot parse the Multipliers(...) line ({_parse_failure(exc)})") from None
     if set(fields) != {"normal", "reduce"}:
         raise GenotypeError("the Multipliers(...) line needs normal=[...] and reduce=[...]")
     return Genotype(genotype.normal, genotype.normal_concat, genotype.reduce, genotype.reduce_concat,

@@ -19,6 +19,11 @@ RESUME_OVERRIDES = ("epochs", "threads")
 
 IMAGE_SIZE = 32
 
+#: Seeds seed NumPy's generators and are stored in checkpoints; 32 bits, like most seeds in the field.
+MAX_SEED = 2 ** 32 - 1
+#: Far more than any CIFAR-10 schedule (DARTS trains 600 epochs); a larger value is a typo.
+MAX_EPOCHS = 10_000
+
 
 def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
@@ -80,8 +85,8 @@ class RunConfig:
                             f"got {self.layers}")
         if self.channels <= 0:
             raise UserError(f"--channels must be positive, got {self.channels}")
-        if self.epochs <= 0:
-            raise UserError(f"--epochs must be positive, got {self.epochs}")
+        if not 1 <= self.epochs <= MAX_EPOCHS:
+            raise UserError(f"--epochs must lie between 1 and {MAX_EPOCHS:,}, got {_show_int(self.epochs)}")
         if self.batch_size <= 0:
             raise UserError(f"--batch-size must be positive, got {self.batch_size}")
         if self.max_train_images is not None and self.max_train_images < 2:
@@ -91,8 +96,8 @@ class RunConfig:
             if not 1 <= self.threads <= cores:
                 raise UserError(f"--threads must lie between 1 and the {cores} cores available, "
                                 f"got {self.threads}")
-        if self.seed < 0:
-            raise UserError(f"--seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"--seed must lie between 0 and 2**32 - 1 = {MAX_SEED:,}, got {_show_int(self.seed)}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not self.grad_clip > 0:
@@ -103,6 +108,13 @@ class RunConfig:
             raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.momentum < 1:
             raise UserError(f"--momentum must lie in [0, 1), got {self.momentum}")
+
+
+def _show_int(value: int) -> str:
+    """An integer for a message; one past Python's 4,300-digit printing limit by its size."""
+    if abs(value) < 10 ** 30:
+        return str(value)
+    return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
 
 
 def available_cores() -> int:

@@ -17,6 +17,10 @@ holds and which result files it writes. Everything else is here, once:
   rewritten from the checkpoint.
 - A non-finite loss stops the run with :class:`DivergedError`, naming the
   checkpoint that is kept.
+- A resume refuses a checkpoint that holds NaN or infinity, or whose saved
+  settings differ from ``config.json`` in anything but the settings a resume
+  may change (the file checksums of :mod:`approxdarts_np.io.checkpoint`
+  catch edits inside the checkpoint itself).
 """
 from __future__ import annotations
 
@@ -28,9 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+import numpy as np
+
 from approxdarts_np.errors import DivergedError, UserError
 from approxdarts_np.io.checkpoint import load_tree, save_tree, write_json, write_text
 from approxdarts_np.io.rundir import CHECKPOINT, CONFIG, METRICS, RunClock, RunFolder
+from approxdarts_np.runs.config import RESUME_OVERRIDES
 
 ProgressCallback = Callable[[dict], None]
 
@@ -136,7 +143,49 @@ def read_run_checkpoint(path: Path, kind: str) -> dict:
     for key in ("config", "position", "sums", "metrics", "model"):
         if key not in tree:
             raise UserError(f"{path} is damaged: no {key!r} entry")
+    bad = _non_finite_entry(tree)
+    if bad is not None:
+        raise UserError(f"{path} holds non-finite values in {bad}; a run never saves those, so the file "
+                        f"was damaged or edited and is not used")
     return tree
+
+
+def _non_finite_entry(tree, name: str = "") -> str | None:
+    """The name of the first float array (weights, optimiser state, α) holding NaN or infinity, else None."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        if isinstance(tree, np.ndarray) and tree.dtype.kind in "fc" and not np.isfinite(tree).all():
+            return name
+        if isinstance(tree, float) and not math.isfinite(tree):
+            return name
+        return None
+    for key, value in items:
+        found = _non_finite_entry(value, f"{name}/{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def check_config_matches(tree: dict, config, path: Path, config_path: Path) -> None:
+    """UserError when the settings ``config`` (from config.json, with the allowed overrides) differ from those
+    the checkpoint was written with, other than the ones a resume may change."""
+    try:
+        saved = json.loads(tree["config"])
+    except (TypeError, ValueError):
+        raise UserError(f"{path} is damaged: its 'config' entry is not a run's settings") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is damaged: its 'config' entry is not a run's settings")
+    current = config.to_dict()
+    may_differ = set(RESUME_OVERRIDES) | {"output_dir"}  # the folder may have been moved
+    differ = [k for k in saved if k not in may_differ and k in current and saved[k] != current[k]]
+    if differ:
+        shown = ", ".join(f"{k} is {current[k]!r} there but {saved[k]!r} in the checkpoint" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise UserError(f"{config_path} does not match {path}: {shown}{more}; restore {config_path.name} "
+                        f"or start a new run")
 
 
 class RunLoop:
@@ -169,6 +218,7 @@ class RunLoop:
         """Continue from the folder's checkpoint; the files are first brought in line with it."""
         with RunFolder(self.folder, fresh=False):
             tree = read_run_checkpoint(self.folder / CHECKPOINT, self.task.kind)
+            check_config_matches(tree, self.task.config, self.folder / CHECKPOINT, self.folder / CONFIG)
             self._load(tree)
             if self.state.epoch > self.task.config.epochs or (
                     self.state.epoch == self.task.config.epochs and self.state.step > 0):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from pathlib import Path
 
@@ -11,12 +12,17 @@ from approxdarts_np.approx.energy import EnergyReport, EnergyTable, energy_repor
 from approxdarts_np.approx.multipliers import bundled_names, load_multiplier
 from approxdarts_np.data.cifar import load_cifar10
 from approxdarts_np.errors import UserError
-from approxdarts_np.nas.costs import network_costs
+from approxdarts_np.nas.costs import evaluation_network_costs, network_costs
 from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.nas.genotypes import Genotype
-from approxdarts_np.nas.model_eval import NetworkCIFAR
 from approxdarts_np.nas.multiplier_choice import set_genotype_multipliers
 from approxdarts_np.runs.train import GENOTYPE_MULTIPLIERS, load_trained_network
+
+
+#: Bounds of the network ``network_energy`` counts: far beyond DARTS's 20 cells of 36 channels, and small
+#: enough that the per-layer rows (about 40 per cell) stay a few MB.
+MAX_ENERGY_LAYERS = 1000
+MAX_ENERGY_CHANNELS = 100_000
 
 
 def network_energy(genotype: Genotype, channels: int, layers: int, multiplier: str | None = "exact",
@@ -24,20 +30,38 @@ def network_energy(genotype: Genotype, channels: int, layers: int, multiplier: s
     """Energy report of the evaluation network of ``genotype`` (one 32×32 image) and its parameter count.
 
     ``multiplier`` "genotype" prices every searched conv with the multiplier its genotype names.
-    The parameter count leaves out the auxiliary head (it is not used at inference).
+    The parameter count leaves out the auxiliary head (it is not used at inference). MACs and
+    parameters are counted from the layer shapes (:func:`evaluation_network_costs`), so no weights
+    are made. UserError for ``layers`` outside 3..MAX_ENERGY_LAYERS, ``channels`` outside
+    1..MAX_ENERGY_CHANNELS, or energies too large to be finite.
     """
-    if layers < 3:
-        raise UserError(f"--layers must be at least 3, got {layers}")
-    if channels <= 0:
-        raise UserError(f"--channels must be positive, got {channels}")
-    net = NetworkCIFAR(genotype, channels, 10, layers, auxiliary=False)
-    if multiplier == GENOTYPE_MULTIPLIERS:
-        if genotype.has_searched_ops and not genotype.has_multipliers:
-            raise UserError("--multiplier genotype: this genotype names no multipliers")
-        set_genotype_multipliers(net, genotype, arithmetic_from_spec)
+    if not 3 <= layers <= MAX_ENERGY_LAYERS:
+        raise UserError(f"--layers must lie between 3 and {MAX_ENERGY_LAYERS:,}, got {layers}")
+    if not 1 <= channels <= MAX_ENERGY_CHANNELS:
+        raise UserError(f"--channels must lie between 1 and {MAX_ENERGY_CHANNELS:,}, got {channels}")
+    if multiplier == GENOTYPE_MULTIPLIERS and genotype.has_searched_ops and not genotype.has_multipliers:
+        raise UserError("--multiplier genotype: this genotype names no multipliers")
+
+    def multiplier_name(spec: str) -> str | None:
+        arithmetic = arithmetic_from_spec(spec)
+        return arithmetic.name if arithmetic is not None else None
+
+    costs, params = evaluation_network_costs(
+        genotype, channels, layers, multiplier_name if multiplier == GENOTYPE_MULTIPLIERS else None)
     mult = None if multiplier in (None, "none", "exact", GENOTYPE_MULTIPLIERS) else load_multiplier(multiplier)
-    report = energy_report(network_costs(net), mult, table)
-    params = sum(p.size for p in net.parameters())
+    report = energy_report(costs, mult, table)
+    try:  # math.fsum raises OverflowError when a partial sum overflows; a sum of infinities is inf
+        mul = {"FP32": report.energy_fp32_pj, "exact 8-bit": report.energy_exact8_pj,
+               "approximate": report.energy_approx_pj}
+        add = {"FP32": report.add_energy_fp32_pj, "exact 8-bit": report.add_energy_8bit_pj,
+               "approximate": report.add_energy_8bit_pj}
+        overflow = [name for name in mul if not (math.isfinite(mul[name]) and math.isfinite(mul[name] + add[name]))]
+    except OverflowError:
+        overflow = ["total"]
+    if overflow:
+        raise UserError(f"the {overflow[0]} energy of this network is not a finite number "
+                        f"({report.macs:,} MACs at the given pJ per operation); give smaller energies per "
+                        f"operation (--fp32-mul-pj, --int8-mul-pj)")
     return report, params
 
 

@@ -58,6 +58,44 @@ PASSED_THROUGH = ("epochs", "channels", "layers", "batch_size", "max_train_image
 SweepProgress = Callable[[dict], None]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _list_of(check) -> Callable[[object], bool]:
+    return lambda value: isinstance(value, list) and all(check(v) for v in value)
+
+
+def _or_none(check) -> Callable[[object], bool]:
+    return lambda value: value is None or check(value)
+
+
+_RUN_OPTION_TYPES = {"epochs": _is_int, "channels": _is_int, "layers": _is_int, "batch_size": _is_int,
+                     "max_train_images": _or_none(_is_int), "data_dir": _or_none(lambda v: isinstance(v, str))}
+# The JSON type of every SweepConfig field, checked when sweep.json is read back.
+_SETTING_TYPES = {
+    "multipliers": _list_of(lambda v: isinstance(v, str)), "seeds": _list_of(_is_int),
+    "energy_weights": _or_none(_list_of(_is_number)), "stage": lambda v: isinstance(v, str),
+    "output_dir": lambda v: isinstance(v, str), "preset": lambda v: isinstance(v, str),
+    "run_options": lambda v: isinstance(v, dict) and all(
+        k in _RUN_OPTION_TYPES and _RUN_OPTION_TYPES[k](x) for k, x in v.items()),
+    "genotype": _or_none(lambda v: isinstance(v, dict)), "cpus_per_trial": _or_none(_is_int),
+    "max_failures": _is_int, "eval_batch_size": _is_int,
+}
+
+
+def _short(value) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's 4,300-digit printing limit
+        return f"a {type(value).__name__} too long to print"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 @dataclass
 class SweepConfig:
     """A sweep: the grid, the stage each trial runs, the settings passed to every run, Ray resources."""
@@ -79,9 +117,13 @@ class SweepConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "SweepConfig":
+        """Rebuild saved settings; UserError naming the setting when one has the wrong type (an edited file)."""
         names = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(d, dict) or set(d) - names:
             raise UserError(f"{source} does not hold this version's sweep settings")
+        for name, value in d.items():
+            if not _SETTING_TYPES[name](value):
+                raise UserError(f"{source}: setting {name!r} has the wrong type: {_short(value)}")
         return cls(**d)
 
     def trial_threads(self) -> int:
@@ -121,6 +163,7 @@ class SweepConfig:
     def validate(self, local: bool = True) -> None:
         """UserError for any setting that cannot run, before Ray starts or any trial runs."""
         from approxdarts_np.approx.convolution import arithmetic_from_spec
+        from approxdarts_np.data.cifar import check_data_dir
         from approxdarts_np.nas.genotypes import DARTS_V2, Genotype
         from approxdarts_np.runs.config import available_cores
 
@@ -149,9 +192,18 @@ class SweepConfig:
         if len(set(names)) != len(names):
             raise UserError(f"--multipliers {','.join(self.multipliers)}: two of them would share a trial "
                             f"folder name; rename a table file")
+        same: dict[tuple, str] = {}
         for spec in self.multipliers:
+            parts = []
             for part in spec.split("+"):
-                arithmetic_from_spec(part)  # unknown name or bad table: UserError
+                arithmetic = arithmetic_from_spec(part)  # unknown name or bad table: UserError
+                parts.append("none" if arithmetic is None else arithmetic.name)
+            if tuple(parts) in same:
+                raise UserError(f"--multipliers {same[tuple(parts)]} and {spec} name the same multiplier "
+                                f"({'+'.join(parts)}); give it once")
+            same[tuple(parts)] = spec
+        if self.run_options.get("data_dir") is not None:
+            check_data_dir(self.run_options["data_dir"])  # on a cluster: the path every machine reads
         if self.cpus_per_trial is not None:
             if self.cpus_per_trial < 1:
                 raise UserError(f"--cpus-per-trial must be at least 1, got {self.cpus_per_trial}")
@@ -398,6 +450,7 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | Path | None = None
     UserError before Ray starts.
     """
     progress = progress or (lambda event: None)
+    check_address_form(address)
     if resume is not None:
         folder = Path(resume)
         try:
@@ -487,6 +540,20 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | Path | None = None
     files = write_results(rows, folder) if rows else {}
     return {"rows": rows, "summary": summarize(rows), "failed": failed, "unfinished": unfinished, "files": files,
             "elapsed_s": elapsed, "output_dir": str(folder), "stage": sweep.stage}
+
+
+_ADDRESS = re.compile(r"(?:ray://)?(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):(\d{1,5})")
+
+
+def check_address_form(address: str | None) -> None:
+    """UserError unless ``address`` is None, ``auto``, ``local``, HOST:PORT or ray://HOST:PORT (Ray
+    itself answers anything else with a ValueError traceback)."""
+    if address is None or address in ("auto", "local"):
+        return
+    match = _ADDRESS.fullmatch(address)
+    if match is None or not 1 <= int(match[1]) <= 65535:
+        raise UserError(f"--address must be auto, local, HOST:PORT or ray://HOST:PORT (e.g. 10.0.0.1:6379), "
+                        f"got {_short(address)}")
 
 
 def check_address(address: str, timeout_s: float = 5.0) -> None:

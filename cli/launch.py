@@ -1,0 +1,60 @@
+"""The ``approxdarts-np`` entry point: signals and start-up problems as one line, then the typer app.
+
+Importing the commands takes a second or more (NumPy, Numba, the kernels); a
+Ctrl-C or SIGTERM in that time would otherwise end in a traceback or a bare
+signal exit. From the first line here a SIGINT exits 130 and a SIGTERM 143,
+each with one line on stderr; inside a run the run loop takes the signals
+over (a checkpoint at the next step boundary). This module imports nothing
+heavy at its top so that the handlers are in place before the imports start.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived outside a run loop (a BaseException so that nothing on the way swallows it)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupt_of(exc: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or Terminated behind ``exc`` (Numba can wrap one in a SystemError), else None."""
+    if isinstance(exc, (KeyboardInterrupt, Terminated)):
+        return exc
+    if isinstance(exc, SystemError) and isinstance(exc.__context__, (KeyboardInterrupt, Terminated)):
+        return exc.__context__
+    return None
+
+
+def _say(line: str, code: int) -> None:
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def main() -> None:
+    """Run the command line; exit 130 on Ctrl-C and 143 on SIGTERM with one line, whenever they come."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        import approxdarts_np
+
+        if approxdarts_np.KERNEL_CACHE_NOTE:
+            print(approxdarts_np.KERNEL_CACHE_NOTE, file=sys.stderr, flush=True)
+        from approxdarts_np_cli.main import app
+
+        app()
+    except (KeyboardInterrupt, Terminated, SystemError) as exc:
+        what = _interrupt_of(exc)
+        if what is None:
+            raise
+        if isinstance(what, Terminated):
+            _say("terminated (SIGTERM)", 128 + signal.SIGTERM)
+        _say("interrupted (Ctrl-C)", 128 + signal.SIGINT)
+    except RuntimeError as exc:
+        if "no locator available" not in str(exc):
+            raise
+        _say(f"error: Numba found no writable folder to cache compiled kernels in ({exc}); "
+             f"set NUMBA_CACHE_DIR to a writable folder", 2)
