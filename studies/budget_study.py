@@ -80,8 +80,19 @@ def random_genotype_in_budget(budget: float, seed: int):
     raise RuntimeError(f"no random genotype within budget {budget} in 100000 draws")
 
 
-def run_job(job: dict, root: str) -> dict:
-    """Search (arms a, b) or draw (arm c), train, and price one job; returns its row (also in row.json)."""
+def run_job(job: dict, root: str) -> dict | None:
+    """Search (arms a, b) or draw (arm c), train, and price one job; returns its row (also in row.json), or
+    None when another invocation of the study is running that job."""
+    from approxdarts_np.errors import UserError
+    try:
+        return _run_job(job, root)
+    except UserError as exc:
+        if "in use by another run" in str(exc):
+            return None
+        raise
+
+
+def _run_job(job: dict, root: str) -> dict:
     from approxdarts_np.approx.convolution import arithmetic_from_spec
     from approxdarts_np.io.checkpoint import write_json
     from approxdarts_np.nas.budget import energy_ratio, parameter_free_share
@@ -250,8 +261,10 @@ def main() -> int:
     parser.add_argument("--output-dir", default="studies/results/budget")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=2, help="jobs side by side (one kernel thread each)")
-    parser.add_argument("--only", default=None, help="run only jobs whose name starts with this arm name "
-                        "(uniform, budget, budget_beta, random)")
+    parser.add_argument("--only", default=None, help="run only jobs whose name starts with one of these "
+                        "comma-separated prefixes (e.g. uniform, budget, budget_beta, random, budget-r0.5)")
+    parser.add_argument("--reverse", action="store_true", help="take the jobs last first (a second invocation "
+                        "on the same folder then meets the first one only at the end)")
     parser.add_argument("--summarise-only", action="store_true",
                         help="run nothing; rebuild results.json, results.csv and pareto.png from the jobs done")
     args = parser.parse_args()
@@ -259,7 +272,10 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     todo = jobs([int(s) for s in args.seeds.split(",")])
     if args.only:
-        todo = [j for j in todo if job_name(j).startswith(args.only + "-")]
+        prefixes = [p if p.endswith("-") or "-" in p else p + "-" for p in args.only.split(",")]
+        todo = [j for j in todo if job_name(j).startswith(tuple(prefixes))]
+    if args.reverse:
+        todo = todo[::-1]
     if args.summarise_only:
         todo = []
     settings = {"candidates": CANDIDATES, "uniform": UNIFORM, "budgets": BUDGETS, "random_window": RANDOM_WINDOW,
@@ -274,6 +290,8 @@ def main() -> int:
         futures = {pool.submit(run_job, job, str(root)): job for job in todo}
         for future in concurrent.futures.as_completed(futures):
             row = future.result()
+            if row is None:
+                continue  # another invocation holds that job's folder
             rows.append(row)
             print(f"{len(rows):3d}/{len(todo)}  {row['job']:<32} test {100 * row['test_acc']:5.2f}%  "
                   f"ratio {row['energy_ratio']:.3f}  {time.time() - started:6.0f} s", flush=True)
