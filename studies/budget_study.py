@@ -253,7 +253,22 @@ def write_outputs(root: Path, rows: list[dict], settings: dict) -> None:
     for row in rows:
         writer.writerow({**row, "multiplier_mix": json.dumps(row["multiplier_mix"])})
     write_text(root / "results.csv", out.getvalue())
+    write_text(root / "summary.md", summary_table(summary, rows))
     plot(summary, rows, root / "pareto.png")
+
+
+def summary_table(summary: list[dict], rows: list[dict]) -> str:
+    """The per-arm table as Markdown: energy ratio and test accuracy (mean ± sample std), seeds, the seeds'
+    accuracies one by one, and the share of searched convs among the kept ops."""
+    lines = ["| arm | energy ratio (20 cells, 36 ch) | test accuracy % | per seed % | searched convs |",
+             "| --- | --- | --- | --- | --- |"]
+    for e in summary:
+        seeds = sorted((r for r in rows if arm_label(r) == e["arm"]), key=lambda r: r["seed"])
+        lines.append(f"| {e['arm']} | {e['energy_ratio_mean']:.3f} ± {e['energy_ratio_std']:.3f} | "
+                     f"{100 * e['test_acc_mean']:.2f} ± {100 * e['test_acc_std']:.2f} | "
+                     f"{', '.join(format(100 * r['test_acc'], '.1f') for r in seeds)} | "
+                     f"{100 * e['searched_conv_share_mean']:.0f} % |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
