@@ -4,7 +4,7 @@ did not learn from one whose running statistics do not describe what its multipl
 
     python studies/bn_statistics_check.py studies/results/budget/uniform-mul8u_L40-seed0 mul8u_L40 ...
 
-takes (job folder, multiplier) pairs and prints one JSON line per (job, mode); batches of 100 test images.
+takes (job folder, multiplier or "genotype") pairs and prints one JSON line per (job, mode); batches of 100 test images.
 """
 from __future__ import annotations
 
@@ -20,14 +20,20 @@ def main(argv: list[str]) -> int:
     from approxdarts_np.data.augment import normalize
     from approxdarts_np.data.cifar import load_cifar10
     from approxdarts_np.kernels.threads import configure_threads
+    from approxdarts_np.nas.genotypes import Genotype
+    from approxdarts_np.nas.multiplier_choice import set_genotype_multipliers
     from approxdarts_np.runs.train import load_trained_network
 
     configure_threads(1)
     data = load_cifar10(None)
     x, y = data.test_x, data.test_y
     for folder, multiplier in zip(argv[0::2], argv[1::2]):
-        model, _ = load_trained_network(f"{folder}/train/checkpoint.h5")
-        model.set_multiplier(arithmetic_from_spec(multiplier))
+        model, config = load_trained_network(f"{folder}/train/checkpoint.h5")
+        if multiplier == "genotype":  # the per-op multipliers the genotype names
+            model.set_multiplier(None)
+            set_genotype_multipliers(model, Genotype.from_dict(config.genotype), arithmetic_from_spec)
+        else:
+            model.set_multiplier(arithmetic_from_spec(multiplier))
         saved = model.state_dict()
         for mode in ("running statistics", "batch statistics"):
             model.train(mode == "batch statistics")
