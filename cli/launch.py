@@ -38,6 +38,9 @@ def _say(line: str, code: int) -> None:
 def main() -> None:
     """Run the command line; exit 130 on Ctrl-C and 143 on SIGTERM with one line, whenever they come."""
     signal.signal(signal.SIGTERM, _terminate)
+    # A shell starts background jobs with SIGINT ignored, and Python then leaves it ignored; the run loop
+    # takes SIGINT over in any case, so the start-up answers it the same way wherever it was launched from.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         import approxdarts_np
 
