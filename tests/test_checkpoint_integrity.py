@@ -8,7 +8,6 @@ line naming the problem, and that the files are left as they were.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import h5py
@@ -22,6 +21,7 @@ from approxdarts_np.runs.loop import read_run_checkpoint
 from approxdarts_np.runs.search import SearchConfig, run_search
 from approxdarts_np.runs.train import TrainConfig, run_train
 from approxdarts_np_cli.main import app
+from run_helpers import copy_run, one_error_line
 
 runner = CliRunner()
 WEIGHT = "model/cells.items.0.preprocess0.op.layers.1.weight"
@@ -35,22 +35,6 @@ def runs(tmp_path_factory):
     run_train(TrainConfig.quick(output_dir=str(root / "train"), epochs=1, channels=2, layers=3, batch_size=4,
                                 max_train_images=8, threads=1, seed=1, genotype=DARTS_V2.to_dict()))
     return root
-
-
-def copy_run(runs: Path, kind: str, tmp_path: Path) -> Path:
-    dest = tmp_path / kind
-    shutil.copytree(runs / kind, dest)
-    return dest
-
-
-def one_error_line(result, *fragments) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def refused_resume(folder: Path, *fragments) -> str:

@@ -22,6 +22,7 @@ from approxdarts_np.nas.genotypes import DARTS_V2
 from approxdarts_np.runs.search import SearchConfig, run_search
 from approxdarts_np.runs.train import TrainConfig, run_train
 from approxdarts_np_cli.main import app
+from run_helpers import copy_run, one_error_line
 
 runner = CliRunner()
 SEARCH = ["search", "--epochs", "1", "--channels", "2", "--layers", "3", "--batch-size", "4",
@@ -38,22 +39,6 @@ def runs(tmp_path_factory):
                                   max_train_images=16, threads=1))
     run_train(TrainConfig.quick(output_dir=str(root / "train"), **TRAIN_TINY))
     return root
-
-
-def copy_run(runs: Path, kind: str, tmp_path: Path) -> Path:
-    dest = tmp_path / kind
-    shutil.copytree(runs / kind, dest)
-    return dest
-
-
-def one_error_line(result, *fragments) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def no_temp_files(folder: Path) -> None:

@@ -103,11 +103,10 @@ def project_to_budget(genotype: Genotype, betas: dict[str, np.ndarray], names: l
     chosen = {kind: list(genotype.multipliers(kind)) for kind in ("normal", "reduce")}
     moves = []
 
-    def current() -> Genotype:
-        return Genotype(genotype.normal, genotype.normal_concat, genotype.reduce, genotype.reduce_concat,
-                        normal_multipliers=chosen["normal"], reduce_multipliers=chosen["reduce"])
+    def ratio() -> float:
+        return energy_ratio(_with_multipliers(genotype, chosen), prices, exact_pj, channels, layers)
 
-    while energy_ratio(current(), prices, exact_pj, channels, layers) > budget:
+    while ratio() > budget:
         best = None
         for kind in ("normal", "reduce"):
             for k, (op, j) in enumerate(getattr(genotype, kind)):
@@ -127,18 +126,31 @@ def project_to_budget(genotype: Genotype, betas: dict[str, np.ndarray], names: l
         margin, kind, k, now, to = best
         chosen[kind][k] = names[to]
         moves.append({"cell": kind, "op": k, "from": names[now], "to": names[to], "margin": margin})
-    # The last move may have saved more than was needed: undo every earlier move (latest first) that the
-    # budget still allows, so the projection does not cheapen more ops than it must.
+    kept = _undo_unneeded(moves, chosen, ratio, budget)
+    return _with_multipliers(genotype, chosen), kept
+
+
+def _with_multipliers(genotype: Genotype, chosen: dict) -> Genotype:
+    return Genotype(genotype.normal, genotype.normal_concat, genotype.reduce, genotype.reduce_concat,
+                    normal_multipliers=chosen["normal"], reduce_multipliers=chosen["reduce"])
+
+
+def _undo_unneeded(moves: list[dict], chosen: dict, ratio, budget: float) -> list[dict]:
+    """Undo every move but the last (latest first) that the budget still allows, in ``chosen``; the moves kept.
+
+    The last move may have saved more than was needed, so earlier ones can turn out unnecessary. A move
+    whose op a later move changed again is kept (the later one decides).
+    """
     for move in reversed(moves[:-1]):
         kind, k = move["cell"], move["op"]
         if chosen[kind][k] != move["to"]:
-            continue  # a later move cheapened this op further; that one is kept
+            continue
         chosen[kind][k] = move["from"]
-        if energy_ratio(current(), prices, exact_pj, channels, layers) > budget:
+        if ratio() > budget:
             chosen[kind][k] = move["to"]
         else:
             move["undone"] = True
-    return current(), [m for m in moves if not m.get("undone")]
+    return [m for m in moves if not m.get("undone")]
 
 
 def allocate_by_sensitivity(genotype: Genotype, increase: dict, names: list[str], pj: np.ndarray,
@@ -161,11 +173,10 @@ def allocate_by_sensitivity(genotype: Genotype, increase: dict, names: list[str]
     index = {name: k for k, name in enumerate(names)}
     moves = []
 
-    def current() -> Genotype:
-        return Genotype(genotype.normal, genotype.normal_concat, genotype.reduce, genotype.reduce_concat,
-                        normal_multipliers=chosen["normal"], reduce_multipliers=chosen["reduce"])
+    def ratio() -> float:
+        return energy_ratio(_with_multipliers(genotype, chosen), prices, exact_pj, channels, layers)
 
-    while energy_ratio(current(), prices, exact_pj, channels, layers) > budget:
+    while ratio() > budget:
         best = None
         for (kind, k), losses in sorted(increase.items()):
             now = index[chosen[kind][k]]
@@ -181,16 +192,8 @@ def allocate_by_sensitivity(genotype: Genotype, increase: dict, names: list[str]
         score, kind, k, now, c = best
         chosen[kind][k] = names[c]
         moves.append({"cell": kind, "op": k, "from": names[now], "to": names[c], "loss_per_pj": score})
-    for move in reversed(moves[:-1]):
-        kind, k = move["cell"], move["op"]
-        if chosen[kind][k] != move["to"]:
-            continue
-        chosen[kind][k] = move["from"]
-        if energy_ratio(current(), prices, exact_pj, channels, layers) > budget:
-            chosen[kind][k] = move["to"]
-        else:
-            move["undone"] = True
-    return current(), [m for m in moves if not m.get("undone")]
+    kept = _undo_unneeded(moves, chosen, ratio, budget)
+    return _with_multipliers(genotype, chosen), kept
 
 
 def cap_parameter_free(weights: dict[str, np.ndarray], genotype: Genotype, limit: int) -> Genotype:
