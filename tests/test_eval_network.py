@@ -243,13 +243,13 @@ def test_readme_figures_of_darts_v2_at_paper_size():
     assert round(report.energy_exact8_pj / report.energy_fp32_pj, 3) == 0.461
 
 
-# The genotype the README's default search printed (section "What the default run does").
+# The genotype the README's default search printed (section "A worked example", commit 1a02503).
 README_SAMPLE = Genotype(
-    normal=(("dil_conv_3x3", 1), ("dil_conv_3x3", 0), ("dil_conv_5x5", 1), ("dil_conv_5x5", 2),
-            ("sep_conv_3x3", 1), ("dil_conv_5x5", 3), ("dil_conv_3x3", 2), ("dil_conv_3x3", 3)),
+    normal=(("sep_conv_3x3", 1), ("sep_conv_5x5", 0), ("sep_conv_5x5", 2), ("dil_conv_5x5", 1),
+            ("dil_conv_3x3", 0), ("sep_conv_3x3", 1), ("dil_conv_3x3", 3), ("dil_conv_3x3", 4)),
     normal_concat=(2, 3, 4, 5),
-    reduce=(("max_pool_3x3", 1), ("max_pool_3x3", 0), ("dil_conv_3x3", 0), ("dil_conv_5x5", 1),
-            ("max_pool_3x3", 1), ("sep_conv_3x3", 0), ("dil_conv_5x5", 3), ("sep_conv_3x3", 4)),
+    reduce=(("max_pool_3x3", 0), ("dil_conv_5x5", 1), ("dil_conv_3x3", 2), ("max_pool_3x3", 0),
+            ("sep_conv_3x3", 0), ("sep_conv_5x5", 3), ("dil_conv_5x5", 3), ("sep_conv_5x5", 1)),
     reduce_concat=(2, 3, 4, 5),
 )
 
@@ -257,15 +257,17 @@ README_SAMPLE = Genotype(
 def test_readme_figures_of_the_sample_network():
     """README "Search → train → evaluate → energy": 8 channels, 6 cells, the genotype above."""
     report, params = _energy(README_SAMPLE, 8, 6, "mul8u_17KS")
-    assert params == 52_338
-    assert report.macs == 11_166_976
-    assert report.macs_quantised == 6_766_592
-    assert round(100 * report.macs_quantised / report.macs, 1) == 60.6
+    assert params == 67_410
+    assert report.macs == 14_048_512
+    assert report.macs_quantised == 9_648_128
+    assert round(100 * report.macs_quantised / report.macs, 1) == 68.7
     assert [round(e / 1e6, 2) for e in (report.energy_fp32_pj, report.energy_exact8_pj, report.energy_approx_pj)] \
-        == [41.32, 17.63, 16.64]
-    assert round(report.energy_exact8_pj / report.energy_fp32_pj, 3) == 0.427
+        == [51.98, 18.21, 16.79]
+    assert round(report.energy_exact8_pj / report.energy_fp32_pj, 3) == 0.350
     report_1446, _ = _energy(README_SAMPLE, 8, 6, "mul8u_1446")
-    assert round(report_1446.energy_approx_pj / 1e6, 2) == 17.62
+    assert round(report_1446.energy_approx_pj / 1e6, 2) == 18.20
+    paper, _ = _energy(README_SAMPLE, 36, 20, "mul8u_17KS")  # README "At paper size": 0.403
+    assert round(paper.energy_exact8_pj / paper.energy_fp32_pj, 3) == 0.403
     # The energy command's own path gives the same report.
     from approxdarts_np.runs.report import network_energy
     cli_report, cli_params = network_energy(README_SAMPLE, 8, 6, "mul8u_17KS")
