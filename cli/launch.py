@@ -17,8 +17,33 @@ class Terminated(BaseException):
     """SIGTERM arrived outside a run loop (a BaseException so that nothing on the way swallows it)."""
 
 
+# Signals that arrived before a run loop took them over. An interrupt raised inside a C callback (Numba
+# compiling a kernel) cannot propagate and is dropped by Python, so it is also recorded here and acted on
+# at the next safe point: the start of a run (progress "start" event) or the end of the command.
+PENDING: list[int] = []
+
+
 def _terminate(signum, frame) -> None:
+    PENDING.append(signum)
     raise Terminated()
+
+
+def _interrupt(signum, frame) -> None:
+    PENDING.append(signum)
+    raise KeyboardInterrupt()
+
+
+def _unraisable(info) -> None:
+    """Python's hook for exceptions it cannot raise: an interrupt recorded in PENDING is not printed."""
+    if isinstance(info.exc_value, (KeyboardInterrupt, Terminated)):
+        return
+    sys.__unraisablehook__(info)
+
+
+def raise_pending() -> None:
+    """Raise the signal recorded in PENDING, if any (a safe point)."""
+    if PENDING:
+        raise Terminated() if PENDING[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _interrupt_of(exc: BaseException) -> BaseException | None:
@@ -40,7 +65,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     # A shell starts background jobs with SIGINT ignored, and Python then leaves it ignored; the run loop
     # takes SIGINT over in any case, so the start-up answers it the same way wherever it was launched from.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _interrupt)
+    sys.unraisablehook = _unraisable
     try:
         import approxdarts_np
 
@@ -48,7 +74,12 @@ def main() -> None:
             print(approxdarts_np.KERNEL_CACHE_NOTE, file=sys.stderr, flush=True)
         from approxdarts_np_cli.main import app
 
-        app()
+        try:
+            app()
+        except SystemExit as exc:
+            if exc.code in (0, None):
+                raise_pending()  # an interrupt a callback swallowed, while the command went on to its end
+            raise
     except (KeyboardInterrupt, Terminated, SystemError) as exc:
         what = _interrupt_of(exc)
         if what is None:

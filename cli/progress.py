@@ -4,6 +4,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from approxdarts_np_cli.launch import raise_pending
+
 
 class EpochProgress:
     """A progress bar over all steps of a run, with the latest loss/accuracy; one line per finished epoch.
@@ -29,6 +31,7 @@ class EpochProgress:
     def __call__(self, event: dict) -> None:
         kind = event["event"]
         if kind == "start":
+            raise_pending()  # a Ctrl-C during start-up that a compile callback swallowed
             total = event["epochs"] * event["steps_per_epoch"]
             done = event["epoch"] * event["steps_per_epoch"] + event["step"]
             self.steps_per_epoch = event["steps_per_epoch"]

@@ -77,3 +77,28 @@ def test_ctrl_c_while_the_command_starts(tmp_path, delay):
         assert not out.exists()
     if out.exists():
         shutil.rmtree(out)
+
+
+def test_an_interrupt_a_callback_swallowed_stops_the_run_at_its_start(capsys):
+    """Numba compiles through C callbacks; a KeyboardInterrupt raised inside one is dropped by Python. The
+    entry point records it, keeps Python from printing it, and raises it again when the run starts."""
+    import types
+
+    from rich.console import Console
+
+    from approxdarts_np_cli import launch
+    from approxdarts_np_cli.progress import EpochProgress
+
+    launch.PENDING.clear()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch._interrupt(signal.SIGINT, None)
+        launch._unraisable(types.SimpleNamespace(exc_value=KeyboardInterrupt(), exc_type=KeyboardInterrupt,
+                                                 exc_traceback=None, err_msg=None, object=None))
+        assert capsys.readouterr().err == ""
+        with EpochProgress(Console(file=None, quiet=True)) as progress, pytest.raises(KeyboardInterrupt):
+            progress({"event": "start", "epochs": 1, "steps_per_epoch": 1, "epoch": 0, "step": 0, "parameters": 1})
+    finally:
+        launch.PENDING.clear()
+    with EpochProgress(Console(quiet=True)) as progress:  # nothing pending: the run starts
+        progress({"event": "start", "epochs": 1, "steps_per_epoch": 1, "epoch": 0, "step": 0, "parameters": 1})
