@@ -301,6 +301,9 @@ SEARCH = ["search", "--epochs", "1", "--channels", "2", "--layers", "3", "--batc
     (["--multipliers", "exact,mul8u_17KS", "--gumbel-temperature", "5:0"], "--gumbel-temperature"),
     (["--multipliers", "exact,mul8u_17KS", "--gumbel-temperature", "5:1:2"], "--gumbel-temperature"),
     (["--multipliers", "exact,mul8u_17KS", "--gumbel-temperature", "hot"], "--gumbel-temperature"),
+    (["--multipliers", "exact,mul8u_17KS", "--energy-budget", "0.5", "--sensitivity-images", "0"],
+     "--sensitivity-images"),
+    (["--multipliers", "exact,mul8u_17KS", "--energy-budget", "0.5", "--allocation", "best"], "--allocation"),
 ])
 def test_bad_budget_options_are_one_line(tmp_path, args, fragment):
     out = tmp_path / "out"
@@ -316,13 +319,40 @@ def test_bad_budget_options_are_one_line(tmp_path, args, fragment):
     ["--multipliers", "exact,mul8u_17KS", "--energy-weight", "1", "--energy-scope", "all"],
     ["--multiplier", "mul8u_17KS", "--energy-weight", "1", "--energy-scope", "all"],
     ["--multipliers", "exact,mul8u_17KS,mul8u_L40", "--energy-budget", "0.6", "--warmup-epochs", "0",
-     "--beta-lr", "0.02", "--gumbel-temperature", "3:1", "--max-parameter-free", "1", "--budget-step", "2"],
+     "--beta-lr", "0.02", "--gumbel-temperature", "3:1", "--max-parameter-free", "1", "--budget-step", "2",
+     "--sensitivity-images", "4"],
+    ["--multipliers", "exact,mul8u_17KS,mul8u_L40", "--energy-budget", "0.6", "--allocation", "beta"],
 ])
 def test_every_energy_option_runs_end_to_end(tmp_path, args):
+    import json
+
     out = tmp_path / "out"
     result = CliRunner().invoke(app, SEARCH + ["--output-dir", str(out)] + args)
     assert result.exit_code == 0, result.output
     assert (out / "genotype.json").exists()
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    if "--energy-budget" in args:  # the sensitivities are measured only for the default allocation
+        assert ("sensitivity" in last) == ("--allocation" not in args)
+        assert last["genotype_energy_ratio"] <= 0.6
+
+
+def test_the_sensitivity_images_are_the_first_of_the_architecture_val_half(tmp_path, monkeypatch):
+    """--sensitivity-images N measures on the first N architecture-val images, never on weight-train ones."""
+    import approxdarts_np.runs.search as search_module
+
+    seen = []
+    real = search_module.BatchLoader
+
+    def recording(x, y, batch_size, **kw):
+        seen.append(np.asarray(kw["indices"]).copy())
+        return real(x, y, batch_size, **kw)
+
+    searcher = _searcher(tmp_path, warmup_epochs=0, energy_budget=0.6, epochs=1, sensitivity_images=6)
+    monkeypatch.setattr(search_module, "BatchLoader", recording)
+    searcher.measure_sensitivity()
+    assert len(seen) == 1
+    np.testing.assert_array_equal(seen[0], searcher.val_loader.indices[:6])
+    assert not set(seen[0]) & set(searcher.train_loader.indices)
 
 
 # ----------------------------------------------------------------------------- the energy term by hand

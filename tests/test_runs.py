@@ -157,17 +157,23 @@ def test_files_follow_the_umask(tmp_path):
 
 
 # ----------------------------------------------------------------------------- one run per folder
-def test_a_folder_locked_by_another_process_is_refused(tmp_path):
-    out = tmp_path / "busy"
+def _hold_lock(out, fresh: bool) -> subprocess.Popen:
+    """A process that holds ``out``'s run-folder lock for a minute (returned once the lock is taken)."""
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time
+        import time
         from approxdarts_np.io.rundir import RunFolder
-        with RunFolder({str(out)!r}, fresh=True):
+        with RunFolder({str(out)!r}, fresh={fresh}):
             print("locked", flush=True)
             time.sleep(60)
     """)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_folder_locked_by_another_process_is_refused(tmp_path):
+    out = tmp_path / "busy"
+    holder = _hold_lock(out, fresh=True)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UserError, match=f"in use by another run \\(pid {holder.pid} "):
             run_search(_config(out))
     finally:
@@ -183,15 +189,8 @@ def test_a_resume_takes_the_folder_lock(reference, tmp_path):
     out = tmp_path / "held"
     shutil.copytree(reference, out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time
-        from approxdarts_np.io.rundir import RunFolder
-        with RunFolder({str(out)!r}, fresh=False):
-            print("locked", flush=True)
-            time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
+    holder = _hold_lock(out, fresh=False)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UserError, match=f"in use by another run \\(pid {holder.pid} "):
             run_search(resume=out, overrides={"epochs": 3})
         after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name in before}

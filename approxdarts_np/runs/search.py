@@ -306,34 +306,39 @@ class Searcher:
         val_batch, train_batch = self.val_loader.batch(epoch, step), self.train_loader.batch(epoch, step)
         if self.choosing:  # one sampled multiplier per searched op for both halves of the step
             self.model.choose(np.random.default_rng([cfg.seed, epoch, step, _CHOICE_STREAM]))
-        if epoch < self.warmup_epochs:  # warm-up: weights only, on the multipliers drawn above
-            t_loss, t_correct = weight_step(self.model, self.w_optimizer, *train_batch, grad_clip=cfg.grad_clip)
-            bs = cfg.batch_size
-            return StepResult(losses={"train_loss": t_loss},
-                              sums={"train_loss": t_loss * bs, "train_correct": t_correct, "seen": bs},
-                              shown={"train_loss": t_loss, "train_acc": t_correct / bs})
+        arch = {}
+        if epoch >= self.warmup_epochs:  # during warm-up: weights only, on the multipliers drawn above
+            a_loss, a_correct = self.architecture_step(epoch, val_batch, train_batch)
+            if not math.isfinite(a_loss):
+                return StepResult(losses={"arch_loss": a_loss}, sums={})
+            arch = {"arch_loss": a_loss, "arch_correct": a_correct}
+        t_loss, t_correct = weight_step(self.model, self.w_optimizer, *train_batch, grad_clip=cfg.grad_clip)
+        bs = cfg.batch_size
+        losses = {"train_loss": t_loss}
+        sums = {"train_loss": t_loss * bs, "train_correct": t_correct, "seen": bs}
+        shown = {"train_loss": t_loss, "train_acc": t_correct / bs}
+        if arch:
+            losses["arch_loss"] = shown["arch_loss"] = arch["arch_loss"]
+            sums.update(arch_loss=arch["arch_loss"] * bs, arch_correct=arch["arch_correct"])
+        return StepResult(losses=losses, sums=sums, shown=shown)
+
+    def architecture_step(self, epoch: int, val_batch, train_batch) -> tuple[float, int]:
+        """α (and β) on the val batch: DARTS's unrolled step with ``--order 2``, else first order with the
+        energy term; with a budget, λ then follows the ratio of the genotype the step leads to."""
+        cfg = self.config
         if cfg.order == 2:
             # DARTS: the virtual step uses the same weight-train batch and, by default, the current lr
             xi = cfg.unrolled_lr if cfg.unrolled_lr is not None else self.w_optimizer.lr
-            a_loss, a_correct = unrolled_architecture_step(self.model, self.a_optimizer, self.w_optimizer,
-                                                           train_batch, val_batch, xi)
-        else:
-            penalty = self.energy_penalty if cfg.energy_weight > 0 or self.dual is not None else None
-            optimizers = [self.a_optimizer] + ([self.b_optimizer] if self.choosing else [])
-            a_loss, a_correct = architecture_step(self.model, optimizers, *val_batch, penalty=penalty)
-            if self.dual is not None and math.isfinite(a_loss):
-                # λ for the next step, from the ratio of the genotype this step leads to (argmax α and β,
-                # on the budget's network): the budget holds for what the search returns, not for the mixture
-                self.dual.update(self.genotype_ratio())
-        if not math.isfinite(a_loss):
-            return StepResult(losses={"arch_loss": a_loss}, sums={})
-        t_loss, t_correct = weight_step(self.model, self.w_optimizer, *train_batch, grad_clip=cfg.grad_clip)
-        bs = self.config.batch_size
-        return StepResult(
-            losses={"arch_loss": a_loss, "train_loss": t_loss},
-            sums={"train_loss": t_loss * bs, "train_correct": t_correct, "arch_loss": a_loss * bs,
-                  "arch_correct": a_correct, "seen": bs},
-            shown={"train_loss": t_loss, "train_acc": t_correct / bs, "arch_loss": a_loss})
+            return unrolled_architecture_step(self.model, self.a_optimizer, self.w_optimizer,
+                                              train_batch, val_batch, xi)
+        penalty = self.energy_penalty if cfg.energy_weight > 0 or self.dual is not None else None
+        optimizers = [self.a_optimizer] + ([self.b_optimizer] if self.choosing else [])
+        a_loss, a_correct = architecture_step(self.model, optimizers, *val_batch, penalty=penalty)
+        if self.dual is not None and math.isfinite(a_loss):
+            # the budget holds for what the search returns (argmax α and β, on the budget's network),
+            # not for the mixture
+            self.dual.update(self.genotype_ratio())
+        return a_loss, a_correct
 
     def energy_penalty(self) -> Tensor:
         """The energy term of the architecture loss (E_ref a constant normaliser):
@@ -403,10 +408,9 @@ class Searcher:
         genotype = self.model.genotype(cfg.max_parameter_free)
         if self.dual is None:
             return genotype, []
-        names = [a.name for a in self.model.candidates]
         measured = self.sensitivity
         if measured is not None and measured["ops"] == genotype.without_multipliers():
-            return allocate_by_sensitivity(genotype, measured["increase"], names, self.energy["pj"],
+            return allocate_by_sensitivity(genotype, measured["increase"], list(self.prices()), self.energy["pj"],
                                            self.energy["exact_pj"], cfg.energy_budget, cfg.budget_channels,
                                            cfg.budget_layers)
         return self.beta_projection(genotype)
@@ -415,7 +419,7 @@ class Searcher:
         """The genotype's argmax-β multipliers, projected into the budget (smallest β margin first)."""
         cfg = self.config
         betas = {"normal": self.model.betas_normal.data, "reduce": self.model.betas_reduce.data}
-        return project_to_budget(genotype, betas, [a.name for a in self.model.candidates], self.energy["pj"],
+        return project_to_budget(genotype, betas, list(self.prices()), self.energy["pj"],
                                  self.energy["exact_pj"], cfg.energy_budget, cfg.budget_channels,
                                  cfg.budget_layers)
 
