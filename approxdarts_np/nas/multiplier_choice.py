@@ -35,6 +35,7 @@ import numpy as np
 
 from approxdarts_np.autodiff import Tensor, no_grad
 from approxdarts_np.autodiff import functional as F
+from approxdarts_np.nas.budget import edge_index
 from approxdarts_np.nas.genotypes import Genotype
 from approxdarts_np.nas.model_search import Network
 from approxdarts_np.nas.operations import PRIMITIVES, searched_convs
@@ -100,12 +101,16 @@ def expected_energy(alphas: Tensor, betas: Tensor | None, macs: np.ndarray, pj: 
     return F.sum(p_op * Tensor(macs.astype(np.float32)) * per_multiply)
 
 
-def reference_energy(alphas: np.ndarray, macs: np.ndarray, exact_pj: float) -> float:
-    """E_ref of one cell type: every searched conv in exact 8 bit at the current p_op (a plain number)."""
+def _searched_op_probabilities(alphas: np.ndarray) -> np.ndarray:
+    """softmax(α) in float64, the columns of the searched ops: (edges, 4)."""
     a = np.asarray(alphas, dtype=np.float64)
     p = np.exp(a - a.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    return float((p[:, SEARCHED_COLUMNS] * macs).sum() * exact_pj)
+    return (p / p.sum(axis=-1, keepdims=True))[:, SEARCHED_COLUMNS]
+
+
+def reference_energy(alphas: np.ndarray, macs: np.ndarray, exact_pj: float) -> float:
+    """E_ref of one cell type: every searched conv in exact 8 bit at the current p_op (a plain number)."""
+    return float((_searched_op_probabilities(alphas) * macs).sum() * exact_pj)
 
 
 def gumbel_choice(betas: np.ndarray, rng: np.random.Generator, temperature: float = 1.0):
@@ -150,12 +155,10 @@ def argmax_energy_ratio(network, macs: dict, pj: np.ndarray, exact_pj: float) ->
     spent = reference = 0.0
     pj = np.asarray(pj, dtype=np.float64)
     for kind in ("normal", "reduce"):
-        a = getattr(network, f"alphas_{kind}").data.astype(np.float64)
-        p = np.exp(a - a.max(axis=-1, keepdims=True))
-        p /= p.sum(axis=-1, keepdims=True)
-        weight = p[:, SEARCHED_COLUMNS] * macs[kind]
+        alphas = getattr(network, f"alphas_{kind}").data
+        weight = _searched_op_probabilities(alphas) * macs[kind]
         spent += float((weight * pj[np.argmax(getattr(network, f"betas_{kind}").data, axis=-1)]).sum())
-        reference += float(weight.sum()) * exact_pj
+        reference += reference_energy(alphas, macs[kind], exact_pj)
     return spent / reference
 
 
@@ -255,7 +258,7 @@ class MultiplierNetwork(Network):
             names = []
             for k, (op, j) in enumerate(getattr(base, kind)):
                 node = k // 2
-                edge = sum(2 + i for i in range(node)) + j
+                edge = edge_index(node, j)
                 names.append(self.candidates[int(chosen[kind][edge, SEARCHED_OPS.index(op)])].name
                              if op in SEARCHED_OPS else None)
             mults[kind] = names
@@ -282,7 +285,7 @@ def multiplier_sensitivity(network: "MultiplierNetwork", genotype: Genotype, los
             for k, (op, j) in enumerate(getattr(genotype, kind)):
                 if op not in SEARCHED_OPS:
                     continue
-                edge = sum(2 + i for i in range(k // 2)) + j
+                edge = edge_index(k // 2, j)
                 losses = np.zeros(len(network.candidates))
                 for c in range(len(network.candidates)):
                     if c == reference:
