@@ -32,6 +32,18 @@ def source_state() -> dict:
     return {"commit": git("rev-parse", "HEAD").strip() or None, "uncommitted_package_files": changed}
 
 
+def avx2_target_env() -> dict:
+    """Environment that makes Numba compile for this host's features minus AVX-512 (and AMX):
+    the code an AVX2 CPU runs, on any x86-64 machine that has AVX2."""
+    from llvmlite import binding
+    feats = binding.get_host_cpu_features()
+    if not feats.get("avx2"):
+        raise SystemExit("this CPU has no AVX2")
+    listed = ",".join(("+" if on and not name.startswith(("avx512", "avx10", "amx")) else "-") + name
+                      for name, on in feats.items())
+    return {"NUMBA_CPU_FEATURES": listed, "NUMBA_CPU_NAME": binding.get_host_cpu_name()}
+
+
 def machine_info(threads: int) -> dict:
     """Python, platform, cores, library versions, CPU model, threading environment and load average."""
     import numba
@@ -46,7 +58,12 @@ def machine_info(threads: int) -> dict:
     info["cpu"] = cpu_model()
     import approxdarts_np  # noqa: F401  (sets the package's threading defaults, recorded below)
     info["env"] = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER",
-                                                  "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")}
+                                                  "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS",
+                                                  "NUMBA_CPU_NAME", "APPROXDARTS_NP_TABLE_KERNELS")}
+    from approxdarts_np.kernels import byte_shuffle
+    # the table kernels this process runs (the target's features, or a forced path)
+    info["table_kernels"] = byte_shuffle.path()
+    info["avx512_in_target"] = "+avx512f" in (os.environ.get("NUMBA_CPU_FEATURES") or "+avx512f")
     info["numba_threading_layer"] = numba.config.THREADING_LAYER
     info["load_average"] = os.getloadavg()
     return info

@@ -16,6 +16,7 @@ import pytest
 from approxdarts_np.approx import quantize
 from approxdarts_np.approx.lut_conv import approx_conv2d, make_lut_plan
 from approxdarts_np.approx.multipliers import bundled_names, load_multiplier
+from approxdarts_np.errors import UserError
 from approxdarts_np.kernels import _util, byte_shuffle
 from approxdarts_np.kernels import lut_conv as klut
 from test_lut_conv import reference_lut_conv
@@ -39,7 +40,7 @@ def gather_table(name):
 
 @pytest.fixture
 def shuffle_on(monkeypatch):
-    monkeypatch.setenv("APPROXDARTS_NP_BYTE_SHUFFLE", "1")
+    monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "auto")
 
 
 def _pairs(v):
@@ -196,9 +197,9 @@ def test_approx_conv_takes_the_one_pass_path_and_agrees_with_the_scalar_one(monk
     for w_shape, kw in (((4, 1, 3, 3), dict(padding=1, groups=4)), ((6, 4, 1, 1), {}),
                         ((4, 1, 5, 5), dict(stride=2, padding=4, dilation=2, groups=4))):
         w = rng.standard_normal(w_shape).astype(np.float32)
-        monkeypatch.setenv("APPROXDARTS_NP_BYTE_SHUFFLE", "1")
+        monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "auto")
         y1, (qx1, _, _), _ = approx_conv2d(x, w, plan, **kw)
-        monkeypatch.setenv("APPROXDARTS_NP_BYTE_SHUFFLE", "0")
+        monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "scalar")
         y0, (qx0, _, _), _ = approx_conv2d(x, w, plan, **kw)
         np.testing.assert_array_equal(y1, y0)
         np.testing.assert_array_equal(qx1, qx0)
@@ -257,24 +258,37 @@ def test_wide_columns_and_many_taps_fall_back_to_the_scalar_kernels(shuffle_on):
 
 
 def test_switch_in_the_environment(monkeypatch):
-    monkeypatch.setenv("APPROXDARTS_NP_BYTE_SHUFFLE", "0")
-    assert not byte_shuffle.available()
-    monkeypatch.setenv("APPROXDARTS_NP_BYTE_SHUFFLE", "1")
+    monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "scalar")
+    assert byte_shuffle.path() == "scalar" and not byte_shuffle.available()
+    monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "auto")
     assert byte_shuffle.available() == byte_shuffle._cpu_has_vbmi()
+    monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "avx9")
+    with pytest.raises(UserError, match="expected auto, vbmi or scalar"):
+        byte_shuffle.path()
+    monkeypatch.setattr(byte_shuffle, "_cpu_has_vbmi", lambda: False)
+    monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "vbmi")
+    with pytest.raises(UserError, match="has no AVX-512 VBMI"):
+        byte_shuffle.path()
 
 
-def test_a_fixed_numba_target_decides_by_its_feature_string(monkeypatch):
-    """With NUMBA_CPU_NAME set, Numba compiles for that target: the shuffles may only run when
-    its features grant AVX-512 BW and VBMI, whatever the host has."""
+def test_numba_target_features_decide(monkeypatch):
+    """Numba compiles for NUMBA_CPU_FEATURES when it is set (the CPU name alone changes only
+    the tuning): the shuffles may only run when those features grant AVX-512 BW and VBMI."""
     from numba.core import config
 
     monkeypatch.setattr(config, "CPU_NAME", "generic")
     monkeypatch.setattr(config, "CPU_FEATURES", "")
     assert not byte_shuffle._cpu_has_vbmi.__wrapped__()
-    monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bw")
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+avx512f,+avx512bw")
     assert not byte_shuffle._cpu_has_vbmi.__wrapped__()
     monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bw,+avx512vbmi")
     assert byte_shuffle._cpu_has_vbmi.__wrapped__()
+    # no feature list: the host's features, whatever the name
+    monkeypatch.setattr(config, "CPU_FEATURES", None)
+    from llvmlite import binding
+    host = binding.get_host_cpu_features()
+    assert byte_shuffle._cpu_has_vbmi.__wrapped__() == bool(host.get("avx512bw")
+                                                             and host.get("avx512vbmi"))
 
 
 @needs_vbmi

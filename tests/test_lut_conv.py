@@ -186,20 +186,20 @@ def plans():
 
 @contextlib.contextmanager
 def byte_shuffle_kernels(switch):
-    """Run the gather on the byte-shuffle kernels ("1", where the CPU has them) or on the
-    scalar ones ("0") (kernels/byte_shuffle.py)."""
-    before = os.environ.get("APPROXDARTS_NP_BYTE_SHUFFLE")
-    os.environ["APPROXDARTS_NP_BYTE_SHUFFLE"] = switch
+    """Run the gather on the best table kernels the CPU has ("auto") or on the scalar ones
+    ("scalar") (kernels/byte_shuffle.py)."""
+    before = os.environ.get("APPROXDARTS_NP_TABLE_KERNELS")
+    os.environ["APPROXDARTS_NP_TABLE_KERNELS"] = switch
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("APPROXDARTS_NP_BYTE_SHUFFLE")
+            os.environ.pop("APPROXDARTS_NP_TABLE_KERNELS")
         else:
-            os.environ["APPROXDARTS_NP_BYTE_SHUFFLE"] = before
+            os.environ["APPROXDARTS_NP_TABLE_KERNELS"] = before
 
 
-@pytest.mark.parametrize("shuffle", ["1", "0"])
+@pytest.mark.parametrize("shuffle", ["auto", "scalar"])
 @pytest.mark.parametrize("name", ["1446", "2P7", "17KS", "L40", "random_int32", "big_lowrank"])
 @given(case=conv_cases())
 @example(case=EDGE_CASES[0])
@@ -222,7 +222,7 @@ def test_every_engine_equals_reference_gather(plans, name, shuffle, case):
         np.testing.assert_array_equal(got, expected, err_msg=f"{name} engine={engine}")
 
 
-@pytest.mark.parametrize("shuffle", ["1", "0"])
+@pytest.mark.parametrize("shuffle", ["auto", "scalar"])
 @given(case=conv_cases())
 @example(case=EDGE_CASES[0])
 @example(case=EDGE_CASES[1])
@@ -356,7 +356,7 @@ def test_corrupted_table_entry_is_detected(plans, kind):
     bad_plan = make_lut_plan(bad, max_rank=20)
     expected = reference(case, plan.table, qx, qw)
     assert not np.array_equal(reference(case, bad, qx, qw), expected)
-    for shuffle in ("1", "0"):
+    for shuffle in ("auto", "scalar"):
         with byte_shuffle_kernels(shuffle):
             for engine in engines_for(bad_plan):
                 assert not np.array_equal(run(case, bad_plan, engine, qx, qw), expected), engine
@@ -460,3 +460,24 @@ def test_kernel_entry_points_check_their_geometry():
     cols = lut_kernels.im2col_codes(qx + 7, 9, (3, 1), stride=(2, 1), padding=(1, 0))
     assert cols.shape == (1, 2 * 3, 3 * 5)
     assert (cols[:, 0, :5] == 9).all() and (cols[:, 1] == 7).all()   # top padding row, centre
+
+
+@pytest.mark.parametrize("name", ["17KS", "random_int32"])
+def test_bag_kernel_at_every_channel_and_tap_remainder(name):
+    """The scalar bag kernel adds 8 output channels and 4 taps at a time (rows padded with
+    zeros): channel counts around multiples of 8 and tap counts around multiples of 4 (uint16
+    and int32 rows) against the plain gather."""
+    table = get_table(name)
+    gt = table.astype(np.uint16) if table.min() >= 0 and table.max() < 65536 else table
+    rng = np.random.default_rng(21)
+    with byte_shuffle_kernels("scalar"):
+        for n_out in (1, 7, 8, 9, 17):
+            for n_taps in (1, 3, 4, 5, 9):
+                cols = rng.integers(0, 256, (2, n_taps, 19), dtype=np.uint8)
+                qw = rng.integers(0, 256, (n_out, n_taps), dtype=np.uint8)
+                a = cols.astype(np.int64)[:, None]
+                b = qw.astype(np.int64)[None, :, :, None]
+                expected = (table.astype(np.int64)[a, b] - 3 * a - 250 * b + 750).sum(axis=2)
+                np.testing.assert_array_equal(
+                    lut_kernels.lut_bag_conv(cols, 250, qw, 3, gt), expected,
+                    err_msg=f"Co={n_out} K={n_taps}")

@@ -114,11 +114,11 @@ def _kernel_results():
     from approxdarts_np.kernels import lut_conv as klut
     table = make_lut_plan(load_multiplier("mul8u_2P7").table).gather_table
     qx, _, _ = quantize_per_tensor(x)
-    before = os.environ.get("APPROXDARTS_NP_BYTE_SHUFFLE")
+    before = os.environ.get("APPROXDARTS_NP_TABLE_KERNELS")
     try:
         # the byte-shuffle kernels where the CPU has them, and the scalar ones
-        for shuffle in ("1", "0"):
-            os.environ["APPROXDARTS_NP_BYTE_SHUFFLE"] = shuffle
+        for shuffle in ("auto", "scalar"):
+            os.environ["APPROXDARTS_NP_TABLE_KERNELS"] = shuffle
             for stride in (1, 2):
                 out.append(klut.lut_depthwise_conv(qx, zx, qw, zw, table, stride, 1, 1))
                 cols = klut.im2col_codes(qx, zx, 3, stride, 1, 1)
@@ -130,9 +130,9 @@ def _kernel_results():
             out += list(one_pass) if one_pass is not None else []
     finally:
         if before is None:
-            os.environ.pop("APPROXDARTS_NP_BYTE_SHUFFLE", None)
+            os.environ.pop("APPROXDARTS_NP_TABLE_KERNELS", None)
         else:
-            os.environ["APPROXDARTS_NP_BYTE_SHUFFLE"] = before
+            os.environ["APPROXDARTS_NP_TABLE_KERNELS"] = before
     return out
 
 

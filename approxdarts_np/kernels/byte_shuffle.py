@@ -30,10 +30,15 @@ Strides: the bordered plane is split into s_h * s_w phase planes (rows r = ph mo
 c = pw mod s_w), so a strided convolution reads every phase plane at stride 1 and every tap is,
 again, one contiguous run of codes at one offset.
 
-:func:`available` says whether this path can run: the CPU (or Numba's target, when
-``NUMBA_CPU_NAME`` is set) has AVX-512 BW and VBMI and ``APPROXDARTS_NP_BYTE_SHUFFLE`` is not
-``0``. The kernels here are only compiled when first called, so importing this module is safe
-on any CPU.
+:func:`path` says which kernels run: "vbmi" when Numba compiles for a CPU with AVX-512 BW and
+VBMI (the host's features, or those ``NUMBA_CPU_FEATURES`` lists), else "scalar" (the loops of
+:mod:`approxdarts_np.kernels.lut_conv`); ``APPROXDARTS_NP_TABLE_KERNELS=scalar`` forces the
+scalar kernels on any CPU. The kernels here are only compiled when first called, so importing
+this module is safe on any CPU.
+
+On CPUs with AVX2 but no VBMI the scalar loops win: a 16-entry ``vpshufb`` decomposition of
+the columns and ``vpgatherdd`` lookups were both measured slower
+(``benchmarks/bench_avx2_lookup.py``).
 """
 import os
 from functools import lru_cache
@@ -45,11 +50,13 @@ from numba.core import cgutils, config, types
 from numba.extending import intrinsic
 
 from ._util import block_bounds, pick_kernel, serial_twin, tap_offsets, unsigned
+from ..errors import UserError
 from .codes import codes_plane
 
-__all__ = ["available", "tap_tables", "depthwise_lookup", "columns_lookup"]
+__all__ = ["available", "path", "tap_tables", "depthwise_lookup", "columns_lookup"]
 
-_ENV = "APPROXDARTS_NP_BYTE_SHUFFLE"
+_ENV = "APPROXDARTS_NP_TABLE_KERNELS"
+PATHS = ("vbmi", "scalar")
 # Taps per channel the 16-bit byte sums can take: 257 * 255 < 65536; with a third byte plane
 # the int32 total (below taps * 2**24) bounds them.
 MAX_TAPS = 257
@@ -70,10 +77,13 @@ _GROUP_CODES = 1024
 
 @lru_cache(maxsize=1)
 def _cpu_has_vbmi():
-    if config.CPU_NAME and config.CPU_NAME != "host":
-        # a fixed Numba target: only what its feature string grants
-        feats = set((config.CPU_FEATURES or "").split(","))
-        return {"+avx512bw", "+avx512vbmi"} <= feats
+    """Whether Numba compiles for a CPU with AVX-512 BW and VBMI.
+
+    Numba compiles for the features ``NUMBA_CPU_FEATURES`` lists when it is set, whatever the
+    host has (``NUMBA_CPU_NAME`` alone only changes the tuning), else for the host's.
+    """
+    if config.CPU_FEATURES is not None:
+        return {"+avx512bw", "+avx512vbmi"} <= set(config.CPU_FEATURES.split(","))
     from llvmlite import binding
 
     try:
@@ -83,13 +93,26 @@ def _cpu_has_vbmi():
     return bool(feats.get("avx512bw") and feats.get("avx512vbmi"))
 
 
-def available():
-    """True when the byte-shuffle kernel can run here and is not switched off.
+def path():
+    """The table-kernel path calls take now: "vbmi" (the shuffles here) or "scalar".
 
-    ``APPROXDARTS_NP_BYTE_SHUFFLE=0`` in the environment switches it off (the scalar kernel then
-    runs everywhere); the variable is read on every call, so tests can flip it.
+    The best this CPU has, unless ``APPROXDARTS_NP_TABLE_KERNELS`` names one (read on every
+    call, so tests and benchmarks can force each path the CPU can run). Naming a path the CPU
+    cannot run, or no path, is a :class:`~approxdarts_np.errors.UserError`.
     """
-    return os.environ.get(_ENV, "1") != "0" and _cpu_has_vbmi()
+    want = os.environ.get(_ENV, "auto") or "auto"
+    if want == "auto":
+        return "vbmi" if _cpu_has_vbmi() else "scalar"
+    if want not in PATHS:
+        raise UserError(f"{_ENV}={want!r}: expected auto, vbmi or scalar")
+    if want == "vbmi" and not _cpu_has_vbmi():
+        raise UserError(f"{_ENV}=vbmi: this CPU (or Numba target) has no AVX-512 VBMI")
+    return want
+
+
+def available():
+    """True when the byte-shuffle kernels run now (:func:`path` is "vbmi")."""
+    return path() == "vbmi"
 
 
 # ----------------------------------------------------------------------------- the shuffle loop

@@ -35,15 +35,18 @@ Where the CPU has AVX-512 VBMI, :func:`lut_depthwise_conv`, :func:`lut_bag_conv`
 :func:`lut_conv_codes` run the byte-shuffle kernels of :mod:`approxdarts_np.kernels.
 byte_shuffle` (64 lookups per instruction, the same integers bit for bit); the loops below are
 the scalar kernels every CPU runs, and the fallback for columns or tap counts the shuffles do
-not take (``APPROXDARTS_NP_BYTE_SHUFFLE=0`` selects them everywhere).
+not take (``APPROXDARTS_NP_TABLE_KERNELS=scalar`` selects them everywhere).
 """
 import numpy as np
+from llvmlite import ir
 from numba import get_num_threads, njit, prange
+from numba.core import types
+from numba.extending import intrinsic
 
 from . import byte_shuffle
 from .codes import float32_inverse
 from ._util import (as_pair, block_bounds, check_code_value, check_codes, check_float32_4d,
-                    conv_geometry, conv_output_hw, pick_kernel, serial_twin)
+                    conv_geometry, conv_output_hw, pick_kernel, serial_twin, unsigned)
 
 __all__ = [
     "code_features",
@@ -140,7 +143,7 @@ def _lut_bag_kernel(cols, rows_flat, n_out, cst, zw, scale, block, n_threads, ou
     n_blk = (n_pix + block - 1) // block
     n_jobs = n_img * n_blk
     for thread in prange(n_threads):
-        acc_buf = np.empty(block * n_out, np.int32)
+        acc_buf = np.empty(block * (rows_flat.shape[0] // ((n_taps + 3) // 4 * 1024)), np.int32)
         sum_buf = np.empty(block, np.int32)
         lo, hi = block_bounds(thread, n_threads, n_jobs)
         for job in range(lo, hi):
@@ -152,52 +155,81 @@ def _lut_bag_kernel(cols, rows_flat, n_out, cst, zw, scale, block, n_threads, ou
     return out
 
 
+@intrinsic
+def _bag_add8(typingctx, acc, oa, rows_flat, o0, o1, o2, o3):
+    """acc[oa + j] += rows_flat[o0 + j] + rows_flat[o1 + j] + rows_flat[o2 + j] +
+    rows_flat[o3 + j] for j < 8, as one 8-lane vector add (``acc`` int32, ``rows_flat``
+    uint16 or int32, offsets in elements; no bounds checks).
+
+    Written as vector IR because LLVM left the plain loop scalar: its trip count (the
+    output channels, 8 or 16 in the searched cells) is below the vector loop's, and an
+    unrolled eight-statement version was not combined either (``acc`` might alias the rows).
+    """
+    sig = types.void(acc, oa, rows_flat, o0, o1, o2, o3)
+
+    def codegen(context, builder, signature, args):
+        acc_arr = context.make_array(signature.args[0])(context, builder, args[0])
+        rows_arr = context.make_array(signature.args[2])(context, builder, args[2])
+        elem = context.get_value_type(signature.args[2].dtype)
+        v32 = ir.VectorType(ir.IntType(32), 8)
+        vrow = ir.VectorType(elem, 8)
+
+        def vload(arr, offset, vtype):
+            ptr = builder.bitcast(builder.gep(arr.data, [offset]), vtype.as_pointer())
+            return builder.load(ptr, align=1)
+
+        total = vload(acc_arr, args[1], v32)
+        for offset in args[3:]:
+            row = vload(rows_arr, offset, vrow)
+            if vrow != v32:
+                row = builder.zext(row, v32)
+            total = builder.add(total, row)
+        ptr = builder.bitcast(builder.gep(acc_arr.data, [args[1]]), v32.as_pointer())
+        builder.store(total, ptr, align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=True)
 def _bag_block(cols, rows_flat, n_out, cst, zw, scale, p0, m, acc_buf, sum_buf, out):
-    """One job of :func:`_lut_bag_kernel`: pixels p0 .. p0+m of one image (cols (K, P))."""
+    """One job of :func:`_lut_bag_kernel`: pixels p0 .. p0+m of one image (cols (K, P)).
+
+    ``rows_flat`` holds rows of ``n_pad`` values (n_out rounded up to whole runs of 8, the
+    padding zeros), added 8 output channels at a time (:func:`_bag_add8`); the padding lanes
+    are summed and dropped. Four taps per pass over the accumulator (one more zero row
+    stands in for missing taps when K is not a multiple of 4).
+    """
     n_taps = cols.shape[0]
-    acc = acc_buf[:m * n_out]
+    n_pad = rows_flat.shape[0] // ((n_taps + 3) // 4 * 4 * 256)
+    acc = acc_buf[:m * n_pad]
     code_sum = sum_buf[:m]
     acc[:] = 0
     code_sum[:] = 0
-    k = 0
-    while k + 4 <= n_taps:
+    for k in range(n_taps):
+        xk = cols[k, p0:p0 + m]
+        for q in range(m):
+            code_sum[q] += np.int32(xk[q])
+    for k in range(0, n_taps, 4):
         x0 = cols[k, p0:p0 + m]
-        x1 = cols[k + 1, p0:p0 + m]
-        x2 = cols[k + 2, p0:p0 + m]
-        x3 = cols[k + 3, p0:p0 + m]
+        x1 = cols[min(k + 1, n_taps - 1), p0:p0 + m]
+        x2 = cols[min(k + 2, n_taps - 1), p0:p0 + m]
+        x3 = cols[min(k + 3, n_taps - 1), p0:p0 + m]
         b0 = k * 256
         for q in range(m):
-            c0 = np.int64(x0[q])
-            c1 = np.int64(x1[q])
-            c2 = np.int64(x2[q])
-            c3 = np.int64(x3[q])
-            code_sum[q] += np.int32(c0 + c1 + c2 + c3)
-            o0 = (b0 + c0) * n_out
-            o1 = (b0 + 256 + c1) * n_out
-            o2 = (b0 + 512 + c2) * n_out
-            o3 = (b0 + 768 + c3) * n_out
-            oa = q * n_out
-            for co in range(n_out):
-                acc[oa + co] += ((np.int32(rows_flat[o0 + co]) + np.int32(rows_flat[o1 + co]))
-                                 + (np.int32(rows_flat[o2 + co])
-                                    + np.int32(rows_flat[o3 + co])))
-        k += 4
-    while k < n_taps:
-        x0 = cols[k, p0:p0 + m]
-        for q in range(m):
-            c0 = np.int64(x0[q])
-            code_sum[q] += np.int32(c0)
-            o0 = (k * 256 + c0) * n_out
-            oa = q * n_out
-            for co in range(n_out):
-                acc[oa + co] += np.int32(rows_flat[o0 + co])
-        k += 1
+            o0 = unsigned((b0 + np.int64(x0[q])) * n_pad)
+            o1 = unsigned((b0 + 256 + np.int64(x1[q])) * n_pad)
+            o2 = unsigned((b0 + 512 + np.int64(x2[q])) * n_pad)
+            o3 = unsigned((b0 + 768 + np.int64(x3[q])) * n_pad)
+            oa = unsigned(q * n_pad)
+            for cb in range(0, n_pad, 8):
+                c = unsigned(cb)
+                _bag_add8(acc, oa + c, rows_flat, o0 + c, o1 + c, o2 + c, o3 + c)
     for co in range(n_out):
         dst = out[co]
         c = cst[co]
         for q in range(m):
-            v = np.int64(acc[q * n_out + co]) - zw * np.int64(code_sum[q]) + c
+            v = np.int64(acc[q * n_pad + co]) - zw * np.int64(code_sum[q]) + c
             dst[p0 + q] = np.float64(v) * scale
 
 
@@ -574,7 +606,9 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None, table_t=None):
         # one 512-byte table per (output channel, tap), 64 lookups per shuffle
         byte_shuffle.columns_lookup(cols, shuffled[0], shuffled[1], factor, out)
         return out.astype(np.int64) if scale is None else out
-    rows = np.empty((n_taps, 256, n_out), table.dtype)
+    # rows padded to whole runs of 8 channels, and to whole groups of 4 taps (zero rows)
+    n_pad = -(-n_out // 8) * 8
+    rows = np.zeros((-(-n_taps // 4) * 4, 256, n_pad), table.dtype)
     if n_taps and n_out:
         qw_taps = np.ascontiguousarray(qw_cols.T)
         if rows.size >= _PARALLEL_MIN:
@@ -582,7 +616,7 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None, table_t=None):
         else:
             _bag_rows_serial(table, qw_taps, rows)
     cst = (n_taps * zx * zw - zx * qw_cols.astype(np.int64).sum(axis=1)).astype(np.int64)
-    block = max(16, min(n_pix, _BAG_ACC_BYTES // (4 * max(n_out, 1))))
+    block = max(16, min(n_pix, _BAG_ACC_BYTES // (4 * n_pad)))
     kernel, n_threads = pick_kernel(_lut_bag_kernel, _lut_bag_kernel_serial, work)
     n_threads = min(n_threads, n_img * (-(-n_pix // block)))
     kernel(cols, rows.reshape(-1), n_out, cst, np.int64(zw), factor, block, n_threads, out)
