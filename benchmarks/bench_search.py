@@ -47,7 +47,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import machine_info, source_state
+from machine import avx2_target_env, machine_info, source_state
 
 ROOT = Path(__file__).resolve().parents[1]
 # The environment as the user gave it, before importing approxdarts_np adds its threading
@@ -218,8 +218,20 @@ def _one(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict
     times = _time(step, steps, warmup, cpu)
     return {"setting": setting, "mode": mode, "threads": threads, **SETTINGS[setting], **_summary(times, cpu),
             "repeats": steps, "warmup": warmup, "peak_rss_gb": _peak_rss_gb(),
-            "omp_wait_policy": policy,
+            "omp_wait_policy": policy, **_kernel_path(mode),
             "load_before": load_before, "load_after": os.getloadavg()}
+
+
+def _kernel_path(mode: str) -> dict:
+    """The instruction sets this child ran with: our table-kernel path and whether Numba built
+    for AVX-512 (ours), or torch's CPU capability (torch)."""
+    if mode.startswith("torch-"):
+        import torch
+        return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    from approxdarts_np.kernels import byte_shuffle
+    features = os.environ.get("NUMBA_CPU_FEATURES")
+    return {"table_kernels": byte_shuffle.path(),
+            "numba_avx512": "+avx512f" in features if features is not None else "host"}
 
 
 def _shared(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict:
@@ -400,12 +412,18 @@ def main() -> None:
                         help="keep the main table of --out and measure only the extras again")
     parser.add_argument("--shared-modes", nargs="+", default=["ours-float", "ours-mul8u_1446"])
     parser.add_argument("--note", default="", help="free text stored in the JSON")
+    parser.add_argument("--target", choices=["host", "avx2"], default="host",
+                        help="avx2: every child builds and runs AVX2 code only (Numba for this host's "
+                             "features minus AVX-512, torch with ATEN_CPU_CAPABILITY=avx2), as on a CPU "
+                             "without AVX-512; needs an AVX2 host")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_search.json")
     args = parser.parse_args()
     for mode in args.modes:
         if not (mode.startswith("ours-") or mode in ("torch-float", "torch-float-frozen")):
             parser.error(f"unknown mode {mode!r}")
+    if args.target == "avx2":
+        _USER_ENV.update(avx2_target_env(), ATEN_CPU_CAPABILITY="avx2")
     if args.child:
         kind, setting, mode = args.child
         fn = {"step": _one, "shared": _shared, "threads": _thread_scaling, "breakdown": _breakdown}[kind]
@@ -414,7 +432,7 @@ def main() -> None:
 
     out = {"benchmark": "search step (architecture + weight step, first order)",
            "machine": machine_info(args.threads), "source": source_state(),
-           "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+           "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "target": args.target,
            "timing": f"median (min, max) of {args.steps} steps after {args.warmup} warm-up step(s), "
                      f"{args.threads} threads; each (setting, mode) in its own process; peak RSS per process"
                      + (f"; {args.rounds} rounds of the mode list round-robin per setting, a row's median "

@@ -69,7 +69,9 @@ def main() -> None:
     sys.unraisablehook = _unraisable
     try:
         import approxdarts_np
+        from approxdarts_np_cli.compiling import announce
 
+        announce()  # one line when kernels compile (first run), so the wait is not taken for a hang
         if approxdarts_np.KERNEL_CACHE_NOTE:
             print(approxdarts_np.KERNEL_CACHE_NOTE, file=sys.stderr, flush=True)
         from approxdarts_np_cli.main import app
