@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemaining
 from approxdarts_np.data.cifar import load_cifar10
 from approxdarts_np.data.fetch import DEFAULT_URL, PUBLISHED_MD5, fetch_cifar10
 from approxdarts_np_cli._common import user_errors
+from approxdarts_np_cli.text import plural
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -42,7 +43,8 @@ def info(
 ) -> None:
     """Read and validate a CIFAR-10 folder and print what it holds."""
     data = load_cifar10(data_dir)
-    typer.echo(f"{data.source}: {data.train_x.shape[0]:,} training and {data.test_x.shape[0]:,} test images")
+    test_images = plural(data.test_x.shape[0], "test image")
+    typer.echo(f"{data.source}: {data.train_x.shape[0]:,} training and {test_images}")
     for label, name in enumerate(data.class_names):
         typer.echo(f"  {label} {name:<11} train {int((data.train_y == label).sum()):>6,}"
                    f"  test {int((data.test_y == label).sum()):>6,}")
@@ -74,7 +76,7 @@ class _FetchProgress:
         if stage == "download":
             detail = f"{done / 1e6:.1f}" + (f"/{total / 1e6:.1f} MB" if total else " MB")
         else:
-            detail = f"{done} files"
+            detail = plural(done, "file")
         if stage not in self._tasks:
             self._tasks[stage] = self._progress.add_task(stage, total=total, detail=detail)
         self._progress.update(self._tasks[stage], completed=done, total=total, detail=detail)

@@ -1,14 +1,34 @@
-"""Output a person reads: the plots' labels and fronts.
+"""Output a person reads: the plots' labels and fronts, lines that fit 80 columns, progress in a log file,
+messages that say what is wrong.
 
 The plot tests draw from hand-made points and check the labels through what
 was drawn (each name's anchor, text box and leader line read back from the
-figure).
+figure). The command-line tests share one child process that runs search,
+train, evaluate and energy with COLUMNS=80 and its output going to files, as in
+a log or a cluster job (one process, so the kernels are compiled once).
 """
 from __future__ import annotations
 
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
+from rich.console import Console
+from typer.testing import CliRunner
 
 from approxdarts_np.runs.plots import box_distance, draw_accuracy_energy, mean_references, pareto_front, place_labels
+from approxdarts_np_cli.main import app
+from approxdarts_np_cli.progress import EpochProgress, LineSchedule
+from approxdarts_np_cli.text import plural, wrap_listing, wrap_parts
+
+runner = CliRunner()
+WIDTH = 80
 
 
 # ----------------------------------------------------------------- the Pareto front
@@ -120,3 +140,132 @@ def test_labels_move_off_crowded_points_and_are_then_joined_by_a_line():
             assert box[2] <= other[0] or other[2] <= box[0] or box[3] <= other[1] or other[3] <= box[1]
     lone = place_labels([(100.0, 100.0)], [(30.0, 12.0)], anchors + [(100.0, 100.0)], (0, 0, 400, 400), 6.0)
     assert not lone[0][1] and box_distance(lone[0][0], (100.0, 100.0)) < 12  # a free point: right beside it
+
+
+# ----------------------------------------------------------------- text helpers and progress
+def test_plural_and_wrapping():
+    assert [plural(1, "epoch"), plural(2, "epoch"), plural(1017, "image")] == ["1 epoch", "2 epochs", "1,017 images"]
+    assert wrap_parts(["a" * 30, "b" * 30, "c" * 30], 70) == ["a" * 30 + "  " + "b" * 30, "  " + "c" * 30]
+    genotype = "Genotype(normal=[('sep_conv_3x3', 0), ('max_pool_3x3', 1)], normal_concat=range(2, 6))"
+    lines = wrap_listing(genotype, 50, first="genotype: ")
+    assert lines == ["genotype: Genotype(normal=[('sep_conv_3x3', 0),", "  ('max_pool_3x3', 1)], normal_concat=range(2, 6))"]
+    assert " ".join(line.strip() for line in lines) == "genotype: " + genotype
+
+
+def test_plain_progress_lines_come_after_the_first_step_then_every_30_s_and_2_percent():
+    now = [0.0]
+    schedule = LineSchedule(clock=lambda: now[0])
+    assert not schedule.due(0, 1000)
+    assert schedule.due(1, 1000)  # the first step, whatever the time
+    now[0] = 100.0
+    assert not schedule.due(20, 1000)  # 100 s but only 1.9 % since the last line
+    assert schedule.due(21, 1000)
+    now[0] = 129.0
+    assert not schedule.due(900, 1000)  # 88 % but 29 s
+    now[0] = 131.0
+    assert schedule.due(900, 1000)
+    assert schedule.remaining(900, 1000) == pytest.approx(131.0 / 899 * 100)
+
+
+def _ansi_free_lines(text: str) -> list[str]:
+    return [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line) for line in text.replace("\r", "\n").split("\n")]
+
+
+def test_the_terminal_bar_keeps_its_counts_and_times_whole_at_80_columns():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=WIDTH, color_system=None)
+    with EpochProgress(console, "search", header="search → runs/search") as progress:
+        progress({"event": "start", "epochs": 50, "steps_per_epoch": 390, "epoch": 0, "step": 0, "parameters": 1})
+        for step in (1, 65):
+            progress({"event": "step", "epoch": 11, "step": step, "train_loss": 1.23456, "train_acc": 0.4567,
+                      "elapsed": 12345.0})
+        progress({"event": "epoch", "epoch": 12, "train_loss": 1.2345, "train_acc": 0.5520, "val_loss": 1.3,
+                  "val_acc": 0.521, "elapsed_s": 12345.0, "genotype": "Genotype(normal=[" + "('sep_conv_3x3', 0), " * 8
+                  + "], normal_concat=range(2, 6))"})
+    lines = _ansi_free_lines(out.getvalue())
+    assert max(map(len, lines)) <= WIDTH, max(lines, key=len)
+    assert "…" not in out.getvalue()
+    assert any("4355/19500" in line and "ETA" in line for line in lines), lines
+    assert any("epoch 12/50 step 65/390" in line for line in lines)
+
+
+# ----------------------------------------------------------------- the commands at 80 columns, into files
+DRIVER = textwrap.dedent("""
+    import json, os, sys
+    sys.argv = ["approxdarts-np"]
+    from approxdarts_np_cli.launch import main
+    codes = {}
+    for name, args in json.loads(os.environ["COMMANDS"]):
+        with open(name + ".out", "w") as out, open(name + ".err", "w") as err:
+            sys.stdout.flush(); sys.stderr.flush()
+            os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+            sys.argv = ["approxdarts-np", *args]
+            try:
+                main()
+                codes[name] = 0
+            except SystemExit as exc:
+                codes[name] = exc.code or 0
+            sys.stdout.flush(); sys.stderr.flush()
+    with open("codes.json", "w") as f:
+        json.dump(codes, f)
+""")
+TINY = ["--epochs", "1", "--channels", "2", "--layers", "3", "--batch-size", "4", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def transcript(tmp_path_factory):
+    """stdout and stderr of search, train, evaluate and energy run with COLUMNS=80 into files (not a
+    terminal), in one child process; {name: (exit code, stdout, stderr)} and the folder."""
+    root = tmp_path_factory.mktemp("output")
+    commands = [
+        ("search", ["search", "--output-dir", "s", "--max-train-images", "16", *TINY]),
+        ("train", ["train", "--genotype", "s/genotype.json", "--output-dir", "t", "--max-train-images", "8", *TINY]),
+        ("evaluate", ["evaluate", "--checkpoint", "t/checkpoint.h5", "--multiplier", "none", "--batch-size", "500"]),
+        ("energy", ["energy", "--genotype", "DARTS_V2", "--per-layer", "--multiplier", "mul8u_17KS"]),
+    ]
+    env = {**os.environ, "COLUMNS": str(WIDTH), "COMMANDS": json.dumps(commands)}
+    subprocess.run([sys.executable, "-c", DRIVER], cwd=root, env=env, check=True, timeout=600,
+                   stdin=subprocess.DEVNULL)
+    codes = json.loads((root / "codes.json").read_text())
+    return {name: (codes[name], (root / f"{name}.out").read_text(), (root / f"{name}.err").read_text())
+            for name, _ in commands}, root
+
+
+def test_every_line_fits_80_columns(transcript):
+    outputs, _ = transcript
+    for name, (code, out, err) in outputs.items():
+        assert code == 0, (name, out, err)
+        lines = (out + err).splitlines()
+        wide = [line for line in lines if len(line) > WIDTH]
+        assert not wide, (name, wide)
+        assert "…" not in out + err, name  # nothing cut to fit
+        assert not [line for line in lines if re.fullmatch(r"\s*\d+ s", line)], (name, "a time on its own line")
+    # the longest layer names of the 20-cell network, whole on their lines
+    assert re.search(r"^cells\.items\.19\.ops\.items\.0\.second\.depthwise ", outputs["energy"][1], re.M)
+
+
+def test_a_run_into_a_file_prints_progress_before_its_first_epoch_ends(transcript):
+    outputs, _ = transcript
+    for name in ("search", "train"):
+        lines = outputs[name][1].splitlines()
+        assert lines[0] == f"{name} → {'s' if name == 'search' else 't'}", lines
+        progress = next(i for i, line in enumerate(lines) if line.startswith(f"{name} 1/2 steps"))
+        epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch 1/1"))
+        assert progress < epoch, lines
+        assert any(line.startswith("done: 1 epoch in ") for line in lines), lines
+    evaluate = outputs["evaluate"][1]
+    assert evaluate.splitlines()[0].startswith("evaluate none (1/1)  batch 1/3"), evaluate
+
+
+def test_messages_say_what_is_wrong(transcript, tmp_path):
+    _, root = transcript
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(root / "s" / "checkpoint.h5")])
+    assert result.exit_code == 2
+    assert "is a search checkpoint; evaluate needs a train checkpoint" in result.stderr, result.stderr
+    # the settings are checked before the folder is announced
+    result = runner.invoke(app, ["search", "--output-dir", str(tmp_path / "x"), "--max-train-images", "16",
+                                 "--batch-size", "16", "--epochs", "1"])
+    assert result.exit_code == 2 and "larger than each half" in result.stderr
+    assert "search →" not in result.stdout, result.stdout
+    result = runner.invoke(app, ["energy", "--genotype", "DARTS_V2", "--channels", "1", "--layers", "3"])
+    assert result.exit_code == 0 and "network: 3 cells, 1 channel, " in result.stdout, result.stdout
