@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -269,3 +270,15 @@ def test_messages_say_what_is_wrong(transcript, tmp_path):
     assert "search →" not in result.stdout, result.stdout
     result = runner.invoke(app, ["energy", "--genotype", "DARTS_V2", "--channels", "1", "--layers", "3"])
     assert result.exit_code == 0 and "network: 3 cells, 1 channel, " in result.stdout, result.stdout
+
+
+def test_data_info_breaks_after_a_long_folder_name(tmp_path, monkeypatch):
+    from approxdarts_np.data.cifar import default_data_dir
+
+    folder = tmp_path / ("a-long-folder-name-" * 3) / "cifar10_sample"
+    shutil.copytree(default_data_dir(), folder)
+    monkeypatch.setenv("COLUMNS", str(WIDTH))
+    result = runner.invoke(app, ["data", "info", "--data-dir", str(folder)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[:2] == [f"{folder}:", "  5,085 training and 1,017 test images"], lines
