@@ -1,6 +1,7 @@
 """`approxdarts-np data` commands."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemaining
 from approxdarts_np.data.cifar import load_cifar10
 from approxdarts_np.data.fetch import DEFAULT_URL, PUBLISHED_MD5, fetch_cifar10
 from approxdarts_np_cli._common import user_errors
+from approxdarts_np_cli.text import plural, wrap_parts
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -27,11 +29,16 @@ def fetch(
     with _FetchProgress() as progress:
         result = fetch_cifar10(dest, url=url, md5=md5, progress=progress.update, force=force)
     if result.downloaded:
-        typer.echo(f"CIFAR-10 ready in {result.path} ({result.archive_bytes:,} bytes, MD5 {result.md5} "
-                   f"verified); pass --data-dir {result.path}")
+        _echo([f"CIFAR-10 ready in {result.path}", f"({result.archive_bytes:,} bytes, MD5 {result.md5} verified);",
+               f"pass --data-dir {result.path}"])
     else:
-        typer.echo(f"CIFAR-10 already present in {result.path}; nothing downloaded "
-                   f"(use --force to fetch it again)")
+        _echo([f"CIFAR-10 already present in {result.path};", "nothing downloaded (use --force to fetch it again)"])
+
+
+def _echo(parts: list[str]) -> None:
+    """One statement in parts, broken between them where it is wider than the terminal (80 columns in a file)."""
+    for line in wrap_parts(parts, shutil.get_terminal_size().columns, separator=" "):
+        typer.echo(line)
 
 
 @app.command()
@@ -42,7 +49,8 @@ def info(
 ) -> None:
     """Read and validate a CIFAR-10 folder and print what it holds."""
     data = load_cifar10(data_dir)
-    typer.echo(f"{data.source}: {data.train_x.shape[0]:,} training and {data.test_x.shape[0]:,} test images")
+    counts = f"{data.train_x.shape[0]:,} training and {plural(data.test_x.shape[0], 'test image')}"
+    _echo([f"{data.source}:", counts])
     for label, name in enumerate(data.class_names):
         typer.echo(f"  {label} {name:<11} train {int((data.train_y == label).sum()):>6,}"
                    f"  test {int((data.test_y == label).sum()):>6,}")
@@ -74,7 +82,7 @@ class _FetchProgress:
         if stage == "download":
             detail = f"{done / 1e6:.1f}" + (f"/{total / 1e6:.1f} MB" if total else " MB")
         else:
-            detail = f"{done} files"
+            detail = plural(done, "file")
         if stage not in self._tasks:
             self._tasks[stage] = self._progress.add_task(stage, total=total, detail=detail)
         self._progress.update(self._tasks[stage], completed=done, total=total, detail=detail)

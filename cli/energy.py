@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import re
+import textwrap
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -13,6 +16,7 @@ from approxdarts_np.approx.energy import EnergyTable
 from approxdarts_np.nas.genotypes import read_genotype
 from approxdarts_np.runs.report import MAX_ENERGY_CHANNELS, MAX_ENERGY_LAYERS, network_energy
 from approxdarts_np_cli._common import user_errors
+from approxdarts_np_cli.text import plural, wrap_parts
 
 
 @user_errors
@@ -42,17 +46,27 @@ def energy(
         typer.echo(json.dumps(data, indent=2))
         return
     console = Console()
+
+    def say(parts: list[str]) -> None:
+        """One statement in parts, broken between them when it is wider than the console."""
+        for line in wrap_parts(parts, console.width, separator=" "):
+            console.print(line, highlight=False, markup=False)
+
     if per_layer:
-        t = Table(title="layers")
-        for col in ("layer", "kind", "MACs", "multiplier"):
-            t.add_column(col, justify="right" if col == "MACs" else "left")
+        # Layer names are long module paths: a compact table, and a name wider than its column folds onto
+        # the next line instead of being cut.
+        t = Table(title="layers", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+        t.add_column("layer", overflow="fold")
+        t.add_column("kind", no_wrap=True)
+        t.add_column("MACs", justify="right", no_wrap=True)
+        t.add_column("multiplier", no_wrap=True)
         for row in report.layers:
             t.add_row(row.name, row.kind, f"{row.macs:,}", row.multiplier or "FP32")
         console.print(t)
-    console.print(f"network: {layers} cells, {channels} channels, {params:,} parameters (without auxiliary head)",
-                  highlight=False)
-    console.print(f"MACs per image: {report.macs:,} ({report.macs_quantised:,} in the 8-bit searched "
-                  f"convolutions, {100 * report.macs_quantised / report.macs:.1f} %)", highlight=False)
+    console.print(f"network: {plural(layers, 'cell')}, {plural(channels, 'channel')}, "
+                  f"{plural(params, 'parameter')} (without auxiliary head)", highlight=False)
+    say([f"MACs per image: {report.macs:,}", f"({report.macs_quantised:,} in the 8-bit searched convolutions, "
+         f"{100 * report.macs_quantised / report.macs:.1f} %)"])
     t = Table(title="multiplication energy per image")
     t.add_column("arithmetic")
     t.add_column("energy (µJ)", justify="right")
@@ -61,8 +75,10 @@ def energy(
     name = "genotype's multipliers" if multiplier == "genotype" else next(iter(report.multipliers), "exact")
     t.add_row(f"{name} in searched convs", f"{report.energy_approx_pj / 1e6:.3f}")
     console.print(t)
-    console.print(f"savings: {report.summary()}  (exact 8-bit / FP32 = "
-                  f"{report.energy_exact8_pj / report.energy_fp32_pj:.3f})", highlight=False)
+    say([f"savings: {report.summary()}", f"(exact 8-bit / FP32 = "
+         f"{report.energy_exact8_pj / report.energy_fp32_pj:.3f})"])
     console.print("energy per operation:", highlight=False)
-    for line in table.sources():
-        console.print(f"  {line}", highlight=False, markup=False)
+    for source in table.sources():
+        kept = re.sub(r"(\d) (pJ|mW|nm)\b", "\\1\u00a0\\2", source)  # a number stays with its unit
+        for line in textwrap.wrap(kept, console.width, initial_indent="  ", subsequent_indent="    "):
+            console.print(line.replace("\u00a0", " "), highlight=False, markup=False)

@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress
 from rich.table import Table
 
 from approxdarts_np.approx.energy import format_saving
@@ -16,6 +15,8 @@ from approxdarts_np.io.checkpoint import write_json, write_text
 from approxdarts_np.runs.plots import plot_accuracy_energy, require_matplotlib
 from approxdarts_np.runs.report import check_output_path, evaluate_checkpoint, expand_multiplier_specs, rows_to_csv
 from approxdarts_np_cli._common import user_errors
+from approxdarts_np_cli.progress import EvaluationProgress
+from approxdarts_np_cli.text import plural
 
 
 @user_errors
@@ -46,16 +47,7 @@ def evaluate(
     if plot is not None:
         require_matplotlib()
     console = Console(stderr=as_json)
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("evaluate", total=None)
-
-        def progress(event):
-            if event["event"] == "multiplier":
-                bar.update(task, description=f"{event['name']} ({event['index'] + 1}/{event['total']})",
-                           completed=0, total=None)
-            else:
-                bar.update(task, completed=event["done"], total=event["total"])
-
+    with EvaluationProgress(console) as progress:
         rows = evaluate_checkpoint(checkpoint, specs, str(data_dir) if data_dir else None, batch_size,
                                    progress=progress)
     if output is not None:
@@ -68,7 +60,7 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"test accuracy ({rows[0]['test_images']} images)")
+    table = Table(title=f"test accuracy ({plural(rows[0]['test_images'], 'image')})")
     for col in ("multiplier", "accuracy", "energy (µJ)", "vs FP32", "vs exact 8-bit"):
         table.add_column(col, justify="left" if col == "multiplier" else "right")
     for r in rows:

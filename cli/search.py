@@ -13,6 +13,7 @@ from approxdarts_np.errors import UserError
 from approxdarts_np.runs.search import SearchConfig, run_search
 from approxdarts_np_cli._common import default_help, given, run_with_interrupts, user_errors
 from approxdarts_np_cli.progress import EpochProgress
+from approxdarts_np_cli.text import plural, wrap_listing
 
 Q, P = SearchConfig.quick(), SearchConfig.paper()
 
@@ -131,10 +132,11 @@ def search(
         config = make(**options)
         folder = Path(config.output_dir)
         run = functools.partial(run_search, config)
-    console.print(f"search → {folder}", highlight=False)
-    with EpochProgress(console, "search") as progress:
-        summary = run_with_interrupts(functools.partial(run, progress=progress), console, f"approxdarts-np search --resume {folder}", folder)
+    with EpochProgress(console, "search", header=f"search → {folder}") as progress:
+        summary = run_with_interrupts(functools.partial(run, progress=progress), console,
+                                      f"approxdarts-np search --resume {folder}", folder)
     acc = summary["val_acc"]
-    console.print(f"done: {summary['epochs']} epochs in {summary['elapsed_s']:.0f} s, "
-                  f"val accuracy {100 * acc:.2f}%" if acc is not None else "done", highlight=False)
-    console.print(f"genotype: {summary['genotype_string']}", markup=False, soft_wrap=True)
+    console.print(f"done: {plural(summary['epochs'], 'epoch')} in {summary['elapsed_s']:.0f} s"
+                  + (f", val accuracy {100 * acc:.2f}%" if acc is not None else ""), highlight=False)
+    for line in wrap_listing(summary["genotype_string"], console.width, first="genotype: "):
+        console.print(line, highlight=False, markup=False)

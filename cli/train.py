@@ -14,6 +14,7 @@ from approxdarts_np.nas.genotypes import read_genotype
 from approxdarts_np.runs.train import TrainConfig, run_train
 from approxdarts_np_cli._common import default_help, given, run_with_interrupts, user_errors
 from approxdarts_np_cli.progress import EpochProgress
+from approxdarts_np_cli.text import plural
 
 Q, P = TrainConfig.quick(), TrainConfig.paper()
 
@@ -82,11 +83,10 @@ def train(
         config = make(**options)
         folder = Path(config.output_dir)
         run = functools.partial(run_train, config)
-    console.print(f"train → {folder}", highlight=False)
-    with EpochProgress(console, "train") as progress:
+    with EpochProgress(console, "train", header=f"train → {folder}") as progress:
         summary = run_with_interrupts(functools.partial(run, progress=progress), console,
                                       f"approxdarts-np train --resume {folder}", folder)
     acc = summary["test_acc"]
-    console.print(f"done: {summary['epochs']} epochs in {summary['elapsed_s']:.0f} s, test accuracy "
-                  f"{100 * acc:.2f}%  checkpoint: {summary['checkpoint']}" if acc is not None else "done",
-                  highlight=False)
+    console.print(f"done: {plural(summary['epochs'], 'epoch')} in {summary['elapsed_s']:.0f} s"
+                  + (f", test accuracy {100 * acc:.2f}%" if acc is not None else ""), highlight=False)
+    console.print(f"checkpoint: {summary['checkpoint']}", highlight=False, markup=False)

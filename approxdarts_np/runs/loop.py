@@ -135,11 +135,24 @@ def checkpoint_format(kind: str) -> str:
     return f"approxdarts-np {kind} checkpoint v1"
 
 
-def read_run_checkpoint(path: Path, kind: str) -> dict:
-    """The tree of a ``kind`` checkpoint; UserError when the file is missing, damaged or of another kind."""
+KINDS = ("search", "train")
+
+
+def read_run_checkpoint(path: Path, kind: str, needed_by: str | None = None) -> dict:
+    """The tree of a ``kind`` checkpoint; UserError when the file is missing, damaged or of another kind.
+
+    ``needed_by`` names what wants the checkpoint in the message about one of
+    another kind (e.g. "evaluate"; default: "this").
+    """
     tree = load_tree(path)
-    if tree.get("format") != checkpoint_format(kind):
-        raise UserError(f"{path} is not a {kind} checkpoint of this version")
+    found = tree.get("format")
+    if found != checkpoint_format(kind):
+        other = next((k for k in KINDS if found == checkpoint_format(k)), None)
+        if other is not None:
+            raise UserError(f"{path} is a {other} checkpoint; {needed_by or 'this'} needs a {kind} checkpoint")
+        if isinstance(found, str) and found.startswith(f"approxdarts-np {kind} checkpoint "):
+            raise UserError(f"{path} is an {found}; this version reads {checkpoint_format(kind)}")
+        raise UserError(f"{path} is not a {kind} checkpoint of approxdarts-np")
     for key in ("config", "position", "sums", "metrics", "model"):
         if key not in tree:
             raise UserError(f"{path} is damaged: no {key!r} entry")
@@ -217,7 +230,8 @@ class RunLoop:
     def resume(self, resolved: dict | None = None) -> dict:
         """Continue from the folder's checkpoint; the files are first brought in line with it."""
         with RunFolder(self.folder, fresh=False):
-            tree = read_run_checkpoint(self.folder / CHECKPOINT, self.task.kind)
+            tree = read_run_checkpoint(self.folder / CHECKPOINT, self.task.kind,
+                                       needed_by=f"{self.task.kind} --resume")
             check_config_matches(tree, self.task.config, self.folder / CHECKPOINT, self.folder / CONFIG)
             self._load(tree)
             if self.state.epoch > self.task.config.epochs or (

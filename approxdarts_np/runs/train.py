@@ -173,8 +173,8 @@ class Trainer:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """The tree of a training checkpoint; UserError when ``path`` is not one."""
-    return read_run_checkpoint(Path(path), Trainer.kind)
+    """The tree of a training checkpoint, to evaluate its network; UserError when ``path`` is not one."""
+    return read_run_checkpoint(Path(path), Trainer.kind, needed_by="evaluate")
 
 
 def load_trained_network(path: str | Path) -> tuple[NetworkCIFAR, TrainConfig]:
