@@ -14,8 +14,7 @@ from typing import Callable
 
 from numba.core import event
 
-MESSAGE = ("compiling kernels for this CPU (first run only; a search's first step can take a "
-           "minute or two)")
+MESSAGE = "compiling kernels (first run only; the first step can take a minute or two)"
 
 
 class FirstCompile(event.Listener):

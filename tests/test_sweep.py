@@ -33,10 +33,12 @@ TINY_ARGS = ["--epochs", "1", "--channels", "2", "--layers", "3", "--batch-size"
 FRONT_CASES = [
     # a staircase with two dominated points inside it
     ([(1.0, 0.50), (2.0, 0.70), (3.0, 0.90), (2.5, 0.60), (3.5, 0.85)], [0, 1, 2]),
-    # equal energy, lower accuracy: not dominated (no point has *lower* energy and higher accuracy)
-    ([(1.0, 0.50), (1.0, 0.40), (2.0, 0.45)], [0, 1]),
-    # equal accuracy, higher energy: not dominated either (nobody has *higher* accuracy)
-    ([(1.0, 0.50), (2.0, 0.50), (0.5, 0.30)], [0, 1, 2]),
+    # equal energy, lower accuracy: dominated (a tie is resolved as dominated)
+    ([(1.0, 0.50), (1.0, 0.40), (2.0, 0.45)], [0]),
+    # equal accuracy, higher energy: dominated
+    ([(1.0, 0.50), (2.0, 0.50), (0.5, 0.30)], [0, 2]),
+    # identical points: only the first
+    ([(1.0, 0.5), (1.0, 0.5), (0.5, 0.4)], [0, 2]),
     # one point better on both counts dominates all others
     ([(3.0, 0.2), (0.1, 0.99), (2.0, 0.5), (1.0, 0.3)], [1]),
     # the cheapest point is always on the front, as is the most accurate
@@ -55,7 +57,9 @@ def test_pareto_front_of_hand_made_points():
 
 
 @pytest.mark.parametrize("wrong", [
-    # dominated by a point at least as good on both counts (keeps only one of a tie)
+    # dominated only by a point better on both counts (keeps ties)
+    lambda pts: [i for i, (e, a) in enumerate(pts) if not any(a2 > a and e2 < e for e2, a2 in pts)],
+    # identical points both kept
     lambda pts: [i for i, (e, a) in enumerate(pts) if not any(a2 >= a and e2 <= e and (e2, a2) != (e, a)
                                                               for e2, a2 in pts)],
     # energy and accuracy swapped in the comparison (keeps the worst)
