@@ -86,7 +86,7 @@ def _multi_step(cfg: dict, batches, k: int):
     """One multiplier-aware search step with K candidates (a sampled multiplier per searched op, λ = 1)."""
     import numpy as np
 
-    from approxdarts_np.approx.convolution import arithmetic_from_spec
+    from approxdarts_np.approx.arithmetic import arithmetic_from_spec
     from approxdarts_np.nas.multiplier_choice import MultiplierNetwork, network_expected_energy, searched_op_macs
     from approxdarts_np.nn import SGD, Adam
     from approxdarts_np.runs.search import architecture_step, energy_prices, weight_step
@@ -126,11 +126,11 @@ def _make_step(setting: str, mode: str, threads: int):
     if impl == "ours" and re.fullmatch(r"multi\d+", arith):
         return _multi_step(cfg, batches, int(arith[5:]))
     if impl == "ours":
-        from approxdarts_np.approx.convolution import arithmetic_from_spec
+        from approxdarts_np.approx.arithmetic import arithmetic_from_spec
         from approxdarts_np.nn import SGD, Adam
         architecture_step, weight_step = _step_functions()
         net = Network(cfg["channels"], 10, cfg["layers"], seed=0,
-                      multiplier=arithmetic_from_spec(None if arith == "float" else arith))
+                      arithmetic=arithmetic_from_spec(None if arith == "float" else arith))
         a_opt = Adam(net.arch_parameters(), lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
         w_opt = SGD(net.weights(), lr=0.025, momentum=0.9, weight_decay=3e-4)
 

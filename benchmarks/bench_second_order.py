@@ -48,7 +48,7 @@ def _one(setting: str, mode: str, steps: int) -> dict:
     """Child process: alternate first- and second-order steps; time each part."""
     import numpy as np
 
-    from approxdarts_np.approx.convolution import arithmetic_from_spec
+    from approxdarts_np.approx.arithmetic import arithmetic_from_spec
     from approxdarts_np.kernels.threads import configure_threads
     from approxdarts_np.nas.model_search import Network
     from approxdarts_np.nn import SGD, Adam
@@ -62,7 +62,7 @@ def _one(setting: str, mode: str, steps: int) -> dict:
     train, val = [(rng.standard_normal(shape).astype(np.float32), rng.integers(0, 10, cfg["batch_size"]))
                   for _ in range(2)]
     net = Network(cfg["channels"], 10, cfg["layers"], seed=0,
-                  multiplier=arithmetic_from_spec(None if mode == "float" else mode))
+                  arithmetic=arithmetic_from_spec(None if mode == "float" else mode))
     a_opt = Adam(net.arch_parameters(), lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
     w_opt = SGD(net.weights(), lr=LR, momentum=0.9, weight_decay=3e-4)
     architecture_step, weight_step = _first_order_steps()

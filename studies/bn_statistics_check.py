@@ -15,7 +15,7 @@ import numpy as np
 
 
 def main(argv: list[str]) -> int:
-    from approxdarts_np.approx.convolution import arithmetic_from_spec
+    from approxdarts_np.approx.arithmetic import arithmetic_from_spec
     from approxdarts_np.autodiff import Tensor, no_grad
     from approxdarts_np.data.augment import normalize
     from approxdarts_np.data.cifar import load_cifar10
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     for folder, multiplier in zip(argv[0::2], argv[1::2]):
         model, config = load_trained_network(f"{folder}/train/checkpoint.h5")
         if multiplier == "genotype":  # the per-op multipliers the genotype names
-            model.set_multiplier(None)
+            model.set_arithmetic(None)
             set_genotype_multipliers(model, Genotype.from_dict(config.genotype), arithmetic_from_spec)
         else:
             model.set_multiplier(arithmetic_from_spec(multiplier))

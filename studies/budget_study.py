@@ -66,7 +66,7 @@ def random_genotype_in_budget(budget: float, seed: int):
 
     from approxdarts_np.nas.budget import energy_ratio, random_genotype
     from approxdarts_np.runs.search import SearchConfig, energy_prices
-    from approxdarts_np.approx.convolution import arithmetic_from_spec
+    from approxdarts_np.approx.arithmetic import arithmetic_from_spec
 
     prices = energy_prices([arithmetic_from_spec(n) for n in CANDIDATES], required=True)
     pj = dict(zip(CANDIDATES, map(float, prices["pj"])))
@@ -93,7 +93,7 @@ def run_job(job: dict, root: str) -> dict | None:
 
 
 def _run_job(job: dict, root: str) -> dict:
-    from approxdarts_np.approx.convolution import arithmetic_from_spec
+    from approxdarts_np.approx.arithmetic import arithmetic_from_spec
     from approxdarts_np.io.checkpoint import write_json
     from approxdarts_np.nas.budget import energy_ratio, parameter_free_share
     from approxdarts_np.nas.genotypes import Genotype

@@ -15,7 +15,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from approxdarts_np import nn
-from approxdarts_np.approx.convolution import QuantizedArithmetic, arithmetic_from_spec
+from approxdarts_np.approx.arithmetic import arithmetic_from_spec
+from approxdarts_np.approx.convolution import QuantizedArithmetic
 from approxdarts_np.approx.lut_conv import approx_conv2d, choose_engine, make_lut_plan
 from approxdarts_np.approx.multipliers import Multiplier, load_multiplier
 from approxdarts_np.approx.quantize import dequantize, quantize_per_tensor
@@ -125,7 +126,7 @@ def test_layers_switch_to_the_multiplier():
     x = rng.standard_normal((1, 2, 5, 5)).astype(np.float32)
     conv = nn.Conv2d(2, 2, 3, padding=1, rng=rng)
     float_out = conv(Tensor(x)).data
-    conv.multiplier = arithmetic_from_spec("mul8u_17KS")
+    conv.arithmetic = arithmetic_from_spec("mul8u_17KS")
     approx_out = conv(Tensor(x)).data
     assert not np.array_equal(float_out, approx_out)
     assert np.abs(float_out - approx_out).max() < 0.2 * np.abs(float_out).max()

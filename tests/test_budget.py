@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from approxdarts_np.approx.convolution import arithmetic_from_spec
+from approxdarts_np.approx.arithmetic import arithmetic_from_spec
 from approxdarts_np.approx.energy import EnergyTable
 from approxdarts_np.io.checkpoint import load_tree
 from approxdarts_np.nas.budget import (PARAMETER_FREE_OPS, SEARCHED_OPS, DualAscent, cap_parameter_free,

@@ -234,7 +234,7 @@ def _genotype(case: str):
 @pytest.mark.parametrize("case", GENOTYPE_CASES)
 @pytest.mark.parametrize("channels, layers", [(1, 3), (2, 4), (3, 5), (5, 7), (4, 8)])
 def test_shape_count_equals_the_forward_pass_count(case, channels, layers):
-    from approxdarts_np.approx.convolution import arithmetic_from_spec
+    from approxdarts_np.approx.arithmetic import arithmetic_from_spec
     from approxdarts_np.nas.costs import evaluation_network_costs, network_costs
     from approxdarts_np.nas.model_eval import NetworkCIFAR
     from approxdarts_np.nas.multiplier_choice import set_genotype_multipliers
@@ -256,7 +256,7 @@ def test_shape_count_equals_the_forward_pass_count(case, channels, layers):
                                               ("multipliers4", "genotype"), ("seed2", "none")])
 def test_network_energy_is_unchanged(case, multiplier):
     """The report from shapes equals the report of the built network, row for row and in every total."""
-    from approxdarts_np.approx.convolution import arithmetic_from_spec
+    from approxdarts_np.approx.arithmetic import arithmetic_from_spec
     from approxdarts_np.nas.costs import network_costs
     from approxdarts_np.nas.model_eval import NetworkCIFAR
     from approxdarts_np.nas.multiplier_choice import set_genotype_multipliers

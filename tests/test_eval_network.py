@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
-from approxdarts_np.approx.convolution import arithmetic_from_spec
+from approxdarts_np.approx.arithmetic import arithmetic_from_spec
 from approxdarts_np.approx.energy import energy_report
 from approxdarts_np.approx.multipliers import load_multiplier
 from approxdarts_np.autodiff import Tensor
@@ -120,7 +120,7 @@ def _layers(net):
 @pytest.mark.parametrize("genotype", [DARTS_V2, MIXED], ids=["DARTS_V2", "MIXED"])
 def test_quantises_exactly_the_sep_and_dil_convolutions(genotype):
     arithmetic = arithmetic_from_spec("mul8u_2P7")
-    net = NetworkCIFAR(genotype, channels=4, layers=5, auxiliary=True, multiplier=arithmetic, seed=0)
+    net = NetworkCIFAR(genotype, channels=4, layers=5, auxiliary=True, arithmetic=arithmetic, seed=0)
     expected = _expected_searched(genotype, net)
     if genotype is DARTS_V2:
         # 5 sep_conv_3x3 (4 convs each) and 1 dil_conv_3x3 (2) per normal cell, none in the
@@ -132,9 +132,9 @@ def test_quantises_exactly_the_sep_and_dil_convolutions(genotype):
         assert len(expected) == 5 * 12
     layers = _layers(net)
     assert expected <= set(layers)
-    set_to_8bit = {name for name, m in layers.items() if getattr(m, "multiplier", None) is not None}
+    set_to_8bit = {name for name, m in layers.items() if getattr(m, "arithmetic", None) is not None}
     assert set_to_8bit == expected
-    assert all(layers[name].multiplier is arithmetic for name in expected)
+    assert all(layers[name].arithmetic is arithmetic for name in expected)
     # What stays FP32 is really there: stem, preprocessing, factorized reduce, classifier, aux head.
     fp32 = set(layers) - expected
     for name in ("stem.layers.0", "cells.items.0.preprocess0.op.layers.1", "cells.items.0.preprocess1.op.layers.1",
@@ -151,14 +151,14 @@ def test_quantises_exactly_the_sep_and_dil_convolutions(genotype):
     assert {c.name for c in costs if c.multiplier is not None} == expected
     assert {c.multiplier for c in costs if c.quantised} == {"mul8u_2P7"}
     # None back to float: nothing is left in 8 bit.
-    net.set_multiplier(None)
-    assert not any(getattr(m, "multiplier", None) for m in _layers(net).values())
+    net.set_arithmetic(None)
+    assert not any(getattr(m, "arithmetic", None) for m in _layers(net).values())
 
 
 def test_search_network_quantises_exactly_the_sep_and_dil_convolutions():
     from approxdarts_np.nas.model_search import Network
     from approxdarts_np.nas.operations import DilConv, SepConv
-    net = Network(4, 10, 5, multiplier=arithmetic_from_spec("exact"), seed=0)
+    net = Network(4, 10, 5, arithmetic=arithmetic_from_spec("exact"), seed=0)
     expected = set()
     for name, m in net.named_modules():
         if isinstance(m, SepConv):
@@ -167,7 +167,7 @@ def test_search_network_quantises_exactly_the_sep_and_dil_convolutions():
             expected |= {f"{name}.depthwise", f"{name}.pointwise"}
     # 14 edges x (2 sep x 4 + 2 dil x 2) convs per cell.
     assert len(expected) == 5 * 14 * 12
-    set_to_8bit = {name for name, m in _layers(net).items() if getattr(m, "multiplier", None) is not None}
+    set_to_8bit = {name for name, m in _layers(net).items() if getattr(m, "arithmetic", None) is not None}
     assert set_to_8bit == expected
 
 
@@ -189,7 +189,7 @@ def test_an_approximate_multiplier_changes_exactly_the_searched_layers():
     layer (stem, preprocessing, factorized reduce, classifier, aux head) equals the float op."""
     table = load_multiplier("mul8u_2P7").table
     net = NetworkCIFAR(DARTS_V2, channels=4, layers=5, auxiliary=True,
-                       multiplier=arithmetic_from_spec("mul8u_2P7"), seed=0)
+                       arithmetic=arithmetic_from_spec("mul8u_2P7"), seed=0)
     expected = _expected_searched(DARTS_V2, net)
     calls = _record_layer_calls(net)
     net.train()  # so the auxiliary head runs too

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from approxdarts_np.approx.convolution import arithmetic_from_spec
+from approxdarts_np.approx.arithmetic import arithmetic_from_spec
 from approxdarts_np.approx.energy import EnergyTable
 from approxdarts_np.io.checkpoint import load_tree
 from approxdarts_np.nas.genotypes import DARTS_V2, Genotype, read_genotype
@@ -150,7 +150,7 @@ def test_per_layer_energy_by_hand():
         for op, name in zip(cell.ops, g.multipliers(kind)):
             for conv in searched_convs(op):
                 expected_layers[id(conv)] = name
-                assert conv.multiplier.name == name
+                assert conv.arithmetic.name == name
     assert len(expected_layers) == sum(r.quantised for r in report.layers)
     quantised = [r for r in report.layers if r.quantised]
     assert sorted({r.multiplier for r in quantised}) == sorted(names)

@@ -38,7 +38,7 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
-from approxdarts_np.approx.convolution import arithmetic_from_spec
+from approxdarts_np.approx.arithmetic import arithmetic_from_spec
 from approxdarts_np.autodiff import Tensor
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.nas.model_search import NUM_EDGES, Network
@@ -66,7 +66,7 @@ TRAIN, VAL = _batch(1), _batch(2)
 
 def _setup(multiplier=None, warm_momentum=True, weight_decay=WEIGHT_DECAY):
     """Supernet with spread-out α, its two optimizers, and (optionally) momentum buffers from one real step."""
-    net = Network(C, 10, LAYERS, seed=0, multiplier=arithmetic_from_spec(multiplier))
+    net = Network(C, 10, LAYERS, seed=0, arithmetic=arithmetic_from_spec(multiplier))
     rng = np.random.default_rng(100)
     net.alphas_normal.data[...] = rng.standard_normal((NUM_EDGES, len(PRIMITIVES)))
     net.alphas_reduce.data[...] = rng.standard_normal((NUM_EDGES, len(PRIMITIVES)))

@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
-from approxdarts_np.approx.convolution import QuantizedArithmetic, arithmetic_from_spec
+from approxdarts_np.approx.arithmetic import arithmetic_from_spec
+from approxdarts_np.approx.convolution import QuantizedArithmetic
 from approxdarts_np.approx.multipliers import Multiplier, load_multiplier
 from approxdarts_np.autodiff import Tensor
 from approxdarts_np.nas.genotypes import Genotype
@@ -58,7 +59,7 @@ def _close(ours, theirs, name):
 
 
 def _supernet(mode, seed=3):
-    net = Network(C, 10, LAYERS, multiplier=arithmetic_from_spec(mode), seed=seed)
+    net = Network(C, 10, LAYERS, arithmetic=arithmetic_from_spec(mode), seed=seed)
     rng = np.random.default_rng(seed + 100)
     net.alphas_normal.data[...] = rng.standard_normal((NUM_EDGES, len(PRIMITIVES)))
     net.alphas_reduce.data[...] = rng.standard_normal((NUM_EDGES, len(PRIMITIVES)))
@@ -73,7 +74,7 @@ def _capture_grads(model):
 @pytest.mark.parametrize("mode", MODES)
 def test_search_step_in_8bit_mode_matches_torch(mode):
     net = _supernet(mode)
-    assert all(conv.multiplier is not None for conv in searched_convs(net))
+    assert all(conv.arithmetic is not None for conv in searched_convs(net))
     mirror = TorchMirror(net)
     names = {id(p): n for n, p in net.named_parameters()}
     xa, ya = _batch(10)  # architecture-val batch
@@ -139,7 +140,7 @@ class _TrainSettings:
 @pytest.mark.parametrize("mode", MODES)
 def test_train_step_in_8bit_mode_matches_torch(mode):
     net = NetworkCIFAR(GENOTYPE, channels=C, layers=LAYERS, auxiliary=True,
-                       multiplier=arithmetic_from_spec(mode), seed=1)
+                       arithmetic=arithmetic_from_spec(mode), seed=1)
     net.drop_path_prob = 0.0
     net.train()
     mirror = TorchMirror(net)
@@ -174,7 +175,7 @@ def test_train_step_in_8bit_mode_matches_torch(mode):
 
 
 def _forward_against_mirror(arithmetic, x):
-    net = NetworkCIFAR(GENOTYPE, channels=C, layers=LAYERS, auxiliary=False, multiplier=arithmetic, seed=1)
+    net = NetworkCIFAR(GENOTYPE, channels=C, layers=LAYERS, auxiliary=False, arithmetic=arithmetic, seed=1)
     net.eval()
     mirror = TorchMirror(net)
     with recording_codes() as codes:

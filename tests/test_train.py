@@ -131,7 +131,7 @@ def test_evaluate_runs_in_eval_mode():
 def test_evaluate_genotype_runs_each_op_with_the_genotype_multiplier(trained, tmp_path):
     """`evaluate --multiplier genotype` computes with the multipliers the genotype names, per op, in the
     accuracy and in the energy, and the FP32 row does not."""
-    from approxdarts_np.approx.convolution import arithmetic_from_spec
+    from approxdarts_np.approx.arithmetic import arithmetic_from_spec
     from approxdarts_np.data.cifar import load_cifar10
     from approxdarts_np.nas.genotypes import Genotype
     from approxdarts_np.nas.multiplier_choice import set_genotype_multipliers

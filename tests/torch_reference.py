@@ -5,7 +5,7 @@ every computation (convolutions, BN, pools, MixedOp's weighted sum, cell wiring,
 FactorizedReduce, drop-path) is written here again in torch, following the
 DARTS definitions, so that the two implementations share no arithmetic.
 
-Layers set to 8-bit arithmetic (``layer.multiplier``) run here on de-quantised operands,
+Layers set to 8-bit arithmetic (``layer.arithmetic``) run here on de-quantised operands,
 quantised by this module's own code (docs/design.md §2): with an exact table as torch's float conv of
 the de-quantised tensors, with any other table as :class:`TableConv`, whose forward is a plain
 NumPy gather ``M[q_x, q_w]`` and whose backward is the straight-through estimator (torch's conv
@@ -103,7 +103,7 @@ class TorchMirror:
     def conv(self, m, x):
         groups = m.weight.shape[0] if isinstance(m, nn.DepthwiseConv2d) else m.groups
         w = self.p(m.weight)
-        arithmetic = getattr(m, "multiplier", None)
+        arithmetic = getattr(m, "arithmetic", None)
         if arithmetic is None:
             y = TF.conv2d(x, w, None, m.stride, m.padding, m.dilation, groups)
         else:

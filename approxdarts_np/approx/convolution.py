@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from approxdarts_np.approx.lut_conv import approx_conv2d, make_lut_plan
-from approxdarts_np.approx.multipliers import Multiplier, load_multiplier
+from approxdarts_np.approx.multipliers import Multiplier
 from approxdarts_np.approx.quantize import dequantize_codes
 from approxdarts_np.autodiff import Function, Tensor
 from approxdarts_np.kernels import conv as kconv
@@ -78,13 +78,3 @@ class QuantizedArithmetic:
 
     def __repr__(self) -> str:
         return f"QuantizedArithmetic({self.name})"
-
-
-def arithmetic_from_spec(spec: str | None) -> QuantizedArithmetic | None:
-    """``none``/None: float32; ``exact``: exact 8-bit; a bundled name or a table path: that multiplier.
-
-    Raises UserError for an unknown name or a bad table file.
-    """
-    if spec is None or str(spec).lower() in ("none", "fp32", "float"):
-        return None
-    return QuantizedArithmetic(load_multiplier(spec))

@@ -41,7 +41,7 @@ def network_costs(model: Module, image_shape=(3, 32, 32)) -> list[LayerCost]:
             kind = "linear"
         else:  # pragma: no cover - only these layers record calls
             continue
-        mult = getattr(layer, "multiplier", None)
+        mult = getattr(layer, "arithmetic", None)
         costs.append(LayerCost(name=names.get(id(layer), type(layer).__name__), kind=kind,
                                macs=layer.macs(shape), quantised=id(layer) in searched,
                                multiplier=mult.name if mult is not None else None))

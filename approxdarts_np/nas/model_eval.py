@@ -6,7 +6,7 @@ import numpy as np
 from approxdarts_np.autodiff import Tensor
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.nas.genotypes import Genotype
-from approxdarts_np.nas.operations import OPS, FactorizedReduce, ReLUConvBN, set_multiplier
+from approxdarts_np.nas.operations import OPS, FactorizedReduce, ReLUConvBN, set_arithmetic
 from approxdarts_np.nn import (AvgPool2d, BatchNorm2d, Conv2d, GlobalAvgPool2d, Identity, Linear, Module,
                                ModuleList, ReLU, Sequential)
 
@@ -35,7 +35,7 @@ class EvalCell(Module):
         self.op_names = tuple(name for name, _ in pairs)
         self.steps = len(pairs) // 2
         self.ops = ModuleList(OPS[name](c, 2 if reduction and j < 2 else 1, True, rng) for name, j in pairs)
-        self.multiplier = len(self.concat)
+        self.n_concat = len(self.concat)  # DARTS's "multiplier": the cell outputs C * n_concat channels
 
     def forward(self, s0: Tensor, s1: Tensor, drop_prob: float = 0.0, rng=None) -> Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
@@ -71,7 +71,7 @@ class NetworkCIFAR(Module):
     """Stem, ``layers`` cells of the genotype (reductions at L//3 and 2L//3), optional auxiliary head."""
 
     def __init__(self, genotype: Genotype, channels: int = 36, num_classes: int = 10, layers: int = 20,
-                 auxiliary: bool = True, stem_multiplier: int = 3, multiplier=None, seed: int = 0):
+                 auxiliary: bool = True, stem_multiplier: int = 3, arithmetic=None, seed: int = 0):
         super().__init__()
         if layers < 3:
             raise ValueError(f"the network needs at least 3 cells, got {layers}")
@@ -93,20 +93,20 @@ class NetworkCIFAR(Module):
             cell = EvalCell(genotype, c_prev_prev, c_prev, c_curr, reduction, reduction_prev, rng)
             self.cells.append(cell)
             reduction_prev = reduction
-            c_prev_prev, c_prev = c_prev, cell.multiplier * c_curr
+            c_prev_prev, c_prev = c_prev, cell.n_concat * c_curr
             if i == self.aux_index:
                 c_aux = c_prev
         self.auxiliary_head = AuxiliaryHead(c_aux, num_classes, rng) if auxiliary else None
         self.global_pooling = GlobalAvgPool2d()
         self.classifier = Linear(c_prev, num_classes, rng=rng)
         self.drop_path_prob = 0.0
-        self.multiplier = None
-        self.set_multiplier(multiplier)
+        self.arithmetic = None
+        self.set_arithmetic(arithmetic)
 
-    def set_multiplier(self, multiplier) -> None:
-        """Run the searched convolutions (inside sep/dil convs) with ``multiplier`` (None: float32)."""
-        self.multiplier = multiplier
-        set_multiplier(self, multiplier)
+    def set_arithmetic(self, arithmetic) -> None:
+        """Run the searched convolutions (inside sep/dil convs) with ``arithmetic`` (None: float32)."""
+        self.arithmetic = arithmetic
+        set_arithmetic(self, arithmetic)
 
     def forward(self, x: Tensor, rng: np.random.Generator | None = None):
         """Logits, and the auxiliary logits in training mode with an auxiliary head (else None).

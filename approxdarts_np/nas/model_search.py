@@ -7,7 +7,7 @@ from approxdarts_np.autodiff import Tensor
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.nas.budget import cap_parameter_free
 from approxdarts_np.nas.genotypes import Genotype, derive_genotype
-from approxdarts_np.nas.operations import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, set_multiplier
+from approxdarts_np.nas.operations import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, set_arithmetic
 from approxdarts_np.nn import (BatchNorm2d, Conv2d, GlobalAvgPool2d, Linear, Module,
                                ModuleList, Parameter, Sequential)
 
@@ -83,7 +83,7 @@ class Network(Module):
     """
 
     def __init__(self, channels: int = 16, num_classes: int = 10, layers: int = 8,
-                 stem_multiplier: int = 3, multiplier=None, seed: int = 0):
+                 stem_multiplier: int = 3, arithmetic=None, seed: int = 0):
         super().__init__()
         if layers < 3:
             raise ValueError(f"the network needs at least 3 cells (2 reductions and a normal cell), got {layers}")
@@ -110,8 +110,8 @@ class Network(Module):
         n_ops = len(PRIMITIVES)
         self.alphas_normal = Parameter(1e-3 * alpha_rng.standard_normal((NUM_EDGES, n_ops)))
         self.alphas_reduce = Parameter(1e-3 * alpha_rng.standard_normal((NUM_EDGES, n_ops)))
-        self.multiplier = None
-        self.set_multiplier(multiplier)
+        self.arithmetic = None
+        self.set_arithmetic(arithmetic)
         # Both steps ask for the weights; the module tree is fixed once built, so walk it once.
         arch = {id(p) for p in self.arch_parameters()}
         self._weights = tuple(p for p in self.parameters() if id(p) not in arch)
@@ -120,10 +120,10 @@ class Network(Module):
     def reduction_indices(layers: int) -> tuple[int, int]:
         return (layers // 3, 2 * layers // 3)
 
-    def set_multiplier(self, multiplier) -> None:
-        """Run the searched convolutions with ``multiplier`` (None: float32)."""
-        self.multiplier = multiplier
-        set_multiplier(self, multiplier)
+    def set_arithmetic(self, arithmetic) -> None:
+        """Run the searched convolutions with ``arithmetic`` (None: float32)."""
+        self.arithmetic = arithmetic
+        set_arithmetic(self, arithmetic)
 
     def arch_parameters(self) -> list[Parameter]:
         return [self.alphas_normal, self.alphas_reduce]

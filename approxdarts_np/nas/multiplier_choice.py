@@ -178,7 +178,7 @@ class MultiplierNetwork(Network):
             raise ValueError(f"a choice needs at least 2 multipliers, got {len(multipliers)}")
         if SEARCHED_COLUMNS != tuple(range(len(PRIMITIVES) - len(SEARCHED_OPS), len(PRIMITIVES))):
             raise ValueError("the searched ops must be the last columns of α")
-        super().__init__(channels, num_classes, layers, stem_multiplier, multiplier=None, seed=seed)
+        super().__init__(channels, num_classes, layers, stem_multiplier, arithmetic=None, seed=seed)
         self.candidates = tuple(multipliers)
         self.temperature = float(temperature)
         rng = np.random.default_rng([seed, 2])
@@ -207,7 +207,7 @@ class MultiplierNetwork(Network):
         for (e, col), layers in self._layers[kind].items():
             arithmetic = self.candidates[int(k_star[e, col])]
             for layer in layers:
-                layer.multiplier = arithmetic
+                layer.arithmetic = arithmetic
         self.chosen[kind] = k_star
 
     def choose(self, rng: np.random.Generator) -> None:
@@ -317,4 +317,4 @@ def set_genotype_multipliers(network, genotype: Genotype, arithmetic_of) -> None
             if name not in cache:
                 cache[name] = arithmetic_of(name)
             for conv in searched_convs(op):
-                conv.multiplier = cache[name]
+                conv.arithmetic = cache[name]

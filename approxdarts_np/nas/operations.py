@@ -125,7 +125,7 @@ def searched_convs(module: Module) -> Iterator[Module]:
             yield from m.searched_convs()
 
 
-def set_multiplier(module: Module, multiplier) -> None:
-    """Make every searched convolution below ``module`` compute with ``multiplier`` (None = float)."""
+def set_arithmetic(module: Module, arithmetic) -> None:
+    """Make every searched convolution below ``module`` compute with ``arithmetic`` (None = float32)."""
     for conv in searched_convs(module):
-        conv.multiplier = multiplier
+        conv.arithmetic = arithmetic

@@ -22,12 +22,12 @@ def _uniform(rng: np.random.Generator | None, shape, fan_in: int) -> np.ndarray:
 
 
 class _ConvBase(Module):
-    """Shared state of the convolutions: geometry and the multiplier setting.
+    """Shared state of the convolutions: geometry and the arithmetic.
 
-    ``multiplier`` is None for float arithmetic, or an object from
+    ``arithmetic`` is None for float32, or an object from
     :mod:`approxdarts_np.approx` that quantises the operands to 8 bit and
-    multiplies through its table. It is a per-layer attribute so a network can
-    mix multipliers.
+    multiplies through its multiplier's table. It is a per-layer attribute so a
+    network can mix multipliers.
     """
 
     def __init__(self, stride, padding, dilation):
@@ -37,7 +37,7 @@ class _ConvBase(Module):
         self.dilation = as_pair(dilation, "dilation")
         # What each call hands the kernels: a plain int where h and w agree (checked faster there).
         self._geometry = tuple(p[0] if p[0] == p[1] else p for p in (self.stride, self.padding, self.dilation))
-        self.multiplier = None
+        self.arithmetic = None
 
     def macs(self, x_shape) -> int:
         """Multiply-accumulates of one forward pass on input ``x_shape`` (N, C, H, W)."""
@@ -68,8 +68,8 @@ class Conv2d(_ConvBase):
 
     def forward(self, x: Tensor) -> Tensor:
         note_call(self, x.shape)
-        if self.multiplier is not None:
-            return self.multiplier.conv2d(x, self.weight, *self._geometry, self.groups)
+        if self.arithmetic is not None:
+            return self.arithmetic.conv2d(x, self.weight, *self._geometry, self.groups)
         return C.conv2d(x, self.weight, *self._geometry, self.groups)
 
 
@@ -83,8 +83,8 @@ class DepthwiseConv2d(_ConvBase):
 
     def forward(self, x: Tensor) -> Tensor:
         note_call(self, x.shape)
-        if self.multiplier is not None:
-            return self.multiplier.conv2d(x, self.weight, *self._geometry, self.weight.shape[0])
+        if self.arithmetic is not None:
+            return self.arithmetic.conv2d(x, self.weight, *self._geometry, self.weight.shape[0])
         return C.depthwise_conv2d(x, self.weight, *self._geometry)
 
 

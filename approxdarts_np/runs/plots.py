@@ -17,9 +17,9 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+from approxdarts_np.approx.arithmetic import EXACT, FP32_NAMES, is_fp32
 from approxdarts_np.errors import UserError
 
-_FP32 = ("none", "fp32", "float")
 #: Marker areas (points²) of the scatter: approximate points, exact 8-bit diamonds, the front's rings.
 _POINT_AREA, _EXACT_AREA, _RING_AREA = 22, 50, 90
 _LABEL_FONT_SIZE = 8
@@ -61,7 +61,7 @@ def mean_references(rows: list[dict]) -> list[tuple[str, float]]:
     FP32 with the FP32 trials and ``energy_fp32_pj``.
     """
     references = []
-    for names, key, what in ((("exact",), "energy_exact8_pj", "exact 8-bit"), (_FP32, "energy_fp32_pj", "FP32")):
+    for names, key, what in (((EXACT,), "energy_exact8_pj", "exact 8-bit"), (FP32_NAMES, "energy_fp32_pj", "FP32")):
         own = [r["energy_pj"] for r in rows
                if str(r.get("multiplier")).lower() in names and r.get("energy_pj") is not None]
         if own:
@@ -250,7 +250,7 @@ def draw_accuracy_energy(rows: list[dict], path: str | Path, accuracy_label: str
             omitted["energy" if row.get("energy_pj") is None else "accuracy"].append(label)
             continue
         entry = (row["energy_pj"] / 1e6, 100 * acc, label, name.lower())
-        (fp32 if name.lower() in _FP32 else points).append(entry)
+        (fp32 if is_fp32(name) else points).append(entry)
     for i, (energy, acc, label, _) in enumerate(fp32):
         ax.axhline(acc, color="tab:red", linestyle="--", linewidth=1,
                    label=f"FP32 ({energy:.3g} µJ)" if i == 0 else None, zorder=1)

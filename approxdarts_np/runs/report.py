@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from approxdarts_np.approx.convolution import arithmetic_from_spec
+from approxdarts_np.approx.arithmetic import GENOTYPE, arithmetic_from_spec, split_specs
 from approxdarts_np.approx.energy import EnergyReport, EnergyTable, energy_report
 from approxdarts_np.approx.multipliers import bundled_names, load_multiplier
 from approxdarts_np.data.cifar import load_cifar10
@@ -16,7 +16,7 @@ from approxdarts_np.nas.costs import evaluation_network_costs, network_costs
 from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.nas.genotypes import Genotype
 from approxdarts_np.nas.multiplier_choice import set_genotype_multipliers
-from approxdarts_np.runs.train import GENOTYPE_MULTIPLIERS, load_trained_network
+from approxdarts_np.runs.train import load_trained_network
 
 
 #: Bounds of the network ``network_energy`` counts: far beyond DARTS's 20 cells of 36 channels, and small
@@ -39,7 +39,7 @@ def network_energy(genotype: Genotype, channels: int, layers: int, multiplier: s
         raise UserError(f"--layers must lie between 3 and {MAX_ENERGY_LAYERS:,}, got {layers}")
     if not 1 <= channels <= MAX_ENERGY_CHANNELS:
         raise UserError(f"--channels must lie between 1 and {MAX_ENERGY_CHANNELS:,}, got {channels}")
-    if multiplier == GENOTYPE_MULTIPLIERS and genotype.has_searched_ops and not genotype.has_multipliers:
+    if multiplier == GENOTYPE and genotype.has_searched_ops and not genotype.has_multipliers:
         raise UserError("--multiplier genotype: this genotype names no multipliers")
 
     def multiplier_name(spec: str) -> str | None:
@@ -47,8 +47,8 @@ def network_energy(genotype: Genotype, channels: int, layers: int, multiplier: s
         return arithmetic.name if arithmetic is not None else None
 
     costs, params = evaluation_network_costs(
-        genotype, channels, layers, multiplier_name if multiplier == GENOTYPE_MULTIPLIERS else None)
-    mult = None if multiplier in (None, "none", "exact", GENOTYPE_MULTIPLIERS) else load_multiplier(multiplier)
+        genotype, channels, layers, multiplier_name if multiplier == GENOTYPE else None)
+    mult = None if multiplier in (None, "none", "exact", GENOTYPE) else load_multiplier(multiplier)
     report = energy_report(costs, mult, table)
     try:  # math.fsum raises OverflowError when a partial sum overflows; a sum of infinities is inf
         mul = {"FP32": report.energy_fp32_pj, "exact 8-bit": report.energy_exact8_pj,
@@ -69,7 +69,7 @@ def expand_multiplier_specs(spec: str) -> list[str]:
     """``all`` → none, exact and every bundled table; otherwise a comma-separated list (UserError if empty)."""
     if spec.strip().lower() == "all":
         return ["none", "exact"] + bundled_names()
-    specs = [s.strip() for s in spec.split(",") if s.strip()]
+    specs = split_specs(spec)
     if not specs:
         raise UserError(f"--multiplier {spec!r} names no multiplier (give e.g. none,exact,mul8u_2P7 or all)")
     return specs
@@ -105,31 +105,31 @@ def evaluate_checkpoint(checkpoint: str | Path, multipliers: list[str] | None, d
     model, config = load_trained_network(checkpoint)
     genotype = Genotype.from_dict(config.genotype)
     if multipliers is None:
-        multipliers = [GENOTYPE_MULTIPLIERS if genotype.has_multipliers else "none"]
+        multipliers = [GENOTYPE if genotype.has_multipliers else "none"]
     # UserError before any work: every name is loaded first ("genotype" = the genotype's per-op multipliers)
-    arithmetics = [(spec, None if spec == GENOTYPE_MULTIPLIERS else arithmetic_from_spec(spec))
+    arithmetics = [(spec, None if spec == GENOTYPE else arithmetic_from_spec(spec))
                    for spec in multipliers]
-    if GENOTYPE_MULTIPLIERS in multipliers and genotype.has_searched_ops and not genotype.has_multipliers:
+    if GENOTYPE in multipliers and genotype.has_searched_ops and not genotype.has_multipliers:
         raise UserError("--multiplier genotype: the genotype of this network names no multipliers")
     data = load_cifar10(data_dir if data_dir is not None else config.data_dir)
     rows = []
     for i, (spec, arithmetic) in enumerate(arithmetics):
         if progress:
             progress({"event": "multiplier", "name": spec, "index": i, "total": len(arithmetics)})
-        model.set_multiplier(arithmetic)
-        if spec == GENOTYPE_MULTIPLIERS:
+        model.set_arithmetic(arithmetic)
+        if spec == GENOTYPE:
             set_genotype_multipliers(model, genotype, arithmetic_from_spec)
         costs = network_costs(model)
         loss, acc = evaluate(model, data.test_x, data.test_y, batch_size,
                              progress=(lambda d, t: progress({"event": "batch", "done": d, "total": t}))
                              if progress else None)
-        name = GENOTYPE_MULTIPLIERS if spec == GENOTYPE_MULTIPLIERS else (arithmetic.name if arithmetic else "none")
+        name = GENOTYPE if spec == GENOTYPE else (arithmetic.name if arithmetic else "none")
         row = {"multiplier": name, "test_acc": acc, "test_loss": loss,
                "test_images": int(data.test_x.shape[0]), "energy_pj": None, "energy_fp32_pj": None,
                "energy_exact8_pj": None, "saving_vs_fp32_pct": None, "saving_vs_exact8_pct": None}
         try:
             report = energy_report(costs, arithmetic.multiplier if arithmetic else None, table)
-            if spec != GENOTYPE_MULTIPLIERS and arithmetic is None:
+            if spec != GENOTYPE and arithmetic is None:
                 report_energy = report.energy_fp32_pj
             else:
                 report_energy = report.energy_approx_pj
@@ -142,7 +142,7 @@ def evaluate_checkpoint(checkpoint: str | Path, multipliers: list[str] | None, d
                        saving_vs_fp32_pct=100.0 * (1 - energy / report.energy_fp32_pj),
                        saving_vs_exact8_pct=100.0 * (1 - energy / report.energy_exact8_pj))
         rows.append(row)
-    model.set_multiplier(None)
+    model.set_arithmetic(None)
     return rows
 
 

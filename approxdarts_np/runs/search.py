@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from approxdarts_np.approx.arithmetic import is_fp32, split_specs
 from approxdarts_np.autodiff import Tensor, no_grad
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.data.augment import AugmentConfig, BatchLoader
@@ -111,7 +112,7 @@ class SearchConfig(RunConfig):
         """The candidate multipliers of ``--multipliers`` (empty without it)."""
         if self.multipliers is None:
             return []
-        return [spec.strip() for spec in self.multipliers.split(",") if spec.strip()]
+        return split_specs(self.multipliers)
 
     PAPER: ClassVar[dict] = dict(epochs=50, channels=16, layers=8, batch_size=64, max_train_images=None)
 
@@ -130,10 +131,10 @@ class SearchConfig(RunConfig):
             if not self.candidate_specs():
                 raise UserError(f"--multipliers {self.multipliers!r} names no multiplier "
                                 f"(give e.g. exact,mul8u_2P7,mul8u_17KS)")
-            if str(self.multiplier).lower() not in ("none", "fp32", "float"):
+            if not is_fp32(self.multiplier):
                 raise UserError("give either --multiplier (one for every searched convolution) or --multipliers "
                                 "(a choice per searched op), not both")
-            if any(spec.lower() in ("none", "fp32", "float") for spec in self.candidate_specs()):
+            if any(is_fp32(spec) for spec in self.candidate_specs()):
                 raise UserError("--multipliers chooses among 8-bit multipliers: 'none' (FP32) cannot be one")
         if self.energy_weight < 0:
             raise UserError(f"--energy-weight must be >= 0, got {self.energy_weight}")
@@ -239,8 +240,8 @@ class Searcher:
 
     kind = "search"
 
-    def __init__(self, config: SearchConfig, multiplier=None, candidates=None, energy: dict | None = None):
-        """``multiplier``: one arithmetic for every searched conv (None: float32); ``candidates``: K ≥ 2
+    def __init__(self, config: SearchConfig, arithmetic=None, candidates=None, energy: dict | None = None):
+        """``arithmetic``: one arithmetic for every searched conv (None: float32); ``candidates``: K ≥ 2
         arithmetics to choose from per searched op; ``energy``: ``{"pj": per-candidate pJ, "exact_pj"}``
         pricing the expected energy (needed when ``config.energy_weight > 0``)."""
         config.validate()
@@ -265,7 +266,7 @@ class Searcher:
             self.model = MultiplierNetwork(config.channels, 10, config.layers, multipliers=candidates,
                                            seed=config.seed, temperature=config.gumbel_temperature)
         else:
-            self.model = Network(config.channels, 10, config.layers, multiplier=multiplier, seed=config.seed)
+            self.model = Network(config.channels, 10, config.layers, arithmetic=arithmetic, seed=config.seed)
         self.choosing = isinstance(self.model, MultiplierNetwork)
         self.energy = energy
         self.macs = searched_op_macs(self.model) if energy is not None else None
@@ -591,7 +592,7 @@ def run_search(config: SearchConfig | None = None, resume: str | Path | None = N
     before anything is written; a stop on Ctrl-C raises
     :class:`~approxdarts_np.runs.loop.RunInterrupted` after saving.
     """
-    from approxdarts_np.approx.convolution import arithmetic_from_spec
+    from approxdarts_np.approx.arithmetic import arithmetic_from_spec
     from approxdarts_np.kernels.threads import configure_threads
 
     config, output_dir = resolve_run_config(SearchConfig, config, resume, overrides)
@@ -605,7 +606,7 @@ def run_search(config: SearchConfig | None = None, resume: str | Path | None = N
         if config.energy_budget < cheapest:
             raise UserError(f"--energy-budget {config.energy_budget} is below {cheapest:.3f}, the ratio of the "
                             f"cheapest candidate: no choice of these multipliers can meet it")
-    searcher = Searcher(config, multiplier=arithmetic, candidates=candidates, energy=energy)
+    searcher = Searcher(config, arithmetic=arithmetic, candidates=candidates, energy=energy)
     threads = configure_threads(config.threads)
     resolved = {"threads": threads, "multiplier": arithmetic.name if arithmetic else "none",
                 "steps_per_epoch": searcher.steps_per_epoch, "warmup_epochs": searcher.warmup_epochs}

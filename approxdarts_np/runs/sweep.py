@@ -139,7 +139,8 @@ class SweepConfig:
                    energy_weight: float | None = None):
         """The SearchConfig or TrainConfig of one trial's ``kind`` run."""
         from approxdarts_np.runs.search import SearchConfig
-        from approxdarts_np.runs.train import GENOTYPE_MULTIPLIERS, TrainConfig
+        from approxdarts_np.approx.arithmetic import GENOTYPE
+        from approxdarts_np.runs.train import TrainConfig
 
         cls = SearchConfig if kind == "search" else TrainConfig
         make = cls.paper if self.preset == "paper" else cls.quick
@@ -157,12 +158,12 @@ class SweepConfig:
         else:
             options["genotype"] = self.genotype if self.genotype is not None else {}
             if len(candidates) > 1:
-                options["multiplier"] = GENOTYPE_MULTIPLIERS
+                options["multiplier"] = GENOTYPE
         return make(**options)
 
     def validate(self, local: bool = True) -> None:
         """UserError for any setting that cannot run, before Ray starts or any trial runs."""
-        from approxdarts_np.approx.convolution import arithmetic_from_spec
+        from approxdarts_np.approx.arithmetic import arithmetic_from_spec
         from approxdarts_np.data.cifar import check_data_dir
         from approxdarts_np.nas.genotypes import DARTS_V2, Genotype
         from approxdarts_np.runs.config import available_cores
@@ -253,12 +254,13 @@ def run_trial(sweep: SweepConfig, multiplier: str, seed: int, threads: int,
     from approxdarts_np.nas.genotypes import Genotype, read_genotype
     from approxdarts_np.runs.report import evaluate_checkpoint
     from approxdarts_np.runs.search import run_search
-    from approxdarts_np.runs.train import GENOTYPE_MULTIPLIERS, run_train
+    from approxdarts_np.approx.arithmetic import GENOTYPE
+    from approxdarts_np.runs.train import run_train
 
     folder = Path(sweep.output_dir) / trial_name(multiplier, seed, energy_weight)
     row = {"multiplier": multiplier, "seed": seed, "energy_weight": energy_weight, "stage": sweep.stage,
            "val_acc": None, "test_acc": None}
-    mode = GENOTYPE_MULTIPLIERS if "+" in multiplier else multiplier  # how the trained network computes
+    mode = GENOTYPE if "+" in multiplier else multiplier  # how the trained network computes
     wall = 0.0
     genotype = Genotype.from_dict(sweep.genotype) if sweep.genotype is not None else None
     if sweep.stage in ("search", "both"):
@@ -285,13 +287,14 @@ def run_trial(sweep: SweepConfig, multiplier: str, seed: int, threads: int,
 
 def _energy_columns(genotype, channels: int, layers: int, multiplier: str) -> dict:
     """Energy per inference (FP32, exact 8-bit, this multiplier) and parameters of the trial's network."""
+    from approxdarts_np.approx.arithmetic import is_fp32
     from approxdarts_np.runs.report import network_energy
 
     columns = {"energy_pj": None, "energy_fp32_pj": None, "energy_exact8_pj": None, "energy_approx_pj": None,
                "parameters": None}
     spec = str(multiplier).lower()
     try:
-        report, params = network_energy(genotype, channels, layers, "exact" if spec in ("none", "fp32", "float")
+        report, params = network_energy(genotype, channels, layers, "exact" if is_fp32(spec)
                                         else multiplier)
     except UserError:
         report, params = None, None  # a table without a published power: accuracy only

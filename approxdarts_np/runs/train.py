@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from approxdarts_np.approx.convolution import arithmetic_from_spec
+from approxdarts_np.approx.arithmetic import GENOTYPE, arithmetic_from_spec
 from approxdarts_np.autodiff import Tensor
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.data.augment import AugmentConfig, BatchLoader
@@ -48,7 +48,7 @@ class TrainConfig(RunConfig):
     batch_size: int = 32
     max_train_images: int | None = 1024
     seed: int = 0
-    multiplier: str = "genotype"  # genotype: the genotype's per-op multipliers (FP32 where it has none)
+    multiplier: str = GENOTYPE  # genotype: the genotype's per-op multipliers (FP32 where it has none)
     threads: int | None = None
     lr: float = 0.025
     lr_min: float = 0.0
@@ -75,16 +75,15 @@ class TrainConfig(RunConfig):
         check_memory(train_memory_bytes(self), "training")
 
 
-GENOTYPE_MULTIPLIERS = "genotype"
 
 
-def build_network(config: TrainConfig, multiplier=None) -> NetworkCIFAR:
-    """The evaluation network of the config's genotype; its searched convs use ``multiplier`` or, with
+def build_network(config: TrainConfig, arithmetic=None) -> NetworkCIFAR:
+    """The evaluation network of the config's genotype; its searched convs use ``arithmetic`` or, with
     ``config.multiplier == "genotype"``, the multiplier the genotype names for each op (FP32 where none)."""
     genotype = Genotype.from_dict(config.genotype)
     net = NetworkCIFAR(genotype, config.channels, 10, config.layers,
-                       auxiliary=config.auxiliary_weight > 0, multiplier=multiplier, seed=config.seed)
-    if config.multiplier == GENOTYPE_MULTIPLIERS:
+                       auxiliary=config.auxiliary_weight > 0, arithmetic=arithmetic, seed=config.seed)
+    if config.multiplier == GENOTYPE:
         set_genotype_multipliers(net, genotype, arithmetic_from_spec)
     return net
 
@@ -94,7 +93,7 @@ class Trainer:
 
     kind = "train"
 
-    def __init__(self, config: TrainConfig, multiplier=None):
+    def __init__(self, config: TrainConfig, arithmetic=None):
         config.validate()
         self.config = config
         data = load_cifar10(config.data_dir)
@@ -108,7 +107,7 @@ class Trainer:
                                         indices=np.arange(n_train), augment=augment, drop_last=True)
         self.steps_per_epoch = len(self.train_loader)
         self.test_x, self.test_y = data.test_x, data.test_y
-        self.model = build_network(config, multiplier)
+        self.model = build_network(config, arithmetic)
         self.optimizer = SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                              weight_decay=config.weight_decay)
 
@@ -202,13 +201,13 @@ def run_train(config: TrainConfig | None = None, resume: str | Path | None = Non
     from approxdarts_np.kernels.threads import configure_threads
 
     config, output_dir = resolve_run_config(TrainConfig, config, resume, overrides)
-    arithmetic = None if config.multiplier == GENOTYPE_MULTIPLIERS else arithmetic_from_spec(config.multiplier)
-    trainer = Trainer(config, multiplier=arithmetic)
+    arithmetic = None if config.multiplier == GENOTYPE else arithmetic_from_spec(config.multiplier)
+    trainer = Trainer(config, arithmetic=arithmetic)
     threads = configure_threads(config.threads)
     genotype = Genotype.from_dict(config.genotype)
     if arithmetic is not None:
         used = arithmetic.name
-    elif config.multiplier == GENOTYPE_MULTIPLIERS and genotype.has_multipliers:
+    elif config.multiplier == GENOTYPE and genotype.has_multipliers:
         used = "per op, from the genotype"
     else:
         used = "none"
