@@ -5,13 +5,10 @@ pool: ``OMP_WAIT_POLICY=passive`` (a variable already set in the environment
 wins). Numba's parallel kernels run on GNU OpenMP here, whose idle workers
 otherwise spin between kernels; on a machine where other CPU-bound processes
 run (parallel trials of a sweep, other users) the spinning workers take the
-cores from the threads doing the work. Measured on 2 cores with other
-CPU-bound jobs running (tiny search step, 4/5/16): OpenMP's default policy
-5.5-41 s quiet and 11-77 s with one more busy process, ``passive`` 0.82-1.8 s
-and 0.82-0.95 s, ``GOMP_SPINCOUNT=10000`` 7.7-13 s and 14-25 s,
-``NUMBA_THREADING_LAYER=workqueue`` 3.0-5.3 s and 3.4-6.4 s. The policy
-changes only how idle threads wait, not how work is split, so results stay
-bit-identical for a fixed thread count. See :mod:`approxdarts_np.kernels.threads`.
+cores from the threads doing the work (``docs/results.md``, "Threads and
+sharing", has the step time with a busy neighbour). The policy changes only how
+idle threads wait, not how work is split, so results stay bit-identical for a
+fixed thread count. See :mod:`approxdarts_np.kernels.threads`.
 
 It also makes sure Numba has a folder to cache compiled kernels in when the
 package folder is not writable (:mod:`approxdarts_np.kernel_cache`);

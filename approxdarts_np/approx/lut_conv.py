@@ -25,18 +25,13 @@ Which engine is cheaper (``engine="auto"``). :func:`choose_engine` compares esti
 the real shape (:data:`_COST`: per multiply-accumulate of the float and gather kernels, per
 element of the feature passes, per kernel call): the low-rank engine costs 1 + R float
 convolutions, the gather one lookup per multiply-accumulate, which is slow in depthwise convs
-(about 3-4 G lookups/s on 2 cores for the scalar kernel against about 15-20 GMAC/s for the
-float depthwise kernel). So exact mode (R = 0) and rank-1 tables run the float kernels and
-higher ranks gather; the larger the kernel, the larger the rank at which the gather takes
-over. The byte-shuffle gather (:mod:`approxdarts_np.kernels.byte_shuffle`, CPUs with AVX-512
-VBMI) is several times faster than the scalar one, but not faster than the low-rank engine
-for R <= 1 over a whole step. Timed by hand (not in the committed benchmark; medians of 5
-steps, commit b1b3975), a mul8u_1446 search step forced to gather took 0.53 s at the tiny
-setting against 0.53-0.60 s on the low-rank engine (within the run-to-run spread), and 1.89 s
-at quick against 1.57 s; per call the gather won only on the smallest depthwise shapes (56
-against 78 us at 8x4x32x32) and lost on the larger pointwise ones (788 against 528 us at
-32x64x8x8). So the model (which keeps the scalar rates) keeps the same engines for the
-bundled tables on either kernel. ``plan.engine``
+(a table lookup costs several float multiply-adds; ``benchmarks/bench_approx.py`` measures
+both). So exact mode (R = 0) and rank-1 tables run the float kernels and higher ranks gather;
+the larger the kernel, the larger the rank at which the gather takes over. The byte-shuffle
+gather (:mod:`approxdarts_np.kernels.byte_shuffle`, CPUs with AVX-512 VBMI) is faster than the
+scalar one, but over a whole step not faster than the low-rank engine for R <= 1, so the
+model (which keeps the scalar rates) keeps the same engines for the bundled tables on either
+kernel. ``plan.engine``
 is the shape-free default of :func:`lut_conv2d` (``"lowrank"`` when 1 + R <=
 :data:`LOWRANK_MAX_TERMS` = 3). ``max_rank`` only bounds the work spent looking for a
 decomposition; a plan built with a larger ``max_rank`` keeps the factors (so ``engine=

@@ -122,9 +122,9 @@ def check_code_value(z, name):
 # ----------------------------------------------------------------------------- serial twins
 
 # Calls over fewer elements than this run a kernel's serial twin on the calling thread. Waking
-# the idle (passive, see approxdarts_np.kernels.threads) OpenMP workers costs about 40 us per
-# parallel call here, and a tiny search step made about 7,000 such calls (0.30 s of 0.77 s);
-# below this size the work a second thread would take is worth less than the wake-up.
+# the idle (passive, see approxdarts_np.kernels.threads) OpenMP workers has a fixed cost per
+# parallel call (bench_search.py's breakdown measures it), and a small step makes thousands of
+# calls; below this size the work a second thread would take is worth less than the wake-up.
 SERIAL_BELOW = 1 << 17
 
 
@@ -147,13 +147,39 @@ def serial_twin(kernel):
     return njit(**options)(twin)
 
 
+# The kernel variant every size-based choice takes while it is set: "serial" or "parallel";
+# None chooses by size. A first run on a machine compiles the serial variants in one process and
+# the parallel ones in another (approxdarts_np.runs.first_run), and a one-thread run needs the
+# serial ones only.
+_FORCED: list = [None]
+
+
+def force_variant(variant):
+    """Make every size-based kernel choice take ``variant`` ("serial", "parallel" or None: by size)
+    until the next call; returns the variant that was forced before."""
+    if variant not in (None, "serial", "parallel"):
+        raise ValueError(f"variant must be None, 'serial' or 'parallel', got {variant!r}")
+    before, _FORCED[0] = _FORCED[0], variant
+    return before
+
+
+def parallel_pays(size, threshold=SERIAL_BELOW):
+    """Whether a call over ``size`` elements takes a kernel's parallel variant: at ``threshold``
+    elements or more, unless :func:`force_variant` decided. The results are the same bits
+    either way (every kernel splits its work by the thread count it is given only)."""
+    forced = _FORCED[0]
+    if forced is not None:
+        return forced == "parallel"
+    return size >= threshold
+
+
 def pick_kernel(kernel, twin, size):
     """``(kernel or its serial twin, thread count)`` for a call over ``size`` elements.
 
     Results never depend on the choice: every kernel splits its work by the thread count it is
     given only, and gives the same bits for any count.
     """
-    if size < SERIAL_BELOW:
+    if not parallel_pays(size):
         return twin, 1
     return kernel, get_num_threads()
 
@@ -186,6 +212,6 @@ def unsigned(i):
     """Cast a (known non-negative) index to unsigned.
 
     Numba wraps negative signed indices around, a check that keeps LLVM from vectorising
-    copy and row loops (measured 8x slower on a 1000-element copy); unsigned indices skip it.
+    copy and row loops; unsigned indices skip it.
     """
     return np.uint64(i)

@@ -1,12 +1,11 @@
 """Table convolutions by 64-byte shuffles, for CPUs with AVX-512 VBMI.
 
 The table convolutions (:mod:`approxdarts_np.kernels.lut_conv`) look up one product per
-multiply-accumulate; as scalar loads the depthwise one runs at about 3 G lookups/s per core.
-Each (output channel, tap) pair only reads one 256-entry column of the table, ``M[:, w]``.
-Stored as two 256-byte planes (low and high byte of a 16-bit value) such a column fits in eight
-512-bit registers, and the VBMI instruction ``vpermi2b`` looks 64 bytes up in 128 at once, so
-64 products take four shuffles and two blends (measured 0.05 ns per lookup, about 20 G/s, on
-one core of the reference machine, against 2.8 G/s for the scalar depthwise loop).
+multiply-accumulate, one scalar load each. Each (output channel, tap) pair only reads one
+256-entry column of the table, ``M[:, w]``. Stored as two 256-byte planes (low and high byte
+of a 16-bit value) such a column fits in eight 512-bit registers, and the VBMI instruction
+``vpermi2b`` looks 64 bytes up in 128 at once, so 64 products take four shuffles and two
+blends (``benchmarks/bench_kernels.py`` and ``bench_approx.py`` measure both paths).
 
 Two kernels use it: :func:`depthwise_lookup` (one pass per tap over a channel's planes) and
 :func:`columns_lookup` (pointwise and im2col'd dense convolutions: one pass per input row and
@@ -66,8 +65,7 @@ _NO_INPUT = np.zeros((0, 0, 0, 0), np.float32)
 _NO_INPUT_3D = np.zeros((0, 0, 0), np.float32)
 # Lookups that cost about one element-equivalent of SERIAL_BELOW (kernels/_util.py), and the
 # fixed cost of a depthwise plane (border copy, output rows) in the same unit: rough rates
-# (measured single-thread: 0.09 ns per lookup on 32x32 planes, 0.24 ns on 8x8 ones) that only
-# decide whether the thread team is woken, never the result.
+# that only decide whether the thread team is woken, never the result.
 LOOKUPS_PER_ELEMENT = 8
 PLANE_ELEMENTS = 64
 # Codes per table pass the kernels aim for (images are grouped to reach it): fewer, longer
@@ -135,8 +133,7 @@ def _lookup_intrinsic(n_planes):
     0..127 and 128..255 and the code's top bit picks one; the bytes add into 16-bit sums (per
     plane), joined as sum_p plane_p << 8p in int32 when the chunk's taps are done. Chunks go
     in pairs (then one alone if the count is odd), so that each tap's table registers serve
-    128 codes per load (measured 0.054 against 0.067 ns per lookup for the one-chunk loop, 9
-    taps, one thread).
+    128 codes per load (faster than one chunk at a time).
     """
     @intrinsic
     def lookup(typingctx, xbuf, offs, tabs, acc, n_chunks):
@@ -231,7 +228,7 @@ def _tap_tables_kernel(table_t, w, zx, zw, n_planes, tabs, cst):
     n_planes) or more), or -1.
 
     The minimum, the maximum and the byte split are loops of their own: fused into one, LLVM
-    vectorised none of them (measured 0.31 against 0.14 ns per entry).
+    vectorised none of them.
     """
     n_ch, n_taps = w.shape
     vals = np.empty(256, np.int32)

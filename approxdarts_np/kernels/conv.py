@@ -20,18 +20,15 @@ Parallelism and BLAS threads. ``prange`` runs over contiguous blocks of items, o
 buffer per block, and every GEMM is a single-threaded BLAS call made from a Numba thread: the
 only thread pool that runs is Numba's. The run holds BLAS at one thread for its whole length
 (:func:`approxdarts_np.kernels.threads.configure_threads`); these functions change no thread
-setting themselves (a threadpoolctl limit per call cost about 13 us, and it showed in
-profiles of small steps). The alternative -- a multithreaded OpenBLAS GEMM next to parallel Numba kernels -- was measured on
-a 2-core machine: OpenBLAS worker threads keep spinning after a call, and a short parallel
-Numba kernel run right after a 2-thread GEMM took 4.6x as long (2.9 ms instead of 0.63 ms),
-while a 2-thread GEMM run right after a parallel Numba kernel took 2.1x as long (12.9 ms
-instead of 6.0 ms, GNU OpenMP workers spinning). A 2-thread OpenBLAS called concurrently from
-two Numba threads was slower still (8.0 ms instead of 5.4 ms for 64 pointwise 64->64 GEMMs on
-32x32 maps) and left its workers spinning. With BLAS at one thread and the items spread over
-the Numba threads, the same 64 GEMMs took 5.4 ms and the following Numba kernel ran at full
-speed. Callers that use numpy's own multithreaded BLAS elsewhere still pay that spin cost in
-the kernels that follow; limiting BLAS to one thread for the whole process avoids it. Results
-do not depend on the BLAS thread count, only the speed does.
+setting themselves (a threadpoolctl limit per call has a fixed cost that showed in profiles
+of small steps). The alternative, a multithreaded OpenBLAS GEMM next to parallel Numba
+kernels, loses on a 2-core machine both ways: OpenBLAS worker threads keep spinning after a
+call and slow the parallel Numba kernel that follows, GNU OpenMP workers spinning after a
+Numba kernel slow the GEMM that follows, and a 2-thread OpenBLAS called concurrently from two
+Numba threads is slower than two single-threaded GEMMs. Callers that use numpy's own
+multithreaded BLAS elsewhere still pay that spin cost in the kernels that follow; limiting
+BLAS to one thread for the whole process avoids it. Results do not depend on the BLAS thread
+count, only the speed does.
 
 Determinism. Every output element of the forward and the input gradient is written by one
 thread, by one GEMM whose inner order does not depend on the thread count. The weight

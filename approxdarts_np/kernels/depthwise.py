@@ -39,8 +39,8 @@ from ._util import (block_bounds, check_float32_4d, check_shape4, conv_geometry,
 from .codes import check_code_args, codes_and_feature0, feature_plane, scale_row
 
 # Target size, in float32 elements, of one work item's padded input: sets how many images of a
-# channel share an item. Measured on 2-core AMD EPYC: 32x32 planes run best alone (stacking
-# them was slower), 16x16 planes 3-4 to an item, 8x8 planes 6 or more.
+# channel share an item: 32x32 planes run best alone (stacking them was slower), 16x16 planes
+# 3-4 to an item, 8x8 planes 6 or more.
 _STACK_BUDGET = 1200
 
 __all__ = [

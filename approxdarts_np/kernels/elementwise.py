@@ -23,17 +23,19 @@ than :data:`PARALLEL_MIN` run on the calling thread (a thread team costs more th
 import numpy as np
 from numba import njit, prange
 
+from ._util import parallel_pays
+
 # Elements per work block: the split depends on the size only (deterministic sums).
 _BLOCK = 1 << 14
-# Fewer elements than this run on one thread: waking the sleeping thread team costs about 45 us
+# Fewer elements than this run on one thread: waking the sleeping thread team has a fixed cost
 # per call (benchmarks/results/bench_search.json, breakdown), comparable to one thread's pass
 # over this many elements.
 PARALLEL_MIN = 1 << 17
 
 
 # The block functions loop over slices from index 0: with ``range(lo, hi)`` indices Numba keeps
-# a negative-index check that stops LLVM from vectorising (measured on 2**20 values: 350 us
-# against 200 us for NumPy's single thread; sliced, 87 us on 2 threads).
+# a negative-index check that stops LLVM from vectorising (then slower than NumPy's single
+# thread).
 
 @njit(cache=True)
 def _scaled_add_block(out, x, w, lo, hi, assign):
@@ -167,7 +169,7 @@ def scaled_add(out, x, w, assign):
     """``out[...] = x * w`` (``assign``) or ``out[...] += x * w``; out, x C-contiguous float32 of
     the same shape, w a float32 scalar. Returns ``out``."""
     w = np.float32(w)
-    if out.size < PARALLEL_MIN:
+    if not parallel_pays(out.size, PARALLEL_MIN):
         if assign:
             np.multiply(x, w, out=out)
         else:
@@ -185,7 +187,7 @@ def scale_and_dot(g, x, w):
     w = np.float32(w)
     gx = np.empty_like(g)
     partial = np.empty((g.size + _BLOCK - 1) // _BLOCK, np.float64)
-    if g.size < PARALLEL_MIN:
+    if not parallel_pays(g.size, PARALLEL_MIN):
         _scale_dot_serial(_flat(g), _flat(x), w, _flat(gx), partial)
     else:
         _scale_dot_parallel(_flat(g), _flat(x), w, _flat(gx), partial)
@@ -194,7 +196,7 @@ def scale_and_dot(g, x, w):
 
 def add_into(out, g):
     """``out += g`` for C-contiguous float32 arrays of one shape; returns ``out``."""
-    if out.size < PARALLEL_MIN:
+    if not parallel_pays(out.size, PARALLEL_MIN):
         out += g
     else:
         _add_parallel(_flat(out), _flat(g))
@@ -206,7 +208,7 @@ def relu_forward(a):
     elements of the flat array) holds a > 0, element 64*w + j in bit j of word w."""
     out = np.empty_like(a)
     bits = np.empty((a.size + 63) // 64, np.uint64)
-    kernel = _relu_serial if a.size < PARALLEL_MIN else _relu_parallel
+    kernel = _relu_parallel if parallel_pays(a.size, PARALLEL_MIN) else _relu_serial
     kernel(_flat(a), _flat(out), bits, False)
     return out, bits
 
@@ -218,6 +220,6 @@ def relu_backward(g, bits):
         raise ValueError(f"bits must hold {(g.size + 63) // 64} words for {g.size} elements, "
                          f"got {bits.shape}")
     out = np.empty_like(g)
-    kernel = _relu_serial if g.size < PARALLEL_MIN else _relu_parallel
+    kernel = _relu_parallel if parallel_pays(g.size, PARALLEL_MIN) else _relu_serial
     kernel(_flat(g), _flat(out), bits, True)
     return out

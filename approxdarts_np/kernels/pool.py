@@ -271,8 +271,7 @@ def _avg_pool2d_grad_kernel(gy3, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, count_incl
 # lay out their work items instead (:mod:`approxdarts_np.kernels.depthwise`: a channel's planes
 # of a group of images one after another in a bordered scratch buffer, tap (i, j) at a constant
 # offset), so each tap is one loop over the whole item. Same taps, same order, same rule as the
-# row kernels: the results are the same bits. Measured at B64 C16 32x32, stride 1, 2 threads
-# (best of 5 x 10 calls): max 1.10 -> 0.67 ms, average 0.84 -> 0.36 ms.
+# row kernels: the results are the same bits, and both pools run faster.
 
 _NO_TAKE = np.int32(-1)   # a window whose running maximum was never replaced (all -inf)
 

@@ -7,9 +7,9 @@ One policy for the whole process, set once per run (not per kernel call):
 * BLAS is held at one thread. The BLAS calls that matter (the convolutions'
   GEMMs) are made from inside the parallel Numba kernels, one per Numba
   thread; a multithreaded OpenBLAS next to Numba's pool slowed both (see the
-  measurements in :mod:`approxdarts_np.kernels.conv`). Holding it once per
-  run replaces a ``threadpoolctl`` limit around every kernel call, which cost
-  tens of microseconds per call (a fixed cost that dominated small steps).
+  reasons in :mod:`approxdarts_np.kernels.conv`). Holding it once per
+  run replaces a ``threadpoolctl`` limit around every kernel call, a fixed
+  cost per call that dominated small steps.
 * Idle OpenMP workers sleep instead of spinning: the package sets
   ``OMP_WAIT_POLICY=passive`` at import unless the environment sets it
   (:mod:`approxdarts_np`), so a run shares the machine with other runs.

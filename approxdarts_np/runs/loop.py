@@ -32,12 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+import numba
 import numpy as np
 
 from approxdarts_np.errors import DivergedError, UserError
 from approxdarts_np.io.checkpoint import load_tree, save_tree, write_json, write_text
 from approxdarts_np.io.rundir import CHECKPOINT, CONFIG, METRICS, RunClock, RunFolder
 from approxdarts_np.runs.config import RESUME_OVERRIDES
+from approxdarts_np.runs.first_run import compile_split
 
 ProgressCallback = Callable[[dict], None]
 
@@ -249,11 +251,13 @@ class RunLoop:
         epochs = task.config.epochs
         self.progress({"event": "start", "epochs": epochs, "steps_per_epoch": task.steps_per_epoch,
                        "epoch": st.epoch, "step": st.step, "parameters": task.parameter_count()})
-        with StopSignals(on_request=lambda signum: self.progress({"event": "stopping", "signal": signum})) as stop:
+        with StopSignals(on_request=lambda signum: self.progress({"event": "stopping", "signal": signum})) as stop, \
+                compile_split(task.kind, task.config, numba.get_num_threads()) as split:
             while st.epoch < epochs:
                 begun = task.begin_epoch(st.epoch)
                 while st.step < task.steps_per_epoch:
                     self._stop_if_requested(stop)
+                    split.poll()
                     result = task.step(st.epoch, st.step)
                     bad = {k: v for k, v in result.losses.items() if not math.isfinite(v)}
                     if bad:

@@ -1,0 +1,94 @@
+"""The kernel variant switch and the compile split of a first run (runs/first_run.py)."""
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from approxdarts_np.kernels import _util, conv, elementwise
+from approxdarts_np.runs import first_run
+from approxdarts_np.runs.search import SearchConfig, run_search
+
+TINY = dict(epochs=1, channels=2, layers=3, batch_size=4, max_train_images=16, seed=3)
+
+
+@pytest.fixture(autouse=True)
+def by_size():
+    yield
+    _util.force_variant(None)
+
+
+def test_forced_variants_override_the_size():
+    kernel, twin = conv._conv2d_forward_kernel, conv._conv2d_forward_kernel_serial
+    assert _util.pick_kernel(kernel, twin, 10)[0] is twin
+    assert _util.pick_kernel(kernel, twin, 10 ** 9)[0] is kernel
+    assert _util.force_variant("serial") is None
+    assert _util.pick_kernel(kernel, twin, 10 ** 9) == (twin, 1)
+    assert not _util.parallel_pays(10 ** 9, elementwise.PARALLEL_MIN)
+    assert _util.force_variant("parallel") == "serial"
+    assert _util.pick_kernel(kernel, twin, 10)[0] is kernel
+    assert _util.parallel_pays(1, elementwise.PARALLEL_MIN)
+    with pytest.raises(ValueError, match="variant"):
+        _util.force_variant("both")
+
+
+def test_the_variants_give_the_same_bits():
+    """What the split relies on: a step's kernels give the same bits, serial or parallel."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 4, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    out = {}
+    for variant in ("serial", "parallel"):
+        _util.force_variant(variant)
+        out[variant] = (conv.conv2d(x, w, padding=1), elementwise.relu_forward(x)[0])
+    for a, b in zip(out["serial"], out["parallel"]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_one_thread_run_takes_the_serial_variants(tmp_path):
+    seen = []
+    run_search(SearchConfig.quick(output_dir=str(tmp_path / "s"), threads=1, **TINY),
+               progress=lambda e: seen.append(_util._FORCED[0]) if e["event"] == "step" else None)
+    assert seen and set(seen) == {"serial"}
+    assert _util._FORCED[0] is None
+
+
+def test_an_empty_cache_is_told_apart(tmp_path):
+    """kernels_cached() is False on an empty cache folder and True once the kernel ran."""
+    code = ("from approxdarts_np.runs.first_run import kernels_cached; print(kernels_cached());"
+            "import numpy as np; from approxdarts_np.kernels import conv, _util;"
+            "_util.force_variant('parallel');"
+            "conv.conv2d(np.zeros((1, 1, 4, 4), np.float32), np.zeros((1, 1, 1, 1), np.float32));"
+            "print(kernels_cached())")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.stdout.split() == ["False", "True"], done.stderr
+
+
+def test_a_cold_cache_compiles_the_parallel_kernels_in_a_second_process(tmp_path, monkeypatch):
+    """The run takes the serial variants while the second process runs a tiny run of its kind
+    with the parallel ones (it ends well, in its own temporary folder); then back to by size."""
+    monkeypatch.setattr(first_run, "kernels_cached", lambda: False)
+    config = SearchConfig.quick(output_dir=str(tmp_path / "never"), threads=2, **TINY)
+    with first_run.compile_split("search", config, threads=2) as split:
+        process, folder = split.process, split.folder.name
+        assert process is not None and _util._FORCED[0] == "serial"
+        deadline = time.monotonic() + 240
+        while split.process is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            split.poll()
+        assert split.process is None, "the second process did not end"
+        assert _util._FORCED[0] is None
+    assert process.returncode == 0
+    assert not os.path.exists(folder) and not (tmp_path / "never").exists()
+
+
+def test_a_run_that_ends_first_stops_the_second_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(first_run, "kernels_cached", lambda: False)
+    config = SearchConfig.quick(output_dir=str(tmp_path / "never"), threads=2, **TINY)
+    with first_run.compile_split("search", config, threads=2) as split:
+        process = split.process
+    assert process.poll() is not None and _util._FORCED[0] is None
