@@ -38,6 +38,7 @@ from numba import njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from approxdarts_np.kernels.byte_shuffle import lookup_operands
 from machine import avx2_target_env, machine_info, source_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,16 +66,8 @@ def _avx2_lookup_intrinsic(n_planes):
         sig = types.void(xbuf, offs, tabs, acc, n_chunks)
 
         def codegen(context, builder, signature, args):
-            x_arg, offs_arg, tabs_arg, acc_arg, n_arg = args
-            xa = context.make_array(signature.args[0])(context, builder, x_arg)
-            oa = context.make_array(signature.args[1])(context, builder, offs_arg)
-            ta = context.make_array(signature.args[2])(context, builder, tabs_arg)
-            aa = context.make_array(signature.args[3])(context, builder, acc_arg)
-            n_taps = builder.extract_value(oa.shape, 0)
-            byte_ptr = ir.IntType(8).as_pointer()
-            x_base = builder.bitcast(xa.data, byte_ptr)
-            t_base = builder.bitcast(ta.data, byte_ptr)
-            a_base = builder.bitcast(aa.data, ir.IntType(32).as_pointer())
+            x_base, offs_data, n_taps, t_base, a_base, n_arg = lookup_operands(
+                context, builder, signature, args)
             shuffle = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_V8_32, [_V8_32, _V8_32]),
                 "llvm.x86.avx2.pshuf.b")
@@ -103,7 +96,7 @@ def _avx2_lookup_intrinsic(n_planes):
                     for var in sums[u]:
                         builder.store(ir.Constant(_V16_32, None), var)
                 with cgutils.for_range(builder, n_taps) as tap:
-                    off = builder.load(builder.gep(oa.data, [tap.index]))
+                    off = builder.load(builder.gep(offs_data, [tap.index]))
                     codes = [load(x_base, builder.add(off, st), _V8_32) for st in starts]
                     row = builder.gep(t_base, [builder.mul(tap.index, const(256 * n_planes))])
                     found = [[ir.Constant(_V8_32, None)] * n_planes for _ in range(halves)]
@@ -148,77 +141,15 @@ _V32x8 = ir.VectorType(ir.IntType(32), 8)
 
 @intrinsic
 def _gather_lookup(typingctx, xbuf, offs, tabs, acc, n_chunks):
-    """AVX2 ``vpgatherdd``: acc[64 k + l] = sum_t tabs[256 t + xbuf[offs[t] + 64 k + l]] with
-    ``tabs`` int32 (one 256-entry table per tap), eight lookups per instruction."""
-    sig = types.void(xbuf, offs, tabs, acc, n_chunks)
-
-    def codegen(context, builder, signature, args):
-        x_arg, offs_arg, tabs_arg, acc_arg, n_arg = args
-        xa = context.make_array(signature.args[0])(context, builder, x_arg)
-        oa = context.make_array(signature.args[1])(context, builder, offs_arg)
-        ta = context.make_array(signature.args[2])(context, builder, tabs_arg)
-        aa = context.make_array(signature.args[3])(context, builder, acc_arg)
-        n_taps = builder.extract_value(oa.shape, 0)
-        byte_ptr = ir.IntType(8).as_pointer()
-        x_base = builder.bitcast(xa.data, byte_ptr)
-        t_base = builder.bitcast(ta.data, byte_ptr)
-        a_base = builder.bitcast(aa.data, ir.IntType(32).as_pointer())
-        gather = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V32x8, [_V32x8, byte_ptr, _V32x8, _V32x8,
-                                                     ir.IntType(8)]),
-            "llvm.x86.avx2.gather.d.d.256")
-        all_lanes = ir.Constant(_V32x8, [-1] * 8)
-        sums = [cgutils.alloca_once(builder, _V32x8) for _ in range(8)]
-
-        def const(v):
-            return ir.Constant(_I64, v)
-
-        with cgutils.for_range(builder, n_arg) as chunk:
-            start = builder.mul(chunk.index, const(64))
-            for var in sums:
-                builder.store(ir.Constant(_V32x8, None), var)
-            with cgutils.for_range(builder, n_taps) as tap:
-                off = builder.add(builder.load(builder.gep(oa.data, [tap.index])), start)
-                row = builder.gep(t_base, [builder.mul(tap.index, const(1024))])
-                for g in range(8):
-                    ptr = builder.bitcast(builder.gep(x_base, [builder.add(off, const(8 * g))]),
-                                          _V8x8.as_pointer())
-                    idx = builder.zext(builder.load(ptr, align=1), _V32x8)
-                    got = builder.call(gather, [ir.Constant(_V32x8, None), row, idx, all_lanes,
-                                                ir.Constant(ir.IntType(8), 4)])
-                    builder.store(builder.add(builder.load(sums[g]), got), sums[g])
-            for g in range(8):
-                dst = builder.bitcast(builder.gep(a_base, [builder.add(start, const(8 * g))]),
-                                      _V32x8.as_pointer())
-                builder.store(builder.load(sums[g]), dst, align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-_V8x8 = ir.VectorType(ir.IntType(8), 8)
-_V32x8 = ir.VectorType(ir.IntType(32), 8)
-
-
-@intrinsic
-def _gather_lookup(typingctx, xbuf, offs, tabs, acc, n_chunks):
     """``vpgatherdd``: acc[64 k + l] = sum_t tabs[256 t + xbuf[offs[t] + 64 k + l]], ``tabs``
     int32 (one 256-entry table per tap), eight lookups per instruction."""
     sig = types.void(xbuf, offs, tabs, acc, n_chunks)
 
     def codegen(context, builder, signature, args):
-        x_arg, offs_arg, tabs_arg, acc_arg, n_arg = args
-        xa = context.make_array(signature.args[0])(context, builder, x_arg)
-        oa = context.make_array(signature.args[1])(context, builder, offs_arg)
-        ta = context.make_array(signature.args[2])(context, builder, tabs_arg)
-        aa = context.make_array(signature.args[3])(context, builder, acc_arg)
-        n_taps = builder.extract_value(oa.shape, 0)
-        byte_ptr = ir.IntType(8).as_pointer()
-        x_base = builder.bitcast(xa.data, byte_ptr)
-        t_base = builder.bitcast(ta.data, byte_ptr)
-        a_base = builder.bitcast(aa.data, ir.IntType(32).as_pointer())
+        x_base, offs_data, n_taps, t_base, a_base, n_arg = lookup_operands(
+            context, builder, signature, args)
         gather = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V32x8, [_V32x8, byte_ptr, _V32x8, _V32x8,
+            builder.module, ir.FunctionType(_V32x8, [_V32x8, ir.IntType(8).as_pointer(), _V32x8, _V32x8,
                                                      ir.IntType(8)]),
             "llvm.x86.avx2.gather.d.d.256")
         all_lanes = ir.Constant(_V32x8, [-1] * 8)
@@ -232,7 +163,7 @@ def _gather_lookup(typingctx, xbuf, offs, tabs, acc, n_chunks):
             for var in sums:
                 builder.store(ir.Constant(_V32x8, None), var)
             with cgutils.for_range(builder, n_taps) as tap:
-                off = builder.add(builder.load(builder.gep(oa.data, [tap.index])), start)
+                off = builder.add(builder.load(builder.gep(offs_data, [tap.index])), start)
                 row = builder.gep(t_base, [builder.mul(tap.index, const(1024))])
                 for g in range(8):
                     ptr = builder.bitcast(builder.gep(x_base, [builder.add(off, const(8 * g))]),

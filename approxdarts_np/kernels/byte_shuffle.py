@@ -121,6 +121,18 @@ _V16 = ir.VectorType(ir.IntType(16), 64)
 _V32 = ir.VectorType(ir.IntType(32), 64)
 
 
+def lookup_operands(context, builder, signature, args):
+    """In a lookup intrinsic's codegen (arguments ``xbuf, offs, tabs, acc, n_chunks``): the
+    byte pointer of xbuf, the data pointer of offs, the tap count, the byte pointer of tabs,
+    the int32 pointer of acc and n_chunks."""
+    xa, oa, ta, aa = (context.make_array(signature.args[i])(context, builder, args[i])
+                      for i in range(4))
+    byte_ptr = ir.IntType(8).as_pointer()
+    return (builder.bitcast(xa.data, byte_ptr), oa.data, builder.extract_value(oa.shape, 0),
+            builder.bitcast(ta.data, byte_ptr), builder.bitcast(aa.data, ir.IntType(32).as_pointer()),
+            args[4])
+
+
 def _lookup_intrinsic(n_planes):
     """The shuffle loop for tables of ``n_planes`` byte planes (2: values below 2**16, 3: below
     2**24), as a Numba intrinsic ``f(xbuf, offs, tabs, acc, n_chunks)``:
@@ -140,16 +152,8 @@ def _lookup_intrinsic(n_planes):
         sig = types.void(xbuf, offs, tabs, acc, n_chunks)
 
         def codegen(context, builder, signature, args):
-            x_arg, offs_arg, tabs_arg, acc_arg, n_arg = args
-            xa = context.make_array(signature.args[0])(context, builder, x_arg)
-            oa = context.make_array(signature.args[1])(context, builder, offs_arg)
-            ta = context.make_array(signature.args[2])(context, builder, tabs_arg)
-            aa = context.make_array(signature.args[3])(context, builder, acc_arg)
-            n_taps = builder.extract_value(oa.shape, 0)
-            byte_ptr = ir.IntType(8).as_pointer()
-            x_base = builder.bitcast(xa.data, byte_ptr)
-            t_base = builder.bitcast(ta.data, byte_ptr)
-            a_base = builder.bitcast(aa.data, ir.IntType(32).as_pointer())
+            x_base, offs_data, n_taps, t_base, a_base, n_arg = lookup_operands(
+                context, builder, signature, args)
             permute = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_V8, [_V8, _V8, _V8]),
                 "llvm.x86.avx512.vpermi2var.qi.512")
@@ -171,7 +175,7 @@ def _lookup_intrinsic(n_planes):
                     for var in sums[u]:
                         builder.store(ir.Constant(_V16, None), var)
                 with cgutils.for_range(builder, n_taps) as tap:
-                    off = builder.load(builder.gep(oa.data, [tap.index]))
+                    off = builder.load(builder.gep(offs_data, [tap.index]))
                     codes = [load(x_base, builder.add(off, st), _V8) for st in starts]
                     upper = [builder.icmp_signed("<", c, ir.Constant(_V8, None)) for c in codes]
                     row = builder.gep(t_base, [builder.mul(tap.index, const(256 * n_planes))])
