@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from enum import Enum
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -16,6 +17,12 @@ from approxdarts_np.runs.loop import RunInterrupted
 F = TypeVar("F", bound=Callable)
 
 err_console = Console(stderr=True, highlight=False)
+
+
+class Preset(str, Enum):
+    """``--preset`` of search and train: the config class's ``quick()`` or ``paper()``."""
+    quick = "quick"
+    paper = "paper"
 
 
 def fail(message: str) -> None:

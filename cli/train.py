@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -12,16 +11,11 @@ from rich.console import Console
 from approxdarts_np.errors import UserError
 from approxdarts_np.nas.genotypes import read_genotype
 from approxdarts_np.runs.train import TrainConfig, run_train
-from approxdarts_np_cli._common import default_help, given, run_with_interrupts, user_errors
+from approxdarts_np_cli._common import Preset, default_help, given, run_with_interrupts, user_errors
 from approxdarts_np_cli.progress import EpochProgress
 from approxdarts_np_cli.text import plural
 
 Q, P = TrainConfig.quick(), TrainConfig.paper()
-
-
-class Preset(str, Enum):
-    quick = "quick"
-    paper = "paper"
 
 
 @user_errors

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from approxdarts_np.nas.genotypes import PAIRS, STEPS, Genotype
+from approxdarts_np.nas.genotypes import PAIRS, SEARCHED_OPS, STEPS, Genotype
 from approxdarts_np.nas.operations import PRIMITIVES
 
-SEARCHED_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
 PARAMETER_FREE_OPS = ("max_pool_3x3", "avg_pool_3x3", "skip_connect")
 
 # (kernel size, padding, dilation, depthwise+pointwise blocks) of each searched op, as OPS builds them

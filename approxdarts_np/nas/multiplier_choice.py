@@ -36,13 +36,12 @@ import numpy as np
 from approxdarts_np.autodiff import Tensor, no_grad
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.nas.budget import edge_index
-from approxdarts_np.nas.genotypes import Genotype
+from approxdarts_np.nas.genotypes import SEARCHED_OPS, Genotype
 from approxdarts_np.nas.model_search import Network
 from approxdarts_np.nas.operations import PRIMITIVES, searched_convs
 from approxdarts_np.nn import Parameter
 from approxdarts_np.nn.costs import recording_calls
 
-SEARCHED_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
 SEARCHED_COLUMNS = tuple(PRIMITIVES.index(op) for op in SEARCHED_OPS)  # α columns of the searched ops
 
 

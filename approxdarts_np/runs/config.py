@@ -25,6 +25,29 @@ MAX_SEED = 2 ** 32 - 1
 MAX_EPOCHS = 10_000
 
 
+@dataclasses.dataclass
+class RunSettings:
+    """The settings every run has (a search's defaults; a run's config class inherits them and
+    re-declares only the defaults it changes)."""
+
+    data_dir: str | None = None
+    output_dir: str = "runs/search"
+    epochs: int = 4
+    channels: int = 8
+    layers: int = 5
+    batch_size: int = 32
+    max_train_images: int | None = 2560  # images of the training set used (None: all)
+    seed: int = 0
+    multiplier: str = "none"  # none | exact | table name | path to a .bin/.npy table
+    threads: int | None = None
+    lr: float = 0.025
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    preset: str = "quick"
+
+
 def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 

@@ -30,13 +30,13 @@ from approxdarts_np.errors import UserError
 from approxdarts_np.io.checkpoint import save_tree, write_text
 from approxdarts_np.nas.budget import DualAscent, allocate_by_sensitivity, energy_ratio, gumbel_temperature, \
     parameter_free_share, project_to_budget
-from approxdarts_np.nas.model_search import Network
+from approxdarts_np.nas.model_search import NUM_EDGES, Network
 from approxdarts_np.nas.genotypes import Genotype
 from approxdarts_np.nas.multiplier_choice import (SEARCHED_OPS, MultiplierNetwork, argmax_energy_ratio,
                                                   multiplier_sensitivity, network_expected_energy, searched_op_macs)
 from approxdarts_np.nas.operations import PRIMITIVES
 from approxdarts_np.nn import SGD, Adam, clip_grad_norm, cosine_lr
-from approxdarts_np.runs.config import RunConfig, resolve_run_config
+from approxdarts_np.runs.config import RunConfig, RunSettings, resolve_run_config
 from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.runs.loop import ProgressCallback, RunLoop, StepResult
 from approxdarts_np.runs.memory import check_memory, search_memory_bytes
@@ -47,24 +47,10 @@ _CHOICE_STREAM = 7  # random stream of the per-step multiplier draws
 
 
 @dataclass
-class SearchConfig(RunConfig):
-    """Every setting of a search. ``quick()`` fits a CPU in minutes; ``paper()`` is DARTS's."""
+class SearchConfig(RunSettings, RunConfig):
+    """Every setting of a search (:class:`~approxdarts_np.runs.config.RunSettings` and these).
+    ``quick()`` fits a CPU in minutes; ``paper()`` is DARTS's."""
 
-    data_dir: str | None = None
-    output_dir: str = "runs/search"
-    epochs: int = 4
-    channels: int = 8
-    layers: int = 5
-    batch_size: int = 32
-    max_train_images: int | None = 2560  # images of the training set used (None: all)
-    seed: int = 0
-    multiplier: str = "none"  # none | exact | table name | path to a .bin/.npy table
-    threads: int | None = None
-    lr: float = 0.025
-    lr_min: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    grad_clip: float = 5.0
     arch_lr: float = 3e-4
     arch_weight_decay: float = 1e-3
     arch_betas: tuple[float, float] = (0.5, 0.999)
@@ -85,7 +71,6 @@ class SearchConfig(RunConfig):
     sensitivity_images: int = 128  # architecture-val images on which the sensitivities are measured
     order: int = 1  # 1: first-order architecture gradient; 2: DARTS's unrolled (second-order) gradient
     unrolled_lr: float | None = None  # ξ of the virtual step (None: the current weight learning rate)
-    preset: str = "quick"
 
     # Settings added after runs were saved, with the value that reproduces what such a run did.
     LEGACY: ClassVar[dict] = dict(energy_scope="all", max_parameter_free=8, warmup_epochs=0)
@@ -494,7 +479,8 @@ class Searcher:
         extra = {}
         if self.choosing:
             k = len(self.model.candidates)
-            extra["beta_history"] = np.array(self.beta_history, dtype=np.float32).reshape(-1, 2, 14, 4, k)
+            extra["beta_history"] = np.array(self.beta_history, dtype=np.float32).reshape(
+                -1, 2, NUM_EDGES, len(SEARCHED_OPS), k)
             extra["b_optimizer"] = self.b_optimizer.state_dict()
         if self.dual is not None:
             extra["dual"] = {"lagrange_multiplier": self.dual.value}
@@ -504,7 +490,8 @@ class Searcher:
                 "increase": [[kind, k, [float(x) for x in losses]]
                              for (kind, k), losses in sorted(self.sensitivity["increase"].items())]})
         return {**extra,
-                "alpha_history": np.array(self.alpha_history, dtype=np.float32).reshape(-1, 2, 14, len(PRIMITIVES)),
+                "alpha_history": np.array(self.alpha_history, dtype=np.float32).reshape(-1, 2, NUM_EDGES,
+                                                                                      len(PRIMITIVES)),
                 "model": self.model.state_dict(),
                 "w_optimizer": self.w_optimizer.state_dict(),
                 "a_optimizer": self.a_optimizer.state_dict()}
@@ -537,7 +524,7 @@ class Searcher:
         genotype = self.genotype()
         write_text(folder / "genotype.json", genotype.to_json() + "\n")
         write_text(folder / "genotype.txt", genotype.to_text() + "\n")
-        history = np.array(self.alpha_history, dtype=np.float32).reshape(-1, 2, 14, len(PRIMITIVES))
+        history = np.array(self.alpha_history, dtype=np.float32).reshape(-1, 2, NUM_EDGES, len(PRIMITIVES))
         save_tree(folder / "alpha.h5", {
             "primitives": list(PRIMITIVES),
             "alphas_normal": self.model.alphas_normal.data,
@@ -551,7 +538,8 @@ class Searcher:
         if not self.choosing:
             return {}
         m = self.model
-        history = np.array(self.beta_history, dtype=np.float32).reshape(-1, 2, 14, 4, len(m.candidates))
+        history = np.array(self.beta_history, dtype=np.float32).reshape(
+            -1, 2, NUM_EDGES, len(SEARCHED_OPS), len(m.candidates))
         return {"multipliers": [a.name for a in m.candidates], "searched_ops": list(SEARCHED_OPS),
                 "betas_normal": m.betas_normal.data, "betas_reduce": m.betas_reduce.data,
                 "betas_normal_history": history[:, 0], "betas_reduce_history": history[:, 1]}

@@ -27,7 +27,7 @@ from approxdarts_np.nas.genotypes import Genotype
 from approxdarts_np.nas.model_eval import NetworkCIFAR
 from approxdarts_np.nas.multiplier_choice import set_genotype_multipliers
 from approxdarts_np.nn import SGD, clip_grad_norm, cosine_lr
-from approxdarts_np.runs.config import IMAGE_SIZE, RunConfig, resolve_run_config
+from approxdarts_np.runs.config import IMAGE_SIZE, RunConfig, RunSettings, resolve_run_config
 from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.runs.loop import ProgressCallback, RunLoop, StepResult, read_run_checkpoint
 from approxdarts_np.runs.memory import check_memory, train_memory_bytes
@@ -36,29 +36,20 @@ _DROP_PATH_STREAM = 3
 
 
 @dataclass
-class TrainConfig(RunConfig):
-    """Every setting of a training run. ``quick()`` fits a CPU in minutes; ``paper()`` is DARTS's."""
+class TrainConfig(RunSettings, RunConfig):
+    """Every setting of a training run (:class:`~approxdarts_np.runs.config.RunSettings`, with the
+    defaults below, and these). ``quick()`` fits a CPU in minutes; ``paper()`` is DARTS's."""
 
-    genotype: dict = field(default_factory=dict)
-    data_dir: str | None = None
     output_dir: str = "runs/train"
     epochs: int = 2
-    channels: int = 8
     layers: int = 6
-    batch_size: int = 32
     max_train_images: int | None = 1024
-    seed: int = 0
     multiplier: str = GENOTYPE  # genotype: the genotype's per-op multipliers (FP32 where it has none)
-    threads: int | None = None
-    lr: float = 0.025
     lr_min: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    grad_clip: float = 5.0
+    genotype: dict = field(default_factory=dict)
     auxiliary_weight: float = 0.4
     drop_path: float = 0.2
     cutout: int = 16
-    preset: str = "quick"
 
     PAPER: ClassVar[dict] = dict(epochs=600, channels=36, layers=20, batch_size=96, max_train_images=None)
 
