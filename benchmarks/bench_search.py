@@ -230,7 +230,13 @@ def _kernel_path(mode: str) -> dict:
         return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
     from approxdarts_np.kernels import byte_shuffle
     features = os.environ.get("NUMBA_CPU_FEATURES")
-    return {"table_kernels": byte_shuffle.path(),
+    spec = mode.split("-", 1)[1]
+    engine = None
+    if spec != "float" and not re.fullmatch(r"multi\d+", spec):
+        from approxdarts_np.approx.arithmetic import arithmetic_from_spec
+        plan = arithmetic_from_spec(spec).plan
+        engine = {"engine": plan.engine, "rank": plan.rank, "reason": plan.reason}
+    return {"table_kernels": byte_shuffle.path(), "arithmetic": engine,
             "numba_avx512": "+avx512f" in features if features is not None else "host"}
 
 

@@ -315,3 +315,13 @@ def test_one_pass_convolutions_look_up_a_feature_0_that_is_not_code_minus_z(kind
     else:
         other = kconv.pointwise_conv2d_codes(x, sx, zx, affine, wf, cst, 0.5)[0]
     assert not np.array_equal(other, ref)
+
+
+def test_a_layer_shows_its_arithmetic_and_engine():
+    rng = np.random.default_rng(0)
+    conv = nn.Conv2d(2, 2, 3, padding=1, rng=rng)
+    assert repr(conv).endswith("float32)")
+    conv.arithmetic = arithmetic_from_spec("mul8u_17KS")
+    assert "QuantizedArithmetic(mul8u_17KS, engine=gather)" in repr(conv)
+    conv.arithmetic = arithmetic_from_spec("exact")
+    assert "QuantizedArithmetic(exact, engine=lowrank)" in repr(conv)

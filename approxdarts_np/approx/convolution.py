@@ -57,7 +57,7 @@ class ApproxConv2d(Function):
 
 
 class QuantizedArithmetic:
-    """8-bit arithmetic with one multiplier: what a layer's ``multiplier`` attribute holds.
+    """8-bit arithmetic with one multiplier: what a layer's ``arithmetic`` attribute holds.
 
     Built once per multiplier (the table's plan, e.g. its low-rank
     decomposition, is computed here, not per batch) and shared by every layer
@@ -77,4 +77,5 @@ class QuantizedArithmetic:
                                   dilation=dilation, groups=groups)
 
     def __repr__(self) -> str:
-        return f"QuantizedArithmetic({self.name})"
+        # the engine "auto" starts from; per shape choose_engine may still pick the gather
+        return f"QuantizedArithmetic({self.name}, engine={self.plan.engine})"

@@ -260,59 +260,78 @@ def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine=
     conv_output_hw(h, wd, k_h, k_w, stride + padding + dilation)   # raises on an empty output
     depthwise = groups == n_in and n_in_g == 1 and n_out == n_in
     sx, zx = quant_params(x)
-    requested = engine
-    if engine == "auto":
-        engine = choose_engine(plan, x.shape, w.shape, stride, groups)
-    if engine == "lowrank":
+    chosen = choose_engine(plan, x.shape, w.shape, stride, groups) if engine == "auto" else engine
+    geometry = (stride, padding, dilation, groups, depthwise)
+    if chosen == "lowrank":
         if plan.factors is None:
             raise ValueError(f"engine='lowrank' needs a decomposition; this plan has none "
                              f"({plan.reason})")
-        act = activation_features(plan.factors, zx)
-        # the weights' range, codes, features and filter constants in one compiled call
-        sw, zw, qw, wf, cst = weight_codes(w, weight_error_rows(plan.factors), act.const)
-        wgt = weight_features(plan.factors, zw)
-        if features_fit_float32(n_in_g * k_h * k_w, act, wgt):
-            n_feat = act.table.shape[1]
-            if depthwise:
-                wf = wf.reshape(n_out * n_feat, 1, k_h, k_w)
-            pointwise = (groups == 1 and (k_h, k_w) == (1, 1) and stride == (1, 1)
-                         and padding == (0, 0))
-            inv = float32_inverse(sx)
-            if (depthwise or pointwise) and inv is not None:
-                # one pass: quantise x, run the float kernel on its features, add cst, scale
-                # (the kernels' unchecked entries: every argument is checked above)
-                if depthwise:
-                    y, qx = kdw.depthwise_codes_unchecked(
-                        x, sx, inv, zx, act.table_t, act.affine, wf, cst, sx * sw,
-                        stride + padding + dilation)
-                else:
-                    y, qx = kconv.pointwise_codes_unchecked(x, sx, inv, zx, act.table_t,
-                                                            act.affine, wf, cst, sx * sw)
-                return y, (qx, sx, zx), (qw, sw, zw)
-            qx, xf = codes_and_features(x, sx, zx, act.table_t, act.affine)
-            y = feature_conv(xf, wf, cst, n_feat, depthwise, stride, padding, dilation, groups,
-                             sx * sw)
-            return y, (qx, sx, zx), (qw, sw, zw)
-    else:
-        sw, zw = quant_params(w)
-        qw, _ = codes_and_features(w, sw, zw, _NO_FEATURES_T, -1)
-    if engine == "gather" or requested == "auto":
-        # (past the float32 bound an automatic choice gathers too)
-        if groups == 1 or depthwise:
-            # one pass where the byte-shuffle kernel runs: quantise x as it is read
-            fused = lut_conv_codes(x, sx, zx, qw, zw, plan.gather_table, stride, padding,
-                                   dilation, sx * sw, table_t=_transposed_table(plan))
-            if fused is not None:
-                return fused[0], (fused[1], sx, zx), (qw, sw, zw)
-        qx, _ = codes_and_features(x, sx, zx, _NO_FEATURES_T, -1)
-        out_size = conv_output_hw(h, wd, k_h, k_w, stride + padding + dilation)
-        y = _gather_conv2d(qx, zx, qw, zw, plan, stride, padding, dilation, groups, out_size,
-                           scale=sx * sw)
+        done = _run_lowrank(x, w, plan, sx, zx, geometry)
+        if done is not None:
+            return done
+        if engine == "lowrank":
+            # forced past the float32 bound: exact tap chunks (dense) or LowRankBoundError
+            sw, zw = quant_params(w)
+            qw, _ = codes_and_features(w, sw, zw, _NO_FEATURES_T, -1)
+            qx, _ = codes_and_features(x, sx, zx, _NO_FEATURES_T, -1)
+            acc = lut_conv2d(qx, zx, qw, zw, plan, stride, padding, dilation, groups, engine=engine)
+            return (feature_sum(acc, 1, np.zeros(n_out, np.int64), sx * sw), (qx, sx, zx),
+                    (qw, sw, zw))
+        # an automatic choice past the float32 bound gathers instead
+    return _run_gather(x, w, plan, sx, zx, geometry)
+
+
+def _run_lowrank(x, w, plan, sx, zx, geometry):
+    """The low-rank engine of :func:`approx_conv2d`: ``(y, x codes, w codes)``, or None when the
+    features' sums could leave float32's exact integers (the caller then gathers, or for a
+    forced engine runs exact tap chunks)."""
+    stride, padding, dilation, groups, depthwise = geometry
+    n_out, n_in_g, k_h, k_w = w.shape
+    act = activation_features(plan.factors, zx)
+    # the weights' range, codes, features and filter constants in one compiled call
+    sw, zw, qw, wf, cst = weight_codes(w, weight_error_rows(plan.factors), act.const)
+    wgt = weight_features(plan.factors, zw)
+    if not features_fit_float32(n_in_g * k_h * k_w, act, wgt):
+        return None
+    n_feat = act.table.shape[1]
+    if depthwise:
+        wf = wf.reshape(n_out * n_feat, 1, k_h, k_w)
+    pointwise = (groups == 1 and (k_h, k_w) == (1, 1) and stride == (1, 1)
+                 and padding == (0, 0))
+    inv = float32_inverse(sx)
+    if (depthwise or pointwise) and inv is not None:
+        # one pass: quantise x, run the float kernel on its features, add cst, scale
+        # (the kernels' unchecked entries: every argument is checked by approx_conv2d)
+        if depthwise:
+            y, qx = kdw.depthwise_codes_unchecked(
+                x, sx, inv, zx, act.table_t, act.affine, wf, cst, sx * sw,
+                stride + padding + dilation)
+        else:
+            y, qx = kconv.pointwise_codes_unchecked(x, sx, inv, zx, act.table_t,
+                                                    act.affine, wf, cst, sx * sw)
         return y, (qx, sx, zx), (qw, sw, zw)
-    # a forced "lowrank" past the float32 bound: exact tap chunks (dense) or LowRankBoundError
+    qx, xf = codes_and_features(x, sx, zx, act.table_t, act.affine)
+    y = feature_conv(xf, wf, cst, n_feat, depthwise, stride, padding, dilation, groups, sx * sw)
+    return y, (qx, sx, zx), (qw, sw, zw)
+
+
+def _run_gather(x, w, plan, sx, zx, geometry):
+    """The gather engine of :func:`approx_conv2d`: ``(y, x codes, w codes)``."""
+    stride, padding, dilation, groups, depthwise = geometry
+    sw, zw = quant_params(w)
+    qw, _ = codes_and_features(w, sw, zw, _NO_FEATURES_T, -1)
+    if groups == 1 or depthwise:
+        # one pass where the byte-shuffle kernel runs: quantise x as it is read
+        fused = lut_conv_codes(x, sx, zx, qw, zw, plan.gather_table, stride, padding,
+                               dilation, sx * sw, table_t=_transposed_table(plan))
+        if fused is not None:
+            return fused[0], (fused[1], sx, zx), (qw, sw, zw)
     qx, _ = codes_and_features(x, sx, zx, _NO_FEATURES_T, -1)
-    acc = lut_conv2d(qx, zx, qw, zw, plan, stride, padding, dilation, groups, engine=engine)
-    return feature_sum(acc, 1, np.zeros(n_out, np.int64), sx * sw), (qx, sx, zx), (qw, sw, zw)
+    out_size = conv_output_hw(x.shape[2], x.shape[3], w.shape[2], w.shape[3],
+                              stride + padding + dilation)
+    y = _gather_conv2d(qx, zx, qw, zw, plan, stride, padding, dilation, groups, out_size,
+                       scale=sx * sw)
+    return y, (qx, sx, zx), (qw, sw, zw)
 
 
 # Cost model of one forward call, seconds (see choose_engine). Rates from

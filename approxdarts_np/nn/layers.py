@@ -46,6 +46,12 @@ class _ConvBase(Module):
         co, ci_g, kh, kw = self.weight.shape
         return int(n * co * ho * wo * ci_g * kh * kw)
 
+    def __repr__(self) -> str:
+        co, ci_g, kh, kw = self.weight.shape
+        arithmetic = "float32" if self.arithmetic is None else repr(self.arithmetic)
+        return (f"{type(self).__name__}({co}x{ci_g}x{kh}x{kw}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, {arithmetic})")
+
     def output_hw(self, h: int, w: int) -> tuple[int, int]:
         kh, kw = self.weight.shape[2:]
         return (conv_output_size(h, kh, self.stride[0], self.padding[0], self.dilation[0]),
