@@ -86,6 +86,14 @@ def test_a_cold_cache_compiles_the_parallel_kernels_in_a_second_process(tmp_path
     assert not os.path.exists(folder) and not (tmp_path / "never").exists()
 
 
+def test_the_switch_in_the_environment_turns_the_split_off(tmp_path, monkeypatch):
+    monkeypatch.setattr(first_run, "kernels_cached", lambda: False)
+    monkeypatch.setenv("APPROXDARTS_NP_COMPILE_SPLIT", "0")
+    config = SearchConfig.quick(output_dir=str(tmp_path / "never"), threads=2, **TINY)
+    with first_run.compile_split("search", config, threads=2) as split:
+        assert split.process is None and _util._FORCED[0] is None
+
+
 def test_a_run_that_ends_first_stops_the_second_process(tmp_path, monkeypatch):
     monkeypatch.setattr(first_run, "kernels_cached", lambda: False)
     config = SearchConfig.quick(output_dir=str(tmp_path / "never"), threads=2, **TINY)

@@ -14,6 +14,8 @@ A run on one thread takes the serial variants throughout and never needs the par
 
 The second process is started in its own session (a Ctrl-C at the terminal reaches the run,
 which then stops it), prints nothing and is stopped when the run ends, however it ends.
+``APPROXDARTS_NP_COMPILE_SPLIT=0`` in the environment switches the split off (everything then
+compiles in the run, as it needs it).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from approxdarts_np.kernels._util import force_variant
 
 # Set in the second process, so that it never starts a third.
 _CHILD_ENV = "APPROXDARTS_NP_COMPILE_CHILD"
+_SWITCH_ENV = "APPROXDARTS_NP_COMPILE_SPLIT"
 
 
 def kernels_cached() -> bool | None:
@@ -87,7 +90,7 @@ def compile_split(kind: str, config, threads: int) -> Iterator[_Split]:
         finally:
             force_variant(before)
         return
-    if kernels_cached() is not False:
+    if os.environ.get(_SWITCH_ENV, "1") == "0" or kernels_cached() is not False:
         yield _Split(None, None)
         return
     folder = tempfile.TemporaryDirectory(prefix="approxdarts-np-compile-")
