@@ -99,10 +99,15 @@ def compile_split(kind: str, config, threads: int) -> Iterator[_Split]:
     process = subprocess.Popen([sys.executable, "-m", "approxdarts_np.runs.first_run"],
                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=env, start_new_session=True, text=True)
-    process.stdin.write(json.dumps(payload))
-    process.stdin.close()
-    force_variant("serial")
     split = _Split(process, folder)
+    try:
+        process.stdin.write(json.dumps(payload))
+        process.stdin.close()
+    except OSError:       # the second process ended at once: nothing to share out
+        split._end()
+        yield split
+        return
+    force_variant("serial")
     try:
         yield split
     finally:
@@ -110,7 +115,7 @@ def compile_split(kind: str, config, threads: int) -> Iterator[_Split]:
 
 
 def _child(payload: dict) -> None:
-    """The second process: the same kind of run on two batches of images, one epoch, parallel
+    """The second process: the same kind of run on four batches of images, one epoch, parallel
     kernels only (every epoch-end path runs too, so its parallel variants compile as well)."""
     from approxdarts_np.runs.search import SearchConfig, run_search
     from approxdarts_np.runs.train import TrainConfig, run_train
