@@ -1,4 +1,5 @@
-"""Sweeps on Ray: the Pareto front, option checks before any trial, a 2 × 2 grid, and a killed trial's retry.
+"""Sweeps on Ray: the Pareto front, option checks before any trial, a 2 × 2 grid, a killed trial's retry, and
+a trial folder brought back from Tune's copy.
 
 The Ray tests share one local Ray (2 CPUs, no dashboard) started once for the module, with tiny trials
 (2 channels, 3 cells, batch 4, 16 training images, one kernel thread).
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 
 from approxdarts_np.errors import UserError
 from approxdarts_np.runs.plots import pareto_front, plot_accuracy_energy
-from approxdarts_np.runs.sweep import SweepConfig, run_sweep, run_trial, summarize, trial_name
+from approxdarts_np.runs.sweep import SweepConfig, restore_trial, run_sweep, run_trial, summarize, trial_name
 from approxdarts_np_cli.main import app
 
 runner = CliRunner()
@@ -222,6 +223,44 @@ def test_trial_folder_names():
     assert trial_name("tables/my table.bin", 0) == "my_table-seed0"
     with pytest.raises(UserError, match="share a trial folder"):
         SweepConfig(multipliers=["a/mul.bin", "b/mul.npy"], run_options=dict(TINY)).validate()
+
+
+# ----------------------------------------------------------------- a trial folder brought back from Tune's copy
+_RESUME_FILES = ("config.json", "checkpoint.h5", "alpha.h5", "genotype.json", "genotype.txt")
+
+
+def _run_files(folder: Path, epochs: int, tag: str, checkpoint: bool = True) -> None:
+    """A run folder as restore_trial reads it: the files that resume a run, ``epochs`` lines of metrics,
+    each file's text naming ``tag``; without ``checkpoint`` a run killed while it was being set up."""
+    folder.mkdir(parents=True)
+    for name in _RESUME_FILES if checkpoint else ("config.json",):
+        (folder / name).write_text(f"{tag}: {name}\n")
+    (folder / "metrics.jsonl").write_text("".join(f'{{"epoch": {e + 1}, "run": "{tag}"}}\n' for e in range(epochs)))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("stage", ["search", "train"])
+@pytest.mark.parametrize("folder_epochs, kept", [
+    (None, False),  # no folder (the trial restarts on another machine): Tune's copy
+    ("set-up", False),  # a config but no checkpoint (killed while it was set up): Tune's copy
+    (1, False),  # behind Tune's copy: Tune's copy
+    (2, True),  # as far as Tune's copy: the folder's own (its checkpoint may be newer, saved on a stop)
+    (3, True),  # ahead of Tune's copy: the folder's own
+])
+def test_a_trial_folder_behind_tunes_copy_is_replaced_by_it(tmp_path, stage, folder_epochs, kept):
+    saved, trial = tmp_path / "tune-checkpoint", tmp_path / "trial"
+    _run_files(saved / stage, 2, "tune")
+    if folder_epochs is not None:
+        _run_files(trial / stage, 0 if folder_epochs == "set-up" else folder_epochs, "folder",
+                   checkpoint=folder_epochs != "set-up")
+    expected = _files(trial / stage) if kept else _files(saved / stage)
+    restore_trial(saved, trial)
+    assert _files(trial / stage) == expected
+    other = "train" if stage == "search" else "search"
+    assert not (trial / other).exists()  # a stage the Tune checkpoint does not hold is left alone
 
 
 # ----------------------------------------------------------------- on a local Ray
