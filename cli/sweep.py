@@ -56,7 +56,16 @@ def sweep(
     resume: Optional[Path] = typer.Option(None, help="Continue the sweep saved in this folder (only --address "
                                                       "may be given with it)."),
 ) -> None:
-    """Run a grid of searches and trainings (multipliers × seeds × λ) as Ray Tune trials; results, Pareto plot."""
+    """Run a grid of searches and trainings (multipliers × seeds × λ) as Ray Tune trials; results, Pareto plot.
+
+    Exit codes:
+    0: every trial finished.
+    1: the sweep finished but trials failed: one line each names the trial
+    and its error, the other trials' results are written, and --resume
+    runs the failed trials again.
+    2: bad input, found before any trial ran.
+    130: stopped by Ctrl-C; --resume continues the unfinished trials.
+    """
     console = Console()
     console = Console(width=max(console.width, 92))  # the summary table unwrapped in a log or pipe (80 there)
     if resume is not None:
@@ -76,12 +85,14 @@ def sweep(
     result = run_sweep(config, resume=resume, address=address, progress=lambda e: _show(console, e))
     _print_summary(console, result)
     for f in result["failed"]:
-        console.print(f"failed: {f['trial']}: {f['error']} (log: {f['path']})", markup=False, soft_wrap=True)
+        where = f" (traceback: {Path(f['path']) / 'error.txt'})" if f["path"] else ""
+        console.print(f"failed: {f['trial']}: {f['error']}{where}", markup=False, highlight=False, soft_wrap=True)
     if result["unfinished"]:
         console.print(f"stopped: {', '.join(result['unfinished'])} not finished", highlight=False, soft_wrap=True)
     if result["failed"] or result["unfinished"]:
-        console.print(f"continue with: approxdarts-np sweep --resume {result['output_dir']}", highlight=False)
-        raise typer.Exit(code=1 if result["failed"] else 130)
+        console.print(f"continue with: approxdarts-np sweep --resume {result['output_dir']}", markup=False,
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130 if result["unfinished"] else 1)  # unfinished trials: the sweep was stopped
 
 
 def _config(multipliers, seeds, energy_weights, stage, genotype, output_dir, preset, epochs, channels, layers, batch_size,
@@ -116,7 +127,9 @@ def _show(console: Console, event: dict) -> None:
     elif kind == "trial_done":
         console.print(f"{trial}: done", highlight=False)
     elif kind == "trial_retry":
-        console.print(f"{trial}: failed; restarting from its last checkpoint", highlight=False)
+        cause = f" ({event['error']})" if event.get("error") else ""
+        console.print(f"{trial}: failed{cause}; restarting from its last checkpoint", markup=False,
+                      highlight=False, soft_wrap=True)
     elif kind == "trial_error":
         console.print(f"{trial}: failed", highlight=False)
 

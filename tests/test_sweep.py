@@ -1,5 +1,5 @@
-"""Sweeps on Ray: the Pareto front, option checks before any trial, a 2 × 2 grid, a killed trial's retry, and
-a trial folder brought back from Tune's copy.
+"""Sweeps on Ray: the Pareto front, option checks before any trial, a 2 × 2 grid, a killed trial's retry, a
+failed trial's one line and its rerun, and a trial folder brought back from Tune's copy.
 
 The Ray tests share one local Ray (2 CPUs, no dashboard) started once for the module, with tiny trials
 (2 channels, 3 cells, batch 4, 16 training images, one kernel thread).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import sys
@@ -19,8 +20,10 @@ import pytest
 from typer.testing import CliRunner
 
 from approxdarts_np.errors import UserError
+from approxdarts_np.io.rundir import RunFolder
 from approxdarts_np.runs.plots import pareto_front, plot_accuracy_energy
-from approxdarts_np.runs.sweep import SweepConfig, restore_trial, run_sweep, run_trial, summarize, trial_name
+from approxdarts_np.runs.sweep import (SweepConfig, error_line, restore_trial, run_sweep, run_trial, summarize,
+                                       trial_name)
 from approxdarts_np_cli.main import app
 
 runner = CliRunner()
@@ -225,6 +228,17 @@ def test_trial_folder_names():
         SweepConfig(multipliers=["a/mul.bin", "b/mul.npy"], run_options=dict(TINY)).validate()
 
 
+def test_a_trials_error_is_one_line():
+    exceptions = pytest.importorskip("ray.exceptions", reason="Ray's own exception types")
+    traceback = "Traceback (most recent call last):\n  File \"sweep.py\", line 1\nUserError: the folder is busy"
+    raised = exceptions.RayTaskError("train", traceback, UserError("the folder is busy\nsecond line"))
+    assert error_line(raised.as_instanceof_cause()) == "the folder is busy"
+    raised = exceptions.RayTaskError("train", traceback, ValueError("bad value\nmore"))
+    assert error_line(raised.as_instanceof_cause()) == "ValueError: bad value"
+    assert error_line(exceptions.ActorDiedError()) == \
+        "ActorDiedError: The actor died unexpectedly before finishing this task."
+
+
 # ----------------------------------------------------------------- a trial folder brought back from Tune's copy
 _RESUME_FILES = ("config.json", "checkpoint.h5", "alpha.h5", "genotype.json", "genotype.txt")
 
@@ -384,3 +398,59 @@ def test_a_multiplier_aware_trial_searches_with_lambda_and_trains_the_genotype_m
     assert row["energy_pj"] == row["energy_approx_pj"] == report.energy_approx_pj
     assert (row["energy_weight"], row["parameters"]) == (2.0, params)
     assert json.loads((folder / "row.json").read_text()) == row
+
+
+class _Shown(logging.Handler):
+    """Keeps the records that Ray's loggers let through to their console handler."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _stamps(folder: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_failed_trial_is_one_line_the_others_are_kept_and_resume_reruns_only_it(local_ray, tmp_path):
+    out = tmp_path / "sweep"
+    busy = out / trial_name("mul8u_2P7", 0) / "search"
+    shown = _Shown()
+    logging.getLogger("ray").addHandler(shown)
+    try:
+        # another run holds the search folder of one trial: that trial fails inside Ray, the other finishes
+        with RunFolder(busy, fresh=True):
+            result = runner.invoke(app, ["sweep", "--output-dir", str(out), "--multipliers", "exact,mul8u_2P7",
+                                         "--stage", "search", "--max-failures", "0"] + TINY_ARGS)
+    finally:
+        logging.getLogger("ray").removeHandler(shown)
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    failed = [line for line in lines if line.startswith("failed:")]
+    assert len(failed) == 1, result.output
+    assert failed[0].startswith(f"failed: mul8u_2P7-seed0: {busy} is in use by another run (pid {os.getpid()} ")
+    assert failed[0].endswith("error.txt)") and Path(failed[0].split("(traceback: ")[1][:-1]).is_file()
+    assert lines[-1] == f"continue with: approxdarts-np sweep --resume {out}"
+    assert "Traceback" not in result.output
+    # nor did Ray print the trial's traceback or its list of failed trials
+    assert not [r for r in shown.records if r.levelno >= logging.ERROR], [r.getMessage() for r in shown.records]
+    # the finished trial's row and files are written
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["multiplier"], r["seed"]) for r in rows] == [("exact", 0)]
+    assert json.loads((out / trial_name("exact", 0) / "row.json").read_text()) | {"resumed": False} == rows[0]
+    assert not (out / trial_name("mul8u_2P7", 0) / "row.json").exists()
+    finished = _stamps(out / trial_name("exact", 0))
+
+    # the folder is free again: --resume runs the failed trial, and only that one
+    events = []
+    again = run_sweep(resume=out, progress=events.append)
+    assert [e["trial"] for e in events if e["event"] == "trial_start"] == ["mul8u_2P7-seed0"]
+    assert again["failed"] == [] and again["unfinished"] == []
+    assert [(r["multiplier"], r["seed"]) for r in again["rows"]] == [("exact", 0), ("mul8u_2P7", 0)]
+    assert again["rows"][0] == rows[0] and not again["rows"][1]["resumed"]
+    assert _stamps(out / trial_name("exact", 0)) == finished
+    assert json.loads((out / "results.json").read_text()) == again["rows"]

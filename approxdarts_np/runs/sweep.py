@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -422,10 +423,10 @@ def _progress_callback(progress: SweepProgress):
             self.progress({"event": "trial_done", "trial": self._name(trial)})
 
         def on_trial_recover(self, iteration, trials, trial, **info):
-            self.progress({"event": "trial_retry", "trial": self._name(trial)})
+            self.progress({"event": "trial_retry", "trial": self._name(trial), "error": _trial_error(trial)})
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.progress({"event": "trial_error", "trial": self._name(trial)})
+            self.progress({"event": "trial_error", "trial": self._name(trial), "error": _trial_error(trial)})
 
     return _Events(progress)
 
@@ -444,8 +445,10 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | Path | None = None
     """Run (or continue) a sweep and return its rows, the summary over seeds and the files written.
 
     Trials that failed more than ``max_failures`` times are listed under
-    ``failed``, those a stop (Ctrl-C) left running under ``unfinished``; both
-    continue with ``resume``.
+    ``failed`` (trial, its error in one line, Tune's folder of the trial whose
+    error.txt holds the traceback), those a stop (Ctrl-C) left running under
+    ``unfinished``; ``resume`` runs both again (from their checkpoints) and
+    keeps the finished trials' rows.
 
     ``address`` joins a running Ray cluster (its run folders must then be on a
     file system every machine sees); otherwise a local Ray is started and stopped
@@ -475,12 +478,15 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | Path | None = None
     sweep.validate(local=address is None)
     from approxdarts_np.runs.plots import require_matplotlib
     require_matplotlib()
-    # Tune's own console output (the experiment box, checkpoint-frequency warnings) would drown the
-    # sweep's progress lines; the sweep reports through its progress callback instead.
+    # Tune's own console output (the experiment box, checkpoint-frequency warnings, each failed trial's
+    # traceback) would drown the sweep's progress lines; the sweep reports through its progress callback
+    # and names every failed trial in one line instead (the traceback stays in the trial's error.txt).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     ray = import_ray()
     from ray import tune
+    quiet_ray_lines()
 
     started_here = False
     if not ray.is_initialized():
@@ -533,7 +539,7 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | Path | None = None
         name = trial_name(result.config["multiplier"], result.config["seed"],
                           result.config.get("energy_weight")) if result.config else "?"
         if result.error is not None:
-            failed.append({"trial": name, "error": _first_line(result.error), "path": result.path})
+            failed.append({"trial": name, "error": error_line(result.error), "path": result.path})
         elif "row_json" not in metrics:
             unfinished.append(name)  # the sweep was stopped (Ctrl-C) before this trial ended
         else:
@@ -572,11 +578,64 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
                         f"`ray start --head` on that machine)") from None
 
 
-def _first_line(error) -> str | None:
-    if error is None:
+def error_line(error: BaseException) -> str:
+    """One line for a trial's error: a UserError's message, otherwise the exception's type and first line.
+
+    An exception raised inside a trial reaches the driver wrapped in a RayTaskError whose text is the
+    remote traceback; its ``cause`` is the exception itself (an ActorDiedError can hold such a RayTaskError
+    in turn). Errors without a cause (an ActorDiedError when the trial's process died) give their first line.
+    """
+    for _ in range(3):
+        cause = getattr(error, "cause", None)
+        if not isinstance(cause, BaseException):
+            break
+        error = cause
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, UserError) and lines:
+        return lines[0]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _trial_error(trial) -> str | None:
+    """The one-line error of a Tune trial that just failed, or None (best effort: a progress line).
+
+    Tune pickles the error into the trial's local folder before it calls the callbacks; its copy in the
+    experiment's storage (``Trial.get_pickled_error``) comes later.
+    """
+    import pickle
+
+    try:
+        with open(trial.pickled_error_file, "rb") as f:
+            error = pickle.load(f)
+    except Exception:  # noqa: BLE001  (no file, an unpicklable error: a progress line must never end the sweep)
         return None
-    text = str(error).strip().splitlines()
-    return text[-1] if text else type(error).__name__
+    return error_line(error) if isinstance(error, BaseException) else None
+
+
+class _DropRecords(logging.Filter):
+    """A logging filter that drops the records whose message starts with one of ``starts``."""
+
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+# Ray's console lines that the sweep leaves out (logger, start of the message), each for a reason.
+_RAY_LINES_LEFT_OUT = {
+    # After failed trials: the list of trial ids; the CLI names each failed trial and its error.
+    "ray.tune.tune": ("Trials did not complete",),
+}
+
+
+def quiet_ray_lines() -> None:
+    """Leave Ray's lines in ``_RAY_LINES_LEFT_OUT`` out of the console (once per process)."""
+    for name, starts in _RAY_LINES_LEFT_OUT.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropRecords) for f in logger.filters):
+            logger.addFilter(_DropRecords(starts))
 
 
 # ----------------------------------------------------------------- results
