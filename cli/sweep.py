@@ -13,8 +13,9 @@ from rich.table import Table
 from approxdarts_np.errors import UserError
 from approxdarts_np.runs.search import SearchConfig
 from approxdarts_np.runs.train import TrainConfig
-from approxdarts_np.runs.sweep import SweepConfig, format_mean_std, parse_list, run_sweep
+from approxdarts_np.runs.sweep import SweepConfig, format_count, format_mean_std, parse_list, run_sweep
 from approxdarts_np_cli._common import given, user_errors
+from approxdarts_np_cli.text import plural, wrap_parts
 
 
 def _preset_help(text: str, name: str) -> str:
@@ -67,7 +68,6 @@ def sweep(
     130: stopped by Ctrl-C; --resume continues the unfinished trials.
     """
     console = Console()
-    console = Console(width=max(console.width, 92))  # the summary table unwrapped in a log or pipe (80 there)
     if resume is not None:
         others = given(multipliers=multipliers, seeds=seeds, energy_weights=energy_weights, stage=stage, genotype=genotype, preset=preset,
                        epochs=epochs, channels=channels, layers=layers, batch_size=batch_size,
@@ -119,11 +119,13 @@ def _config(multipliers, seeds, energy_weights, stage, genotype, output_dir, pre
 def _show(console: Console, event: dict) -> None:
     kind, trial = event["event"], event.get("trial")
     if kind == "sweep_start":
-        console.print(f"sweep → {event['output_dir']}: {event['trials']} trials, {event['cpus_per_trial']} "
-                      f"CPUs each{' (resumed)' if event['resumed'] else ''}", highlight=False)
+        console.print(f"sweep → {event['output_dir']}: {plural(event['trials'], 'trial')}, "
+                      f"{plural(event['cpus_per_trial'], 'CPU')} each{' (resumed)' if event['resumed'] else ''}",
+                      markup=False, highlight=False, soft_wrap=True)
     elif kind == "trial_epoch":
         acc = [f"{k.replace('_', ' ')} {100 * event[k]:.2f}%" for k in ("train_acc", "val_acc") if k in event]
-        console.print(f"{trial}: {event['stage']} epoch {event['epoch']}  " + "  ".join(acc), highlight=False)
+        for line in wrap_parts([f"{trial}: {event['stage']} epoch {event['epoch']}"] + acc, console.width):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     elif kind == "trial_done":
         console.print(f"{trial}: done", highlight=False)
     elif kind == "trial_retry":
@@ -135,23 +137,36 @@ def _show(console: Console, event: dict) -> None:
 
 
 def _print_summary(console: Console, result: dict) -> None:
+    """The summary over seeds as a table that fits 80 columns (a quick sweep with λ; a paper-size one without).
+
+    The number of seeds goes in the title when every row has the same, else in a column. Numbers never
+    wrap: in a narrower console the multiplier names fold instead.
+    """
     rows = result["rows"]
     if not rows:
         return
-    table = Table(title=f"{len(rows)} trials ({result['stage']}), mean ± std over seeds", box=box.SIMPLE_HEAD,
-                  pad_edge=False, padding=(0, 2, 0, 0))
+    counts = {s["trials"] for s in result["summary"]}
+    same = counts.pop() if len(counts) == 1 else None  # seeds per row, when every row has the same number
+    title = f"{plural(len(rows), 'trial')} ({result['stage']})"
+    if same is None or same > 1:
+        title += f", mean ± std over {'seeds' if same is None else plural(same, 'seed')}"
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
     lambdas = any(s["energy_weight"] is not None for s in result["summary"])
-    for col in ("multiplier",) + (("λ",) if lambdas else ()) + (
-            "seeds", "val acc %", "test acc %", "energy µJ", "params", "wall s"):
-        table.add_column(col, justify="left" if col == "multiplier" else "right", no_wrap=True)
+    columns = (["multiplier"] + (["λ"] if lambdas else []) + (["seeds"] if same is None else [])
+               + ["val acc %", "test acc %", "energy µJ", "params", "wall s"])
+    for col in columns:
+        table.add_column(col, justify="left" if col == "multiplier" else "right", no_wrap=col != "multiplier",
+                         overflow="fold")
     for s in result["summary"]:
-        table.add_row(s["multiplier"], *((f"{s['energy_weight']:g}",) if lambdas else ()), str(s["trials"]),
-                      format_mean_std(s["val_acc_mean"], s["val_acc_std"], 100),
-                      format_mean_std(s["test_acc_mean"], s["test_acc_std"], 100),
-                      format_mean_std(s["energy_pj_mean"], s["energy_pj_std"], 1e-6, 3),
-                      format_mean_std(s["parameters_mean"], s["parameters_std"], digits=0),
-                      format_mean_std(s["wall_s_mean"], s["wall_s_std"], digits=0))
+        weight = "" if s["energy_weight"] is None else f"{s['energy_weight']:g}"
+        table.add_row(*[escape(s["multiplier"])] + ([weight] if lambdas else [])
+                      + ([str(s["trials"])] if same is None else [])
+                      + [format_mean_std(s["val_acc_mean"], s["val_acc_std"], 100),
+                         format_mean_std(s["test_acc_mean"], s["test_acc_std"], 100),
+                         format_mean_std(s["energy_pj_mean"], s["energy_pj_std"], 1e-6, digits=None),
+                         format_count(s["parameters_mean"], s["parameters_std"]),
+                         format_mean_std(s["wall_s_mean"], s["wall_s_std"], digits=0)])
     console.print(table)
-    console.print(f"{len(rows)} trials in {result['elapsed_s']:.0f} s", highlight=False)
+    console.print(f"{plural(len(rows), 'trial')} in {result['elapsed_s']:.0f} s", highlight=False)
     for label, path in result["files"].items():
-        console.print(f"{label}: {path}", highlight=False)
+        console.print(f"{label}: {path}", markup=False, highlight=False, soft_wrap=True)

@@ -1,30 +1,36 @@
 """Sweeps on Ray: the Pareto front, option checks before any trial, a 2 × 2 grid, a killed trial's retry, a
-failed trial's one line and its rerun, and a trial folder brought back from Tune's copy.
+failed trial's one line and its rerun, a trial folder brought back from Tune's copy, and the console output
+(only the sweep's own lines, within 80 columns).
 
-The Ray tests share one local Ray (2 CPUs, no dashboard) started once for the module, with tiny trials
+The in-process Ray tests share one local Ray (2 CPUs, no dashboard) started once for the module; the tests
+of the command's console output run the installed command, which starts its own. All use tiny trials
 (2 channels, 3 cells, batch 4, 16 training images, one kernel thread).
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from approxdarts_np.errors import UserError
 from approxdarts_np.io.rundir import RunFolder
 from approxdarts_np.runs.plots import pareto_front, plot_accuracy_energy
-from approxdarts_np.runs.sweep import (SweepConfig, error_line, restore_trial, run_sweep, run_trial, summarize,
-                                       trial_name)
+from approxdarts_np.runs.sweep import (SweepConfig, error_line, format_count, format_mean_std, restore_trial,
+                                       run_sweep, run_trial, summarize, trial_name)
 from approxdarts_np_cli.main import app
+from approxdarts_np_cli.sweep import _print_summary
 
 runner = CliRunner()
 TINY = {"epochs": 1, "channels": 2, "layers": 3, "batch_size": 4, "max_train_images": 16}
@@ -277,6 +283,63 @@ def test_a_trial_folder_behind_tunes_copy_is_replaced_by_it(tmp_path, stage, fol
     assert not (trial / other).exists()  # a stage the Tune checkpoint does not hold is left alone
 
 
+# ----------------------------------------------------------------- the summary table within 80 columns
+def _rows(multiplier, weights, seeds, acc, energy_pj, parameters, wall_s) -> list[dict]:
+    """Result rows around the given values, each seed's a few per cent off the last."""
+    return [{"multiplier": multiplier, "energy_weight": w, "seed": s, "val_acc": acc * (1 - 0.01 * s),
+             "test_acc": acc * (1 - 0.02 * s), "energy_pj": energy_pj * (1 + 0.05 * s),
+             "parameters": round(parameters * (1 + 0.1 * s)), "wall_s": wall_s * (1 + 0.05 * s)}
+            for w in weights for s in seeds]
+
+
+SUMMARY_CASES = {
+    # the README's quick sweep with a λ axis and a multiplier-aware trial
+    "quick with λ": (_rows("exact+mul8u_2P7", [0.0, 0.5], [0, 1], 0.1219, 3.57e6, 10092, 13.0)
+                     + _rows("mul8u_17KS", [0.0, 0.5], [0, 1], 0.0859, 3.31e6, 9512, 11.0), "over 2 seeds"),
+    # DARTS's settings: millions of parameters, a day and a half per trial
+    "paper": (_rows("exact", [None], [0, 1, 2], 0.9712, 103.4e6, 3349322, 129600.0)
+              + _rows("mul8u_17KS", [None], [0, 1, 2], 0.9702, 95.4e6, 3049322, 99600.0), "over 3 seeds"),
+    # rows over different numbers of seeds (a trial failed): the count in a column
+    "uneven": (_rows("exact", [None], [0, 1], 0.12, 3.5e6, 9000, 12.0)
+               + _rows("mul8u_17KS", [None], [0], 0.1, 3.3e6, 9000, 12.0), "over seeds"),
+    # too wide for 80 columns: the multiplier names fold, the numbers stay whole
+    "paper, λ, three multipliers": (_rows("exact+mul8u_2P7+mul8u_17KS", [0.0, 1.0], [0, 1, 2], 0.9712, 103.4e6,
+                                          3349322, 129600.0), "over 3 seeds"),
+}
+
+
+@pytest.mark.parametrize("case", SUMMARY_CASES)
+def test_the_summary_table_fits_80_columns_and_keeps_numbers_whole(case):
+    rows, over = SUMMARY_CASES[case]
+    result = {"rows": rows, "summary": summarize(rows), "stage": "both", "elapsed_s": 1.0, "files": {}}
+    console = Console(file=io.StringIO(), width=80)
+    _print_summary(console, result)
+    text = console.file.getvalue()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80, text
+    # the number of seeds: in the title when every row has the same, else in a column
+    assert lines[0].strip().endswith(f"mean ± std {over}"), text
+    assert ("seeds" in lines[1].split()) == (over == "over seeds"), text
+    for s in result["summary"]:
+        cells = [format_mean_std(s["val_acc_mean"], s["val_acc_std"], 100),
+                 format_mean_std(s["test_acc_mean"], s["test_acc_std"], 100),
+                 format_mean_std(s["energy_pj_mean"], s["energy_pj_std"], 1e-6, digits=None),
+                 format_count(s["parameters_mean"], s["parameters_std"]),
+                 format_mean_std(s["wall_s_mean"], s["wall_s_std"], digits=0)]
+        if case != "paper, λ, three multipliers":
+            cells.append(s["multiplier"] + " ")  # the name whole, on the line of its numbers
+        assert any(all(cell in line for cell in cells) for line in lines), (cells, text)
+
+
+def test_numbers_in_the_summary_table():
+    assert format_mean_std(0.1219, 0.0195, 100) == "12.19±1.95"
+    assert format_mean_std(3.57e6, 0.12e6, 1e-6, digits=None) == "3.57±0.12"  # three significant digits
+    assert format_mean_std(103.4e6, 2.3e6, 1e-6, digits=None) == "103±2"
+    assert format_mean_std(0.5, None, 100) == "50.00" and format_mean_std(None, None) == "n/a"
+    assert [format_count(*c) for c in [(9512, 738), (10092, 2311), (3349322, 123456), (None, None)]] == [
+        "9512±738", "10.1k±2.3k", "3.35M±0.12M", "n/a"]
+
+
 # ----------------------------------------------------------------- on a local Ray
 @pytest.fixture(scope="module")
 def local_ray():
@@ -454,3 +517,61 @@ def test_a_failed_trial_is_one_line_the_others_are_kept_and_resume_reruns_only_i
     assert again["rows"][0] == rows[0] and not again["rows"][1]["resumed"]
     assert _stamps(out / trial_name("exact", 0)) == finished
     assert json.loads((out / "results.json").read_text()) == again["rows"]
+
+
+def _command() -> list[str]:
+    """The installed `approxdarts-np` (or its entry point run by this Python)."""
+    script = Path(sys.executable).parent / "approxdarts-np"
+    launch = "import sys; sys.argv[0] = 'approxdarts-np'; from approxdarts_np_cli.launch import main; main()"
+    return [str(script)] if script.is_file() else [sys.executable, "-c", launch]
+
+
+def _check_lines(stdout: str, out: Path) -> None:
+    """Every line within 80 columns, except those naming the sweep's folder, which name it whole."""
+    for line in stdout.splitlines():
+        assert len(line) <= 80 or str(out) in line, line
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_resume_print_only_the_sweeps_own_lines_within_80_columns(tmp_path):
+    # the installed command in a pipe, as in a log: Ray's start, a stop after the first epoch, the resume
+    out = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "TUNE_"))} | {"COLUMNS": "80"}
+    epochs = 3  # a trial waits at each report until Tune takes it: stopped after epoch 1, it cannot finish
+    args = ["sweep", "--output-dir", str(out), "--multipliers", "exact", "--seeds", "0", "--energy-weights", "0",
+            "--stage", "search", "--channels", "2", "--layers", "3", "--batch-size", "4", "--max-train-images", "16",
+            "--cpus-per-trial", "1", "--epochs", str(epochs)]
+    sweep = subprocess.Popen(_command() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        shown = [sweep.stdout.readline()]
+        while "search epoch 1" not in shown[-1]:
+            assert shown[-1], "the sweep ended before its trial finished an epoch"
+            shown.append(sweep.stdout.readline())
+        sweep.send_signal(signal.SIGINT)
+        stdout, stderr = sweep.communicate(timeout=120)
+    finally:
+        sweep.kill()
+        sweep.wait()
+    stdout = "".join(shown) + stdout
+    lines = stdout.splitlines()
+    assert sweep.returncode == 130, (stdout, stderr)
+    assert lines[0] == f"sweep → {out}: 1 trial, 1 CPU each"
+    assert lines[-2:] == ["stopped: exact-seed0-lambda0 not finished",
+                          f"continue with: approxdarts-np sweep --resume {out}"]
+    assert "Tuner.restore" not in stderr and "Token authentication" not in stderr and "Traceback" not in stderr, stderr
+    _check_lines(stdout, out)
+    run = out / trial_name("exact", 0, 0.0) / "search"
+    before = _metrics(run)
+
+    done = subprocess.run(_command() + ["sweep", "--resume", str(out)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert done.stderr == ""  # no token-authentication warning, nothing else of Ray's
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"sweep → {out}: 1 trial, 1 CPU each (resumed)"
+    assert any(line.strip() == "1 trial (search)" for line in lines), done.stdout
+    _check_lines(done.stdout, out)
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["multiplier"], r["seed"], r["energy_weight"], r["resumed"]) for r in rows] == [("exact", 0, 0.0, True)]
+    after = _metrics(run)
+    assert len(after) == epochs and after[:len(before)] == before  # continued from its checkpoint

@@ -625,8 +625,11 @@ class _DropRecords(logging.Filter):
 
 # Ray's console lines that the sweep leaves out (logger, start of the message), each for a reason.
 _RAY_LINES_LEFT_OUT = {
+    # Ray's default for a local Ray (and for `auto` when a token exists), announced on every start.
+    "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled",),
+    # After Ctrl-C: Ray's "Resume experiment with: Tuner.restore(...)"; the CLI names `sweep --resume`.
     # After failed trials: the list of trial ids; the CLI names each failed trial and its error.
-    "ray.tune.tune": ("Trials did not complete",),
+    "ray.tune.tune": ("Experiment has been interrupted", "Trials did not complete"),
 }
 
 
@@ -696,11 +699,24 @@ def summarize(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def format_mean_std(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 2) -> str:
+def format_mean_std(mean: float | None, std: float | None, scale: float = 1.0, digits: int | None = 2) -> str:
+    """``mean±std`` scaled (``mean`` alone without a std, ``n/a`` without a mean), with ``digits`` decimals,
+    or with None as many as give the mean three significant digits (the std gets the same decimals)."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"
-    text = f"{mean * scale:.{digits}f}"
-    return text if std is None else f"{text} ± {std * scale:.{digits}f}"
+    mean *= scale
+    if digits is None:
+        digits = max(0, 2 - math.floor(math.log10(abs(mean)))) if mean else 0
+    text = f"{mean:.{digits}f}"
+    return text if std is None else f"{text}±{std * scale:.{digits}f}"
+
+
+def format_count(mean: float | None, std: float | None) -> str:
+    """A count's ``mean±std``, from 10,000 on in thousands or millions: 9512±738, 10.1k±2.3k, 3.35M±0.12M."""
+    if mean is None or abs(mean) < 1e4:
+        return format_mean_std(mean, std, digits=0)
+    unit, size = ("M", 1e6) if abs(mean) >= 1e6 else ("k", 1e3)
+    return f"{unit}±".join(format_mean_std(mean, std, 1 / size, digits=None).split("±")) + unit
 
 
 def parse_list(text: str, what: str, kind=str) -> list:
