@@ -575,3 +575,23 @@ def test_ctrl_c_and_resume_print_only_the_sweeps_own_lines_within_80_columns(tmp
     assert [(r["multiplier"], r["seed"], r["energy_weight"], r["resumed"]) for r in rows] == [("exact", 0, 0.0, True)]
     after = _metrics(run)
     assert len(after) == epochs and after[:len(before)] == before  # continued from its checkpoint
+
+
+def test_the_sweep_plot_draws_the_exact_line_at_the_exact_trials_mean(tmp_path, monkeypatch):
+    """write_results hands the plot the mean energy of the exact 8-bit trials as the exact line
+    (not the mean of every network priced in exact 8-bit)."""
+    from approxdarts_np.runs import plots, sweep
+
+    seen = {}
+    monkeypatch.setattr(plots, "plot_accuracy_energy",
+                        lambda points, path, **kw: seen.update(kw) or [])
+
+    def row(mult, seed, energy, exact8):
+        return dict(multiplier=mult, seed=seed, energy_weight=None, stage="train", val_acc=0.3,
+                    test_acc=0.3, energy_pj=energy, energy_fp32_pj=10 * exact8,
+                    energy_exact8_pj=exact8, energy_approx_pj=energy, parameters=1, wall_s=1.0,
+                    resumed=False, genotype={}, folder="x")
+    rows = [row("exact", 0, 100.0, 100.0), row("exact", 1, 120.0, 120.0),
+            row("mul8u_17KS", 0, 30.0, 300.0), row("mul8u_17KS", 1, 40.0, 400.0)]
+    sweep.write_results(rows, tmp_path)
+    assert any(abs(value - 110.0) < 1e-9 for _, value in seen["references"]), seen["references"]

@@ -651,7 +651,7 @@ def write_results(rows: list[dict], folder: Path) -> dict:
     import csv
     import io
 
-    from approxdarts_np.runs.plots import plot_accuracy_energy
+    from approxdarts_np.runs.plots import mean_references, plot_accuracy_energy
 
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(ROW_COLUMNS), extrasaction="ignore")
@@ -664,12 +664,8 @@ def write_results(rows: list[dict], folder: Path) -> dict:
     points = [dict(r, label=f"{short_name(r['multiplier'])} s{r['seed']}"
                    + ("" if r.get("energy_weight") is None else f" λ{r['energy_weight']:g}"), accuracy=r[accuracy])
               for r in rows]
-    references = []
-    for key, label in (("energy_exact8_pj", "the networks in exact 8-bit (mean)"),
-                       ("energy_fp32_pj", "the networks in FP32 (mean)")):
-        values = [r[key] for r in rows if r.get(key) is not None]
-        if values:
-            references.append((label, statistics.fmean(values)))
+    # each line the mean of what its label names (the exact 8-bit trials, when there are any)
+    references = mean_references(rows)
     plot_accuracy_energy(points, files["plot"], accuracy_label="test accuracy" if accuracy == "test_acc"
                          else "search val accuracy", title=f"Sweep: {len(rows)} trials", references=references)
     return {k: str(v) for k, v in files.items()}
