@@ -100,3 +100,25 @@ def test_a_run_that_ends_first_stops_the_second_process(tmp_path, monkeypatch):
     with first_run.compile_split("search", config, threads=2) as split:
         process = split.process
     assert process.poll() is not None and _util._FORCED[0] is None
+
+
+def test_a_second_process_loads_every_variant_from_the_cache(tmp_path):
+    """Both variants of a kernel are cached on disk: the second process that runs them compiles
+    nothing (the serial twins were once compiled again in every process)."""
+    code = ("import numpy as np; from numba.core import event; from approxdarts_np.kernels import "
+            "conv, _util\n"
+            "seen = []\n"
+            "class L(event.Listener):\n"
+            "    def on_start(self, ev): seen.append(ev.data['dispatcher'].py_func.__qualname__)\n"
+            "    def on_end(self, ev): pass\n"
+            "event.register('numba:compile', L())\n"
+            "x = np.ones((1, 2, 5, 5), np.float32); w = np.ones((3, 2, 3, 3), np.float32)\n"
+            "for variant in ('serial', 'parallel'):\n"
+            "    _util.force_variant(variant); conv.conv2d(x, w, padding=1)\n"
+            "print(sorted({n for n in seen if n.startswith('_conv2d')}))")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                           timeout=300) for _ in range(2)]
+    assert runs[0].stdout.strip() == "['_conv2d_forward_kernel', '_conv2d_forward_kernel_serial']", \
+        runs[0].stderr
+    assert runs[1].stdout.strip() == "[]", runs[1].stdout

@@ -144,7 +144,8 @@ def serial_twin(kernel):
     twin.__module__ = f.__module__
     twin.__doc__ = f"Serial twin of {f.__name__}."
     options = {k: v for k, v in kernel.targetoptions.items() if k not in ("parallel", "nopython")}
-    return njit(**options)(twin)
+    # ``cache`` is not a target option: without it the twin was compiled again in every process
+    return njit(cache=kernel._cache.__class__.__name__ != "NullCache", **options)(twin)
 
 
 # The kernel variant every size-based choice takes while it is set: "serial" or "parallel";
