@@ -7,7 +7,9 @@ line. Two variants alternate, so that both see the same background load:
 
 * ``split``: as a user runs it (the run compiles the serial kernel variants while a second
   process compiles the parallel ones, :mod:`approxdarts_np.runs.first_run`);
-* ``one process``: the same with the split switched off (everything compiles in the run).
+* ``one process``: the same with the split switched off (everything compiles in the run);
+* ``second run``: the same command again on the cache the one-process run filled (what every
+  later run costs).
 
     python benchmarks/bench_first_run.py --pairs 2 --out benchmarks/results/bench_first_run.json
 """
@@ -48,8 +50,8 @@ main()
 """
 
 
-def _one(variant: str) -> dict:
-    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
+def _one(variant: str, cache: str) -> dict:
+    with tempfile.TemporaryDirectory() as out:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
         if variant == "one process":
             env["APPROXDARTS_NP_COMPILE_SPLIT"] = "0"
@@ -71,19 +73,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_first_run.json")
     args = parser.parse_args()
     runs = []
+    variants = ("one process", "second run", "split")
     for _ in range(args.pairs):
-        for variant in ("split", "one process"):
-            runs.append(_one(variant))
-            r = runs[-1]
-            print(f"{variant:12s} step 0 starts {r.get('step0_start_s')} s, ends {r.get('step0_end_s')} s, "
-                  f"step 2 ends {r.get('step2_end_s')} s (load {r['load_before'][0]:.2f})", flush=True)
+        with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as other:
+            for variant in variants:
+                runs.append(_one(variant, other if variant == "split" else cache))
+                r = runs[-1]
+                print(f"{variant:12s} step 0 starts {r.get('step0_start_s')} s, ends {r.get('step0_end_s')} s, "
+                      f"step 2 ends {r.get('step2_end_s')} s (load {r['load_before'][0]:.2f})", flush=True)
     summary = {}
-    for variant in ("split", "one process"):
+    for variant in variants:
         mine = [r for r in runs if r["variant"] == variant and "step0_end_s" in r]
         summary[variant] = {key: {"median": statistics.median(r[key] for r in mine),
                                   "min": min(r[key] for r in mine), "max": max(r[key] for r in mine)}
                             for key in ("step0_start_s", "step0_end_s", "step2_end_s")} if mine else None
-    result = {"benchmark": "seconds from launch to the first search steps, empty Numba cache",
+    result = {"benchmark": "seconds from launch to the first search steps, empty and filled Numba cache",
               "machine": machine_info(2), "source": source_state(),
               "command": "approxdarts-np search (defaults: quick preset, bundled sample)",
               "timing": "seconds from the child's first line; step k's start and end",

@@ -1,11 +1,10 @@
 """One line on stderr when a command starts compiling kernels (an empty or outdated Numba cache).
 
 Numba compiles each kernel the first time it runs and keeps the machine code in its on-disk
-cache; on a first run the first search step waits for about a minute of compiling (measured
-61 s of compiling for the default search on the 2-core development machine,
-``docs/results.md``). Numba reports every real compile (not a load from the cache) as a
-``numba:compile`` event; the first one prints the line below, so a user knows the wait is
-not a hang.
+cache; on a first run the first search step waits for that compiling (``docs/results.md``,
+"The first run", and ``benchmarks/results/bench_first_run.json``). Numba reports every real
+compile (not a load from the cache) as a ``numba:compile`` event; the first one prints the
+line below, so a user knows the wait is not a hang.
 """
 from __future__ import annotations
 
