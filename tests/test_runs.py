@@ -246,7 +246,7 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-SLOW = dict(TINY, epochs=4, max_train_images=48)  # 6 steps per epoch, 24 in all
+SLOW = dict(TINY, epochs=6, max_train_images=48)  # 6 steps per epoch, 36 in all (ten stops never reach the end)
 
 
 @pytest.mark.slow
@@ -344,3 +344,20 @@ def test_a_diverging_training_exits_2_with_its_checkpoint_named(tmp_path, monkey
     assert result.exit_code == 2
     assert "diverged (train_loss nan) at epoch 1, step 1" in result.stderr
     assert "checkpoint from its start is kept" in result.stderr and (out / "checkpoint.h5").is_file()
+
+
+def test_a_ctrl_c_while_the_summary_is_made_is_a_stop_not_a_traceback(tmp_path, monkeypatch):
+    """A SIGINT after the last epoch's checkpoint, while the run makes its summary (the genotype),
+    ends as a stop at that checkpoint; the resume has nothing left to do and gives the summary."""
+    real = search_module.Searcher.summary
+
+    def interrupted(self, metrics):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(self, metrics)
+    monkeypatch.setattr(search_module.Searcher, "summary", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(RunInterrupted) as stop:
+        run_search(SearchConfig.quick(output_dir=str(out), **dict(TINY, epochs=1)))
+    assert stop.value.exit_code == 130 and stop.value.epoch == 1
+    monkeypatch.setattr(search_module.Searcher, "summary", real)
+    assert run_search(resume=out)["epochs"] == 1

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 LAUNCH = "import sys; sys.argv[0] = 'approxdarts-np'; from approxdarts_np_cli.launch import main; main()"
-SEARCH = ["search", "--epochs", "1", "--max-train-images", "64", "--channels", "4", "--layers", "3",
+# long enough to be still running when the latest signal lands (a run with a filled kernel cache
+# starts in about two seconds)
+SEARCH = ["search", "--epochs", "8", "--max-train-images", "64", "--channels", "4", "--layers", "3",
           "--batch-size", "16", "--threads", "1"]
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to see the handlers")

@@ -276,8 +276,12 @@ class RunLoop:
                 self._write_epoch_files()
                 self.progress({"event": "epoch", **record})
                 self._stop_if_requested(stop)
-        return task.summary(st.metrics) | {"epochs": st.epoch, "elapsed_s": self.clock.seconds(),
-                                            "output_dir": str(self.folder)}
+            # still under StopSignals: a Ctrl-C while the summary is made (the genotype, a budget's
+            # allocation) is a stop at the last checkpoint, not a traceback
+            summary = task.summary(st.metrics) | {"epochs": st.epoch, "elapsed_s": self.clock.seconds(),
+                                                  "output_dir": str(self.folder)}
+            self._stop_if_requested(stop)
+        return summary
 
     def _stop_if_requested(self, stop: StopSignals) -> None:
         if not stop.requested:
