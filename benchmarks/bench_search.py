@@ -47,7 +47,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import avx2_target_env, machine_info, source_state
+from machine import avx2_target_env, machine_info, numba_builds_avx512, source_state
 
 ROOT = Path(__file__).resolve().parents[1]
 # The environment as the user gave it, before importing approxdarts_np adds its threading
@@ -229,7 +229,6 @@ def _kernel_path(mode: str) -> dict:
         import torch
         return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
     from approxdarts_np.kernels import byte_shuffle
-    features = os.environ.get("NUMBA_CPU_FEATURES")
     spec = mode.split("-", 1)[1]
     engine = None
     if spec != "float" and not re.fullmatch(r"multi\d+", spec):
@@ -237,7 +236,7 @@ def _kernel_path(mode: str) -> dict:
         plan = arithmetic_from_spec(spec).plan
         engine = {"engine": plan.engine, "rank": plan.rank, "reason": plan.reason}
     return {"table_kernels": byte_shuffle.path(), "arithmetic": engine,
-            "numba_avx512": "+avx512f" in features if features is not None else "host"}
+            "numba_avx512": numba_builds_avx512()}
 
 
 def _shared(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict:

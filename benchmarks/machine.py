@@ -44,6 +44,16 @@ def avx2_target_env() -> dict:
     return {"NUMBA_CPU_FEATURES": listed, "NUMBA_CPU_NAME": binding.get_host_cpu_name()}
 
 
+def numba_builds_avx512() -> bool:
+    """Whether Numba builds this process's kernels with AVX-512: the features NUMBA_CPU_FEATURES
+    lists when set, else the host's."""
+    listed = os.environ.get("NUMBA_CPU_FEATURES")
+    if listed is not None:
+        return "+avx512f" in listed.split(",")
+    from llvmlite import binding
+    return bool(binding.get_host_cpu_features().get("avx512f"))
+
+
 def machine_info(threads: int) -> dict:
     """Python, platform, cores, library versions, CPU model, threading environment and load average."""
     import numba
@@ -63,7 +73,7 @@ def machine_info(threads: int) -> dict:
     from approxdarts_np.kernels import byte_shuffle
     # the table kernels this process runs (the target's features, or a forced path)
     info["table_kernels"] = byte_shuffle.path()
-    info["avx512_in_target"] = "+avx512f" in (os.environ.get("NUMBA_CPU_FEATURES") or "+avx512f")
+    info["avx512_in_target"] = numba_builds_avx512()
     info["numba_threading_layer"] = numba.config.THREADING_LAYER
     info["load_average"] = os.getloadavg()
     return info

@@ -131,9 +131,12 @@ def _bag_rows_parallel(table, qw_taps, rows, n_blocks):
 
 
 @njit(cache=True, parallel=True)
-def _lut_bag_kernel(cols, rows_flat, n_out, cst, zw, scale, block, n_threads, out):
+def _lut_bag_kernel(cols, rows, n_out, cst, zw, scale, block, n_threads, out):
     """out[n, co, p] = scale * (sum_k rows[k, cols[n, k, p], co] - zw * sum_k cols[n, k, p]
     + cst[co]), the product taken in float64 and stored in ``out``'s dtype.
+
+    ``rows`` (K padded to a multiple of 4, 256, n_pad) with n_pad >= n_out a multiple of 8
+    (:func:`lut_bag_conv` lays it out, the padding zeros).
 
     Jobs are (image, block of ``block`` pixels), split into ``n_threads`` contiguous ranges with
     one scratch accumulator each. Sums run in int32 (the caller guarantees K * max|row| <
@@ -141,18 +144,20 @@ def _lut_bag_kernel(cols, rows_flat, n_out, cst, zw, scale, block, n_threads, ou
     exact, hence independent of the thread count.
     """
     n_img, n_taps, n_pix = cols.shape
+    n_pad = rows.shape[2]
+    rows_flat = rows.reshape(-1)
     n_blk = (n_pix + block - 1) // block
     n_jobs = n_img * n_blk
     for thread in prange(n_threads):
-        acc_buf = np.empty(block * (rows_flat.shape[0] // ((n_taps + 3) // 4 * 1024)), np.int32)
+        acc_buf = np.empty(block * n_pad, np.int32)
         sum_buf = np.empty(block, np.int32)
         lo, hi = block_bounds(thread, n_threads, n_jobs)
         for job in range(lo, hi):
             ni = job // n_blk
             p0 = (job % n_blk) * block
             m = min(n_pix, p0 + block) - p0
-            _bag_block(cols[ni], rows_flat, n_out, cst, zw, scale, p0, m, acc_buf, sum_buf,
-                       out[ni])
+            _bag_block(cols[ni], rows_flat, n_out, n_pad, cst, zw, scale, p0, m, acc_buf,
+                       sum_buf, out[ni])
     return out
 
 
@@ -193,7 +198,7 @@ def _bag_add8(typingctx, acc, oa, rows_flat, o0, o1, o2, o3):
 
 
 @njit(cache=True)
-def _bag_block(cols, rows_flat, n_out, cst, zw, scale, p0, m, acc_buf, sum_buf, out):
+def _bag_block(cols, rows_flat, n_out, n_pad, cst, zw, scale, p0, m, acc_buf, sum_buf, out):
     """One job of :func:`_lut_bag_kernel`: pixels p0 .. p0+m of one image (cols (K, P)).
 
     ``rows_flat`` holds rows of ``n_pad`` values (n_out rounded up to whole runs of 8, the
@@ -202,7 +207,6 @@ def _bag_block(cols, rows_flat, n_out, cst, zw, scale, p0, m, acc_buf, sum_buf, 
     stands in for missing taps when K is not a multiple of 4).
     """
     n_taps = cols.shape[0]
-    n_pad = rows_flat.shape[0] // ((n_taps + 3) // 4 * 4 * 256)
     acc = acc_buf[:m * n_pad]
     code_sum = sum_buf[:m]
     acc[:] = 0
@@ -619,7 +623,7 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None, table_t=None):
     block = max(16, min(n_pix, _BAG_ACC_BYTES // (4 * n_pad)))
     kernel, n_threads = pick_kernel(_lut_bag_kernel, _lut_bag_kernel_serial, work)
     n_threads = min(n_threads, n_img * (-(-n_pix // block)))
-    kernel(cols, rows.reshape(-1), n_out, cst, np.int64(zw), factor, block, n_threads, out)
+    kernel(cols, rows, n_out, cst, np.int64(zw), factor, block, n_threads, out)
     return out.astype(np.int64) if scale is None else out
 
 

@@ -126,8 +126,6 @@ def _child(payload: dict) -> None:
                    max_train_images=4 * config.batch_size)
     if "warmup_epochs" in payload["config"]:
         changes["warmup_epochs"] = 0     # the architecture step's kernels too
-    if "max_test_images" in payload["config"]:
-        changes["max_test_images"] = config.batch_size
     force_variant("parallel")
     run(config.replace(**changes))
 
