@@ -5,7 +5,8 @@ multiply-accumulate, one scalar load each. Each (output channel, tap) pair only 
 256-entry column of the table, ``M[:, w]``. Stored as two 256-byte planes (low and high byte
 of a 16-bit value) such a column fits in eight 512-bit registers, and the VBMI instruction
 ``vpermi2b`` looks 64 bytes up in 128 at once, so 64 products take four shuffles and two
-blends (``benchmarks/bench_kernels.py`` and ``bench_approx.py`` measure both paths).
+blends (``benchmarks/bench_avx2_lookup.py --target host`` times this path and the scalar
+one side by side).
 
 Two kernels use it: :func:`depthwise_lookup` (one pass per tap over a channel's planes) and
 :func:`columns_lookup` (pointwise and im2col'd dense convolutions: one pass per input row and
