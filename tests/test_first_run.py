@@ -122,3 +122,23 @@ def test_a_second_process_loads_every_variant_from_the_cache(tmp_path):
     assert runs[0].stdout.strip() == "['_conv2d_forward_kernel', '_conv2d_forward_kernel_serial']", \
         runs[0].stderr
     assert runs[1].stdout.strip() == "[]", runs[1].stdout
+
+
+def test_the_second_process_runs_one_small_epoch_on_the_parallel_variants(tmp_path, monkeypatch):
+    """What the second process does with its payload (run in this process with the run function
+    replaced): one epoch, one thread, a few batches, no warm-up, its own folder, and every kernel
+    choice forced to the parallel variant while it runs."""
+    from approxdarts_np.runs import search as search_module
+
+    seen = {}
+
+    def fake_run(config):
+        seen.update(config=config, forced=_util._FORCED[0])
+    monkeypatch.setattr(search_module, "run_search", fake_run)
+    config = SearchConfig.quick(output_dir=str(tmp_path / "user"), threads=2,
+                                **dict(TINY, epochs=5, warmup_epochs=2))
+    first_run._child({"kind": "search", "config": config.to_dict(), "output_dir": str(tmp_path / "c")})
+    got = seen["config"]
+    assert seen["forced"] == "parallel"
+    assert (got.epochs, got.threads, got.warmup_epochs, got.output_dir) == (1, 1, 0, str(tmp_path / "c"))
+    assert got.max_train_images == 4 * config.batch_size and got.channels == config.channels
