@@ -92,7 +92,7 @@ def _multi_step(cfg: dict, batches, k: int):
     from approxdarts_np.runs.search import architecture_step, energy_prices, weight_step
 
     candidates = [arithmetic_from_spec(name) for name in MULTI_CANDIDATES[:k]]
-    net = MultiplierNetwork(cfg["channels"], 10, cfg["layers"], multipliers=candidates, seed=0)
+    net = MultiplierNetwork(cfg["channels"], 10, cfg["layers"], candidates=candidates, seed=0)
     prices = energy_prices(candidates, required=True)
     macs = searched_op_macs(net)
     a_opt = Adam(net.arch_parameters(), lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from approxdarts_np.approx.arithmetic import GENOTYPE
 from approxdarts_np.approx.energy import EnergyTable
 from approxdarts_np.nas.genotypes import read_genotype
 from approxdarts_np.runs.report import MAX_ENERGY_CHANNELS, MAX_ENERGY_LAYERS, network_energy
@@ -22,9 +23,9 @@ from approxdarts_np_cli.text import plural, wrap_parts
 @user_errors
 def energy(
     genotype: str = typer.Option(..., help="genotype.json, a .txt with the DARTS string, or DARTS_V2."),
-    multiplier: Optional[str] = typer.Option(None, help=escape(
-        "Multiplier of the searched convolutions (name or path), or genotype for the multiplier the genotype "
-        "names per op [genotype when the genotype names multipliers, else exact].")),
+    arithmetic: Optional[str] = typer.Option(None, "--arithmetic", "--multiplier", help=escape(
+        "Arithmetic of the searched convolutions: exact, a multiplier (name or path), or genotype for the "
+        "multiplier the genotype names per op [genotype when the genotype names multipliers, else exact].")),
     channels: int = typer.Option(36, help=f"Initial channels (1 to {MAX_ENERGY_CHANNELS:,})."),
     layers: int = typer.Option(20, help=f"Cells (3 to {MAX_ENERGY_LAYERS:,})."),
     fp32_mul_pj: float = typer.Option(3.7, help="Energy of an FP32 multiply (pJ)."),
@@ -35,9 +36,9 @@ def energy(
     """Arithmetic energy of one inference: FP32, exact 8-bit and the chosen multiplier, per layer and total."""
     table = EnergyTable(fp32_mul_pj=fp32_mul_pj, int8_mul_pj=int8_mul_pj)
     geno = read_genotype(genotype)
-    if multiplier is None:
-        multiplier = "genotype" if geno.has_multipliers else "exact"
-    report, params = network_energy(geno, channels, layers, multiplier, table)
+    if arithmetic is None:
+        arithmetic = GENOTYPE if geno.has_multipliers else "exact"
+    report, params = network_energy(geno, channels, layers, arithmetic, table)
     data = {"genotype": geno.to_darts_string(), "channels": channels, "layers": layers,
             "parameters": params, **report.to_dict(),
             "energy_ratio_exact8_to_fp32": report.energy_exact8_pj / report.energy_fp32_pj,
@@ -72,7 +73,7 @@ def energy(
     t.add_column("energy (µJ)", justify="right")
     t.add_row("FP32", f"{report.energy_fp32_pj / 1e6:.3f}")
     t.add_row("exact 8-bit in searched convs", f"{report.energy_exact8_pj / 1e6:.3f}")
-    name = "genotype's multipliers" if multiplier == "genotype" else next(iter(report.multipliers), "exact")
+    name = "genotype's multipliers" if arithmetic == GENOTYPE else next(iter(report.multipliers), "exact")
     t.add_row(f"{name} in searched convs", f"{report.energy_approx_pj / 1e6:.3f}")
     console.print(t)
     say([f"savings: {report.summary()}", f"(exact 8-bit / FP32 = "

@@ -13,7 +13,7 @@ from rich.table import Table
 from approxdarts_np.approx.energy import format_saving
 from approxdarts_np.io.checkpoint import write_json, write_text
 from approxdarts_np.runs.plots import plot_accuracy_energy, require_matplotlib
-from approxdarts_np.runs.report import check_output_path, evaluate_checkpoint, expand_multiplier_specs, rows_to_csv
+from approxdarts_np.runs.report import check_output_path, evaluate_checkpoint, expand_arithmetic_specs, rows_to_csv
 from approxdarts_np_cli._common import user_errors
 from approxdarts_np_cli.progress import EvaluationProgress
 from approxdarts_np_cli.text import plural
@@ -22,7 +22,7 @@ from approxdarts_np_cli.text import plural
 @user_errors
 def evaluate(
     checkpoint: Path = typer.Option(..., help="checkpoint.h5 of a training run."),
-    multiplier: Optional[str] = typer.Option(None, help=escape(
+    arithmetic: Optional[str] = typer.Option(None, "--arithmetic", "--multiplier", help=escape(
         "genotype (its per-op multipliers), none, exact, a table name or path, a comma list, or all "
         "[genotype when the network's genotype names multipliers, else none].")),
     data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder; default: the run's."),
@@ -35,8 +35,8 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Test accuracy of a trained network with each multiplier, beside its arithmetic energy."""
-    specs = expand_multiplier_specs(multiplier) if multiplier is not None else None
-    everything = multiplier is not None and multiplier.strip().lower() == "all"
+    specs = expand_arithmetic_specs(arithmetic) if arithmetic is not None else None
+    everything = arithmetic is not None and arithmetic.strip().lower() == "all"
     if everything:
         output = output or checkpoint.parent / "evaluate_all.csv"
         plot = plot or checkpoint.parent / "accuracy_energy.png"

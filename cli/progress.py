@@ -188,7 +188,7 @@ class EvaluationProgress:
         return False
 
     def __call__(self, event: dict) -> None:
-        if event["event"] == "multiplier":
+        if event["event"] == "arithmetic":
             self.name, self.index, self.count = event["name"], event["index"], event["total"]
             if self.bar is not None:
                 self.bar.update(self.task, description=f"{self.name} ({self.index + 1}/{self.count})",

@@ -46,8 +46,9 @@ def search(
         "Use only the first N training images, 0 = all.", Q.max_train_images, P.max_train_images)),
     seed: Optional[int] = typer.Option(None, help=default_help(
         "Seed of weights, α, data order and augmentation.", Q.seed)),
-    multiplier: Optional[str] = typer.Option(None, help=default_help(
-        "none (FP32), exact (8-bit), a bundled table (e.g. mul8u_2P7) or a .bin/.npy path.", Q.multiplier)),
+    arithmetic: Optional[str] = typer.Option(None, "--arithmetic", "--multiplier", help=default_help(
+        "Arithmetic of the searched convolutions: none (FP32), exact (8-bit) or an approximate multiplier "
+        "(a bundled table, e.g. mul8u_2P7, or a .bin/.npy path).", Q.arithmetic)),
     threads: Optional[int] = typer.Option(None, help=default_help("Threads of the kernels.", "all cores")),
     lr: Optional[float] = typer.Option(None, help=default_help("Weight learning rate, cosine-annealed.", Q.lr)),
     lr_min: Optional[float] = typer.Option(None, help=default_help("Final weight learning rate.", Q.lr_min)),
@@ -109,7 +110,7 @@ def search(
         max_parameter_free=max_parameter_free, warmup_epochs=warmup_epochs, beta_lr=beta_lr,
         allocation=allocation, sensitivity_images=sensitivity_images,
         **parse_temperature(gumbel_temperature),
-        multiplier=multiplier,
+        arithmetic=arithmetic,
         data_dir=str(data_dir) if data_dir else None, output_dir=str(output_dir) if output_dir else None,
         preset=preset.value if preset else None)
     if max_train_images is not None:

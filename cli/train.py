@@ -35,9 +35,9 @@ def train(
         "Use only the first N training images, 0 = all.", Q.max_train_images, P.max_train_images)),
     seed: Optional[int] = typer.Option(None, help=default_help(
         "Seed of weights, data order, augmentation and drop-path.", Q.seed)),
-    multiplier: Optional[str] = typer.Option(None, help=default_help(
-        "genotype (the multiplier the genotype names for each op, FP32 where none), none, exact, a bundled "
-        "table or a .bin/.npy path for every searched conv (quantisation-aware training).", Q.multiplier)),
+    arithmetic: Optional[str] = typer.Option(None, "--arithmetic", "--multiplier", help=default_help(
+        "Arithmetic of the searched convs: genotype (the multiplier the genotype names for each op, FP32 where "
+        "none), none, exact, a bundled table or a .bin/.npy path (quantisation-aware training).", Q.arithmetic)),
     threads: Optional[int] = typer.Option(None, help=default_help("Threads of the kernels.", "all cores")),
     lr: Optional[float] = typer.Option(None, help=default_help("Learning rate, cosine-annealed.", Q.lr)),
     lr_min: Optional[float] = typer.Option(None, help=default_help("Final learning rate.", Q.lr_min)),
@@ -59,7 +59,7 @@ def train(
     options = given(
         epochs=epochs, channels=channels, layers=layers, batch_size=batch_size, lr=lr, lr_min=lr_min,
         momentum=momentum, weight_decay=weight_decay, grad_clip=grad_clip, threads=threads,
-        auxiliary_weight=auxiliary_weight, drop_path=drop_path, cutout=cutout, seed=seed, multiplier=multiplier,
+        auxiliary_weight=auxiliary_weight, drop_path=drop_path, cutout=cutout, seed=seed, arithmetic=arithmetic,
         data_dir=str(data_dir) if data_dir else None, output_dir=str(output_dir) if output_dir else None,
         preset=preset.value if preset else None,
         genotype=read_genotype(genotype).to_dict() if genotype is not None else None)

@@ -121,7 +121,7 @@ def _run_job(job: dict, root: str) -> dict:
     else:
         search_dir = folder / "search"
         if job["arm"] == "uniform":
-            config = SearchConfig.quick(output_dir=str(search_dir), seed=seed, multiplier=job["multiplier"],
+            config = SearchConfig.quick(output_dir=str(search_dir), seed=seed, arithmetic=job["multiplier"],
                                         **SEARCH)
         else:
             config = SearchConfig.quick(output_dir=str(search_dir), seed=seed, multipliers=",".join(CANDIDATES),
@@ -139,13 +139,13 @@ def _run_job(job: dict, root: str) -> dict:
             if key in last:  # the search's own figures at its last epoch, kept apart from the row's
                 extra[f"search_{key}"] = last[key]
     train_dir = folder / "train"
-    multiplier = job.get("multiplier", "genotype")
+    arithmetic = job.get("multiplier", "genotype")
     t0 = time.time()
     if (train_dir / "checkpoint.h5").exists():
         trained = run_train(resume=train_dir)
     else:
         trained = run_train(TrainConfig.quick(output_dir=str(train_dir), seed=seed, genotype=genotype.to_dict(),
-                                              multiplier=multiplier, **TRAIN))
+                                              arithmetic=arithmetic, **TRAIN))
     train_s = time.time() - t0
     names = CANDIDATES if job["arm"] != "uniform" else [job["multiplier"]]
     prices = energy_prices([arithmetic_from_spec(n) for n in names], required=True)

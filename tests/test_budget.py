@@ -65,7 +65,7 @@ def test_a_warmup_epoch_leaves_alpha_and_beta_bit_identical_and_trains_the_weigh
 
 def test_the_default_warmup_is_a_quarter_of_a_multiplier_search_and_none_for_a_plain_one():
     assert SearchConfig.quick(epochs=8, multipliers="exact,mul8u_17KS").warmup() == 2
-    assert SearchConfig.quick(epochs=8, multiplier="mul8u_17KS").warmup() == 0
+    assert SearchConfig.quick(epochs=8, arithmetic="mul8u_17KS").warmup() == 0
     assert SearchConfig.quick(epochs=8, multipliers="exact,mul8u_17KS", warmup_epochs=0).warmup() == 0
 
 
@@ -317,7 +317,7 @@ def test_bad_budget_options_are_one_line(tmp_path, args, fragment):
 @pytest.mark.parametrize("args", [
     ["--multipliers", "exact,mul8u_17KS", "--energy-weight", "1", "--energy-target", "1000"],
     ["--multipliers", "exact,mul8u_17KS", "--energy-weight", "1", "--energy-scope", "all"],
-    ["--multiplier", "mul8u_17KS", "--energy-weight", "1", "--energy-scope", "all"],
+    ["--arithmetic", "mul8u_17KS", "--energy-weight", "1", "--energy-scope", "all"],
     ["--multipliers", "exact,mul8u_17KS,mul8u_L40", "--energy-budget", "0.6", "--warmup-epochs", "0",
      "--beta-lr", "0.02", "--gumbel-temperature", "3:1", "--max-parameter-free", "1", "--budget-step", "2",
      "--sensitivity-images", "4"],
@@ -520,7 +520,7 @@ def test_sensitivity_is_zero_at_the_reference_larger_for_a_broken_table_and_leav
     zeros = tmp_path / "zeros.npy"
     np.save(zeros, np.zeros((256, 256), np.int64))
     arithmetics = [arithmetic_from_spec(s) for s in ("exact", "mul8u_1446", str(zeros))]
-    net = MultiplierNetwork(4, 10, 3, multipliers=arithmetics, seed=0)
+    net = MultiplierNetwork(4, 10, 3, candidates=arithmetics, seed=0)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, 8)

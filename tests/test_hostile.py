@@ -71,7 +71,7 @@ def no_temp_files(folder: Path) -> None:
     (["--multipliers", ","], "names no multiplier"),
     (["--multipliers", "none,exact"], "'none' (FP32) cannot be one"),
     (["--multipliers", "exact,mul8u_NOPE"], "mul8u_NOPE"),
-    (["--multiplier", "exact", "--multipliers", "exact,mul8u_2P7"], "not both"),
+    (["--arithmetic", "exact", "--multipliers", "exact,mul8u_2P7"], "not both"),
     (["--multipliers", "exact,mul8u_2P7", "--energy-weight", "-1"], "--energy-weight"),
     (["--multipliers", "exact,mul8u_2P7", "--energy-weight", "nan"], "--energy-weight"),
     (["--multipliers", "exact,mul8u_2P7", "--energy-weight", "1", "--energy-target", "0"], "--energy-target"),
@@ -79,8 +79,8 @@ def no_temp_files(folder: Path) -> None:
     (["--multipliers", "exact,mul8u_2P7", "--gumbel-temperature", "0"], "--gumbel-temperature"),
     (["--multipliers", "exact,mul8u_2P7", "--order", "2"], "--order 2"),
     (["--order", "2", "--unrolled-lr", "0"], "--unrolled-lr"),
-    (["--multiplier", "mul8u_NOPE"], "mul8u_NOPE"),
-    (["--multiplier", "missing.bin"], "missing.bin"),
+    (["--arithmetic", "mul8u_NOPE"], "mul8u_NOPE"),
+    (["--arithmetic", "missing.bin"], "missing.bin"),
     (["--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar"),
 ])
 def test_search_settings(tmp_path, args, fragment):
@@ -162,7 +162,7 @@ def test_search_bad_table_files(tmp_path, content, name):
             np.savez(f, table=np.zeros((256, 256), np.int64))
     else:
         path.write_bytes(content)
-    result = runner.invoke(app, SEARCH + ["--output-dir", str(tmp_path / "out"), "--multiplier", str(path)])
+    result = runner.invoke(app, SEARCH + ["--output-dir", str(tmp_path / "out"), "--arithmetic", str(path)])
     one_error_line(result, name)
     assert not (tmp_path / "out").exists()
 
@@ -292,9 +292,9 @@ def test_train_resume_refuses_another_genotype(runs, tmp_path):
 
 # ----------------------------------------------------------------------------- evaluate and energy
 @pytest.mark.parametrize("args, fragment", [
-    (["--multiplier", ","], "names no multiplier"),
-    (["--multiplier", "genotype"], "names no multipliers"),
-    (["--multiplier", "mul8u_NOPE"], "mul8u_NOPE"),
+    (["--arithmetic", ","], "names no arithmetic"),
+    (["--arithmetic", "genotype"], "names no multipliers"),
+    (["--arithmetic", "mul8u_NOPE"], "mul8u_NOPE"),
     (["--batch-size", "0"], "--batch-size"),
     (["--output", "/nonexistent/folder/t.csv"], "/nonexistent/folder"),
     (["--output", "table.txt"], ".csv or .json"),
@@ -331,9 +331,9 @@ def test_evaluate_bad_checkpoints(runs, tmp_path, damage):
     (["--int8-mul-pj", "-1"], "8-bit"),
     (["--channels", "0"], "--channels"),
     (["--layers", "1"], "--layers"),
-    (["--multiplier", "mul8u_NOPE"], "mul8u_NOPE"),
+    (["--arithmetic", "mul8u_NOPE"], "mul8u_NOPE"),
     (["--genotype", "nope.json"], "nope.json"),
-    (["--multiplier", "genotype"], "names no multipliers"),
+    (["--arithmetic", "genotype"], "names no multipliers"),
 ])
 def test_energy_settings(args, fragment):
     base = ["energy", "--genotype", "DARTS_V2", "--channels", "4", "--layers", "3"]

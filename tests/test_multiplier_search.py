@@ -30,7 +30,7 @@ def _arrays(path):
 
 
 def test_one_candidate_is_the_plain_search_bit_for_bit(tmp_path):
-    run_search(SearchConfig.quick(output_dir=str(tmp_path / "plain"), multiplier="mul8u_2P7", **TINY))
+    run_search(SearchConfig.quick(output_dir=str(tmp_path / "plain"), arithmetic="mul8u_2P7", **TINY))
     run_search(SearchConfig.quick(output_dir=str(tmp_path / "one"), multipliers="mul8u_2P7", **TINY))
     for name in ("alpha.h5",):
         a, b = _arrays(tmp_path / "plain" / name), _arrays(tmp_path / "one" / name)

@@ -50,7 +50,7 @@ def test_the_front_excludes_tied_and_dominated_points(points, front):
 
 # ----------------------------------------------------------------- the plots
 def _evaluate_rows() -> list[dict]:
-    """An ``evaluate --multiplier all``-like table with the crowding of issue #24."""
+    """An ``evaluate --arithmetic all``-like table with the crowding of issue #24."""
     rows = [{"multiplier": "none", "test_acc": 0.716, "energy_pj": 11.15e6},
             {"multiplier": "exact", "test_acc": 0.712, "energy_pj": 3.601e6}]
     for name, acc, energy in [
@@ -221,8 +221,8 @@ def transcript(tmp_path_factory):
     commands = [
         ("search", ["search", "--output-dir", "s", "--max-train-images", "16", *TINY]),
         ("train", ["train", "--genotype", "s/genotype.json", "--output-dir", "t", "--max-train-images", "8", *TINY]),
-        ("evaluate", ["evaluate", "--checkpoint", "t/checkpoint.h5", "--multiplier", "none", "--batch-size", "500"]),
-        ("energy", ["energy", "--genotype", "DARTS_V2", "--per-layer", "--multiplier", "mul8u_17KS"]),
+        ("evaluate", ["evaluate", "--checkpoint", "t/checkpoint.h5", "--arithmetic", "none", "--batch-size", "500"]),
+        ("energy", ["energy", "--genotype", "DARTS_V2", "--per-layer", "--arithmetic", "mul8u_17KS"]),
     ]
     env = {**os.environ, "COLUMNS": str(WIDTH), "COMMANDS": json.dumps(commands)}
     subprocess.run([sys.executable, "-c", DRIVER], cwd=root, env=env, check=True, timeout=600,

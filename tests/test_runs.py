@@ -313,7 +313,7 @@ def test_cli_ctrl_c_exits_130_and_names_the_resume_command(tmp_path):
 def test_second_order_search_stops_and_resumes_bit_identically(tmp_path):
     """--order 2 through the run loop: a Ctrl-C mid-epoch and a resume give the uninterrupted run, and the
     second-order run differs from the first-order one (the unrolled gradient is really used)."""
-    cfg = dict(TINY, epochs=1, order=2, multiplier="exact")
+    cfg = dict(TINY, epochs=1, order=2, arithmetic="exact")
     ref = tmp_path / "reference"
     run_search(SearchConfig.quick(output_dir=str(ref), **cfg))
     out = tmp_path / "run"

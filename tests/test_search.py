@@ -105,7 +105,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_bit_identical(reference_run, tm
     (dict(layers=2), "--layers"),
     (dict(channels=0), "--channels"),
     (dict(batch_size=64), "larger than each half"),
-    (dict(multiplier="mul8u_NOPE"), "mul8u_NOPE"),
+    (dict(arithmetic="mul8u_NOPE"), "mul8u_NOPE"),
     (dict(data_dir="/nonexistent/cifar"), "/nonexistent/cifar"),
 ])
 def test_bad_settings_fail_before_writing_anything(tmp_path, kw, message):
@@ -131,17 +131,44 @@ def test_cli_search_end_to_end_and_errors(tmp_path):
     assert "genotype: Genotype(normal=[" in result.output
     assert (out / "genotype.json").is_file()
 
-    bad = runner.invoke(app, args[:1] + ["--output-dir", str(tmp_path / "x"), "--multiplier", "nope.bin"])
-    assert bad.exit_code == 2
-    assert "Traceback" not in bad.output
-    assert not (tmp_path / "x").exists()
+    for option in ("--arithmetic", "--multiplier"):  # the option's old spelling is still accepted
+        bad = runner.invoke(app, args[:1] + ["--output-dir", str(tmp_path / "x"), option, "nope.bin"])
+        assert bad.exit_code == 2
+        assert "nope.bin" in bad.output and "Traceback" not in bad.output
+        assert not (tmp_path / "x").exists()
+
+
+def test_a_run_saved_with_the_old_multiplier_setting_resumes_with_its_arithmetic(tmp_path):
+    """config.json and checkpoints written before the setting was renamed (``multiplier`` → ``arithmetic``)
+    load with the arithmetic they ran with, for a search and a training config."""
+    from approxdarts_np.io.checkpoint import save_tree
+    from approxdarts_np.runs.config import resolve_run_config
+    from approxdarts_np.runs.train import TrainConfig
+
+    out = tmp_path / "old"
+    run_search(_config(out, epochs=1, arithmetic="mul8u_2P7"))
+    config = json.loads((out / "config.json").read_text())
+    old = {("multiplier" if k == "arithmetic" else k): v for k, v in config.items()}
+    (out / "config.json").write_text(json.dumps(old))
+    tree = load_tree(out / "checkpoint.h5")
+    saved = json.loads(tree["config"])
+    tree["config"] = json.dumps({("multiplier" if k == "arithmetic" else k): v for k, v in saved.items()})
+    save_tree(out / "checkpoint.h5", tree)
+    loaded, _ = resolve_run_config(SearchConfig, None, out, {"epochs": 2})
+    assert loaded.arithmetic == "mul8u_2P7"
+    run_search(resume=out, overrides={"epochs": 2})
+    assert len(metrics_without_times(out)) == 2
+    assert json.loads((out / "config.json").read_text())["resolved"]["arithmetic"] == "mul8u_2P7"
+    assert TrainConfig.from_dict({"multiplier": "exact"}).arithmetic == "exact"
+    with pytest.raises(UserError, match="multiplier"):  # both spellings at once: the old one is unknown
+        TrainConfig.from_dict({"multiplier": "exact", "arithmetic": "none"})
 
 
 def test_corrupt_table_file_is_a_user_error(tmp_path):
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"\x00" * 1000)
     with pytest.raises(UserError, match="bad.bin"):
-        run_search(_config(tmp_path / "out", multiplier=str(bad)))
+        run_search(_config(tmp_path / "out", arithmetic=str(bad)))
 
 
 def test_unwritable_output_dir_is_a_user_error(tmp_path):

@@ -452,9 +452,9 @@ def test_a_multiplier_aware_trial_searches_with_lambda_and_trains_the_genotype_m
     row = run_trial(config, "exact+mul8u_2P7", 0, threads=1, energy_weight=2.0)
     folder = tmp_path / "exact+mul8u_2P7-seed0-lambda2"
     search = json.loads((folder / "search" / "config.json").read_text())
-    assert (search["multipliers"], search["multiplier"], search["energy_weight"]) == ("exact,mul8u_2P7", "none", 2.0)
+    assert (search["multipliers"], search["arithmetic"], search["energy_weight"]) == ("exact,mul8u_2P7", "none", 2.0)
     train = json.loads((folder / "train" / "config.json").read_text())
-    assert train["multiplier"] == "genotype"
+    assert train["arithmetic"] == "genotype"
     genotype = read_genotype(folder / "search" / "genotype.json")
     assert genotype.has_multipliers and train["genotype"] == genotype.to_dict()
     report, params = network_energy(genotype, TINY["channels"], TINY["layers"], "genotype")

@@ -54,7 +54,7 @@ def test_ctrl_c_then_resume_matches_uninterrupted_training(trained, tmp_path):
 def test_cli_evaluate_and_energy(trained, tmp_path):
     out, _ = trained
     runner = CliRunner()
-    result = runner.invoke(app, ["evaluate", "--checkpoint", str(out / "checkpoint.h5"), "--multiplier",
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(out / "checkpoint.h5"), "--arithmetic",
                                  "none,exact,mul8u_1446", "--json", "--output", str(tmp_path / "t.csv")])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
@@ -63,7 +63,7 @@ def test_cli_evaluate_and_energy(trained, tmp_path):
     assert (tmp_path / "t.csv").read_text().startswith("multiplier,test_acc")
 
     result = runner.invoke(app, ["energy", "--genotype", "DARTS_V2", "--channels", "4", "--layers", "3",
-                                 "--multiplier", "mul8u_17KS", "--json"])
+                                 "--arithmetic", "mul8u_17KS", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     for key in ("parameters", "macs", "energy_fp32_pj", "energy_exact8_pj", "energy_approx_pj"):
@@ -146,7 +146,7 @@ def test_evaluate_genotype_runs_each_op_with_the_genotype_multiplier(trained, tm
                         normal_multipliers=pick(DARTS_V2.normal), reduce_multipliers=pick(DARTS_V2.reduce))
     out = tmp_path / "train"
     run_train(TrainConfig.quick(output_dir=str(out), **dict(TINY, epochs=1, genotype=genotype.to_dict()),
-                                multiplier="none"))
+                                arithmetic="none"))
     rows = {r["multiplier"]: r for r in evaluate_checkpoint(out / "checkpoint.h5", ["genotype", "none"],
                                                              batch_size=200)}
     model, _ = load_trained_network(out / "checkpoint.h5")

@@ -10,7 +10,7 @@ A spec is one of
 * ``genotype`` (train and evaluate only): each searched op through the multiplier its genotype
   names.
 
-Lists of specs (``search --multipliers``, ``evaluate --multiplier``) are separated by commas.
+Lists of specs (``search --multipliers``, ``evaluate --arithmetic``) are separated by commas.
 """
 from __future__ import annotations
 

@@ -164,7 +164,7 @@ def argmax_energy_ratio(network, macs: dict, pj: np.ndarray, exact_pj: float) ->
 class MultiplierNetwork(Network):
     """The supernet with a choice of multiplier per searched op: β beside α, one sampled path per step.
 
-    ``multipliers`` are K ≥ 2 arithmetics (QuantizedArithmetic). β has shape
+    ``candidates`` are K ≥ 2 arithmetics (QuantizedArithmetic), one per candidate multiplier. β has shape
     (edges, 4, K) per cell type, initialised like α (1e-3·N(0, 1)).
     :meth:`choose` draws the multipliers of a step (Gumbel-max, straight-through
     factors in the forward pass); :meth:`choose_most_likely` sets argmax β and
@@ -172,13 +172,13 @@ class MultiplierNetwork(Network):
     """
 
     def __init__(self, channels: int = 16, num_classes: int = 10, layers: int = 8, stem_multiplier: int = 3,
-                 multipliers=(), seed: int = 0, temperature: float = 1.0):
-        if len(multipliers) < 2:
-            raise ValueError(f"a choice needs at least 2 multipliers, got {len(multipliers)}")
+                 candidates=(), seed: int = 0, temperature: float = 1.0):
+        if len(candidates) < 2:
+            raise ValueError(f"a choice needs at least 2 candidate arithmetics, got {len(candidates)}")
         if SEARCHED_COLUMNS != tuple(range(len(PRIMITIVES) - len(SEARCHED_OPS), len(PRIMITIVES))):
             raise ValueError("the searched ops must be the last columns of α")
         super().__init__(channels, num_classes, layers, stem_multiplier, arithmetic=None, seed=seed)
-        self.candidates = tuple(multipliers)
+        self.candidates = tuple(candidates)
         self.temperature = float(temperature)
         rng = np.random.default_rng([seed, 2])
         shape = (len(self.cells[0].edges), len(SEARCHED_OPS), len(self.candidates))

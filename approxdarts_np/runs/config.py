@@ -38,7 +38,7 @@ class RunSettings:
     batch_size: int = 32
     max_train_images: int | None = 2560  # images of the training set used (None: all)
     seed: int = 0
-    multiplier: str = "none"  # none | exact | table name | path to a .bin/.npy table
+    arithmetic: str = "none"  # none (FP32) | exact | table name | path to a .bin/.npy table
     threads: int | None = None
     lr: float = 0.025
     lr_min: float = 0.001
@@ -46,6 +46,10 @@ class RunSettings:
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
     preset: str = "quick"
+
+
+#: Settings saved under an older name: a config.json written before the rename loads as it ran.
+RENAMED = {"multiplier": "arithmetic"}
 
 
 def option_name(field: str) -> str:
@@ -79,10 +83,14 @@ class RunConfig:
         """Rebuild a config saved by :meth:`to_dict` (the ``resolved`` facts of a run are skipped).
 
         Every value is checked against the field's type, so a hand-edited or foreign ``config.json``
-        fails with one line naming the setting.
+        fails with one line naming the setting. Settings saved under an old name (:data:`RENAMED`) load
+        under the new one.
         """
         if not isinstance(d, dict):
             raise UserError(f"{source} does not hold a run's settings (expected a JSON object)")
+        for old, new in RENAMED.items():
+            if old in d and new not in d:
+                d = {(new if k == old else k): v for k, v in d.items()}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
         d = {k: v for k, v in d.items() if k != "resolved"}

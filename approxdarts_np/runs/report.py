@@ -25,11 +25,11 @@ MAX_ENERGY_LAYERS = 1000
 MAX_ENERGY_CHANNELS = 100_000
 
 
-def network_energy(genotype: Genotype, channels: int, layers: int, multiplier: str | None = "exact",
+def network_energy(genotype: Genotype, channels: int, layers: int, arithmetic: str | None = "exact",
                    table: EnergyTable | None = None) -> tuple[EnergyReport, int]:
     """Energy report of the evaluation network of ``genotype`` (one 32×32 image) and its parameter count.
 
-    ``multiplier`` "genotype" prices every searched conv with the multiplier its genotype names.
+    ``arithmetic`` is a spec (:mod:`~approxdarts_np.approx.arithmetic`); "genotype" prices every searched conv with the multiplier its genotype names.
     The parameter count leaves out the auxiliary head (it is not used at inference). MACs and
     parameters are counted from the layer shapes (:func:`evaluation_network_costs`), so no weights
     are made. UserError for ``layers`` outside 3..MAX_ENERGY_LAYERS, ``channels`` outside
@@ -39,16 +39,16 @@ def network_energy(genotype: Genotype, channels: int, layers: int, multiplier: s
         raise UserError(f"--layers must lie between 3 and {MAX_ENERGY_LAYERS:,}, got {layers}")
     if not 1 <= channels <= MAX_ENERGY_CHANNELS:
         raise UserError(f"--channels must lie between 1 and {MAX_ENERGY_CHANNELS:,}, got {channels}")
-    if multiplier == GENOTYPE and genotype.has_searched_ops and not genotype.has_multipliers:
-        raise UserError("--multiplier genotype: this genotype names no multipliers")
+    if arithmetic == GENOTYPE and genotype.has_searched_ops and not genotype.has_multipliers:
+        raise UserError("--arithmetic genotype: this genotype names no multipliers")
 
     def multiplier_name(spec: str) -> str | None:
         arithmetic = arithmetic_from_spec(spec)
         return arithmetic.name if arithmetic is not None else None
 
     costs, params = evaluation_network_costs(
-        genotype, channels, layers, multiplier_name if multiplier == GENOTYPE else None)
-    mult = None if multiplier in (None, "none", "exact", GENOTYPE) else load_multiplier(multiplier)
+        genotype, channels, layers, multiplier_name if arithmetic == GENOTYPE else None)
+    mult = None if arithmetic in (None, "none", "exact", GENOTYPE) else load_multiplier(arithmetic)
     report = energy_report(costs, mult, table)
     try:  # math.fsum raises OverflowError when a partial sum overflows; a sum of infinities is inf
         mul = {"FP32": report.energy_fp32_pj, "exact 8-bit": report.energy_exact8_pj,
@@ -65,13 +65,13 @@ def network_energy(genotype: Genotype, channels: int, layers: int, multiplier: s
     return report, params
 
 
-def expand_multiplier_specs(spec: str) -> list[str]:
+def expand_arithmetic_specs(spec: str) -> list[str]:
     """``all`` → none, exact and every bundled table; otherwise a comma-separated list (UserError if empty)."""
     if spec.strip().lower() == "all":
         return ["none", "exact"] + bundled_names()
     specs = split_specs(spec)
     if not specs:
-        raise UserError(f"--multiplier {spec!r} names no multiplier (give e.g. none,exact,mul8u_2P7 or all)")
+        raise UserError(f"--arithmetic {spec!r} names no arithmetic (give e.g. none,exact,mul8u_2P7 or all)")
     return specs
 
 
@@ -89,33 +89,33 @@ def check_output_path(path: str | Path, suffixes: tuple[str, ...]) -> None:
         raise UserError(f"cannot write {path}: the folder {folder} is not writable")
 
 
-def evaluate_checkpoint(checkpoint: str | Path, multipliers: list[str] | None, data_dir: str | None = None,
+def evaluate_checkpoint(checkpoint: str | Path, specs: list[str] | None, data_dir: str | None = None,
                         batch_size: int = 100, table: EnergyTable | None = None,
                         progress=None) -> list[dict]:
-    """Test accuracy of a trained network with each multiplier in its searched convolutions.
+    """Test accuracy of a trained network with each arithmetic spec in its searched convolutions.
 
     Each row also carries the arithmetic energy of one inference in that mode
     (FP32 for ``none``) and the savings against FP32 and exact 8-bit.
-    ``multipliers`` None: the genotype's per-op multipliers when it names any, else FP32.
-    ``progress(event)`` receives ``{"event": "multiplier", "name", "index", "total"}`` and
+    ``specs`` None: the genotype's per-op multipliers when it names any, else FP32.
+    ``progress(event)`` receives ``{"event": "arithmetic", "name", "index", "total"}`` and
     ``{"event": "batch", "done", "total"}``.
     """
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     model, config = load_trained_network(checkpoint)
     genotype = Genotype.from_dict(config.genotype)
-    if multipliers is None:
-        multipliers = [GENOTYPE if genotype.has_multipliers else "none"]
+    if specs is None:
+        specs = [GENOTYPE if genotype.has_multipliers else "none"]
     # UserError before any work: every name is loaded first ("genotype" = the genotype's per-op multipliers)
     arithmetics = [(spec, None if spec == GENOTYPE else arithmetic_from_spec(spec))
-                   for spec in multipliers]
-    if GENOTYPE in multipliers and genotype.has_searched_ops and not genotype.has_multipliers:
-        raise UserError("--multiplier genotype: the genotype of this network names no multipliers")
+                   for spec in specs]
+    if GENOTYPE in specs and genotype.has_searched_ops and not genotype.has_multipliers:
+        raise UserError("--arithmetic genotype: the genotype of this network names no multipliers")
     data = load_cifar10(data_dir if data_dir is not None else config.data_dir)
     rows = []
     for i, (spec, arithmetic) in enumerate(arithmetics):
         if progress:
-            progress({"event": "multiplier", "name": spec, "index": i, "total": len(arithmetics)})
+            progress({"event": "arithmetic", "name": spec, "index": i, "total": len(arithmetics)})
         model.set_arithmetic(arithmetic)
         if spec == GENOTYPE:
             set_genotype_multipliers(model, genotype, arithmetic_from_spec)

@@ -116,8 +116,8 @@ class SearchConfig(RunSettings, RunConfig):
             if not self.candidate_specs():
                 raise UserError(f"--multipliers {self.multipliers!r} names no multiplier "
                                 f"(give e.g. exact,mul8u_2P7,mul8u_17KS)")
-            if not is_fp32(self.multiplier):
-                raise UserError("give either --multiplier (one for every searched convolution) or --multipliers "
+            if not is_fp32(self.arithmetic):
+                raise UserError("give either --arithmetic (one for every searched convolution) or --multipliers "
                                 "(a choice per searched op), not both")
             if any(is_fp32(spec) for spec in self.candidate_specs()):
                 raise UserError("--multipliers chooses among 8-bit multipliers: 'none' (FP32) cannot be one")
@@ -165,7 +165,7 @@ class SearchConfig(RunSettings, RunConfig):
             raise UserError(f"the budget's network needs channels > 0 and at least 3 cells, got "
                             f"{self.budget_channels} channels and {self.budget_layers} cells")
         if self.order == 2 and (self.energy_weight > 0 or len(self.candidate_specs()) > 1):
-            raise UserError("--order 2 works with --multiplier; with --multipliers (K > 1) or --energy-weight "
+            raise UserError("--order 2 works with --arithmetic; with --multipliers (K > 1) or --energy-weight "
                             "use --order 1")
         if not all(0 <= b < 1 for b in self.arch_betas):
             raise UserError(f"the Adam betas of α must lie in [0, 1), got {self.arch_betas}")
@@ -248,7 +248,7 @@ class Searcher:
                                       stream=1, indices=val_idx, augment=augment, drop_last=True)
         self.steps_per_epoch = min(len(self.train_loader), len(self.val_loader))
         if candidates:
-            self.model = MultiplierNetwork(config.channels, 10, config.layers, multipliers=candidates,
+            self.model = MultiplierNetwork(config.channels, 10, config.layers, candidates=candidates,
                                            seed=config.seed, temperature=config.gumbel_temperature)
         else:
             self.model = Network(config.channels, 10, config.layers, arithmetic=arithmetic, seed=config.seed)
@@ -585,8 +585,8 @@ def run_search(config: SearchConfig | None = None, resume: str | Path | None = N
 
     config, output_dir = resolve_run_config(SearchConfig, config, resume, overrides)
     specs = config.candidate_specs()
-    # One candidate is the single-multiplier search (no β), bit-identical to --multiplier.
-    arithmetic = arithmetic_from_spec(specs[0] if len(specs) == 1 else config.multiplier)
+    # One candidate is the single-multiplier search (no β), bit-identical to --arithmetic.
+    arithmetic = arithmetic_from_spec(specs[0] if len(specs) == 1 else config.arithmetic)
     candidates = [arithmetic_from_spec(spec) for spec in specs] if len(specs) > 1 else None
     energy = energy_prices(candidates or [arithmetic], required=config.energy_weight > 0 or candidates)
     if config.energy_budget is not None:
@@ -596,12 +596,12 @@ def run_search(config: SearchConfig | None = None, resume: str | Path | None = N
                             f"cheapest candidate: no choice of these multipliers can meet it")
     searcher = Searcher(config, arithmetic=arithmetic, candidates=candidates, energy=energy)
     threads = configure_threads(config.threads)
-    resolved = {"threads": threads, "multiplier": arithmetic.name if arithmetic else "none",
+    resolved = {"threads": threads, "arithmetic": arithmetic.name if arithmetic else "none",
                 "steps_per_epoch": searcher.steps_per_epoch, "warmup_epochs": searcher.warmup_epochs}
     if candidates:
         resolved["multipliers"] = [a.name for a in candidates]
     if energy is not None:
-        resolved["energy_pj_per_multiply"] = dict(zip(resolved.get("multipliers", [resolved["multiplier"]]),
+        resolved["energy_pj_per_multiply"] = dict(zip(resolved.get("multipliers", [resolved["arithmetic"]]),
                                                       map(float, energy["pj"])))
     loop = RunLoop(searcher, output_dir, progress)
     if resume is not None:

@@ -146,11 +146,11 @@ class SweepConfig:
         cls = SearchConfig if kind == "search" else TrainConfig
         make = cls.paper if self.preset == "paper" else cls.quick
         candidates = multiplier.split("+")
-        options = dict(self.run_options, multiplier=multiplier, seed=seed, threads=threads,
+        options = dict(self.run_options, arithmetic=multiplier, seed=seed, threads=threads,
                        output_dir=str(folder))
         if kind == "search":
             if len(candidates) > 1:
-                options.update(multiplier="none", multipliers=",".join(candidates))
+                options.update(arithmetic="none", multipliers=",".join(candidates))
             if energy_weight is not None:
                 options["energy_weight"] = float(energy_weight)
                 if len(candidates) == 1 and energy_weight > 0:
@@ -159,7 +159,7 @@ class SweepConfig:
         else:
             options["genotype"] = self.genotype if self.genotype is not None else {}
             if len(candidates) > 1:
-                options["multiplier"] = GENOTYPE
+                options["arithmetic"] = GENOTYPE
         return make(**options)
 
     def validate(self, local: bool = True) -> None:

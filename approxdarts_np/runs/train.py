@@ -44,7 +44,7 @@ class TrainConfig(RunSettings, RunConfig):
     epochs: int = 2
     layers: int = 6
     max_train_images: int | None = 1024
-    multiplier: str = GENOTYPE  # genotype: the genotype's per-op multipliers (FP32 where it has none)
+    arithmetic: str = GENOTYPE  # genotype: the genotype's per-op multipliers (FP32 where it has none)
     lr_min: float = 0.0
     genotype: dict = field(default_factory=dict)
     auxiliary_weight: float = 0.4
@@ -70,11 +70,11 @@ class TrainConfig(RunSettings, RunConfig):
 
 def build_network(config: TrainConfig, arithmetic=None) -> NetworkCIFAR:
     """The evaluation network of the config's genotype; its searched convs use ``arithmetic`` or, with
-    ``config.multiplier == "genotype"``, the multiplier the genotype names for each op (FP32 where none)."""
+    ``config.arithmetic == "genotype"``, the multiplier the genotype names for each op (FP32 where none)."""
     genotype = Genotype.from_dict(config.genotype)
     net = NetworkCIFAR(genotype, config.channels, 10, config.layers,
                        auxiliary=config.auxiliary_weight > 0, arithmetic=arithmetic, seed=config.seed)
-    if config.multiplier == GENOTYPE:
+    if config.arithmetic == GENOTYPE:
         set_genotype_multipliers(net, genotype, arithmetic_from_spec)
     return net
 
@@ -174,7 +174,7 @@ def load_trained_network(path: str | Path) -> tuple[NetworkCIFAR, TrainConfig]:
         config = TrainConfig.from_dict(json.loads(tree["config"]), source=f"{path} (config)")
     except (json.JSONDecodeError, TypeError) as exc:
         raise UserError(f"{path} is damaged: its config is not JSON ({exc})") from None
-    model = build_network(config.replace(multiplier="none"))
+    model = build_network(config.replace(arithmetic="none"))
     try:
         model.load_state_dict(tree["model"])
     except (KeyError, ValueError) as exc:
@@ -192,17 +192,17 @@ def run_train(config: TrainConfig | None = None, resume: str | Path | None = Non
     from approxdarts_np.kernels.threads import configure_threads
 
     config, output_dir = resolve_run_config(TrainConfig, config, resume, overrides)
-    arithmetic = None if config.multiplier == GENOTYPE else arithmetic_from_spec(config.multiplier)
+    arithmetic = None if config.arithmetic == GENOTYPE else arithmetic_from_spec(config.arithmetic)
     trainer = Trainer(config, arithmetic=arithmetic)
     threads = configure_threads(config.threads)
     genotype = Genotype.from_dict(config.genotype)
     if arithmetic is not None:
         used = arithmetic.name
-    elif config.multiplier == GENOTYPE and genotype.has_multipliers:
+    elif config.arithmetic == GENOTYPE and genotype.has_multipliers:
         used = "per op, from the genotype"
     else:
         used = "none"
-    resolved = {"threads": threads, "multiplier": used,
+    resolved = {"threads": threads, "arithmetic": used,
                 "genotype_string": genotype.to_text(),
                 "parameters": trainer.parameter_count()}
     loop = RunLoop(trainer, output_dir, progress)
