@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from approxdarts_np.approx.arithmetic import GENOTYPE
-from approxdarts_np.approx.energy import EnergyTable
+from approxdarts_np.approx.energy import EnergyModel
 from approxdarts_np.nas.genotypes import read_genotype
 from approxdarts_np.runs.report import MAX_ENERGY_CHANNELS, MAX_ENERGY_LAYERS, network_energy
 from approxdarts_np_cli._common import user_errors
@@ -34,11 +34,11 @@ def energy(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Arithmetic energy of one inference: FP32, exact 8-bit and the chosen multiplier, per layer and total."""
-    table = EnergyTable(fp32_mul_pj=fp32_mul_pj, int8_mul_pj=int8_mul_pj)
+    energy_model = EnergyModel(fp32_mul_pj=fp32_mul_pj, int8_mul_pj=int8_mul_pj)
     geno = read_genotype(genotype)
     if arithmetic is None:
         arithmetic = GENOTYPE if geno.has_multipliers else "exact"
-    report, params = network_energy(geno, channels, layers, arithmetic, table)
+    report, params = network_energy(geno, channels, layers, arithmetic, energy_model)
     data = {"genotype": geno.to_darts_string(), "channels": channels, "layers": layers,
             "parameters": params, **report.to_dict(),
             "energy_ratio_exact8_to_fp32": report.energy_exact8_pj / report.energy_fp32_pj,
@@ -79,7 +79,7 @@ def energy(
     say([f"savings: {report.summary()}", f"(exact 8-bit / FP32 = "
          f"{report.energy_exact8_pj / report.energy_fp32_pj:.3f})"])
     console.print("energy per operation:", highlight=False)
-    for source in table.sources():
+    for source in energy_model.sources():
         kept = re.sub(r"(\d) (pJ|mW|nm)\b", "\\1\u00a0\\2", source)  # a number stays with its unit
         for line in textwrap.wrap(kept, console.width, initial_indent="  ", subsequent_indent="    "):
             console.print(line.replace("\u00a0", " "), highlight=False, markup=False)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from approxdarts_np.approx.arithmetic import arithmetic_from_spec
-from approxdarts_np.approx.energy import EnergyTable
+from approxdarts_np.approx.energy import EnergyModel
 from approxdarts_np.io.checkpoint import load_tree
 from approxdarts_np.nas.budget import (PARAMETER_FREE_OPS, SEARCHED_OPS, DualAscent, cap_parameter_free,
                                        edge_index, energy_ratio, genotype_op_multiplies, gumbel_temperature,
@@ -25,7 +25,7 @@ from run_helpers import ctrl_c_at, metrics_without_times
 
 TINY = dict(epochs=2, channels=2, layers=3, batch_size=4, max_train_images=24, threads=1, seed=3)
 CANDIDATES = ["exact", "mul8u_2P7", "mul8u_17KS", "mul8u_L40"]
-TABLE = EnergyTable()
+TABLE = EnergyModel()
 PJ = np.array([TABLE.approx_mul_pj(arithmetic_from_spec(n).multiplier) for n in CANDIDATES])
 PRICES = dict(zip(CANDIDATES, map(float, PJ)))
 EXACT_PJ = TABLE.int8_mul_pj

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from approxdarts_np.approx.energy import (
-    EnergyTable, LayerCost, energy_report, format_saving, saving_pct,
+    EnergyModel, LayerCost, energy_report, format_saving, saving_pct,
 )
 from approxdarts_np.approx.multipliers import Multiplier, exact_table, load_multiplier
 from approxdarts_np.errors import UserError
@@ -19,7 +19,7 @@ LAYERS = [
 
 
 def test_defaults_are_horowitz_and_1jff():
-    table = EnergyTable()
+    table = EnergyModel()
     assert (table.fp32_mul_pj, table.fp32_add_pj, table.int8_mul_pj, table.int32_add_pj) == \
         (3.7, 0.9, 0.2, 0.1)
     assert table.reference_power_mw == load_multiplier("mul8u_1JFF").published["pwr"]
@@ -27,7 +27,7 @@ def test_defaults_are_horowitz_and_1jff():
 
 def test_hand_computed_report():
     # A circuit at half the exact power costs 0.1 pJ per multiplication.
-    table = EnergyTable(power_overrides_mw={"mul8u_2P7": 0.1955})
+    table = EnergyModel(power_overrides_mw={"mul8u_2P7": 0.1955})
     report = energy_report(LAYERS, load_multiplier("2P7"), table)
     # FP32: 6100 MACs * 3.7 = 22570; exact 8 bit: 1100 * 3.7 + 5000 * 0.2 = 5070;
     # approximate: 1100 * 3.7 + 5000 * 0.1 = 4570.
@@ -54,15 +54,15 @@ def test_hand_computed_report():
 
 def test_the_tester_wrong_power_changes_the_totals():
     right = energy_report(LAYERS, load_multiplier("2P7"),
-                          EnergyTable(power_overrides_mw={"mul8u_2P7": 0.1955}))
+                          EnergyModel(power_overrides_mw={"mul8u_2P7": 0.1955}))
     wrong = energy_report(LAYERS, load_multiplier("2P7"),
-                          EnergyTable(power_overrides_mw={"mul8u_2P7": 0.2}))
+                          EnergyModel(power_overrides_mw={"mul8u_2P7": 0.2}))
     assert wrong.energy_approx_pj != pytest.approx(4570.0, rel=1e-12)
     assert right.energy_approx_pj == pytest.approx(4570.0, rel=1e-12)
 
 
 def test_published_power_is_used():
-    table = EnergyTable()
+    table = EnergyModel()
     m = load_multiplier("2P7")
     assert table.approx_mul_pj(m) == pytest.approx(0.2 * 0.386 / 0.391)
     assert table.multiplier_power(m) == (0.386, "published")
@@ -73,21 +73,21 @@ def test_report_json_keys_and_sources():
     d = energy_report(LAYERS, load_multiplier("2P7")).to_dict()
     json.dumps(d)  # plain values only
     for key in ("macs", "energy_fp32_pj", "energy_exact8_pj", "energy_approx_pj",
-                "saving_vs_fp32_pct", "saving_vs_exact8_pct", "layers", "energy_table",
+                "saving_vs_fp32_pct", "saving_vs_exact8_pct", "layers", "energy_model",
                 "sources", "summary", "add_energy_fp32_pj", "add_energy_8bit_pj"):
         assert key in d
     text = " ".join(d["sources"])
     assert "Horowitz" in text and "mul8u_1JFF" in text and "EvoApproxLib" in text
     assert "user value" not in text
-    assert "user value" in " ".join(EnergyTable(fp32_mul_pj=4.0).sources())
+    assert "user value" in " ".join(EnergyModel(fp32_mul_pj=4.0).sources())
 
 
 def test_circuits_without_power_need_one():
     for name in ("PKY", "199Z", "96D", "EXZ"):
         with pytest.raises(UserError, match="no published power") as info:
             energy_report(LAYERS, load_multiplier(name))
-        assert "EnergyTable" not in str(info.value) and "power_overrides_mw" not in str(info.value)
-    table = EnergyTable(power_overrides_mw={"mul8u_PKY": 0.2})
+        assert "EnergyModel" not in str(info.value) and "power_overrides_mw" not in str(info.value)
+    table = EnergyModel(power_overrides_mw={"mul8u_PKY": 0.2})
     report = energy_report(LAYERS, load_multiplier("PKY"), table)
     assert report.multipliers["mul8u_PKY"]["power_source"] == "given"
 
@@ -146,7 +146,7 @@ def test_paper_headline_is_out_of_reach_with_horowitz_defaults():
     of the paper's 5.97 %. Its pair of figures needs a larger int8/FP32 energy ratio."""
     layers, r = _paper_network(0.2)
     assert r < 0
-    table = EnergyTable(power_overrides_mw={"mul8u_2P7": 0.0})
+    table = EnergyModel(power_overrides_mw={"mul8u_2P7": 0.0})
     report = energy_report(layers, None, table)
     assert report.saving_vs_fp32_pct < 53.84
     assert report.saving_vs_exact8_pct == pytest.approx(5.926, abs=1e-3)
@@ -155,7 +155,7 @@ def test_paper_headline_is_out_of_reach_with_horowitz_defaults():
 def test_paper_headline_is_expressible_with_another_int8_energy():
     layers, r = _paper_network(0.4)
     assert 0 < r < 1
-    table = EnergyTable(int8_mul_pj=0.4, power_overrides_mw={"mul8u_2P7": r * 0.391})
+    table = EnergyModel(int8_mul_pj=0.4, power_overrides_mw={"mul8u_2P7": r * 0.391})
     report = energy_report(layers, None, table)
     assert report.summary() == "\u221253.84 % vs FP32, \u22125.97 % vs exact 8-bit"
 
@@ -176,14 +176,14 @@ def test_format_saving():
 def test_bad_energy_table(kwargs, message):
     """One line in the CLI's words: options by their flag, never by the dataclass field."""
     with pytest.raises(UserError, match=message) as info:
-        EnergyTable(**kwargs)
+        EnergyModel(**kwargs)
     text = str(info.value)
     assert "\n" not in text
-    assert not any(field in text for field in ("EnergyTable", "fp32_mul_pj", "int8_mul_pj", "_pj", "_mw"))
+    assert not any(field in text for field in ("EnergyModel", "fp32_mul_pj", "int8_mul_pj", "_pj", "_mw"))
 
 
 def test_zero_add_energies_are_allowed():
-    assert EnergyTable(fp32_add_pj=0, int32_add_pj=0.0).fp32_add_pj == 0
+    assert EnergyModel(fp32_add_pj=0, int32_add_pj=0.0).fp32_add_pj == 0
 
 
 @pytest.mark.parametrize("macs, quantised",
@@ -267,8 +267,8 @@ def test_network_energy_is_unchanged(case, multiplier):
     if multiplier == "genotype":
         set_genotype_multipliers(net, genotype, arithmetic_from_spec)
     mult = None if multiplier in ("none", "exact", "genotype") else load_multiplier(multiplier)
-    expected = energy_report(network_costs(net), mult, EnergyTable())
-    report, params = network_energy(genotype, 6, 6, multiplier, EnergyTable())
+    expected = energy_report(network_costs(net), mult, EnergyModel())
+    report, params = network_energy(genotype, 6, 6, multiplier, EnergyModel())
     assert report.to_dict() == expected.to_dict()
     assert params == sum(p.size for p in net.parameters())
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from approxdarts_np.approx.arithmetic import arithmetic_from_spec
-from approxdarts_np.approx.energy import EnergyTable
+from approxdarts_np.approx.energy import EnergyModel
 from approxdarts_np.io.checkpoint import load_tree
 from approxdarts_np.nas.genotypes import DARTS_V2, Genotype, read_genotype
 from approxdarts_np.nas.model_eval import NetworkCIFAR
@@ -139,7 +139,7 @@ def test_per_layer_energy_by_hand():
     names = ["mul8u_2P7", "exact", "mul8u_17KS"]
     g = _with_multipliers(DARTS_V2, names)
     report, _ = network_energy(g, 4, 3, "genotype")
-    table = EnergyTable()
+    table = EnergyModel()
     pj = {n: table.approx_mul_pj(arithmetic_from_spec(n).multiplier) for n in names}
     # by hand: walk the cells and ops in genotype order, independently of the report's layer names
     net = NetworkCIFAR(g, 4, 10, 3, auxiliary=False)

@@ -18,7 +18,7 @@ With the default energies the paper's two figures cannot both be met: they imply
 exact-8-bit network costs 0.491 of the FP32 one, which leaves the 8-bit multiplies at 2.9 % of
 the FP32 energy (0.2 pJ against 3.7 pJ), so even a zero-power multiplier saves at most 5.93 %
 against exact 8 bit, not 5.97 %. The paper's pair implies a larger 8-bit/FP32 energy ratio
-(about 0.38 pJ for a circuit at half the exact power); ``EnergyTable`` takes any values.
+(about 0.38 pJ for a circuit at half the exact power); ``EnergyModel`` takes any values.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ HOROWITZ_2014 = ("M. Horowitz, \"Computing's energy problem (and what we can do 
                  "IEEE ISSCC 2014, pp. 10-14, 45 nm")
 MINUS = "\u2212"
 
-# How messages name each EnergyTable value: by the CLI option where one exists.
+# How messages name each EnergyModel value: by the CLI option where one exists.
 _FIELD_WORDS = {
     "fp32_mul_pj": "--fp32-mul-pj (energy of an FP32 multiply, pJ)",
     "int8_mul_pj": "--int8-mul-pj (energy of an exact 8-bit multiply, pJ)",
@@ -51,7 +51,7 @@ _POSITIVE_FIELDS = ("fp32_mul_pj", "int8_mul_pj", "reference_power_mw")
 
 
 @dataclass(frozen=True)
-class EnergyTable:
+class EnergyModel:
     """Energy per arithmetic operation (pJ) and the reference power of the exact 8-bit multiplier.
 
     Defaults: Horowitz, ISSCC 2014, 45 nm — FP32 multiply 3.7 pJ, FP32 add 0.9 pJ, 8-bit integer
@@ -114,8 +114,8 @@ class EnergyTable:
         return self.int8_mul_pj * power / self.reference_power_mw
 
     def sources(self) -> list[str]:
-        """Return the lines that say where every figure of this table comes from."""
-        defaults = EnergyTable()
+        """Return the lines that say where every figure of this energy model comes from."""
+        defaults = EnergyModel()
 
         def origin(name: str) -> str:
             return "default" if getattr(self, name) == getattr(defaults, name) else "user value"
@@ -138,7 +138,7 @@ class EnergyTable:
         return lines
 
     def to_dict(self) -> dict:
-        """Return the table as plain JSON-ready values."""
+        """Return the energy model as plain JSON-ready values."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["power_overrides_mw"] = dict(self.power_overrides_mw)
         return values
@@ -216,7 +216,7 @@ class EnergyReport:
 
     layers: tuple[LayerEnergy, ...]
     multipliers: Mapping[str, Mapping[str, float | str]]
-    table: EnergyTable
+    energy_model: EnergyModel
 
     @property
     def macs(self) -> int:
@@ -282,13 +282,13 @@ class EnergyReport:
             "saving_with_adds_vs_exact8_pct": saving_pct(with_adds_approx, with_adds_exact8),
             "multipliers": {name: dict(info) for name, info in self.multipliers.items()},
             "layers": [asdict(row) for row in self.layers],
-            "energy_table": self.table.to_dict(),
-            "sources": self.table.sources(),
+            "energy_model": self.energy_model.to_dict(),
+            "sources": self.energy_model.sources(),
         }
 
 
 def energy_report(layers: list[LayerCost], multiplier: Multiplier | None = None,
-                  table: EnergyTable | None = None) -> EnergyReport:
+                  energy_model: EnergyModel | None = None) -> EnergyReport:
     """Return the energy of ``layers`` in the FP32, exact 8-bit and approximate scenarios.
 
     A quantised layer's multiplier is its own ``multiplier`` name (loaded with
@@ -296,7 +296,7 @@ def energy_report(layers: list[LayerCost], multiplier: Multiplier | None = None,
     approximate scenario equals the exact one. Raises UserError for an unknown multiplier name
     or a multiplier without a known power.
     """
-    table = EnergyTable() if table is None else table
+    prices = EnergyModel() if energy_model is None else energy_model
     resolved: dict[str, Multiplier] = {}
     if multiplier is not None:
         resolved[multiplier.name] = multiplier
@@ -311,24 +311,25 @@ def energy_report(layers: list[LayerCost], multiplier: Multiplier | None = None,
     used: dict[str, dict[str, float | str]] = {}
     rows = []
     for layer in layers:
-        fp32_mul = layer.macs * table.fp32_mul_pj
-        fp32_add = layer.macs * table.fp32_add_pj
+        fp32_mul = layer.macs * prices.fp32_mul_pj
+        fp32_add = layer.macs * prices.fp32_add_pj
         if layer.quantised:
             mult = resolve(layer)
             if mult.name not in used:
-                power, where_from = table.multiplier_power(mult)
+                power, where_from = prices.multiplier_power(mult)
                 used[mult.name] = {"power_mw": power, "power_source": where_from,
-                                   "mul_pj": table.approx_mul_pj(mult)}
+                                   "mul_pj": prices.approx_mul_pj(mult)}
             rows.append(LayerEnergy(
                 name=layer.name, kind=layer.kind, macs=layer.macs, quantised=True,
                 multiplier=mult.name, mul_energy_fp32_pj=fp32_mul,
-                mul_energy_exact8_pj=layer.macs * table.int8_mul_pj,
+                mul_energy_exact8_pj=layer.macs * prices.int8_mul_pj,
                 mul_energy_approx_pj=layer.macs * float(used[mult.name]["mul_pj"]),
-                add_energy_fp32_pj=fp32_add, add_energy_8bit_pj=layer.macs * table.int32_add_pj))
+                add_energy_fp32_pj=fp32_add, add_energy_8bit_pj=layer.macs * prices.int32_add_pj))
         else:
             rows.append(LayerEnergy(
                 name=layer.name, kind=layer.kind, macs=layer.macs, quantised=False,
                 multiplier=None, mul_energy_fp32_pj=fp32_mul, mul_energy_exact8_pj=fp32_mul,
                 mul_energy_approx_pj=fp32_mul, add_energy_fp32_pj=fp32_add,
                 add_energy_8bit_pj=fp32_add))
-    return EnergyReport(layers=tuple(rows), multipliers=types.MappingProxyType(used), table=table)
+    return EnergyReport(layers=tuple(rows), multipliers=types.MappingProxyType(used),
+                        energy_model=prices)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from approxdarts_np.approx.arithmetic import GENOTYPE, arithmetic_from_spec, split_specs
-from approxdarts_np.approx.energy import EnergyReport, EnergyTable, energy_report
+from approxdarts_np.approx.energy import EnergyReport, EnergyModel, energy_report
 from approxdarts_np.approx.multipliers import bundled_names, load_multiplier
 from approxdarts_np.data.cifar import load_cifar10
 from approxdarts_np.errors import UserError
@@ -26,7 +26,7 @@ MAX_ENERGY_CHANNELS = 100_000
 
 
 def network_energy(genotype: Genotype, channels: int, layers: int, arithmetic: str | None = "exact",
-                   table: EnergyTable | None = None) -> tuple[EnergyReport, int]:
+                   energy_model: EnergyModel | None = None) -> tuple[EnergyReport, int]:
     """Energy report of the evaluation network of ``genotype`` (one 32×32 image) and its parameter count.
 
     ``arithmetic`` is a spec (:mod:`~approxdarts_np.approx.arithmetic`); "genotype" prices every searched conv with the multiplier its genotype names.
@@ -49,7 +49,7 @@ def network_energy(genotype: Genotype, channels: int, layers: int, arithmetic: s
     costs, params = evaluation_network_costs(
         genotype, channels, layers, multiplier_name if arithmetic == GENOTYPE else None)
     mult = None if arithmetic in (None, "none", "exact", GENOTYPE) else load_multiplier(arithmetic)
-    report = energy_report(costs, mult, table)
+    report = energy_report(costs, mult, energy_model)
     try:  # math.fsum raises OverflowError when a partial sum overflows; a sum of infinities is inf
         mul = {"FP32": report.energy_fp32_pj, "exact 8-bit": report.energy_exact8_pj,
                "approximate": report.energy_approx_pj}
@@ -90,7 +90,7 @@ def check_output_path(path: str | Path, suffixes: tuple[str, ...]) -> None:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, specs: list[str] | None, data_dir: str | None = None,
-                        batch_size: int = 100, table: EnergyTable | None = None,
+                        batch_size: int = 100, energy_model: EnergyModel | None = None,
                         progress=None) -> list[dict]:
     """Test accuracy of a trained network with each arithmetic spec in its searched convolutions.
 
@@ -128,7 +128,7 @@ def evaluate_checkpoint(checkpoint: str | Path, specs: list[str] | None, data_di
                "test_images": int(data.test_x.shape[0]), "energy_pj": None, "energy_fp32_pj": None,
                "energy_exact8_pj": None, "saving_vs_fp32_pct": None, "saving_vs_exact8_pct": None}
         try:
-            report = energy_report(costs, arithmetic.multiplier if arithmetic else None, table)
+            report = energy_report(costs, arithmetic.multiplier if arithmetic else None, energy_model)
             if spec != GENOTYPE and arithmetic is None:
                 report_energy = report.energy_fp32_pj
             else:

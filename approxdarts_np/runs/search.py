@@ -553,20 +553,20 @@ class Searcher:
 
 
 def energy_prices(arithmetics: list, required) -> dict | None:
-    """``{"pj": energy per multiply of each arithmetic, "exact_pj"}`` from the default energy table.
+    """``{"pj": energy per multiply of each arithmetic, "exact_pj"}`` from the default energy model.
 
     None (float32) costs an FP32 multiply. A multiplier without a published power raises
     UserError when ``required``; otherwise the energy figures are left out (None).
     """
-    from approxdarts_np.approx.energy import EnergyTable
-    table = EnergyTable()
+    from approxdarts_np.approx.energy import EnergyModel
+    prices = EnergyModel()
     try:
-        pj = [table.fp32_mul_pj if a is None else table.approx_mul_pj(a.multiplier) for a in arithmetics]
+        pj = [prices.fp32_mul_pj if a is None else prices.approx_mul_pj(a.multiplier) for a in arithmetics]
     except UserError:
         if required:
             raise
         return None
-    return {"pj": np.array(pj, dtype=np.float64), "exact_pj": table.int8_mul_pj}
+    return {"pj": np.array(pj, dtype=np.float64), "exact_pj": prices.int8_mul_pj}
 
 
 def run_search(config: SearchConfig | None = None, resume: str | Path | None = None,
