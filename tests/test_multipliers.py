@@ -20,6 +20,8 @@ from approxdarts_np.approx.multipliers import (
     matches_published, published_mismatches, summarise,
 )
 from approxdarts_np.errors import UserError
+from approxdarts_np.kernels._util import force_variant
+from approxdarts_np.kernels.rank import ranks_mod_primes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "evoapprox-mul8u"
 TABLES = Path(mm.__file__).resolve().parent / "tables"
@@ -433,9 +435,16 @@ def test_exact_rank_when_first_primes_divide_the_minors():
     assert exact_rank(np.array([[p1, p1], [p1, p1 + p1 * p2]], dtype=np.int64)) == 2
     # Test the tester: a single prime alone reports rank 1 for these.
     matrix = np.array([[p1, 0], [0, 1]], dtype=np.int64)
-    assert mm._rank_mod_prime_kernel(matrix, p1) == 1
-    np.testing.assert_array_equal(
-        mm._rank_mod_primes_kernel(matrix, np.array([p1, p2], dtype=np.int64)), [1, 2])
+    for variant in ("serial", "parallel"):
+        before = force_variant(variant)
+        try:
+            np.testing.assert_array_equal(ranks_mod_primes(matrix, np.array([p1, p2], dtype=np.int64)), [1, 2])
+        finally:
+            force_variant(before)
+    with pytest.raises(ValueError, match="int64"):
+        ranks_mod_primes(matrix.astype(np.int32), np.array([p1], dtype=np.int64))
+    with pytest.raises(ValueError, match="primes"):
+        ranks_mod_primes(matrix, np.array([1 << 26], dtype=np.int64))
 
 
 def test_exact_rank_edge_cases():

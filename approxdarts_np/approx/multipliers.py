@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from numba import njit, prange
-
 from approxdarts_np.errors import UserError
+from approxdarts_np.kernels.rank import MAX_ELIMINATION_STEPS, PRIME_LIMIT, ranks_mod_primes
 
 TABLE_SIDE = 256
 TABLE_ENTRIES = TABLE_SIDE * TABLE_SIDE
@@ -337,97 +336,20 @@ def published_mismatches(measured: Mapping[str, float],
 # Exact rank of an integer matrix
 # --------------------------------------------------------------------------------------------
 
-# Primes just below 2^26: a reduced entry times a reduced pivot is below 2^52, so up to 2^11
-# elimination steps can be accumulated in int64 before anything needs reducing.
-_PRIME_LIMIT = 1 << 26
-_MAX_ELIMINATION_STEPS = 1 << 10
-_PARALLEL_MIN_PRIMES = 8
-
-
 @functools.lru_cache(maxsize=None)
 def _primes_below_limit(count: int) -> tuple[int, ...]:
     """The ``count`` largest primes below 2^26, descending (trial division; count stays small)."""
     small = [2]
-    for candidate in range(3, math.isqrt(_PRIME_LIMIT) + 1, 2):
+    for candidate in range(3, math.isqrt(PRIME_LIMIT) + 1, 2):
         if all(candidate % p for p in small if p * p <= candidate):
             small.append(candidate)
     found = []
-    candidate = _PRIME_LIMIT - 1
+    candidate = PRIME_LIMIT - 1
     while len(found) < count:
         if all(candidate % p for p in small if p * p <= candidate):
             found.append(candidate)
         candidate -= 2
     return tuple(found)
-
-
-@njit(cache=True)
-def _inverse_mod(value, p):
-    result = 1
-    base = value % p
-    exponent = p - 2
-    while exponent > 0:
-        if exponent & 1:
-            result = result * base % p
-        base = base * base % p
-        exponent >>= 1
-    return result
-
-
-@njit(cache=True)
-def _rank_mod_prime_kernel(matrix, p):
-    """Rank of ``matrix`` modulo the prime ``p`` < 2^26 by Gaussian elimination."""
-    n, m = matrix.shape
-    a = np.empty((n, m), dtype=np.int64)
-    for i in range(n):
-        for j in range(m):
-            v = matrix[i, j] % p
-            if v < 0:
-                v += p
-            a[i, j] = v
-    # Entries below the pivot row stay unreduced (|a| < 2^62 for < 2^10 steps); the pivot
-    # column and pivot row are reduced before use, so every product stays below 2^52.
-    r = 0
-    for c in range(m):
-        if r == n:
-            break
-        pivot = -1
-        for i in range(r, n):
-            v = a[i, c] % p
-            if v < 0:
-                v += p
-            a[i, c] = v
-            if v != 0 and pivot < 0:
-                pivot = i
-        if pivot < 0:
-            continue
-        if pivot != r:
-            for j in range(c, m):
-                tmp = a[r, j]
-                a[r, j] = a[pivot, j]
-                a[pivot, j] = tmp
-        inv = _inverse_mod(a[r, c], p)
-        for j in range(c, m):
-            v = a[r, j] % p
-            if v < 0:
-                v += p
-            a[r, j] = v * inv % p
-        for i in range(r + 1, n):
-            f = a[i, c]
-            if f != 0:
-                for j in range(c + 1, m):
-                    a[i, j] -= f * a[r, j]
-                a[i, c] = 0
-        r += 1
-    return r
-
-
-@njit(cache=True, parallel=True)
-def _rank_mod_primes_kernel(matrix, primes):
-    """Rank of ``matrix`` modulo each prime; one prime per thread, each result written once."""
-    ranks = np.zeros(primes.size, dtype=np.int64)
-    for t in prange(primes.size):
-        ranks[t] = _rank_mod_prime_kernel(matrix, primes[t])
-    return ranks
 
 
 def _hadamard_bound_squared(squared_norms: list[int], size: int) -> int:
@@ -463,9 +385,9 @@ def exact_rank(matrix: np.ndarray) -> int:
     if matrix.dtype == np.bool_ or not np.issubdtype(matrix.dtype, np.integer):
         raise ValueError(f"exact_rank needs an integer matrix, got dtype {matrix.dtype}")
     n, m = matrix.shape
-    if min(n, m) > _MAX_ELIMINATION_STEPS:
+    if min(n, m) > MAX_ELIMINATION_STEPS:
         raise ValueError(f"exact_rank supports matrices with min(rows, cols) <= "
-                         f"{_MAX_ELIMINATION_STEPS}, got {matrix.shape}")
+                         f"{MAX_ELIMINATION_STEPS}, got {matrix.shape}")
     if matrix.size == 0 or not matrix.any():
         return 0
     if matrix.dtype == np.uint64 and int(matrix.max()) > np.iinfo(np.int64).max:
@@ -487,13 +409,7 @@ def exact_rank(matrix: np.ndarray) -> int:
         need_bits = max(bound_sq.bit_length() // 2 + 1 - (product.bit_length() - 1), 1)
         batch = max(-(-need_bits // 25), 1)
         primes = _primes_below_limit(primes_used + batch)[primes_used:]
-        if batch < _PARALLEL_MIN_PRIMES:
-            # Most tables are settled by one or two primes: no thread team for a few ms of work.
-            for p in primes:
-                rank = max(rank, int(_rank_mod_prime_kernel(values, p)))
-        else:
-            ranks = _rank_mod_primes_kernel(values, np.array(primes, dtype=np.int64))
-            rank = max(rank, int(ranks.max()))
+        rank = max(rank, int(ranks_mod_primes(values, np.array(primes, dtype=np.int64)).max()))
         primes_used += batch
         for p in primes:
             product *= p
