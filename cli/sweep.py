@@ -13,7 +13,9 @@ from rich.table import Table
 from approxdarts_np.errors import UserError
 from approxdarts_np.runs.search import SearchConfig
 from approxdarts_np.runs.train import TrainConfig
-from approxdarts_np.runs.sweep import SweepConfig, format_count, format_mean_std, parse_list, run_sweep
+from approxdarts_np.runs.sweep import run_sweep
+from approxdarts_np.runs.sweep_results import format_count, format_mean_std
+from approxdarts_np.runs.sweep_trials import SweepConfig, parse_list
 from approxdarts_np_cli._common import given, user_errors
 from approxdarts_np_cli.text import plural, wrap_parts
 

@@ -443,7 +443,7 @@ def test_a_multiplier_search_saved_before_the_budget_settings_resumes_as_it_ran(
 
 
 def test_a_sweep_lambda_on_one_multiplier_moves_the_ops_and_on_a_choice_the_multipliers(tmp_path):
-    from approxdarts_np.runs.sweep import SweepConfig
+    from approxdarts_np.runs.sweep_trials import SweepConfig
 
     sweep = SweepConfig(multipliers=["mul8u_17KS", "exact+mul8u_17KS"], seeds=[0], energy_weights=[0.0, 1.0],
                         stage="search", output_dir=str(tmp_path))

@@ -27,8 +27,9 @@ from typer.testing import CliRunner
 from approxdarts_np.errors import UserError
 from approxdarts_np.io.rundir import RunFolder
 from approxdarts_np.runs.plots import pareto_front, plot_accuracy_energy
-from approxdarts_np.runs.sweep import (SweepConfig, error_line, format_count, format_mean_std, restore_trial,
-                                       run_sweep, run_trial, summarize, trial_name)
+from approxdarts_np.runs.sweep import error_line, run_sweep
+from approxdarts_np.runs.sweep_results import format_count, format_mean_std, summarize
+from approxdarts_np.runs.sweep_trials import SweepConfig, restore_trial, run_trial, trial_name
 from approxdarts_np_cli.main import app
 from approxdarts_np_cli.sweep import _print_summary
 
@@ -578,9 +579,9 @@ def test_ctrl_c_and_resume_print_only_the_sweeps_own_lines_within_80_columns(tmp
 
 
 def test_the_sweep_plot_draws_the_exact_line_at_the_exact_trials_mean(tmp_path, monkeypatch):
-    """write_results hands the plot the mean energy of the exact 8-bit trials as the exact line
+    """write_rows_and_plot hands the plot the mean energy of the exact 8-bit trials as the exact line
     (not the mean of every network priced in exact 8-bit)."""
-    from approxdarts_np.runs import plots, sweep
+    from approxdarts_np.runs import plots, sweep_results
 
     seen = {}
     monkeypatch.setattr(plots, "plot_accuracy_energy",
@@ -593,5 +594,5 @@ def test_the_sweep_plot_draws_the_exact_line_at_the_exact_trials_mean(tmp_path, 
                     resumed=False, genotype={}, folder="x")
     rows = [row("exact", 0, 100.0, 100.0), row("exact", 1, 120.0, 120.0),
             row("mul8u_17KS", 0, 30.0, 300.0), row("mul8u_17KS", 1, 40.0, 400.0)]
-    sweep.write_results(rows, tmp_path)
+    sweep_results.write_rows_and_plot(rows, tmp_path)
     assert any(abs(value - 110.0) < 1e-9 for _, value in seen["references"]), seen["references"]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from approxdarts_np.runs.sweep import SweepConfig, run_trial, trial_name
+from approxdarts_np.runs.sweep_trials import SweepConfig, run_trial, trial_name
 from run_helpers import metrics_without_times
 
 pytest.importorskip("ray", reason='the cluster test needs Ray: pip install -e ".[sweep]"')
