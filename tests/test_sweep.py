@@ -28,7 +28,7 @@ from approxdarts_np.errors import UserError
 from approxdarts_np.io.rundir import RunFolder
 from approxdarts_np.runs.plots import pareto_front, plot_accuracy_energy
 from approxdarts_np.runs.sweep import error_line, run_sweep
-from approxdarts_np.runs.sweep_results import format_count, format_mean_std, summarize
+from approxdarts_np.runs.sweep_results import format_count, format_mean_std, summarise
 from approxdarts_np.runs.sweep_trials import SweepConfig, restore_trial, run_trial, trial_name
 from approxdarts_np_cli.main import app
 from approxdarts_np_cli.sweep import _print_summary
@@ -102,7 +102,7 @@ def test_summary_is_mean_and_sample_std_over_seeds():
             {"multiplier": "exact", "val_acc": 0.4, "test_acc": 0.3, "energy_pj": 3e6, "parameters": 30, "wall_s": 3},
             {"multiplier": "mul8u_2P7", "val_acc": 0.5, "test_acc": None, "energy_pj": 2e6, "parameters": 20,
              "wall_s": 2}]
-    exact, approx = summarize(rows)
+    exact, approx = summarise(rows)
     assert exact["trials"] == 2 and exact["val_acc_mean"] == pytest.approx(0.3)
     assert exact["val_acc_std"] == pytest.approx(0.02 ** 0.5)  # sample std of 0.2, 0.4
     assert exact["energy_pj_std"] == pytest.approx(2 ** 0.5 * 1e6)  # sample std (n - 1) of 1e6, 3e6
@@ -116,7 +116,7 @@ def test_summary_groups_by_multiplier_and_lambda():
             for w, s, acc, energy in [(0.0, 0, 0.5, 4e6), (0.0, 1, 0.7, 6e6), (1.0, 0, 0.2, 1e6), (1.0, 1, 0.4, 3e6)]]
     rows.append({"multiplier": "exact", "energy_weight": None, "seed": 0, "val_acc": 0.9, "test_acc": None,
                  "energy_pj": 9e6, "parameters": 10, "wall_s": 1})
-    summary = summarize(rows)
+    summary = summarise(rows)
     assert [(s["multiplier"], s["energy_weight"], s["trials"]) for s in summary] == [
         ("exact+mul8u_2P7", 0.0, 2), ("exact+mul8u_2P7", 1.0, 2), ("exact", None, 1)]
     assert summary[0]["val_acc_mean"] == pytest.approx(0.6) and summary[1]["val_acc_mean"] == pytest.approx(0.3)
@@ -312,7 +312,7 @@ SUMMARY_CASES = {
 @pytest.mark.parametrize("case", SUMMARY_CASES)
 def test_the_summary_table_fits_80_columns_and_keeps_numbers_whole(case):
     rows, over = SUMMARY_CASES[case]
-    result = {"rows": rows, "summary": summarize(rows), "stage": "both", "elapsed_s": 1.0, "files": {}}
+    result = {"rows": rows, "summary": summarise(rows), "stage": "both", "elapsed_s": 1.0, "files": {}}
     console = Console(file=io.StringIO(), width=80)
     _print_summary(console, result)
     text = console.file.getvalue()

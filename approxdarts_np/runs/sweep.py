@@ -36,7 +36,7 @@ from typing import Callable
 from approxdarts_np.errors import UserError
 from approxdarts_np.io.checkpoint import write_json
 from approxdarts_np.runs.plots import require_matplotlib
-from approxdarts_np.runs.sweep_results import summarize, write_rows_and_plot
+from approxdarts_np.runs.sweep_results import summarise, write_rows_and_plot
 from approxdarts_np.runs.sweep_trials import SweepConfig, _trainable, short_repr, trial_name
 
 SWEEP_FILE = "sweep.json"
@@ -85,7 +85,7 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | Path | None = None
             ray.shutdown()
     rows, failed, unfinished = _trial_outcomes(grid, sweep)
     files = write_rows_and_plot(rows, folder) if rows else {}
-    return {"rows": rows, "summary": summarize(rows), "failed": failed, "unfinished": unfinished, "files": files,
+    return {"rows": rows, "summary": summarise(rows), "failed": failed, "unfinished": unfinished, "files": files,
             "elapsed_s": elapsed, "output_dir": str(folder), "stage": sweep.stage}
 
 

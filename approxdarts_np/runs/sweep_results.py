@@ -40,7 +40,7 @@ def short_name(multiplier: str) -> str:
                     for m in str(multiplier).split("+"))
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def summarise(rows: list[dict]) -> list[dict]:
     """Per multiplier (and λ): trials, and mean ± std over seeds of accuracies, energy, parameters, wall time.
 
     The std is the sample standard deviation (n − 1); None for a single seed.
