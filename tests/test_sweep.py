@@ -167,7 +167,7 @@ def test_bad_option_exits_2_before_any_trial(tmp_path, args, message):
 def test_the_whole_grid_is_checked_before_ray_starts(tmp_path, monkeypatch, args, message):
     import approxdarts_np.runs.sweep as sweep_module
 
-    def no_ray():
+    def no_ray(*args, **kwargs):
         raise AssertionError("Ray was imported before the settings were checked")
 
     monkeypatch.setattr(sweep_module, "import_ray", no_ray)
@@ -182,7 +182,7 @@ def test_the_whole_grid_is_checked_before_ray_starts(tmp_path, monkeypatch, args
 def test_data_dir_without_batches_is_checked_before_ray(tmp_path, monkeypatch):
     import approxdarts_np.runs.sweep as sweep_module
 
-    monkeypatch.setattr(sweep_module, "import_ray", lambda: (_ for _ in ()).throw(AssertionError("Ray imported")))
+    monkeypatch.setattr(sweep_module, "import_ray", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray imported")))
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["sweep", "--output-dir", str(tmp_path / "out"), "--data-dir",
                                  str(tmp_path / "empty")] + TINY_ARGS)
@@ -198,7 +198,7 @@ def test_data_dir_without_batches_is_checked_before_ray(tmp_path, monkeypatch):
 def test_resume_of_a_sweep_whose_saved_settings_have_wrong_types(tmp_path, monkeypatch, setting, value):
     import approxdarts_np.runs.sweep as sweep_module
 
-    monkeypatch.setattr(sweep_module, "import_ray", lambda: (_ for _ in ()).throw(AssertionError("Ray imported")))
+    monkeypatch.setattr(sweep_module, "import_ray", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray imported")))
     saved = SweepConfig(run_options=dict(TINY), cpus_per_trial=1).to_dict()
     saved[setting] = value
     (tmp_path / "sweep.json").write_text(json.dumps(saved))
