@@ -96,15 +96,20 @@ def search(
         Q.order)),
     unrolled_lr: Optional[float] = typer.Option(None, help=default_help(
         "ξ of the virtual step with --order 2.", "the current weight learning rate")),
+    workers: Optional[int] = typer.Option(None, help=default_help(
+        "Split every step over N Ray workers by image (each with --threads threads; pip install -e "
+        "\".[sweep]\").", Q.workers)),
+    address: Optional[str] = typer.Option(None, help=(
+        "With --workers: the Ray cluster to run them on (HOST:PORT or auto); default: a local Ray.")),
     resume: Optional[Path] = typer.Option(None, help=(
-        "Continue the search saved in this folder. Only --epochs (to extend it) and --threads may be given "
+        "Continue the search saved in this folder. Only --epochs (to extend it), --threads and --workers may be given "
         "with it; other settings are the saved ones.")),
 ) -> None:
     """Search a cell with DARTS (first or second order), the searched convolutions using the chosen multiplier."""
     options = given(
         epochs=epochs, channels=channels, layers=layers, batch_size=batch_size, lr=lr, lr_min=lr_min,
         momentum=momentum, weight_decay=weight_decay, grad_clip=grad_clip, arch_lr=arch_lr,
-        arch_weight_decay=arch_weight_decay, threads=threads, order=order, unrolled_lr=unrolled_lr, seed=seed,
+        arch_weight_decay=arch_weight_decay, threads=threads, workers=workers, order=order, unrolled_lr=unrolled_lr, seed=seed,
         multipliers=multipliers, energy_weight=energy_weight, energy_target=energy_target,
         energy_budget=energy_budget, budget_step=budget_step, energy_scope=energy_scope,
         max_parameter_free=max_parameter_free, warmup_epochs=warmup_epochs, beta_lr=beta_lr,
@@ -120,13 +125,13 @@ def search(
         folder = resume
         if output_dir == resume:
             options.pop("output_dir")
-        run = functools.partial(run_search, resume=resume, overrides=options)
+        run = functools.partial(run_search, resume=resume, overrides=options, address=address)
     else:
         options.pop("preset", None)
         make = SearchConfig.paper if preset is Preset.paper else SearchConfig.quick
         config = make(**options)
         folder = Path(config.output_dir)
-        run = functools.partial(run_search, config)
+        run = functools.partial(run_search, config, address=address)
     with EpochProgress(console, "search", header=f"search → {folder}") as progress:
         summary = run_with_interrupts(functools.partial(run, progress=progress), console,
                                       f"approxdarts-np search --resume {folder}", folder)

@@ -38,6 +38,7 @@ decomposition; a plan built with a larger ``max_rank`` keeps the factors (so ``e
 "lowrank"`` can be forced) even when it picks the gather engine.
 """
 import hashlib
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -53,7 +54,7 @@ from ..kernels.lut_conv import (feature_sum, im2col_codes, lut_bag_conv, lut_con
 from .lowrank import (LowRankBoundError, LowRankFactors, activation_features,
                       exact_error_factors, feature_conv, features_fit_float32, lowrank_conv2d,
                       weight_error_rows, weight_features)
-from .quantize import codes_and_features, quant_params, weight_codes
+from .quantize import codes_and_features, params_of_range, quant_params, weight_codes
 
 __all__ = ["LutPlan", "make_lut_plan", "lut_conv2d", "approx_conv2d", "choose_engine",
            "LOWRANK_MAX_TERMS", "ENGINES"]
@@ -232,6 +233,30 @@ def _gather_conv2d(qx, zx, qw, zw, plan, stride, padding, dilation, groups, out_
 _NO_FEATURES_T = np.zeros((0, 256), np.float32)
 
 
+# How an activation's quantisation range is taken over the replicas that split a batch
+# (approxdarts_np.runs.replicas), per thread: ``reduce``, a function from this replica's float64
+# (-min, max) to the elementwise maximum over every replica's; absent in one process.
+_RANGES = threading.local()
+
+
+def range_activations_with(reduce) -> None:
+    """Make 8-bit convolutions, in this thread, quantise their input with the range ``reduce`` finds over
+    every replica of a split batch (None: the batch is this thread's alone)."""
+    _RANGES.reduce = reduce
+
+
+def activation_params(x) -> tuple[float, int]:
+    """:func:`~approxdarts_np.approx.quantize.quant_params` of the activation ``x``, or of the whole batch
+    when the batch is split over replicas (:func:`range_activations_with`)."""
+    reduce = getattr(_RANGES, "reduce", None)
+    if reduce is None:
+        return quant_params(x)
+    neg_lo, hi = reduce(np.array([-float(x.min()), float(x.max())]))
+    if not (np.isfinite(neg_lo) and np.isfinite(hi)):
+        raise ValueError("cannot quantise a tensor that contains NaN or infinity")
+    return params_of_range(-float(neg_lo), float(hi))
+
+
 def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine="auto"):
     """Quantise x and w once and return ``(y, (qx, sx, zx), (qw, sw, zw))``, y float32.
 
@@ -259,7 +284,7 @@ def approx_conv2d(x, w, plan, stride=1, padding=0, dilation=1, groups=1, engine=
         raise ValueError(f"w {w.shape} does not fit x {x.shape} with groups={groups}")
     conv_output_hw(h, wd, k_h, k_w, stride + padding + dilation)   # raises on an empty output
     depthwise = groups == n_in and n_in_g == 1 and n_out == n_in
-    sx, zx = quant_params(x)
+    sx, zx = activation_params(x)
     chosen = choose_engine(plan, x.shape, w.shape, stride, groups) if engine == "auto" else engine
     geometry = (stride, padding, dilation, groups, depthwise)
     if chosen == "lowrank":

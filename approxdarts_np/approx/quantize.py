@@ -84,10 +84,10 @@ def quant_params(x) -> tuple[float, int]:
     lo, hi = float(x.min()), float(x.max())
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError("cannot quantise a tensor that contains NaN or infinity")
-    return _params_of_range(lo, hi)
+    return params_of_range(lo, hi)
 
 
-def _params_of_range(lo: float, hi: float) -> tuple[float, int]:
+def params_of_range(lo: float, hi: float) -> tuple[float, int]:
     """(scale, zero point) of the finite range [lo, hi], widened to contain 0."""
     lo = min(lo, 0.0)
     hi = max(hi, 0.0)
@@ -100,7 +100,7 @@ def _params_of_range(lo: float, hi: float) -> tuple[float, int]:
 
 @njit(cache=True)
 def _float32_params(bits):
-    """:func:`_params_of_range` of a float32 array given as its int32 view, in one pass:
+    """:func:`params_of_range` of a float32 array given as its int32 view, in one pass:
     returns (scale, zero_point, finite).
 
     Float comparisons in a loop do not vectorise (NaN rules); integer ones do. The key

@@ -1,6 +1,8 @@
 """Convolution, pooling and batch-norm ops over the Numba kernels, one Function each."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from approxdarts_np.autodiff.functional import mean
@@ -77,24 +79,59 @@ class AvgPool2d(Function):
         return kpool.avg_pool2d_grad(np.ascontiguousarray(g), self.x_shape, *self.args)
 
 
+# How batch statistics are summed over the replicas that split a batch (approxdarts_np.runs.replicas),
+# per thread: ``reduce``, a function from a float64 array (this replica's sums) to the sum of every
+# replica's in a fixed replica order; absent in one process. Set with :func:`sum_batch_statistics_with`.
+_BATCH_SUMS = threading.local()
+
+
+def sum_batch_statistics_with(reduce) -> None:
+    """Make batch norm in training mode, in this thread, normalise with statistics summed by ``reduce``
+    over every replica of a split batch (None: the batch is this thread's alone)."""
+    _BATCH_SUMS.reduce = reduce
+
+
 class BatchNormTrain(Function):
     """Batch normalisation with the batch's statistics; ``gamma``/``beta`` optional (affine off).
 
-    The batch mean and biased variance are appended to ``stats_out`` (when given)
-    so that the layer can update its running averages.
+    The batch mean, the biased variance and the number of values per channel are appended to
+    ``stats_out`` (when given) so that the layer can update its running averages. When the batch
+    is split over replicas (:func:`sum_batch_statistics_with`), the per-channel sums and sums of
+    squares of every replica's share are summed before normalising, and so are the gradient's
+    sums in backward: every replica computes the step of the whole batch. ``gamma``/``beta``
+    then get this share's part of their gradient (the replicas sum those with the others).
     """
 
     def forward(self, x, *affine, eps=1e-5, stats_out=None):
         gamma, beta = affine if affine else (None, None)
-        y, mean, var, invstd = kbn.batch_norm_train(x, gamma, beta, eps)
-        self.x, self.mean, self.invstd, self.gamma = x, mean, invstd, gamma
+        self.reduce = reduce = getattr(_BATCH_SUMS, "reduce", None)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        if reduce is None:
+            y, mean, var, invstd = kbn.batch_norm_train(x, gamma, beta, eps)
+        else:
+            total = reduce(np.append(kbn.batch_moments(x).ravel(), float(count)))
+            count = total[-1]
+            sums = total[:-1].reshape(-1, 2)
+            mean64 = sums[:, 0] / count
+            var64 = np.maximum(sums[:, 1] / count - mean64 * mean64, 0.0)
+            y = kbn.batch_norm_eval(x, mean64, var64, gamma, beta, eps)
+            mean, var = mean64.astype(DTYPE), var64.astype(DTYPE)
+            invstd = (1.0 / np.sqrt(var64 + eps)).astype(DTYPE)
+        self.x, self.mean, self.invstd, self.gamma, self.count = x, mean, invstd, gamma, count
         if stats_out is not None:
-            stats_out.append((mean, var))
+            stats_out.append((mean, var, count))
         return y
 
     def backward(self, g):
-        gx, ggamma, gbeta = kbn.batch_norm_grad(np.ascontiguousarray(g), self.x, self.mean,
-                                                self.invstd, self.gamma)
+        g = np.ascontiguousarray(g)
+        if self.reduce is None:
+            gx, ggamma, gbeta = kbn.batch_norm_grad(g, self.x, self.mean, self.invstd, self.gamma)
+        else:
+            local = kbn.batch_grad_sums(g, self.x, self.mean)
+            total = self.reduce(local.ravel()).reshape(local.shape)
+            gx = kbn.batch_norm_grad_from_sums(g, self.x, self.mean, self.invstd, self.gamma, total, self.count)
+            ggamma = (local[:, 1] * self.invstd).astype(DTYPE)
+            gbeta = local[:, 0].astype(DTYPE)
         if self.gamma is None:
             return gx
         return (gx, ggamma if self.needs_grad(1) else None, gbeta if self.needs_grad(2) else None)

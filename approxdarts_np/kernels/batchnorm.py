@@ -21,7 +21,8 @@ from numba import njit, prange
 from ._util import check_float32_4d, pick_kernel, serial_twin
 from ._util import unsigned as _u
 
-__all__ = ["batch_norm_train", "batch_norm_grad", "batch_norm_eval"]
+__all__ = ["batch_norm_train", "batch_norm_grad", "batch_norm_eval", "batch_moments", "batch_grad_sums",
+           "batch_norm_grad_from_sums"]
 
 # Partial sums per channel: lane k accumulates elements k, k + _LANES, ... of each image's
 # plane (64 lanes ran faster than 8; more gave nothing).
@@ -98,6 +99,24 @@ def _channel_grad_sums(gf, xf, shape, c, mean, lanes_g, lanes_gx):
 
 
 @njit(cache=True)
+def _channel_grad_apply(gf, xf, of, shape, c, sum_g, sum_gx, count, m, s, gamma_c):
+    """Channel c of ``of`` = (gy - sum_g/n - (x - m) * s**2 * sum_gx/n) * s * gamma_c, n = ``count``.
+
+    The coefficients come from the float64 sums, rounded once; the elementwise pass runs in
+    float32 (as torch's does), faster than in float64.
+    """
+    n_img, n_ch, size = shape
+    mean_g = np.float32(sum_g / count)
+    proj = np.float32(sum_gx * s * s / count)
+    scale = np.float32(s * gamma_c)
+    m32 = np.float32(m)
+    for n in range(n_img):
+        base = (n * n_ch + c) * size
+        for i in range(base, base + size):
+            of[_u(i)] = (gf[_u(i)] - mean_g - (xf[_u(i)] - m32) * proj) * scale
+
+
+@njit(cache=True)
 def _channel_affine(xf, yf, shape, c, scale, shift):
     """Channel c of ``yf`` = x * scale + shift, evaluated in float64."""
     n_img, n_ch, size = shape
@@ -150,20 +169,9 @@ def _batch_norm_grad_kernel(gy3, x3, mean, invstd, gamma, n_lanes):
     for c in prange(n_ch):
         lanes_g = np.empty(n_lanes, np.float64)
         lanes_gx = np.empty(n_lanes, np.float64)
-        m = mean[c]
-        s = invstd[c]
-        sum_g, sum_gx = _channel_grad_sums(gf, xf, shape, c, m, lanes_g, lanes_gx)
-        # Coefficients from the float64 sums, rounded once; the elementwise pass runs in
-        # float32 (as torch's does), faster than in float64.
-        mean_g = np.float32(sum_g / count)
-        proj = np.float32(sum_gx * s * s / count)
-        scale = np.float32(s * gamma[c])
-        m32 = np.float32(m)
-        for n in range(n_img):
-            base = (n * n_ch + c) * size
-            for i in range(base, base + size):
-                of[_u(i)] = (gf[_u(i)] - mean_g - (xf[_u(i)] - m32) * proj) * scale
-        ggamma[c] = sum_gx * s
+        sum_g, sum_gx = _channel_grad_sums(gf, xf, shape, c, mean[c], lanes_g, lanes_gx)
+        _channel_grad_apply(gf, xf, of, shape, c, sum_g, sum_gx, count, mean[c], invstd[c], gamma[c])
+        ggamma[c] = sum_gx * invstd[c]
         gbeta[c] = sum_g
     return gx, ggamma, gbeta
 
@@ -181,11 +189,58 @@ def _batch_norm_eval_kernel(x3, scale, shift):
     return y
 
 
+# Kernels of a batch split over replicas (approxdarts_np.runs.replicas): the per-channel sums of
+# each replica's share are summed over the replicas between the two passes.
+
+@njit(parallel=True, cache=True)
+def _moments_kernel(x3, n_lanes):
+    """(C, 2) float64: per channel, sum(x) and sum(x**2), fixed lanes."""
+    n_img, n_ch, size = x3.shape
+    shape = (n_img, n_ch, size)
+    xf = x3.reshape(x3.size)
+    out = np.empty((n_ch, 2), np.float64)
+    for c in prange(n_ch):
+        lanes = np.empty(n_lanes, np.float64)
+        out[c, 0] = _channel_sum(xf, shape, c, lanes)
+        out[c, 1] = _channel_sq_dev(xf, shape, c, 0.0, lanes)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _grad_sums_kernel(gy3, x3, mean, n_lanes):
+    """(C, 2) float64: per channel, sum(gy) and sum(gy * (x - mean)), fixed lanes."""
+    n_img, n_ch, size = x3.shape
+    shape = (n_img, n_ch, size)
+    xf = x3.reshape(x3.size)
+    gf = gy3.reshape(gy3.size)
+    out = np.empty((n_ch, 2), np.float64)
+    for c in prange(n_ch):
+        lanes_g = np.empty(n_lanes, np.float64)
+        lanes_gx = np.empty(n_lanes, np.float64)
+        out[c, 0], out[c, 1] = _channel_grad_sums(gf, xf, shape, c, mean[c], lanes_g, lanes_gx)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _grad_from_sums_kernel(gy3, x3, mean, invstd, gamma, sums, count):
+    """gx of :func:`_batch_norm_grad_kernel` from given (C, 2) sums over ``count`` values."""
+    n_img, n_ch, size = x3.shape
+    shape = (n_img, n_ch, size)
+    gx = np.empty_like(x3)
+    for c in prange(n_ch):
+        _channel_grad_apply(gy3.reshape(gy3.size), x3.reshape(x3.size), gx.reshape(gx.size), shape, c,
+                            sums[c, 0], sums[c, 1], count, mean[c], invstd[c], gamma[c])
+    return gx
+
+
 # Serial twins of the parallel kernels, for calls too small to wake the thread team
 # (kernels._util.SERIAL_BELOW).
 _batch_norm_train_kernel_serial = serial_twin(_batch_norm_train_kernel)
 _batch_norm_grad_kernel_serial = serial_twin(_batch_norm_grad_kernel)
 _batch_norm_eval_kernel_serial = serial_twin(_batch_norm_eval_kernel)
+_moments_kernel_serial = serial_twin(_moments_kernel)
+_grad_sums_kernel_serial = serial_twin(_grad_sums_kernel)
+_grad_from_sums_kernel_serial = serial_twin(_grad_from_sums_kernel)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -279,3 +334,48 @@ def batch_norm_eval(x, running_mean, running_var, gamma, beta, eps=1e-5):
     kernel, _ = pick_kernel(_batch_norm_eval_kernel, _batch_norm_eval_kernel_serial, x3.size)
     y = kernel(x3, scale, b - rm * scale)
     return y.reshape(x.shape)
+
+
+def batch_moments(x):
+    """(C, 2) float64: per channel of x (N, C, H, W), the sum and the sum of squares over (N, H, W).
+
+    A replica's share of a split batch: summed over the replicas, they give the batch's mean and
+    biased variance (sum_sq / n - mean**2), which :func:`batch_norm_eval` then applies.
+    """
+    x3 = _check_x(x, "x")
+    kernel, _ = pick_kernel(_moments_kernel, _moments_kernel_serial, x3.size)
+    return kernel(x3, _LANES)
+
+
+def batch_grad_sums(gy, x, mean):
+    """(C, 2) float64: per channel, sum(gy) and sum(gy * (x - mean)) over (N, H, W); the sums that
+    :func:`batch_norm_grad` takes over the whole batch, here over one replica's share."""
+    x3 = _check_x(x, "x")
+    gy3 = _check_x(gy, "gy")
+    if gy.shape != x.shape:
+        raise ValueError(f"gy must have the shape of x {x.shape}, got {gy.shape}")
+    m = _channel_vector(mean, x3.shape[1], "mean")
+    kernel, _ = pick_kernel(_grad_sums_kernel, _grad_sums_kernel_serial, x3.size)
+    return kernel(gy3, x3, m, _LANES)
+
+
+def batch_norm_grad_from_sums(gy, x, mean, invstd, gamma, sums, count):
+    """dL/dx of batch normalisation whose batch statistics and gradient sums span ``count`` values,
+    of which ``x`` and ``gy`` are a share: ``sums`` (C, 2) float64 are :func:`batch_grad_sums`
+    summed over every share. With ``count`` = n and the share's own sums it equals the ``gx`` of
+    :func:`batch_norm_grad` bit for bit."""
+    x3 = _check_x(x, "x")
+    gy3 = _check_x(gy, "gy")
+    if gy.shape != x.shape:
+        raise ValueError(f"gy must have the shape of x {x.shape}, got {gy.shape}")
+    n_ch = x3.shape[1]
+    sums = np.asarray(sums, dtype=np.float64)
+    if sums.shape != (n_ch, 2):
+        raise ValueError(f"sums must have shape ({n_ch}, 2), got {sums.shape}")
+    if not count >= x3.shape[0] * x3.shape[2]:
+        raise ValueError(f"count must be at least the share's {x3.shape[0] * x3.shape[2]} values, got {count}")
+    m = _channel_vector(mean, n_ch, "mean")
+    s = _channel_vector(invstd, n_ch, "invstd")
+    g = np.ones(n_ch) if gamma is None else _channel_vector(gamma, n_ch, "gamma")
+    kernel, _ = pick_kernel(_grad_from_sums_kernel, _grad_from_sums_kernel_serial, x3.size)
+    return kernel(gy3, x3, m, s, g, np.ascontiguousarray(sums), float(count)).reshape(x.shape)

@@ -113,8 +113,7 @@ class BatchNorm2d(Module):
                                          running_var=self._buffers["running_var"], eps=self.eps)
         stats: list = []
         y = C.BatchNormTrain.apply(x, *affine, eps=self.eps, stats_out=stats)
-        mean, var = stats[0]
-        n = x.shape[0] * x.shape[2] * x.shape[3]
+        mean, var, n = stats[0]  # n: values per channel in the whole batch (all replicas' shares)
         unbiased = var * (n / max(n - 1, 1))
         m = self.momentum
         rm, rv = self._buffers["running_mean"], self._buffers["running_var"]

@@ -14,8 +14,10 @@ from approxdarts_np.errors import UserError
 #              new total from the next step on, so an extended run is not bit-identical to one that
 #              was started with that many epochs;
 #   threads -- kernels are deterministic for a fixed thread count; a different count may change the
-#              last bits of later results (the run records the count it resumed with).
-RESUME_OVERRIDES = ("epochs", "threads")
+#              last bits of later results (the run records the count it resumed with);
+#   workers -- (a search) the replicas a step is split over compute the step of the whole batch; a
+#              different count changes the order of float additions only, as threads may.
+RESUME_OVERRIDES = ("epochs", "threads", "workers")
 
 IMAGE_SIZE = 32
 
@@ -165,9 +167,9 @@ def apply_resume_overrides(saved, given: dict, folder) -> "RunConfig":
     if refused:
         shown = ", ".join(f"{option_name(k)} (the run has {getattr(saved, k, None)!r})" for k in refused)
         raise UserError(f"--resume {folder} continues a run with its saved settings; these cannot change: "
-                        f"{shown}. Only {', '.join(option_name(k) for k in RESUME_OVERRIDES)} can; start a "
+                        f"{shown}. Only {', '.join(option_name(k) for k in RESUME_OVERRIDES if hasattr(saved, k))} can; start a "
                         f"new run for other settings")
-    changes = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
+    changes = {k: v for k, v in given.items() if k in RESUME_OVERRIDES and hasattr(saved, k)}
     return saved.replace(**changes) if changes else saved
 
 

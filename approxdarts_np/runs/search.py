@@ -21,13 +21,14 @@ from typing import ClassVar
 
 import numpy as np
 
-from approxdarts_np.approx.arithmetic import is_fp32, split_specs
+from approxdarts_np.approx.arithmetic import arithmetic_from_spec, is_fp32, split_specs
 from approxdarts_np.autodiff import Tensor, no_grad
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.data.augment import AugmentConfig, BatchLoader
 from approxdarts_np.data.cifar import load_cifar10, search_split
 from approxdarts_np.errors import UserError
 from approxdarts_np.io.checkpoint import save_tree, write_text
+from approxdarts_np.kernels.threads import configure_threads
 from approxdarts_np.nas.budget import DualAscent, allocate_by_sensitivity, energy_ratio, gumbel_temperature, \
     parameter_free_share, project_to_budget
 from approxdarts_np.nas.model_search import NUM_EDGES, Network
@@ -40,6 +41,7 @@ from approxdarts_np.runs.config import RunConfig, RunSettings, resolve_run_confi
 from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.runs.loop import ProgressCallback, RunLoop, StepResult
 from approxdarts_np.runs.memory import check_memory, search_memory_bytes
+from approxdarts_np.runs.replicas import loss_and_backward
 from approxdarts_np.runs.unrolled import unrolled_architecture_step
 
 
@@ -71,6 +73,7 @@ class SearchConfig(RunSettings, RunConfig):
     sensitivity_images: int = 128  # architecture-val images on which the sensitivities are measured
     order: int = 1  # 1: first-order architecture gradient; 2: DARTS's unrolled (second-order) gradient
     unrolled_lr: float | None = None  # ξ of the virtual step (None: the current weight learning rate)
+    workers: int = 1  # replicas the steps are split over by image, each a Ray worker with `threads` threads
 
     # Settings added after runs were saved, with the value that reproduces what such a run did.
     LEGACY: ClassVar[dict] = dict(energy_scope="all", max_parameter_free=8, warmup_epochs=0)
@@ -167,6 +170,9 @@ class SearchConfig(RunSettings, RunConfig):
         if self.order == 2 and (self.energy_weight > 0 or len(self.candidate_specs()) > 1):
             raise UserError("--order 2 works with --arithmetic; with --multipliers (K > 1) or --energy-weight "
                             "use --order 1")
+        if not 1 <= self.workers <= self.batch_size:
+            raise UserError(f"--workers must lie between 1 and --batch-size {self.batch_size} (each takes a share "
+                            f"of every batch), got {self.workers}")
         if not all(0 <= b < 1 for b in self.arch_betas):
             raise UserError(f"the Adam betas of α must lie in [0, 1), got {self.arch_betas}")
         check_memory(search_memory_bytes(self), "search")
@@ -204,20 +210,10 @@ def _loss_and_grad(model: Network, images, labels, frozen, penalty=None) -> tupl
     for p in frozen:
         p.requires_grad = False
     try:
-        logits = model(Tensor(images))
-        loss = F.cross_entropy(logits, labels)
-        value = loss.item()
-        if penalty is not None:
-            loss = loss + penalty()
-            if not math.isfinite(loss.item()):
-                value = loss.item()
-        if math.isfinite(value):
-            loss.backward()
+        return loss_and_backward(model, images, labels, penalty)
     finally:
         for p in frozen:
             p.requires_grad = True
-    correct = int((logits.data.argmax(axis=1) == np.asarray(labels)).sum())
-    return value, correct
 
 
 class Searcher:
@@ -253,6 +249,7 @@ class Searcher:
         else:
             self.model = Network(config.channels, 10, config.layers, arithmetic=arithmetic, seed=config.seed)
         self.choosing = isinstance(self.model, MultiplierNetwork)
+        self.arithmetic = arithmetic  # every searched conv's, when not choosing (None: float32)
         self.energy = energy
         self.macs = searched_op_macs(self.model) if energy is not None else None
         self.w_optimizer = SGD(self.model.weights(), lr=config.lr, momentum=config.momentum,
@@ -569,21 +566,9 @@ def energy_prices(arithmetics: list, required) -> dict | None:
     return {"pj": np.array(pj, dtype=np.float64), "exact_pj": prices.int8_mul_pj}
 
 
-def run_search(config: SearchConfig | None = None, resume: str | Path | None = None,
-               progress: ProgressCallback | None = None, overrides: dict | None = None) -> dict:
-    """Run (or resume) a search and return its summary; everything is written under the output folder.
-
-    With ``resume`` the folder's saved config is used (``config`` is ignored)
-    and ``overrides`` may change the settings listed in
-    :data:`~approxdarts_np.runs.config.RESUME_OVERRIDES`; any other setting in
-    it that differs from the saved one is refused. Bad input raises UserError
-    before anything is written; a stop on Ctrl-C raises
-    :class:`~approxdarts_np.runs.loop.RunInterrupted` after saving.
-    """
-    from approxdarts_np.approx.arithmetic import arithmetic_from_spec
-    from approxdarts_np.kernels.threads import configure_threads
-
-    config, output_dir = resolve_run_config(SearchConfig, config, resume, overrides)
+def build_searcher(config: SearchConfig) -> Searcher:
+    """The search task of ``config``: its arithmetic or candidates, their energy prices, data and supernet.
+    UserError for settings that cannot run."""
     specs = config.candidate_specs()
     # One candidate is the single-multiplier search (no β), bit-identical to --arithmetic.
     arithmetic = arithmetic_from_spec(specs[0] if len(specs) == 1 else config.arithmetic)
@@ -594,16 +579,47 @@ def run_search(config: SearchConfig | None = None, resume: str | Path | None = N
         if config.energy_budget < cheapest:
             raise UserError(f"--energy-budget {config.energy_budget} is below {cheapest:.3f}, the ratio of the "
                             f"cheapest candidate: no choice of these multipliers can meet it")
-    searcher = Searcher(config, arithmetic=arithmetic, candidates=candidates, energy=energy)
-    threads = configure_threads(config.threads)
+    return Searcher(config, arithmetic=arithmetic, candidates=candidates, energy=energy)
+
+
+def resolved_facts(searcher: Searcher, threads: int) -> dict:
+    """What a search resolved from its settings, recorded in config.json."""
+    model = searcher.model
+    candidates = model.candidates if searcher.choosing else None
+    arithmetic = None if candidates else searcher.arithmetic
     resolved = {"threads": threads, "arithmetic": arithmetic.name if arithmetic else "none",
                 "steps_per_epoch": searcher.steps_per_epoch, "warmup_epochs": searcher.warmup_epochs}
     if candidates:
         resolved["multipliers"] = [a.name for a in candidates]
-    if energy is not None:
+    if searcher.energy is not None:
         resolved["energy_pj_per_multiply"] = dict(zip(resolved.get("multipliers", [resolved["arithmetic"]]),
-                                                      map(float, energy["pj"])))
+                                                      map(float, searcher.energy["pj"])))
+    return resolved
+
+
+def run_search(config: SearchConfig | None = None, resume: str | Path | None = None,
+               progress: ProgressCallback | None = None, overrides: dict | None = None,
+               address: str | None = None) -> dict:
+    """Run (or resume) a search and return its summary; everything is written under the output folder.
+
+    With ``resume`` the folder's saved config is used (``config`` is ignored)
+    and ``overrides`` may change the settings listed in
+    :data:`~approxdarts_np.runs.config.RESUME_OVERRIDES`; any other setting in
+    it that differs from the saved one is refused. Bad input raises UserError
+    before anything is written; a stop on Ctrl-C raises
+    :class:`~approxdarts_np.runs.loop.RunInterrupted` after saving.
+
+    With ``config.workers`` > 1 the steps are split over that many Ray workers
+    (:mod:`approxdarts_np.runs.workers`), on the Ray cluster at ``address`` or a local one.
+    """
+    config, output_dir = resolve_run_config(SearchConfig, config, resume, overrides)
+    if config.workers > 1 or address is not None:
+        # the search over workers builds on this module (Searcher, build_searcher): imported here
+        from approxdarts_np.runs.workers import run_replicated_search
+        return run_replicated_search(config, output_dir, resume is not None, progress, address)
+    searcher = build_searcher(config)
+    threads = configure_threads(config.threads)
     loop = RunLoop(searcher, output_dir, progress)
     if resume is not None:
-        return loop.resume(resolved)
-    return loop.start(resolved)
+        return loop.resume(resolved_facts(searcher, threads))
+    return loop.start(resolved_facts(searcher, threads))

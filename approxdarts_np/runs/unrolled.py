@@ -31,10 +31,9 @@ import math
 
 import numpy as np
 
-from approxdarts_np.autodiff import Tensor
-from approxdarts_np.autodiff import functional as F
 from approxdarts_np.nas.model_search import Network
 from approxdarts_np.nn import SGD, Adam
+from approxdarts_np.runs.replicas import loss_and_backward
 
 DARTS_PERTURBATION = 0.01  # ε·‖u‖: length of the weights' finite-difference perturbation (DARTS's r)
 
@@ -161,10 +160,4 @@ def _forward_backward(model: Network, images, labels, wanted, frozen) -> tuple[f
         p.requires_grad = True
     for p in frozen:
         p.requires_grad = False
-    logits = model(Tensor(images))
-    loss = F.cross_entropy(logits, labels)
-    value = loss.item()
-    if math.isfinite(value):
-        loss.backward()
-    correct = int((logits.data.argmax(axis=1) == np.asarray(labels)).sum())
-    return value, correct
+    return loss_and_backward(model, images, labels)
