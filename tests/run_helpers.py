@@ -1,4 +1,5 @@
-"""What the run tests share: a real Ctrl-C at a chosen step, and metrics compared without their times."""
+"""What the run tests share: a real Ctrl-C at a chosen step, metrics compared without their times, and how close
+the state of a search split over replicas must be to the same search in one process."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,8 @@ import os
 import shutil
 import signal
 from pathlib import Path
+
+import numpy as np
 
 
 def ctrl_c_at(step: int, epoch: int | None = None):
@@ -38,3 +41,35 @@ def one_error_line(result, *fragments) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+# ‖difference‖ / ‖values‖ after the steps, per kind. The float search differs from one process only by
+# the order of float additions (~1e-7 relative per step); Adam turns the sign of a near-zero α gradient into
+# a step of ±lr on α entries of size ~1e-3, so α gets the loosest bound. Second order divides float32
+# differences by 2ε of its finite difference. In 8 bit one step is compared: a zero point that moves by one
+# code when a range differs in its last bit changes every code of a tensor (and so, with an approximate
+# table, the products), so later steps of two bit-different runs drift apart as two thread counts' do.
+FLOAT = {"alpha": 5e-3, "weights": 1e-5, "running": 1e-6}
+SECOND_ORDER = {"alpha": 5e-2, "weights": 1e-4, "running": 1e-5}
+ONE_8BIT_STEP = {"alpha": 1e-5, "weights": 1e-6, "running": 1e-6}
+
+
+def _kind(name: str) -> str:
+    if name.startswith(("alphas", "betas")):
+        return "alpha"
+    return "running" if "running" in name else "weights"
+
+
+def relative_errors(ref: dict, got: dict) -> dict[str, float]:
+    """‖difference‖ / ‖values‖ of two models' state dicts, per kind: "alpha" (α and β), "weights", "running"."""
+    sums: dict = {}
+    assert ref.keys() == got.keys()
+    for name in ref:
+        a, b = np.asarray(ref[name], np.float64), np.asarray(got[name], np.float64)
+        diff, size = sums.setdefault(_kind(name), [0.0, 0.0])
+        sums[_kind(name)] = [diff + float(((a - b) ** 2).sum()), size + float((a ** 2).sum())]
+    return {kind: (d / s) ** 0.5 for kind, (d, s) in sums.items()}
+
+
+def within(errors: dict, bounds: dict) -> bool:
+    return all(errors[kind] <= bounds[kind] for kind in bounds)
