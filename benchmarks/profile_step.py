@@ -16,12 +16,13 @@ import argparse
 import functools
 import importlib
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from machine import machine_info, source_state
+from machine import avx2_target_env, machine_info, numba_builds_avx512, source_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,7 @@ def _child(setting: str, mode: str, steps: int, warmup: int, threads: int) -> di
     rows = {k: {"s_per_step": v / steps, "calls_per_step": calls[k] // steps}
             for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
     return {"setting": setting, "mode": mode, "threads": threads, "step_s_timed": wall,
+            "numba_avx512": numba_builds_avx512(), "load_after": os.getloadavg(),
             "components": rows}
 
 
@@ -89,6 +91,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--target", choices=["host", "avx2"], default="host",
+                        help="avx2: the children build and run AVX2 code only (as bench_search.py "
+                             "--target avx2)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path,
                         default=ROOT / "benchmarks" / "results" / "profile_step.json")
@@ -96,19 +101,23 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(*args.child, args.steps, args.warmup, args.threads)))
         return
+    env = dict(os.environ)
+    if args.target == "avx2":
+        env.update(avx2_target_env(), ATEN_CPU_CAPABILITY="avx2")
     results = []
     for setting in args.settings:
         for mode in args.modes:
             cmd = [sys.executable, __file__, "--child", setting, mode, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:
                 raise SystemExit(proc.stderr)
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(row)
             top = ", ".join(f"{k} {v['s_per_step']:.3f}" for k, v in list(row["components"].items())[:4])
             print(f"{setting:6s} {mode:20s} {row['step_s_timed']:.3f} s/step: {top}", flush=True)
-    out = {"benchmark": "profile_step", "machine": machine_info(args.threads),
+    os.environ.update(env)   # machine_info reports the target's features
+    out = {"benchmark": "profile_step", "target": args.target, "machine": machine_info(args.threads),
            "source": source_state(), "command": " ".join(sys.argv), "timed": TIMED,
            "note": "wall time per call site, nested rows overlap; timers add a few us per call",
            "results": results}

@@ -317,3 +317,18 @@ def test_one_pass_range_sees_nan_and_inf_anywhere(bad):
     x[2, 777] = bad
     with pytest.raises(ValueError, match="NaN or infinity"):
         quant_params(x)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.0123456789, 3.7e-5, 1e30, 2.0 ** -140])
+@pytest.mark.parametrize("zero_point", [0, 1, 128, 255])
+def test_both_dequantize_kernels_give_the_numpy_bits(scale, zero_point):
+    """The integer and the float64 spelling of the de-quantisation (one runs on AVX-512
+    targets, the other on AVX2) give NumPy's float32((q - z) * s) bit for bit, for every code
+    and a length with a vector tail."""
+    from approxdarts_np.kernels.quantize import _dequantize_float, _dequantize_int
+    q = np.concatenate([np.arange(256), np.arange(255, -1, -1), np.arange(37)]).astype(np.uint8)
+    want = _twin_dequantize(q, scale, zero_point)
+    for kernel in (_dequantize_int, _dequantize_float):
+        out = np.empty(q.size, np.float32)
+        kernel(q, scale, zero_point, out)
+        np.testing.assert_array_equal(out.view(np.int32), want.view(np.int32))

@@ -20,6 +20,9 @@ Choices, so that results are exactly reproducible:
   rounding of a tie can land one step apart; the rule is the same, the bits are ours. (The
   pass itself takes a float32 shortcut and redoes every value near a tie by this rule, which
   gives the same codes: :mod:`approxdarts_np.kernels.codes`.)
+- The compiled passes (range, codes, features, de-quantisation, the weights' one-call pass)
+  are the unchecked kernels of :mod:`approxdarts_np.kernels.quantize`; the functions here
+  check their arguments and call them.
 - **Zero is exact**: ``x == 0`` quantises to ``z`` and de-quantises to exactly 0, so zero padding
   is ``q = z``. Every ``x`` in ``[min(x), max(x)]`` de-quantises to within ``s / 2`` of itself
   (plus float32 rounding of the result).
@@ -37,12 +40,13 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
-from numba import njit, prange
 
 from approxdarts_np.kernels._util import parallel_pays
-from approxdarts_np.kernels.codes import (_FLOAT32_MAX, _FLOAT32_TINY, affine_offset, code_exact,
-                                          codes_and_feature0, codes_plane, feature_plane,
-                                          float32_inverse)
+from approxdarts_np.kernels.codes import affine_offset, float32_inverse
+from approxdarts_np.kernels.quantize import (_dequantize_kernel, _exact_rows, _float32_params,
+                                             _quantize_features_parallel,
+                                             _quantize_features_serial, _quantize_kernel,
+                                             _weight_codes_kernel)
 
 QMIN = 0
 QMAX = 255
@@ -98,45 +102,6 @@ def params_of_range(lo: float, hi: float) -> tuple[float, int]:
     return scale, zero_point
 
 
-@njit(cache=True)
-def _float32_params(bits):
-    """:func:`params_of_range` of a float32 array given as its int32 view, in one pass:
-    returns (scale, zero_point, finite).
-
-    Float comparisons in a loop do not vectorise (NaN rules); integer ones do. The key
-    k(b) = b ^ ((b >> 31) & 0x7FFFFFFF) of a float's bits b orders like the floats (negative
-    floats have their magnitude bits flipped) and is its own inverse; NaNs sort beyond +-inf,
-    so a NaN makes a bound NaN or infinite. One pass for both bounds, where ``x.min()`` and
-    ``x.max()`` take two.
-    """
-    lo_k = np.int32(0x7FFFFFFF)
-    hi_k = np.int32(-0x80000000)
-    for i in range(bits.size):
-        b = bits[i]
-        k = np.int32(b ^ ((b >> 31) & 0x7FFFFFFF))   # the cast keeps the loop in int32 lanes
-        lo_k = min(lo_k, k)
-        hi_k = max(hi_k, k)
-    keys = np.empty(2, np.int32)
-    keys[0] = np.int32(lo_k ^ ((lo_k >> 31) & 0x7FFFFFFF))
-    keys[1] = np.int32(hi_k ^ ((hi_k >> 31) & 0x7FFFFFFF))
-    vals = keys.view(np.float32)
-    lo = np.float64(vals[0])
-    hi = np.float64(vals[1])
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return 1.0, 0, False
-    if lo > 0.0:      # min(lo, 0.0) and max(hi, 0.0) as Python takes them (a -0.0 is kept)
-        lo = 0.0
-    if hi < 0.0:
-        hi = 0.0
-    if hi == lo:
-        return 1.0, 0, True
-    scale = (hi - lo) / 255.0
-    v = -lo / scale
-    f = np.floor(v)
-    zp = np.int64(f) + (1 if v - f >= 0.5 else 0)
-    return scale, min(max(zp, 0), 255), True
-
-
 def _check_params(scale, zero_point) -> tuple[float, int]:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number, got {scale!r}")
@@ -149,57 +114,6 @@ def _check_params(scale, zero_point) -> tuple[float, int]:
     if not QMIN <= zero_point <= QMAX:
         raise ValueError(f"zero_point must lie in {QMIN}..{QMAX}, got {zero_point}")
     return scale, zero_point
-
-
-# The element-wise kernels are serial below _PARALLEL_MIN elements: for a small tensor a thread
-# team costs more than it saves.
-@njit(cache=True)
-def _quantize_kernel(x, scale, zero_point, out):
-    """``out[i] = clamp(round_half_up(x[i] / scale) + zero_point, 0, 255)``; returns #NaN."""
-    bad = 0
-    for i in range(x.size):
-        v = np.float64(x[i]) / scale
-        if v != v:
-            bad += 1
-            out[i] = zero_point
-            continue
-        out[i] = code_exact(x[i], scale, zero_point)
-    return bad
-
-
-@njit(cache=True)
-def _features_rows(x2, scale, inv, zero_point, table_t, affine, codes, feats, lo, hi):
-    """Planes lo..hi: codes[p, i] = code of x2[p, i], feats[p, j, i] = feature j of the code."""
-    near = np.empty(x2.shape[1], np.uint8)
-    for p in range(lo, hi):
-        if table_t.shape[0] == 0:
-            codes_plane(x2[p], scale, inv, zero_point, codes[p], near)
-            continue
-        codes_and_feature0(x2[p], scale, inv, zero_point, codes[p], near, table_t, affine,
-                           feats[p, 0])
-        for j in range(1, table_t.shape[0]):
-            feature_plane(codes[p], table_t, affine, j, feats[p, j])
-
-
-@njit(cache=True)
-def _quantize_features_serial(x2, scale, inv, zero_point, table_t, affine, codes, feats):
-    _features_rows(x2, scale, inv, zero_point, table_t, affine, codes, feats, 0, x2.shape[0])
-
-
-@njit(cache=True, parallel=True)
-def _quantize_features_parallel(x2, scale, inv, zero_point, table_t, affine, codes, feats):
-    n_planes = x2.shape[0]
-    n_blocks = min(n_planes, 64)
-    for b in prange(n_blocks):
-        _features_rows(x2, scale, inv, zero_point, table_t, affine, codes, feats,
-                       b * n_planes // n_blocks, (b + 1) * n_planes // n_blocks)
-
-
-@njit(cache=True)
-def _dequantize_kernel(q, scale, zero_point, out):
-    """``out[i] = float32((q[i] - zero_point) * scale)``, the product taken in float64."""
-    for i in range(q.size):
-        out[i] = np.float32(np.float64(np.int32(q[i]) - zero_point) * scale)
 
 
 def quantize_with(x, scale: float, zero_point: int) -> np.ndarray:
@@ -272,49 +186,6 @@ def codes_and_features(x, scale, zero_point, table_t, affine=None):
     if x.ndim < 2:
         return codes.reshape(x.shape), feats.reshape(n_feat, x.size)
     return codes.reshape(x.shape), feats.reshape((x.shape[0], x.shape[1] * n_feat) + x.shape[2:])
-
-
-@njit(cache=True)
-def _exact_rows(x2, scale, zero_point, table_t, codes, feats):
-    """Codes by the float64 rule alone (float64 input, or a scale without a float32 inverse)."""
-    for p in range(x2.shape[0]):
-        for i in range(x2.shape[1]):
-            codes[p, i] = code_exact(x2[p, i], scale, zero_point)
-        for j in range(table_t.shape[0]):
-            feature_plane(codes[p], table_t, -1, j, feats[p, j])
-
-
-@njit(cache=True)
-def _weight_codes_kernel(w2, err_t, g0, planes_per_filter):
-    """:func:`weight_codes` on w2 (planes, taps) float32: (scale, zp, finite, codes, feats, cst)."""
-    n_planes, n_taps = w2.shape
-    n_feat = 1 + err_t.shape[0]
-    scale, zero_point, finite = _float32_params(w2.reshape(-1).view(np.int32))
-    codes = np.empty((n_planes, n_taps), np.uint8)
-    feats = np.empty((n_planes, n_feat, n_taps), np.float32)
-    cst = np.zeros(n_planes // planes_per_filter, np.int64)
-    if not finite:
-        return scale, zero_point, False, codes, feats, cst
-    inv = 1.0 / scale
-    if _FLOAT32_TINY <= inv <= _FLOAT32_MAX:
-        near = np.empty(n_taps, np.uint8)
-        for p in range(n_planes):
-            codes_plane(w2[p], scale, np.float32(inv), zero_point, codes[p], near, feats[p, 0],
-                        zero_point)
-    else:
-        for p in range(n_planes):
-            for i in range(n_taps):
-                code = code_exact(w2[p, i], scale, zero_point)
-                codes[p, i] = code
-                feats[p, 0, i] = np.float32(code - zero_point)
-    for p in range(n_planes):
-        for j in range(1, n_feat):
-            feature_plane(codes[p], err_t, -1, j - 1, feats[p, j])
-        total = np.int64(0)
-        for i in range(n_taps):
-            total += g0[codes[p, i]]
-        cst[p // planes_per_filter] += total
-    return scale, zero_point, True, codes, feats, cst
 
 
 def weight_codes(w, err_t, g0):
