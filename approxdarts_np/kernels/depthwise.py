@@ -16,6 +16,13 @@ How the kernels are laid out (the reason their inner loops vectorise):
   all the item's planes, taken on a grid with the buffer's row stride, are one contiguous loop
   per group of taps (:func:`_gather_taps`, up to 9 taps per pass). Grid positions outside a
   plane's OH x OW outputs are computed and dropped when the planes are copied out.
+* A group of m taps is one loop with the m source slices and weights set up before it, so the
+  loop body is straight-line code that vectorises. The group functions for m = 9, 5, 3, 2, 1
+  and the loop that picks them are written out from one template for the gather and one for
+  the weight gradient's dot products (``_GATHER_TEMPLATE``, ``_DOT_TEMPLATE``) and compiled
+  when the module is imported. ``benchmarks/bench_depthwise_taps.py`` times them against a
+  plain loop over the taps and checks they compile to the instructions the hand-written
+  functions they replaced compiled to.
 * Input gradient, stride 1: the forward kernel run on the output gradient with the kernel
   flipped and padding d*(k-1) - p. Other strides: the same gather per phase plane of the padded
   input, over the taps that land in that phase, reading a zero-bordered copy of the output
@@ -52,6 +59,17 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- helpers (Numba)
 
+# Tap groups (see the module docstring). The gather and the dot products below are templates:
+# a line naming ``$i`` stands once per tap of a group (i = 0 .. m-1), ``$m`` is the group's
+# tap count, ``$last`` = m - 1, ``$products`` is ``w0 * s0[q] + w1 * s1[q] + ...`` (summed left
+# to right), and a line ``$groups NAME(ARGS)`` becomes the branches on ``left`` (taps left)
+# that call NAME9(ARGS) for 9 or more, NAME5(ARGS) for 5 to 8, and so on (_GROUP_SIZES), each
+# advancing t. Each template is written out and compiled by :func:`_define_tap_functions` when
+# the module is imported.
+
+_GROUP_SIZES = (9, 5, 3, 2, 1)
+
+_GATHER_TEMPLATE = '''
 @njit(cache=True)
 def _gather_taps(out, o0, length, src, offs, ws, t0, t1, assign):
     """out[o0+q] (= if ``assign`` else +=) sum over taps t in [t0, t1) of ws[t] * src[offs[t]+q].
@@ -66,138 +84,92 @@ def _gather_taps(out, o0, length, src, offs, ws, t0, t1, assign):
     first = assign
     while t < t1:
         left = t1 - t
-        if left >= 9:
-            _taps9(ov, src, offs, ws, t, first)
-            t += 9
-        elif left >= 5:
-            _taps5(ov, src, offs, ws, t, first)
-            t += 5
-        elif left >= 3:
-            _taps3(ov, src, offs, ws, t, first)
-            t += 3
-        elif left == 2:
-            _taps2(ov, src, offs, ws, t, first)
-            t += 2
-        else:
-            _taps1(ov, src, offs, ws, t, first)
-            t += 1
+        $groups _taps(ov, src, offs, ws, t, first)
         first = False
 
 
 @njit(cache=True)
-def _taps9(ov, src, offs, ws, t, first):
-    """ov[q] (= if ``first`` else +=) taps t .. t+8 of :func:`_gather_taps`."""
+def _taps$m(ov, src, offs, ws, t, first):
+    """ov[q] (= if ``first`` else +=) taps t .. t+$last of :func:`_gather_taps`."""
     n = ov.shape[0]
-    s0 = src[offs[t]:offs[t] + n]
-    s1 = src[offs[t + 1]:offs[t + 1] + n]
-    s2 = src[offs[t + 2]:offs[t + 2] + n]
-    s3 = src[offs[t + 3]:offs[t + 3] + n]
-    s4 = src[offs[t + 4]:offs[t + 4] + n]
-    s5 = src[offs[t + 5]:offs[t + 5] + n]
-    s6 = src[offs[t + 6]:offs[t + 6] + n]
-    s7 = src[offs[t + 7]:offs[t + 7] + n]
-    s8 = src[offs[t + 8]:offs[t + 8] + n]
-    w0 = ws[t]
-    w1 = ws[t + 1]
-    w2 = ws[t + 2]
-    w3 = ws[t + 3]
-    w4 = ws[t + 4]
-    w5 = ws[t + 5]
-    w6 = ws[t + 6]
-    w7 = ws[t + 7]
-    w8 = ws[t + 8]
+    s$i = src[offs[t + $i]:offs[t + $i] + n]
+    w$i = ws[t + $i]
     if first:
         for q in range(n):
-            ov[q] = (w0 * s0[q]
-                     + w1 * s1[q]
-                     + w2 * s2[q]
-                     + w3 * s3[q]
-                     + w4 * s4[q]
-                     + w5 * s5[q]
-                     + w6 * s6[q]
-                     + w7 * s7[q]
-                     + w8 * s8[q])
+            ov[q] = $products
     else:
         for q in range(n):
-            ov[q] += (w0 * s0[q]
-                      + w1 * s1[q]
-                      + w2 * s2[q]
-                      + w3 * s3[q]
-                      + w4 * s4[q]
-                      + w5 * s5[q]
-                      + w6 * s6[q]
-                      + w7 * s7[q]
-                      + w8 * s8[q])
+            ov[q] += $products
+'''
 
-
+_DOT_TEMPLATE = '''
 @njit(cache=True)
-def _taps5(ov, src, offs, ws, t, first):
-    """ov[q] (= if ``first`` else +=) taps t .. t+4 of :func:`_gather_taps`."""
-    n = ov.shape[0]
-    s0 = src[offs[t]:offs[t] + n]
-    s1 = src[offs[t + 1]:offs[t + 1] + n]
-    s2 = src[offs[t + 2]:offs[t + 2] + n]
-    s3 = src[offs[t + 3]:offs[t + 3] + n]
-    s4 = src[offs[t + 4]:offs[t + 4] + n]
-    w0 = ws[t]
-    w1 = ws[t + 1]
-    w2 = ws[t + 2]
-    w3 = ws[t + 3]
-    w4 = ws[t + 4]
-    if first:
-        for q in range(n):
-            ov[q] = w0 * s0[q] + w1 * s1[q] + w2 * s2[q] + w3 * s3[q] + w4 * s4[q]
-    else:
-        for q in range(n):
-            ov[q] += w0 * s0[q] + w1 * s1[q] + w2 * s2[q] + w3 * s3[q] + w4 * s4[q]
+def _dot_taps(g, src, offs, out_row):
+    """out_row[t] = sum_q g[q] * src[offs[t]+q] in float32, for every tap t.
+
+    Taps are taken in groups of up to 9 that share each load of ``g``. The group functions are
+    compiled with ``reassoc``: it lets the compiler keep each sum as several partial sums in
+    vector registers (a float reduction cannot vectorise otherwise). That order is fixed by
+    the compiled code, not by the data or the threads, so results are reproducible.
+    """
+    n_taps = offs.shape[0]
+    t = 0
+    while t < n_taps:
+        left = n_taps - t
+        $groups _dots(g, src, offs, t, out_row)
 
 
-@njit(cache=True)
-def _taps3(ov, src, offs, ws, t, first):
-    """ov[q] (= if ``first`` else +=) taps t .. t+2 of :func:`_gather_taps`."""
-    n = ov.shape[0]
-    s0 = src[offs[t]:offs[t] + n]
-    s1 = src[offs[t + 1]:offs[t + 1] + n]
-    s2 = src[offs[t + 2]:offs[t + 2] + n]
-    w0 = ws[t]
-    w1 = ws[t + 1]
-    w2 = ws[t + 2]
-    if first:
-        for q in range(n):
-            ov[q] = w0 * s0[q] + w1 * s1[q] + w2 * s2[q]
-    else:
-        for q in range(n):
-            ov[q] += w0 * s0[q] + w1 * s1[q] + w2 * s2[q]
+@njit(cache=True, fastmath={"reassoc"})
+def _dots$m(g, src, offs, t, out_row):
+    """out_row[t .. t+$last]: the dot products of :func:`_dot_taps` for $m taps."""
+    n = g.shape[0]
+    s$i = src[offs[t + $i]:offs[t + $i] + n]
+    a$i = np.float32(0.0)
+    for q in range(n):
+        gq = g[q]
+        a$i += gq * s$i[q]
+    out_row[t + $i] = a$i
+'''
 
 
-@njit(cache=True)
-def _taps2(ov, src, offs, ws, t, first):
-    """ov[q] (= if ``first`` else +=) taps t .. t+1 of :func:`_gather_taps`."""
-    n = ov.shape[0]
-    s0 = src[offs[t]:offs[t] + n]
-    s1 = src[offs[t + 1]:offs[t + 1] + n]
-    w0 = ws[t]
-    w1 = ws[t + 1]
-    if first:
-        for q in range(n):
-            ov[q] = w0 * s0[q] + w1 * s1[q]
-    else:
-        for q in range(n):
-            ov[q] += w0 * s0[q] + w1 * s1[q]
+def _tap_source(template):
+    """The source ``template`` stands for: its driver (the part before the group function,
+    which starts at its second ``@njit``), then the group function once per group size."""
+    split = template.index("@njit", template.index("@njit") + 1)
+    driver, group = template[:split], template[split:]
+    lines = []
+    for line in driver.splitlines():
+        if "$groups " not in line:
+            lines.append(line)
+            continue
+        indent, call = line.split("$groups ")
+        name, args = call.split("(", 1)
+        for k, m in enumerate(_GROUP_SIZES):
+            test = "else:" if m == 1 else f"{'elif' if k else 'if'} left >= {m}:"
+            lines += [indent + test, f"{indent}    {name}{m}({args}", f"{indent}    t += {m}"]
+    for m in _GROUP_SIZES:
+        products = " + ".join(f"w{i} * s{i}[q]" for i in range(m))
+        lines.append("")
+        for line in group.replace("$products", products).replace("$last", str(m - 1)).replace(
+                "$m", str(m)).splitlines():
+            lines += [line.replace("$i", str(i)) for i in range(m)] if "$i" in line else [line]
+    return "\n".join(lines) + "\n"
 
 
-@njit(cache=True)
-def _taps1(ov, src, offs, ws, t, first):
-    """ov[q] (= if ``first`` else +=) tap t of :func:`_gather_taps`."""
-    n = ov.shape[0]
-    s0 = src[offs[t]:offs[t] + n]
-    w0 = ws[t]
-    if first:
-        for q in range(n):
-            ov[q] = w0 * s0[q]
-    else:
-        for q in range(n):
-            ov[q] += w0 * s0[q]
+def _define_tap_functions():
+    """Compile the written-out templates into this module.
+
+    The source is compiled under this file's name: Numba's disk cache needs the file a function
+    comes from, stamps its entries with that file's time and size (so an edit of a template
+    invalidates them) and keys them by the function's bytecode. Line numbers in tracebacks and
+    Numba's messages from these functions count in the written-out source
+    (``print(_tap_source(_GATHER_TEMPLATE))`` shows it), not in this file.
+    """
+    for template in (_GATHER_TEMPLATE, _DOT_TEMPLATE):
+        exec(compile(_tap_source(template), __file__, "exec"), globals())
+
+
+_define_tap_functions()
 
 
 # Copies between the planes of one work item (images n0 .. n0+count-1 of channel ci of a 4-D
@@ -340,156 +312,6 @@ def _stack_from_phases(buf, a, n0, count, ci, pad_h, pad_w, s_h, s_w, wq, plane,
     else:
         _stack_phases_generic(a, n0, count, ci, buf, pad_h, pad_w, s_h, s_w, wq, plane,
                               phase_stride, False)
-
-
-@njit(cache=True)
-def _dot_taps(g, src, offs, out_row):
-    """out_row[t] = sum_q g[q] * src[offs[t]+q] in float32, for every tap t.
-
-    Taps are taken in groups of up to 9 that share each load of ``g``. The group functions are
-    compiled with ``reassoc``: it lets the compiler keep each sum as several partial sums in
-    vector registers (a float reduction cannot vectorise otherwise). That order is fixed by
-    the compiled code, not by the data or the threads, so results are reproducible.
-    """
-    n_taps = offs.shape[0]
-    t = 0
-    while t < n_taps:
-        left = n_taps - t
-        if left >= 9:
-            _dots9(g, src, offs, t, out_row)
-            t += 9
-        elif left >= 5:
-            _dots5(g, src, offs, t, out_row)
-            t += 5
-        elif left >= 3:
-            _dots3(g, src, offs, t, out_row)
-            t += 3
-        elif left == 2:
-            _dots2(g, src, offs, t, out_row)
-            t += 2
-        else:
-            _dots1(g, src, offs, t, out_row)
-            t += 1
-
-
-@njit(cache=True, fastmath={"reassoc"})
-def _dots9(g, src, offs, t, out_row):
-    """out_row[t .. t+8]: the dot products of :func:`_dot_taps` for 9 taps."""
-    n = g.shape[0]
-    s0 = src[offs[t]:offs[t] + n]
-    s1 = src[offs[t + 1]:offs[t + 1] + n]
-    s2 = src[offs[t + 2]:offs[t + 2] + n]
-    s3 = src[offs[t + 3]:offs[t + 3] + n]
-    s4 = src[offs[t + 4]:offs[t + 4] + n]
-    s5 = src[offs[t + 5]:offs[t + 5] + n]
-    s6 = src[offs[t + 6]:offs[t + 6] + n]
-    s7 = src[offs[t + 7]:offs[t + 7] + n]
-    s8 = src[offs[t + 8]:offs[t + 8] + n]
-    a0 = np.float32(0.0)
-    a1 = np.float32(0.0)
-    a2 = np.float32(0.0)
-    a3 = np.float32(0.0)
-    a4 = np.float32(0.0)
-    a5 = np.float32(0.0)
-    a6 = np.float32(0.0)
-    a7 = np.float32(0.0)
-    a8 = np.float32(0.0)
-    for q in range(n):
-        gq = g[q]
-        a0 += gq * s0[q]
-        a1 += gq * s1[q]
-        a2 += gq * s2[q]
-        a3 += gq * s3[q]
-        a4 += gq * s4[q]
-        a5 += gq * s5[q]
-        a6 += gq * s6[q]
-        a7 += gq * s7[q]
-        a8 += gq * s8[q]
-    out_row[t] = a0
-    out_row[t + 1] = a1
-    out_row[t + 2] = a2
-    out_row[t + 3] = a3
-    out_row[t + 4] = a4
-    out_row[t + 5] = a5
-    out_row[t + 6] = a6
-    out_row[t + 7] = a7
-    out_row[t + 8] = a8
-
-
-@njit(cache=True, fastmath={"reassoc"})
-def _dots5(g, src, offs, t, out_row):
-    """out_row[t .. t+4]: the dot products of :func:`_dot_taps` for 5 taps."""
-    n = g.shape[0]
-    s0 = src[offs[t]:offs[t] + n]
-    s1 = src[offs[t + 1]:offs[t + 1] + n]
-    s2 = src[offs[t + 2]:offs[t + 2] + n]
-    s3 = src[offs[t + 3]:offs[t + 3] + n]
-    s4 = src[offs[t + 4]:offs[t + 4] + n]
-    a0 = np.float32(0.0)
-    a1 = np.float32(0.0)
-    a2 = np.float32(0.0)
-    a3 = np.float32(0.0)
-    a4 = np.float32(0.0)
-    for q in range(n):
-        gq = g[q]
-        a0 += gq * s0[q]
-        a1 += gq * s1[q]
-        a2 += gq * s2[q]
-        a3 += gq * s3[q]
-        a4 += gq * s4[q]
-    out_row[t] = a0
-    out_row[t + 1] = a1
-    out_row[t + 2] = a2
-    out_row[t + 3] = a3
-    out_row[t + 4] = a4
-
-
-@njit(cache=True, fastmath={"reassoc"})
-def _dots3(g, src, offs, t, out_row):
-    """out_row[t .. t+2]: the dot products of :func:`_dot_taps` for 3 taps."""
-    n = g.shape[0]
-    s0 = src[offs[t]:offs[t] + n]
-    s1 = src[offs[t + 1]:offs[t + 1] + n]
-    s2 = src[offs[t + 2]:offs[t + 2] + n]
-    a0 = np.float32(0.0)
-    a1 = np.float32(0.0)
-    a2 = np.float32(0.0)
-    for q in range(n):
-        gq = g[q]
-        a0 += gq * s0[q]
-        a1 += gq * s1[q]
-        a2 += gq * s2[q]
-    out_row[t] = a0
-    out_row[t + 1] = a1
-    out_row[t + 2] = a2
-
-
-@njit(cache=True, fastmath={"reassoc"})
-def _dots2(g, src, offs, t, out_row):
-    """out_row[t .. t+1]: the dot products of :func:`_dot_taps` for 2 taps."""
-    n = g.shape[0]
-    s0 = src[offs[t]:offs[t] + n]
-    s1 = src[offs[t + 1]:offs[t + 1] + n]
-    a0 = np.float32(0.0)
-    a1 = np.float32(0.0)
-    for q in range(n):
-        gq = g[q]
-        a0 += gq * s0[q]
-        a1 += gq * s1[q]
-    out_row[t] = a0
-    out_row[t + 1] = a1
-
-
-@njit(cache=True, fastmath={"reassoc"})
-def _dots1(g, src, offs, t, out_row):
-    """out_row[t]: the dot product of :func:`_dot_taps` for tap t."""
-    n = g.shape[0]
-    s0 = src[offs[t]:offs[t] + n]
-    a0 = np.float32(0.0)
-    for q in range(n):
-        gq = g[q]
-        a0 += gq * s0[q]
-    out_row[t] = a0
 
 
 @njit(cache=True)
