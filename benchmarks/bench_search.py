@@ -6,6 +6,11 @@ size is that configuration's alone. Modes: ``ours-float``, ``ours-exact``,
 ``ours-multi<K>`` (the multiplier-aware search with the first K of exact,
 mul8u_2P7, mul8u_17KS, mul8u_L40, ...: one sampled multiplier per searched op
 each step, energy weight 1),
+``workers<N>-<float|exact|table>`` (the search's own step split over N Ray
+workers of threads/N threads each on a local Ray, runs/workers.py, with the
+real sample data: ``workers1-float`` against ``workers2-float`` is one worker
+of 2 threads against two of 1; these rows add each worker's exchanges, bytes
+sent and seconds spent in exchanges per step),
 ``torch-float`` (the same supernet in torch, tests/torch_reference.py, with the
 DARTS first-order procedure as DARTS writes it: the architecture step also
 computes weight gradients and throws them away) and ``torch-float-frozen``
@@ -111,6 +116,35 @@ def _multi_step(cfg: dict, batches, k: int):
     return step
 
 
+def _workers_step(setting: str, n: int, arith: str, threads: int):
+    """One search step split over ``n`` Ray workers of ``threads // n`` threads (a local Ray), through the
+    search's own worker pool: the real sample data, loaders and replicas. ``step.pool`` is the pool."""
+    import ray
+
+    from approxdarts_np.runs.search import SearchConfig
+    from approxdarts_np.runs.workers import WorkerPool
+    per = max(1, threads // n)
+    config = SearchConfig.quick(output_dir="unused", workers=n, threads=per, max_train_images=None,
+                                arithmetic="none" if arith == "float" else arith, **SETTINGS[setting])
+    ray.init(num_cpus=n * per, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    pool = WorkerPool(ray, config, per)
+    pool.begin_epoch(0)
+    done = {"steps": 0}
+
+    def step():
+        pool.step(0, done["steps"])
+        done["steps"] += 1
+    step.pool = pool
+    return step
+
+
+def _exchange_per_step(before: list[dict], after: list[dict], steps: int) -> dict:
+    """Per step and worker (mean and largest over the workers): exchanges, bytes sent, seconds in exchanges."""
+    per = {key: [(a[key] - b[key]) / steps for a, b in zip(after, before)]
+           for key in ("exchanges", "bytes_sent", "exchange_s")}
+    return {f"{key}_per_step": {"mean": statistics.mean(v), "max": max(v)} for key, v in per.items()}
+
+
 def _make_step(setting: str, mode: str, threads: int):
     """Build the network and optimizers of (setting, mode); return the function doing one search step."""
     cfg = SETTINGS[setting]
@@ -123,6 +157,8 @@ def _make_step(setting: str, mode: str, threads: int):
     from approxdarts_np.nas.model_search import Network
     configure_threads(threads)
     impl, arith = mode.split("-", 1)
+    if re.fullmatch(r"workers\d+", impl):
+        return _workers_step(setting, int(impl[7:]), arith, threads)
     if impl == "ours" and re.fullmatch(r"multi\d+", arith):
         return _multi_step(cfg, batches, int(arith[5:]))
     if impl == "ours":
@@ -215,8 +251,19 @@ def _one(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict
     # torch's OpenMP read the variable before the package set it; ours read it after
     policy = (user_policy if mode.startswith("torch-") else os.environ.get("OMP_WAIT_POLICY")) or "OpenMP default"
     cpu: list[float] = []
-    times = _time(step, steps, warmup, cpu)
+    pool = getattr(step, "pool", None)
+    exchange = {}
+    if pool is None:
+        times = _time(step, steps, warmup, cpu)
+    else:
+        _time(step, 0, warmup)
+        before = pool.counters()
+        times = _time(step, steps, 0, cpu)
+        exchange = _exchange_per_step(before, pool.counters(), steps)
+        exchange["workers"] = pool.size
+        exchange["threads_per_worker"] = pool.threads
     return {"setting": setting, "mode": mode, "threads": threads, **SETTINGS[setting], **_summary(times, cpu),
+            **exchange,
             "repeats": steps, "warmup": warmup, "peak_rss_gb": _peak_rss_gb(),
             "omp_wait_policy": policy, **_kernel_path(mode),
             "load_before": load_before, "load_after": os.getloadavg()}
@@ -425,7 +472,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_search.json")
     args = parser.parse_args()
     for mode in args.modes:
-        if not (mode.startswith("ours-") or mode in ("torch-float", "torch-float-frozen")):
+        if not (mode.startswith("ours-") or re.match(r"workers\d+-", mode)
+                or mode in ("torch-float", "torch-float-frozen")):
             parser.error(f"unknown mode {mode!r}")
     if args.target == "avx2":
         _USER_ENV.update(avx2_target_env(), ATEN_CPU_CAPABILITY="avx2")
