@@ -104,7 +104,8 @@ class BatchNormTrain(Function):
 
     def forward(self, x, *affine, eps=1e-5, stats_out=None):
         gamma, beta = affine if affine else (None, None)
-        self.reduce = reduce = getattr(_BATCH_SUMS, "reduce", None)
+        reduce = getattr(_BATCH_SUMS, "reduce", None)
+        self.collective = reduce is not None  # its backward exchanges sums too (see Tensor.backward)
         count = x.shape[0] * x.shape[2] * x.shape[3]
         if reduce is None:
             y, mean, var, invstd = kbn.batch_norm_train(x, gamma, beta, eps)
@@ -124,11 +125,14 @@ class BatchNormTrain(Function):
 
     def backward(self, g):
         g = np.ascontiguousarray(g)
-        if self.reduce is None:
+        if not self.collective:
             gx, ggamma, gbeta = kbn.batch_norm_grad(g, self.x, self.mean, self.invstd, self.gamma)
         else:
+            reduce = getattr(_BATCH_SUMS, "reduce", None)  # this thread's: backward may run in another
+            if reduce is None:
+                raise RuntimeError("the backward of a batch split over replicas ran outside them")
             local = kbn.batch_grad_sums(g, self.x, self.mean)
-            total = self.reduce(local.ravel()).reshape(local.shape)
+            total = reduce(local.ravel()).reshape(local.shape)
             gx = kbn.batch_norm_grad_from_sums(g, self.x, self.mean, self.invstd, self.gamma, total, self.count)
             ggamma = (local[:, 1] * self.invstd).astype(DTYPE)
             gbeta = local[:, 0].astype(DTYPE)

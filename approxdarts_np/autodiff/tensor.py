@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -130,43 +132,22 @@ class Tensor:
         # only those may take further gradients in place. Arrays returned by a backward may be
         # shared (Add returns one array for both inputs), so they are never written to.
         owned: dict[int, np.ndarray] = {}
-        for node in _topological_order(root):
-            g = grads.pop(id(node), None)
-            owned.pop(id(g), None)
-            if type(node) is Tensor or not isinstance(node, Function):  # a leaf Tensor
-                if g is not None:
-                    node.grad = g.copy() if node.grad is None else node.grad + g
-                continue
-            if g is None:
-                node.release()
-                continue
-            in_grads = node.backward(g)
-            if not isinstance(in_grads, tuple):
-                in_grads = (in_grads,)
-            inputs = node.inputs
-            if len(in_grads) != len(inputs):
-                raise RuntimeError(f"{type(node).__name__}.backward returned {len(in_grads)} "
-                                   f"gradients for {len(inputs)} inputs")
-            for i, (nxt, pg) in enumerate(zip(inputs, in_grads)):
-                if pg is None or nxt is None:
-                    continue
-                if type(pg) is not np.ndarray:
-                    pg = np.asarray(pg) if isinstance(pg, np.generic) else pg  # 0-d results
-                    if type(pg) is not np.ndarray:
-                        _grad_error(node, node.in_shapes[i], pg)
-                if pg.shape != node.in_shapes[i] or pg.dtype != DTYPE:
-                    _grad_error(node, node.in_shapes[i], pg)
-                key = id(nxt)
-                prev = grads.get(key)
-                if prev is None:
-                    grads[key] = pg
-                elif owned.get(id(prev)) is prev:
-                    kew.add_into(prev, pg)
-                else:
-                    total = np.add(prev, pg, dtype=DTYPE)
-                    owned[id(total)] = total
-                    grads[key] = total
-            node.release()
+        order = _topological_order(root)
+        if not any(getattr(node, "collective", False) for node in order):
+            for node in order:
+                _backward_node(node, grads.pop(id(node), None), grads, owned)
+            return
+        # Collective functions (batch norm over a batch split across replicas) exchange sums with the
+        # other replicas in backward: run them level by level, every ready one of a level together.
+        for plain, collective in _collective_levels(order):
+            for node in plain:
+                _backward_node(node, grads.pop(id(node), None), grads, owned)
+            pending = [(node, grads.pop(id(node), None)) for node in collective]
+            for node, g in pending:
+                owned.pop(id(g), None)
+            results = run_independent([functools.partial(_node_gradients, node, g) for node, g in pending])
+            for (node, _), in_grads in zip(pending, results):
+                _accumulate(node, in_grads, grads, owned)
 
     # ------------------------------------------------------------- operators
     def __add__(self, other):
@@ -253,6 +234,101 @@ def _graph_node(t: Tensor):
     """
     ctx = t._ctx
     return t if ctx is None or ctx.consumed else ctx
+
+
+def _backward_node(node, g, grads: dict, owned: dict) -> None:
+    """Run one node of a backward pass: a leaf takes its gradient, a function passes it on."""
+    owned.pop(id(g), None)
+    if type(node) is Tensor or not isinstance(node, Function):  # a leaf Tensor
+        if g is not None:
+            node.grad = g.copy() if node.grad is None else node.grad + g
+        return
+    _accumulate(node, _node_gradients(node, g), grads, owned)
+
+
+def _node_gradients(node, g):
+    """The input gradients of function ``node`` for output gradient ``g`` (None: no gradient reached it)."""
+    if g is None:
+        return None
+    in_grads = node.backward(g)
+    return in_grads if isinstance(in_grads, tuple) else (in_grads,)
+
+
+def _accumulate(node, in_grads, grads: dict, owned: dict) -> None:
+    """Add ``node``'s input gradients to those of its inputs, then release the node."""
+    if in_grads is None:
+        node.release()
+        return
+    inputs = node.inputs
+    if len(in_grads) != len(inputs):
+        raise RuntimeError(f"{type(node).__name__}.backward returned {len(in_grads)} "
+                           f"gradients for {len(inputs)} inputs")
+    for i, (nxt, pg) in enumerate(zip(inputs, in_grads)):
+        if pg is None or nxt is None:
+            continue
+        if type(pg) is not np.ndarray:
+            pg = np.asarray(pg) if isinstance(pg, np.generic) else pg  # 0-d results
+            if type(pg) is not np.ndarray:
+                _grad_error(node, node.in_shapes[i], pg)
+        if pg.shape != node.in_shapes[i] or pg.dtype != DTYPE:
+            _grad_error(node, node.in_shapes[i], pg)
+        key = id(nxt)
+        prev = grads.get(key)
+        if prev is None:
+            grads[key] = pg
+        elif owned.get(id(prev)) is prev:
+            kew.add_into(prev, pg)
+        else:
+            total = np.add(prev, pg, dtype=DTYPE)
+            owned[id(total)] = total
+            grads[key] = total
+    node.release()
+
+
+def _collective_levels(order: list) -> list[tuple[list, list]]:
+    """``order`` (each node before its inputs) cut into levels, each (plain nodes, collective functions).
+
+    A node's level is the number of collective functions on the longest path from the root to it,
+    itself excluded. Running the levels in turn, each level's plain nodes in ``order`` and then its
+    collective functions, still runs every node after all the nodes that consume its output: a
+    consumer is at a lower level, or at the same level and earlier in ``order`` and not collective.
+    """
+    level: dict[int, int] = {}
+    levels: list[tuple[list, list]] = []
+    for node in order:
+        own = level.get(id(node), 0)
+        collective = getattr(node, "collective", False)
+        while len(levels) <= own:
+            levels.append(([], []))
+        levels[own][1 if collective else 0].append(node)
+        if isinstance(node, Function):
+            below = own + (1 if collective else 0)
+            for nxt in node.inputs:
+                if nxt is not None and level.get(id(nxt), -1) < below:
+                    level[id(nxt)] = below
+    return levels
+
+
+# How independent computations run (run_independent): in turn in this thread unless a runner is set
+# for it (approxdarts_np.runs.replicas runs them side by side to batch their exchanges).
+_RUNNER = threading.local()
+
+
+def run_independent_with(runner) -> None:
+    """Make :func:`run_independent` in this thread call ``runner(functions)`` (None: in turn)."""
+    _RUNNER.run = runner
+
+
+def run_independent(functions: list) -> list:
+    """The results of ``functions`` (no arguments; none uses another's result), in their order.
+
+    In one process they run in turn. A search whose batch is split over replicas runs them side by
+    side, so that the sums each exchanges with the other replicas go in one exchange per round.
+    """
+    runner = getattr(_RUNNER, "run", None)
+    if runner is None:
+        return [f() for f in functions]
+    return runner(functions)
 
 
 def _topological_order(root) -> list:

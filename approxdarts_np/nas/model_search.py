@@ -1,9 +1,11 @@
 """The DARTS supernet: MixedOp on every edge, search cells, and the Network that owns α."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from approxdarts_np.autodiff import Tensor
+from approxdarts_np.autodiff import Tensor, run_independent
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.nas.budget import cap_parameter_free
 from approxdarts_np.nas.genotypes import Genotype, derive_genotype
@@ -40,7 +42,10 @@ class MixedOp(Module):
         self.active = slice(active[0], active[-1] + 1) if contiguous else np.array(active)
 
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
-        outputs = [op(x) for op in self.ops]
+        return self.mix([op(x) for op in self.ops], weights)
+
+    def mix(self, outputs: list, weights: Tensor) -> Tensor:
+        """The edge's output from its computed ops' outputs (in ``self.ops`` order)."""
         return F.weighted_sum(weights[self.active], outputs)
 
 
@@ -62,12 +67,17 @@ class SearchCell(Module):
                 self.edges.append(MixedOp(c, stride, rng))
 
     def forward(self, s0: Tensor, s1: Tensor, weights: Tensor) -> Tensor:
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        # The ops of every edge into a node are independent computations (run_independent: in turn
+        # in one process; side by side when the batch is split over replicas, see runs/replicas.py).
+        states = run_independent([functools.partial(self.preprocess0, s0), functools.partial(self.preprocess1, s1)])
         offset = 0
         for _ in range(STEPS):
+            edges = [(self.edges[offset + j], h) for j, h in enumerate(states)]
+            outputs = run_independent([functools.partial(op, h) for edge, h in edges for op in edge.ops])
             node = None
-            for j, h in enumerate(states):
-                out = self.edges[offset + j](h, weights[offset + j])
+            for j, (edge, _) in enumerate(edges):
+                out = edge.mix(outputs[:len(edge.ops)], weights[offset + j])
+                outputs = outputs[len(edge.ops):]
                 node = out if node is None else node + out
             offset += len(states)
             states.append(node)

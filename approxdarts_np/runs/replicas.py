@@ -32,14 +32,16 @@ This module does not import Ray: the handles come from :mod:`~approxdarts_np.run
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import contextvars
 import math
 import threading
 import time
 
 import numpy as np
 
-from approxdarts_np.autodiff import Tensor
+from approxdarts_np.autodiff import Tensor, run_independent_with
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.approx.lut_conv import range_activations_with
 from approxdarts_np.autodiff.conv import sum_batch_statistics_with
@@ -133,22 +135,114 @@ class ReplicaGroup:
         return {"exchanges": self.exchanges, "bytes_sent": self.bytes_sent, "exchange_s": self.exchange_s}
 
 
-_ACTIVE = threading.local()  # .group: the ReplicaGroup of this thread's steps
+class Lanes:
+    """Independent computations of one replica run side by side, their exchanges batched.
+
+    :func:`~approxdarts_np.autodiff.run_independent` hands over computations that do not use each
+    other's results: the op chains of a cell's node in forward, the batch norms of one level in
+    backward. Each runs in a thread of its own (the kernels hold the interpreter lock, so they still
+    run one at a time). When every lane still running waits for a sum or a range, the lanes' parts
+    go to the other replicas in one exchange, in lane order; every lane's k-th request is in the
+    k-th exchange, whatever the threads' timing, so the replicas exchange the same parts in the
+    same order.
+    """
+
+    POOL = 64  # threads: more than a cell's node has op chains (7 ops x 5 edges)
+
+    def __init__(self, group: ReplicaGroup):
+        self.group = group
+        self._cv = threading.Condition()
+        self._pool = None
+        self._running = 0
+        self._pending: dict = {}
+        self._results: dict = {}
+        self._round = 0
+        self._error: BaseException | None = None
+        self.exchanges_saved = 0
+
+    def run(self, functions: list) -> list:
+        if len(functions) <= 1 or getattr(_ACTIVE, "lane", False):
+            return [f() for f in functions]
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.POOL, thread_name_prefix="replica-lane")
+        with self._cv:
+            self._running, self._pending, self._results, self._error = len(functions), {}, {}, None
+        futures = [self._pool.submit(self._lane, i, f, contextvars.copy_context()) for i, f in enumerate(functions)]
+        return [future.result() for future in futures]
+
+    def _lane(self, index: int, function, context):
+        _ACTIVE.lane = True
+        sum_batch_statistics_with(lambda part: self._request(index, np.add, part))
+        range_activations_with(lambda part: self._request(index, np.maximum, part))
+        try:
+            return context.run(function)
+        finally:
+            sum_batch_statistics_with(None)
+            range_activations_with(None)
+            _ACTIVE.lane = False
+            with self._cv:
+                self._running -= 1
+                self._exchange_if_all_wait()
+
+    def _request(self, index: int, combine, part: np.ndarray) -> np.ndarray:
+        with self._cv:
+            self._pending[index] = (combine, np.asarray(part, np.float64))
+            round_ = self._round
+            self._exchange_if_all_wait()
+            while self._round == round_:
+                self._cv.wait()
+            if self._error is not None:
+                raise self._error
+            return self._results.pop(index)
+
+    def _exchange_if_all_wait(self) -> None:
+        """With the lock held: when every running lane waits, exchange their parts and wake them."""
+        if not self._pending or len(self._pending) < self._running:
+            return
+        order = sorted(self._pending)
+        requests = [self._pending[i] for i in order]
+        sizes = [part.size for _, part in requests]
+        try:
+            parts = self.group._gather(np.concatenate([part.ravel() for _, part in requests]))
+            offsets = np.cumsum([0] + sizes)
+            for i, (combine, part), lo, hi in zip(order, requests, offsets[:-1], offsets[1:]):
+                total = parts[0][lo:hi].copy()
+                for other in parts[1:]:
+                    total = combine(total, other[lo:hi])
+                self._results[i] = total.reshape(part.shape)
+        except BaseException as exc:  # noqa: BLE001  (every waiting lane raises it)
+            self._error = exc
+        self.exchanges_saved += len(requests) - 1
+        self._pending = {}
+        self._round += 1
+        self._cv.notify_all()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+_ACTIVE = threading.local()  # .group: the ReplicaGroup of this thread's steps; .lane: in a Lanes thread
 
 
 @contextlib.contextmanager
 def replicated(group: ReplicaGroup):
     """Within, in this thread: losses, gradients and batch statistics are those of the batch ``group``
-    splits."""
+    splits, and independent computations run as :class:`Lanes`."""
+    lanes = Lanes(group)
     _ACTIVE.group = group
     sum_batch_statistics_with(group.sum)
     range_activations_with(group.maximum)
+    run_independent_with(lanes.run)
     try:
         yield group
     finally:
         _ACTIVE.group = None
         sum_batch_statistics_with(None)
         range_activations_with(None)
+        run_independent_with(None)
+        lanes.close()
 
 
 def loss_and_backward(model, images, labels, penalty=None) -> tuple[float, int]:
