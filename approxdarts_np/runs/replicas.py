@@ -229,7 +229,11 @@ _ACTIVE = threading.local()  # .group: the ReplicaGroup of this thread's steps; 
 @contextlib.contextmanager
 def replicated(group: ReplicaGroup):
     """Within, in this thread: losses, gradients and batch statistics are those of the batch ``group``
-    splits, and independent computations run as :class:`Lanes`."""
+    splits, and independent computations run as :class:`Lanes`. A group of one replica computes as one
+    process does."""
+    if group.size == 1:
+        yield group
+        return
     lanes = Lanes(group)
     _ACTIVE.group = group
     sum_batch_statistics_with(group.sum)
