@@ -39,6 +39,7 @@ import math
 import threading
 import time
 
+import numba
 import numpy as np
 
 from approxdarts_np.autodiff import Tensor, run_independent_with
@@ -167,10 +168,13 @@ class Lanes:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.POOL, thread_name_prefix="replica-lane")
         with self._cv:
             self._running, self._pending, self._results, self._error = len(functions), {}, {}, None
-        futures = [self._pool.submit(self._lane, i, f, contextvars.copy_context()) for i, f in enumerate(functions)]
+        threads = numba.get_num_threads()  # a per-thread setting: each lane takes this thread's
+        futures = [self._pool.submit(self._lane, i, f, contextvars.copy_context(), threads)
+                   for i, f in enumerate(functions)]
         return [future.result() for future in futures]
 
-    def _lane(self, index: int, function, context):
+    def _lane(self, index: int, function, context, threads: int):
+        numba.set_num_threads(threads)
         _ACTIVE.lane = True
         sum_batch_statistics_with(lambda part: self._request(index, np.add, part))
         range_activations_with(lambda part: self._request(index, np.maximum, part))

@@ -25,6 +25,8 @@ import copy
 import os
 from pathlib import Path
 
+import numba
+
 from approxdarts_np.errors import UserError
 from approxdarts_np.kernels.threads import configure_threads
 from approxdarts_np.runs.config import available_cores
@@ -47,7 +49,7 @@ class SearchWorker:
     """One replica of a search, run as a Ray actor (see :func:`_actor_class`)."""
 
     def __init__(self, config: dict, rank: int, size: int, threads: int):
-        configure_threads(threads)
+        self.threads = configure_threads(threads)
         self.searcher: Searcher = build_searcher(SearchConfig.from_dict(config))
         self.group = ReplicaGroup(rank, size)
         self.before_step: dict | None = None
@@ -68,6 +70,7 @@ class SearchWorker:
         return self.searcher.begin_epoch(epoch)
 
     def step(self, epoch: int, step: int) -> StepResult:
+        numba.set_num_threads(self.threads)  # a per-thread setting: Ray may call from another thread
         self.before_step = copy.deepcopy(self.state())
         with replicated(self.group):
             return self.searcher.step(epoch, step)
@@ -89,8 +92,11 @@ class SearchWorker:
 
 
 def _actor_class(ray):
-    # several calls at once: ``deposit`` and ``abort`` arrive while ``step`` runs
-    return ray.remote(max_concurrency=4)(SearchWorker)
+    """SearchWorker as a Ray actor: the calls that compute run one at a time on one thread; the peers'
+    ``deposit``, the driver's ``abort`` and the counters run on threads of their own meanwhile."""
+    messages = ray.method(concurrency_group="messages")
+    calls = {name: messages(getattr(SearchWorker, name)) for name in ("deposit", "abort", "counters", "pid")}
+    return ray.remote(concurrency_groups={"messages": 2})(type("SearchWorker", (SearchWorker,), calls))
 
 
 class WorkerPool:
