@@ -134,13 +134,13 @@ class SweepConfig:
         weights = self.energy_weights if self.energy_weights is not None else [None]
         return [(m, s, w) for m in self.multipliers for w in weights for s in self.seeds]
 
-    def run_config(self, kind: str, multiplier: str, seed: int, folder: Path, threads: int | None,
+    def run_config(self, kind: str, value: str, seed: int, folder: Path, threads: int | None,
                    energy_weight: float | None = None):
         """The SearchConfig or TrainConfig of one trial's ``kind`` run."""
         cls = SearchConfig if kind == "search" else TrainConfig
         make = cls.paper if self.preset == "paper" else cls.quick
-        candidates = multiplier.split("+")
-        options = dict(self.run_options, arithmetic=multiplier, seed=seed, threads=threads,
+        candidates = value.split("+")
+        options = dict(self.run_options, arithmetic=value, seed=seed, threads=threads,
                        output_dir=str(folder))
         if kind == "search":
             if len(candidates) > 1:
@@ -224,37 +224,39 @@ class SweepConfig:
                 config.validate()
 
 
-def trial_name(multiplier: str, seed: int, energy_weight: float | None = None) -> str:
-    """The folder of one trial: ``mul8u_17KS-seed0``, ``exact+mul8u_2P7-seed1-lambda0.5``; a table path
+def trial_name(value: str, seed: int, energy_weight: float | None = None) -> str:
+    """The folder of one trial of grid ``value`` (one value of ``--multipliers``: an arithmetic spec, or
+    specs joined with ``+``): ``mul8u_17KS-seed0``, ``exact+mul8u_2P7-seed1-lambda0.5``; a table path
     gives its file stem."""
-    stems = [Path(m).stem if ("/" in m or "." in m) else m for m in multiplier.split("+")]
+    stems = [Path(m).stem if ("/" in m or "." in m) else m for m in value.split("+")]
     name = "+".join(re.sub(r"[^A-Za-z0-9_]+", "_", stem) for stem in stems) + f"-seed{seed}"
     return name if energy_weight is None else name + f"-lambda{energy_weight:g}"
 
 
 # ----------------------------------------------------------------- one trial, without Ray
-def run_trial(sweep: SweepConfig, multiplier: str, seed: int, threads: int,
+def run_trial(sweep: SweepConfig, value: str, seed: int, threads: int,
               on_epoch: Callable[[str, dict], None] | None = None, energy_weight: float | None = None) -> dict:
-    """Run (or continue) one trial's search and/or training and evaluation; its results row.
+    """Run (or continue) the trial of grid ``value`` (as in :func:`trial_name`) and ``seed``: its search
+    and/or training and evaluation; its results row (whose ``multiplier`` column holds ``value``).
 
     Each run folder that already holds a checkpoint is resumed, so calling this
     again after the process died continues where the run's checkpoint stands.
     ``on_epoch(stage, event)`` is called after every epoch's checkpoint.
     """
-    folder = Path(sweep.output_dir) / trial_name(multiplier, seed, energy_weight)
-    row = {"multiplier": multiplier, "seed": seed, "energy_weight": energy_weight, "stage": sweep.stage,
+    folder = Path(sweep.output_dir) / trial_name(value, seed, energy_weight)
+    row = {"multiplier": value, "seed": seed, "energy_weight": energy_weight, "stage": sweep.stage,
            "val_acc": None, "test_acc": None}
-    mode = GENOTYPE if "+" in multiplier else multiplier  # how the trained network computes
+    mode = GENOTYPE if "+" in value else value  # how the trained network computes
     wall = 0.0
     genotype = Genotype.from_dict(sweep.genotype) if sweep.genotype is not None else None
     if sweep.stage in ("search", "both"):
-        config = sweep.run_config("search", multiplier, seed, folder / "search", threads, energy_weight)
+        config = sweep.run_config("search", value, seed, folder / "search", threads, energy_weight)
         summary = _run_or_resume(run_search, config, threads, _stage_progress("search", on_epoch))
         row["val_acc"] = summary["val_acc"]
         wall += summary["elapsed_s"]
         genotype = read_genotype(folder / "search" / "genotype.json")
     if sweep.stage in ("train", "both"):
-        config = sweep.run_config("train", multiplier, seed, folder / "train", threads)
+        config = sweep.run_config("train", value, seed, folder / "train", threads)
         config = config.replace(genotype=genotype.to_dict())
         summary = _run_or_resume(run_train, config, threads, _stage_progress("train", on_epoch))
         started = time.perf_counter()
@@ -269,14 +271,14 @@ def run_trial(sweep: SweepConfig, multiplier: str, seed: int, threads: int,
     return row
 
 
-def _energy_columns(genotype, channels: int, layers: int, multiplier: str) -> dict:
+def _energy_columns(genotype, channels: int, layers: int, value: str) -> dict:
     """Energy per inference (FP32, exact 8-bit, this multiplier) and parameters of the trial's network."""
     columns = {"energy_pj": None, "energy_fp32_pj": None, "energy_exact8_pj": None, "energy_approx_pj": None,
                "parameters": None}
-    spec = str(multiplier).lower()
+    spec = str(value).lower()
     try:
         report, params = network_energy(genotype, channels, layers, "exact" if is_fp32(spec)
-                                        else multiplier)
+                                        else value)
     except UserError:
         report, params = None, None  # a table without a published power: accuracy only
     if report is None:
@@ -342,9 +344,9 @@ def _trainable(params: dict) -> None:
     from ray import tune  # optional extra ".[sweep]": Ray is imported only when a sweep runs
 
     sweep = SweepConfig.from_dict(params["sweep"], source="the trial's sweep settings")
-    multiplier, seed, threads = params["multiplier"], params["seed"], params["threads"]
+    value, seed, threads = params["multiplier"], params["seed"], params["threads"]
     energy_weight = params.get("energy_weight")
-    folder = Path(sweep.output_dir) / trial_name(multiplier, seed, energy_weight)
+    folder = Path(sweep.output_dir) / trial_name(value, seed, energy_weight)
     saved = tune.get_checkpoint()
     resumed = saved is not None or (folder / "search" / CHECKPOINT).is_file() or (folder / "train" / CHECKPOINT).is_file()
     if saved is not None:
@@ -359,5 +361,5 @@ def _trainable(params: dict) -> None:
                     copy_run_files(folder / name, Path(tmp) / name)
             tune.report({"stage": stage, **metrics}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    row = run_trial(sweep, multiplier, seed, threads, on_epoch, energy_weight)
+    row = run_trial(sweep, value, seed, threads, on_epoch, energy_weight)
     tune.report({"stage": "done", "row_json": json.dumps(row), "resumed": resumed})
