@@ -159,7 +159,6 @@ class Lanes:
         self._results: dict = {}
         self._round = 0
         self._error: BaseException | None = None
-        self.exchanges_saved = 0
 
     def run(self, functions: list) -> list:
         if len(functions) <= 1 or getattr(_ACTIVE, "lane", False):
@@ -171,6 +170,7 @@ class Lanes:
         threads = numba.get_num_threads()  # a per-thread setting: each lane takes this thread's
         futures = [self._pool.submit(self._lane, i, f, contextvars.copy_context(), threads)
                    for i, f in enumerate(functions)]
+        concurrent.futures.wait(futures)  # every lane ended (also when one failed) before the next run
         return [future.result() for future in futures]
 
     def _lane(self, index: int, function, context, threads: int):
@@ -216,7 +216,6 @@ class Lanes:
                 self._results[i] = total.reshape(part.shape)
         except BaseException as exc:  # noqa: BLE001  (every waiting lane raises it)
             self._error = exc
-        self.exchanges_saved += len(requests) - 1
         self._pending = {}
         self._round += 1
         self._cv.notify_all()
@@ -231,14 +230,16 @@ _ACTIVE = threading.local()  # .group: the ReplicaGroup of this thread's steps; 
 
 
 @contextlib.contextmanager
-def replicated(group: ReplicaGroup):
+def replicated(group: ReplicaGroup, lanes: Lanes | None = None):
     """Within, in this thread: losses, gradients and batch statistics are those of the batch ``group``
-    splits, and independent computations run as :class:`Lanes`. A group of one replica computes as one
-    process does."""
+    splits, and independent computations run as ``lanes`` (by default new :class:`Lanes`, closed on
+    exit; a caller that steps many times passes its own, so that the lanes' threads are reused). A
+    group of one replica computes as one process does."""
     if group.size == 1:
         yield group
         return
-    lanes = Lanes(group)
+    own = lanes is None
+    lanes = Lanes(group) if own else lanes
     _ACTIVE.group = group
     sum_batch_statistics_with(group.sum)
     range_activations_with(group.maximum)
@@ -250,7 +251,8 @@ def replicated(group: ReplicaGroup):
         sum_batch_statistics_with(None)
         range_activations_with(None)
         run_independent_with(None)
-        lanes.close()
+        if own:
+            lanes.close()
 
 
 def loss_and_backward(model, images, labels, penalty=None) -> tuple[float, int]:

@@ -32,7 +32,7 @@ from approxdarts_np.kernels.threads import configure_threads
 from approxdarts_np.runs.config import available_cores
 from approxdarts_np.runs.loop import ProgressCallback, RunLoop, StepResult
 from approxdarts_np.runs.ray_cluster import check_address_form, error_line, import_ray, quiet_ray_lines, start_ray
-from approxdarts_np.runs.replicas import ReplicaGroup, StepAborted, replicated
+from approxdarts_np.runs.replicas import Lanes, ReplicaGroup, StepAborted, replicated
 from approxdarts_np.runs.search import SearchConfig, Searcher, build_searcher, resolved_facts
 
 #: The parts of a search's state that the replicas share (and a checkpoint takes from worker 0).
@@ -52,6 +52,7 @@ class SearchWorker:
         self.threads = configure_threads(threads)
         self.searcher: Searcher = build_searcher(SearchConfig.from_dict(config))
         self.group = ReplicaGroup(rank, size)
+        self.lanes = Lanes(self.group)  # kept across steps: their threads are reused
         self.before_step: dict | None = None
 
     def pid(self) -> int:
@@ -72,7 +73,7 @@ class SearchWorker:
     def step(self, epoch: int, step: int) -> StepResult:
         numba.set_num_threads(self.threads)  # a per-thread setting: Ray may call from another thread
         self.before_step = copy.deepcopy(self.state())
-        with replicated(self.group):
+        with replicated(self.group, self.lanes):
             return self.searcher.step(epoch, step)
 
     def restore(self) -> None:
@@ -107,7 +108,6 @@ class WorkerPool:
         self.config = config.to_dict()
         self.actor = _actor_class(ray)
         self.generation = 0
-        self.epoch = None
         self.workers = [self._start(rank) for rank in range(self.size)]
         self._connect()
 
@@ -122,7 +122,6 @@ class WorkerPool:
         return self.ray.get([getattr(w, method).remote(*args) for w in self.workers])
 
     def begin_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
         self.all("begin_epoch", epoch)
 
     def state(self) -> dict:
@@ -176,9 +175,6 @@ class WorkerPool:
 
     def counters(self) -> list[dict]:
         return self.all("counters")
-
-    def pids(self) -> list[int]:
-        return self.all("pid")
 
     def stop(self) -> None:
         for w in self.workers:
