@@ -374,7 +374,7 @@ def test_two_by_two_grid_writes_four_rows_and_the_plot(local_ray, tmp_path):
         # each trial is a normal pair of run folders with that multiplier and seed
         for stage in ("search", "train"):
             saved = json.loads((folder / stage / "config.json").read_text())
-            assert (saved["multiplier"], saved["seed"], saved["threads"]) == (row["multiplier"], row["seed"], 1)
+            assert (saved["arithmetic"], saved["seed"], saved["threads"]) == (row["multiplier"], row["seed"], 1)
         assert row["val_acc"] == _metrics(folder / "search")[-1]["val_acc"]
         assert row["genotype"] == (folder / "search" / "genotype.txt").read_text().strip()
         train_config = json.loads((folder / "train" / "config.json").read_text())
