@@ -180,3 +180,35 @@ def test_an_abandoned_sum_raises_and_a_new_generation_drops_old_parts():
     groups[0].deposit(1, 0, 1, np.full(3, 100.0))
     groups[0].deposit(2, 0, 1, np.full(3, 2.0))
     np.testing.assert_array_equal(groups[0].sum(np.ones(3)), np.full(3, 3.0))
+
+
+def test_lanes_send_each_round_of_requests_in_one_exchange():
+    """100 lanes (more than the 64 threads a first run starts), each asking for two sums: two exchanges,
+    every lane getting the sum of its own parts over both replicas."""
+    from approxdarts_np.autodiff.conv import _BATCH_SUMS
+    from approxdarts_np.runs.replicas import Lanes
+
+    groups = [ReplicaGroup(rank, 2) for rank in range(2)]
+    for group in groups:
+        group.connect([InProcess(g) for g in groups], generation=1)
+    results = {}
+
+    def lane(rank: int, i: int) -> float:
+        first = _BATCH_SUMS.reduce(np.array([float(i + rank)]))
+        second = _BATCH_SUMS.reduce(np.array([float(10 * i)]))
+        return float(first[0] + second[0])
+
+    def replica(rank: int) -> None:
+        lanes = Lanes(groups[rank])
+        lanes.run([lambda: 0.0, lambda: 0.0])  # a first run starts a smaller pool
+        results[rank] = lanes.run([lambda i=i: lane(rank, i) for i in range(100)])
+        lanes.close()
+
+    threads = [threading.Thread(target=replica, args=(rank,)) for rank in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert results[0] == results[1] == [2 * i + 1 + 20 * i for i in range(100)]
+    assert groups[0].exchanges == groups[1].exchanges == 2

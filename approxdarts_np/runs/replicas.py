@@ -148,12 +148,11 @@ class Lanes:
     same order.
     """
 
-    POOL = 64  # threads: more than a cell's node has op chains (7 ops x 5 edges)
-
     def __init__(self, group: ReplicaGroup):
         self.group = group
         self._cv = threading.Condition()
         self._pool = None
+        self._threads = 0
         self._running = 0
         self._pending: dict = {}
         self._results: dict = {}
@@ -163,8 +162,11 @@ class Lanes:
     def run(self, functions: list) -> list:
         if len(functions) <= 1 or getattr(_ACTIVE, "lane", False):
             return [f() for f in functions]
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(self.POOL, thread_name_prefix="replica-lane")
+        if len(functions) > self._threads:
+            # every lane needs a thread of its own: a round waits for all of them
+            self.close()
+            self._threads = max(64, len(functions))
+            self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="replica-lane")
         with self._cv:
             self._running, self._pending, self._results, self._error = len(functions), {}, {}, None
         threads = numba.get_num_threads()  # a per-thread setting: each lane takes this thread's
@@ -223,7 +225,7 @@ class Lanes:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-            self._pool = None
+            self._pool, self._threads = None, 0
 
 
 _ACTIVE = threading.local()  # .group: the ReplicaGroup of this thread's steps; .lane: in a Lanes thread
