@@ -57,6 +57,14 @@ def share(n: int, rank: int, size: int) -> slice:
     return slice(rank * n // size, (rank + 1) * n // size)
 
 
+def combine(parts: list, how) -> np.ndarray:
+    """``how`` (np.add, np.maximum) over the replicas' parts, in replica order: every replica gets the same bits."""
+    total = parts[0].copy()
+    for other in parts[1:]:
+        total = how(total, other)
+    return total
+
+
 class ReplicaGroup:
     """This replica's place among ``size`` replicas, and the sums over all of them."""
 
@@ -95,16 +103,11 @@ class ReplicaGroup:
 
     def sum(self, part: np.ndarray) -> np.ndarray:
         """The sum of every replica's ``part`` (same shape and dtype on each), added in replica order."""
-        parts = self._gather(part)
-        total = parts[0].copy()
-        for other in parts[1:]:
-            total += other
-        return total
+        return combine(self._gather(part), np.add)
 
     def maximum(self, part: np.ndarray) -> np.ndarray:
         """The elementwise maximum of every replica's ``part``."""
-        parts = self._gather(part)
-        return np.maximum.reduce(parts) if len(parts) > 1 else parts[0]
+        return combine(self._gather(part), np.maximum)
 
     def _gather(self, part: np.ndarray) -> list:
         """Every replica's ``part``, in replica order: this one's is sent to each peer, theirs awaited."""
@@ -190,9 +193,9 @@ class Lanes:
                 self._running -= 1
                 self._exchange_if_all_wait()
 
-    def _request(self, index: int, combine, part: np.ndarray) -> np.ndarray:
+    def _request(self, index: int, how, part: np.ndarray) -> np.ndarray:
         with self._cv:
-            self._pending[index] = (combine, np.asarray(part, np.float64))
+            self._pending[index] = (how, np.asarray(part, np.float64))
             round_ = self._round
             self._exchange_if_all_wait()
             while self._round == round_:
@@ -211,11 +214,8 @@ class Lanes:
         try:
             parts = self.group._gather(np.concatenate([part.ravel() for _, part in requests]))
             offsets = np.cumsum([0] + sizes)
-            for i, (combine, part), lo, hi in zip(order, requests, offsets[:-1], offsets[1:]):
-                total = parts[0][lo:hi].copy()
-                for other in parts[1:]:
-                    total = combine(total, other[lo:hi])
-                self._results[i] = total.reshape(part.shape)
+            for i, (how, part), lo, hi in zip(order, requests, offsets[:-1], offsets[1:]):
+                self._results[i] = combine([p[lo:hi] for p in parts], how).reshape(part.shape)
         except BaseException as exc:  # noqa: BLE001  (every waiting lane raises it)
             self._error = exc
         self._pending = {}
