@@ -190,6 +190,7 @@ class ReplicatedSearch:
         self.local, self.pool = local, pool
         self.config = local.config
         self.steps_per_epoch = local.steps_per_epoch
+        self._pulled = False  # whether the local copy holds the replicas' state (no step since)
 
     def parameter_count(self) -> int:
         return self.local.parameter_count()
@@ -199,11 +200,15 @@ class ReplicatedSearch:
         return self.local.begin_epoch(epoch)
 
     def step(self, epoch: int, step: int) -> StepResult:
+        self._pulled = False
         return self.pool.step(epoch, step)
 
     def _pull(self) -> None:
-        """The local copy takes the replicas' state (they are identical; worker 0's is read)."""
-        self.local.load_state_tree({**self.local.state_tree(), **self.pool.state()})
+        """The local copy takes the replicas' state (they are identical; worker 0's is read), once after
+        the steps (an epoch's end and the checkpoint after it read it once)."""
+        if not self._pulled:
+            self.local.load_state_tree({**self.local.state_tree(), **self.pool.state()})
+            self._pulled = True
 
     def end_epoch(self, epoch: int, sums: dict, begun: dict) -> dict:
         self._pull()
@@ -216,6 +221,7 @@ class ReplicatedSearch:
     def load_state_tree(self, tree: dict) -> None:
         self.local.load_state_tree(tree)
         self.pool.load_state(tree)
+        self._pulled = True
 
     def write_results(self, folder: Path) -> None:
         self.local.write_results(folder)
@@ -239,8 +245,8 @@ def run_replicated_search(config: SearchConfig, output_dir: Path, resume: bool,
     if address is None and config.workers * threads > available_cores():
         raise UserError(f"--workers {config.workers} with --threads {threads} needs {config.workers * threads} "
                         f"cores; this machine has {available_cores()} (give --address to use a Ray cluster)")
+    ray = import_ray("a search over several workers")  # a missing Ray fails before the data is read
     local = build_searcher(config)
-    ray = import_ray("a search over several workers")
     quiet_ray_lines()
     started_here = start_ray(ray, address)
     pool = None
