@@ -1,14 +1,12 @@
-"""What every command shares: one-line user errors (exit 2), interrupts (exit 130), help from config defaults."""
+"""What every command shares: one-line user errors (exit 2), interrupts (exit 130)."""
 from __future__ import annotations
 
 import functools
-from enum import Enum
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from approxdarts_np.errors import UserError
 from approxdarts_np.io.rundir import CHECKPOINT
@@ -17,12 +15,6 @@ from approxdarts_np.runs.loop import RunInterrupted
 F = TypeVar("F", bound=Callable)
 
 err_console = Console(stderr=True, highlight=False)
-
-
-class Preset(str, Enum):
-    """``--preset`` of search and train: the config class's ``quick()`` or ``paper()``."""
-    quick = "quick"
-    paper = "paper"
 
 
 def fail(message: str) -> None:
@@ -71,20 +63,3 @@ def run_with_interrupts(run: Callable[[], dict], console: Console, resume_hint: 
             console.print(f"abandoned the step in progress; the last checkpoint in {folder} is kept. "
                           f"Continue with: {resume_hint}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(code=130) from None
-
-
-_SAME = object()
-
-
-def default_help(text: str, quick, paper=_SAME) -> str:
-    """``text [quick Q, paper P]`` (or ``[Q]``), escaped so that the brackets survive rich markup."""
-    def show(v):
-        return "all" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
-    if paper is _SAME or paper == quick:
-        return escape(f"{text} [{show(quick)}]")
-    return escape(f"{text} [quick {show(quick)}, paper {show(paper)}]")
-
-
-def given(**options) -> dict:
-    """The options the user typed (those not left at None)."""
-    return {k: v for k, v in options.items() if v is not None}

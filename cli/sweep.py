@@ -11,49 +11,21 @@ from rich.markup import escape
 from rich.table import Table
 
 from approxdarts_np.errors import UserError
+from approxdarts_np.runs.config import option_name
 from approxdarts_np.runs.search import SearchConfig
-from approxdarts_np.runs.train import TrainConfig
 from approxdarts_np.runs.sweep import run_sweep
 from approxdarts_np.runs.sweep_results import format_count, format_mean_std
-from approxdarts_np.runs.sweep_trials import SweepConfig, parse_list
-from approxdarts_np_cli._common import given, user_errors
+from approxdarts_np.runs.sweep_trials import PASSED_THROUGH, SweepConfig
+from approxdarts_np.runs.train import TrainConfig
+from approxdarts_np_cli._common import user_errors
+from approxdarts_np_cli.options import config_command
 from approxdarts_np_cli.text import plural, wrap_parts
 
 
-def _preset_help(text: str, name: str) -> str:
-    """``text [search: quick Q, paper P; train: quick Q, paper P]`` from the config defaults."""
-    def show(v):
-        return "all" if v is None else str(v)
-    parts = [f"{kind}: quick {show(getattr(cls.quick(), name))}, paper {show(getattr(cls.paper(), name))}"
-             for kind, cls in (("search", SearchConfig), ("train", TrainConfig))]
-    return escape(f"{text} [{'; '.join(parts)}].")
-
-
 @user_errors
+@config_command(SweepConfig, passed=PASSED_THROUGH, runs={"search": SearchConfig, "train": TrainConfig})
 def sweep(
-    multipliers: Optional[str] = typer.Option(None, help=escape(
-        "Comma list: none (FP32), exact, table names or paths; a+b+c is one multiplier-aware search "
-        "choosing among a, b, c per op [exact].")),
-    seeds: Optional[str] = typer.Option(None, help=escape("Comma list of seeds [0].")),
-    energy_weights: Optional[str] = typer.Option(None, help=escape(
-        "Comma list of λ (the search's --energy-weight), a grid axis [no λ axis: 0].")),
-    stage: Optional[str] = typer.Option(None, help=escape(
-        "search, train (the --genotype), or both: search, train the genotype found, evaluate [both].")),
-    genotype: Optional[str] = typer.Option(None, help="With --stage train: genotype file, string or DARTS_V2."),
-    output_dir: Optional[Path] = typer.Option(None, help=escape(
-        "Folder of the sweep: one run folder per trial, results.csv/json, pareto.png [runs/sweep].")),
-    preset: Optional[str] = typer.Option(None, help=escape("quick or paper, for every run [quick].")),
-    epochs: Optional[int] = typer.Option(None, help=_preset_help("Epochs of each search and training", "epochs")),
-    channels: Optional[int] = typer.Option(None, help=_preset_help("Initial channels", "channels")),
-    layers: Optional[int] = typer.Option(None, help=_preset_help("Cells", "layers")),
-    batch_size: Optional[int] = typer.Option(None, help=_preset_help("Batch size", "batch_size")),
-    max_train_images: Optional[int] = typer.Option(None, help=_preset_help(
-        "First N training images, 0 = all", "max_train_images")),
-    data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder; default: the bundled sample."),
-    cpus_per_trial: Optional[int] = typer.Option(None, help=escape(
-        "CPUs (and kernel threads) of each trial [all cores of this machine: one trial at a time].")),
-    max_failures: Optional[int] = typer.Option(None, help=escape(
-        "Restarts of a failed trial from its last checkpoint [3].")),
+    options: dict,
     address: Optional[str] = typer.Option(None, help=escape(
         "Join this Ray cluster (e.g. 10.0.0.1:6379 or auto) [start a local Ray].")),
     resume: Optional[Path] = typer.Option(None, help="Continue the sweep saved in this folder (only --address "
@@ -71,19 +43,16 @@ def sweep(
     """
     console = Console()
     if resume is not None:
-        others = given(multipliers=multipliers, seeds=seeds, energy_weights=energy_weights, stage=stage, genotype=genotype, preset=preset,
-                       epochs=epochs, channels=channels, layers=layers, batch_size=batch_size,
-                       max_train_images=max_train_images, data_dir=data_dir, cpus_per_trial=cpus_per_trial,
-                       max_failures=max_failures)
-        if output_dir is not None and output_dir != resume:
-            others["output_dir"] = output_dir
+        if options.get("output_dir") == str(resume):
+            options.pop("output_dir")
+        run_options = options.pop("run_options", {})
+        others = [*options, *run_options]
         if others:
             raise UserError(f"--resume {resume} continues a sweep with its saved settings; these cannot be "
-                            f"given with it: {', '.join('--' + k.replace('_', '-') for k in others)}")
+                            f"given with it: {', '.join(option_name(k) for k in others)}")
         config = None
     else:
-        config = _config(multipliers, seeds, energy_weights, stage, genotype, output_dir, preset, epochs, channels, layers,
-                         batch_size, max_train_images, data_dir, cpus_per_trial, max_failures)
+        config = SweepConfig(**options)
     result = run_sweep(config, resume=resume, address=address, progress=lambda e: _show(console, e))
     _print_summary(console, result)
     for f in result["failed"]:
@@ -95,27 +64,6 @@ def sweep(
         console.print(f"continue with: approxdarts-np sweep --resume {result['output_dir']}", markup=False,
                       highlight=False, soft_wrap=True)
         raise typer.Exit(code=130 if result["unfinished"] else 1)  # unfinished trials: the sweep was stopped
-
-
-def _config(multipliers, seeds, energy_weights, stage, genotype, output_dir, preset, epochs, channels, layers, batch_size,
-            max_train_images, data_dir, cpus_per_trial, max_failures) -> SweepConfig:
-    from approxdarts_np.nas.genotypes import read_genotype
-
-    run_options = given(epochs=epochs, channels=channels, layers=layers, batch_size=batch_size,
-                        data_dir=str(data_dir) if data_dir else None)
-    if max_train_images is not None:
-        run_options["max_train_images"] = max_train_images or None
-    options = given(stage=stage, preset=preset, cpus_per_trial=cpus_per_trial, max_failures=max_failures,
-                    output_dir=str(output_dir) if output_dir else None)
-    if multipliers is not None:
-        options["multipliers"] = parse_list(multipliers, "--multipliers")
-    if seeds is not None:
-        options["seeds"] = parse_list(seeds, "--seeds", int)
-    if energy_weights is not None:
-        options["energy_weights"] = parse_list(energy_weights, "--energy-weights", float)
-    if genotype is not None:
-        options["genotype"] = read_genotype(genotype).to_dict()
-    return SweepConfig(run_options=run_options, **options)
 
 
 def _show(console: Console, event: dict) -> None:

@@ -27,28 +27,58 @@ MAX_SEED = 2 ** 32 - 1
 MAX_EPOCHS = 10_000
 
 
+#: The presets every run config has: ``quick()`` and ``paper()``.
+PRESETS = ("quick", "paper")
+
+
+def setting(default=dataclasses.MISSING, help: str = "", *, default_factory=dataclasses.MISSING,
+            shown: str | bool | None = None, aliases: tuple = (), text: type | None = None, parse=None):
+    """A config field that is also a command-line option ``--field-name`` (a field without ``help`` is not).
+
+    ``help`` is the option's help; the CLI adds the quick and paper defaults in brackets, or ``shown`` (a
+    text, or False for none). ``aliases``: older spellings of the option. ``text``: the type the option is
+    typed as when it differs from the field's; ``parse``: from that value to the config fields it sets
+    (a dict).
+    """
+    meta = dict(help=help, shown=shown, aliases=aliases, text=text, parse=parse)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def _all_images(count: int) -> dict:
+    return {"max_train_images": count or None}
+
+
 @dataclasses.dataclass
 class RunSettings:
     """The settings every run has (a search's defaults; a run's config class inherits them and
     re-declares only the defaults it changes)."""
 
-    data_dir: str | None = None
-    output_dir: str = "runs/search"
-    epochs: int = 4
-    channels: int = 8
-    layers: int = 5
-    batch_size: int = 32
-    max_train_images: int | None = 2560  # images of the training set used (None: all)
-    seed: int = 0
-    arithmetic: str = "none"  # none (FP32) | exact | table name | path to a .bin/.npy table
-    threads: int | None = None
-    lr: float = 0.025
-    lr_min: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    grad_clip: float = 5.0
-    preset: str = "quick"
+    data_dir: str | None = setting(None, "CIFAR-10 folder (python batches); default: the bundled sample.",
+                                   shown=False)
+    output_dir: str = setting("runs/search", "Folder for config, metrics, α, genotype, checkpoint.")
+    preset: str = setting("quick", "quick: minutes on a CPU; paper: DARTS's settings.", shown="quick")
+    epochs: int = setting(4, "Epochs.")
+    channels: int = setting(8, "Initial channels C.")
+    layers: int = setting(5, "Cells.")
+    batch_size: int = setting(32, "Batch size.")
+    max_train_images: int | None = setting(2560, "Use only the first N training images, 0 = all.",
+                                           parse=_all_images)
+    seed: int = setting(0, "Seed of weights, α, data order and augmentation.")
+    arithmetic: str = setting("none", "Arithmetic of the searched convolutions: none (FP32), exact (8-bit) or an "
+                              "approximate multiplier (a bundled table, e.g. mul8u_2P7, or a .bin/.npy path).",
+                              aliases=("--multiplier",))
+    threads: int | None = setting(None, "Threads of the kernels.", shown="all cores")
+    lr: float = setting(0.025, "Learning rate of the weights, cosine-annealed.")
+    lr_min: float = setting(0.001, "Final learning rate of the weights.")
+    momentum: float = setting(0.9, "SGD momentum.")
+    weight_decay: float = setting(3e-4, "Weight decay of the weights.")
+    grad_clip: float = setting(5.0, "Gradient-norm clip of the weights.")
 
+
+
+def new_default(name: str, default):
+    """The :class:`RunSettings` field ``name``, its help and option kept, with another default."""
+    return dataclasses.field(default=default, metadata=RunSettings.__dataclass_fields__[name].metadata)
 
 #: Settings saved under an older name: a config.json written before the rename loads as it ran.
 RENAMED = {"multiplier": "arithmetic"}

@@ -37,7 +37,7 @@ from approxdarts_np.nas.multiplier_choice import (SEARCHED_OPS, MultiplierNetwor
                                                   multiplier_sensitivity, network_expected_energy, searched_op_macs)
 from approxdarts_np.nas.operations import PRIMITIVES
 from approxdarts_np.nn import SGD, Adam, clip_grad_norm, cosine_lr
-from approxdarts_np.runs.config import RunConfig, RunSettings, resolve_run_config
+from approxdarts_np.runs.config import RunConfig, RunSettings, resolve_run_config, setting
 from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.runs.loop import ProgressCallback, RunLoop, StepResult
 from approxdarts_np.runs.memory import check_memory, search_memory_bytes
@@ -48,32 +48,68 @@ from approxdarts_np.runs.unrolled import unrolled_architecture_step
 _CHOICE_STREAM = 7  # random stream of the per-step multiplier draws
 
 
+def parse_temperature(text: str) -> dict:
+    """``--gumbel-temperature T`` or ``START:END`` as config fields (UserError for anything else)."""
+    parts = text.split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise UserError(f"--gumbel-temperature must be a number T or START:END, got {text!r}")
+    return {"gumbel_temperature": values[0], "gumbel_temperature_end": values[-1] if len(values) == 2 else None}
+
+
 @dataclass
 class SearchConfig(RunSettings, RunConfig):
     """Every setting of a search (:class:`~approxdarts_np.runs.config.RunSettings` and these).
     ``quick()`` fits a CPU in minutes; ``paper()`` is DARTS's."""
 
-    arch_lr: float = 3e-4
-    arch_weight_decay: float = 1e-3
+    arch_lr: float = setting(3e-4, "Adam learning rate of α.")
+    arch_weight_decay: float = setting(1e-3, "Weight decay of α.")
     arch_betas: tuple[float, float] = (0.5, 0.999)
-    multipliers: str | None = None  # comma list of K candidate multipliers (a choice per searched op)
-    energy_weight: float = 0.0  # λ of the energy term λ·E/E_ref in the architecture loss
-    energy_target: float | None = None  # pJ per image: penalise only the expected energy above it
-    energy_budget: float | None = None  # r: searched convs at most r × their exact-8-bit energy (dual ascent on λ)
-    budget_step: float = 1.0  # η of the dual ascent λ ← max(0, λ + η·(ratio − r)), per architecture step
-    energy_scope: str = "beta"  # what the energy term's gradient reaches: "beta" (multipliers only) or "all"
-    max_parameter_free: int = 2  # at most this many pools/skips per cell in the derived genotype
-    warmup_epochs: int | None = None  # weights only (α, β frozen) for these first epochs; None: see warmup()
-    beta_lr: float = 0.01  # Adam learning rate of β (the multiplier logits)
-    gumbel_temperature: float = 1.0  # τ of the straight-through Gumbel-softmax over β (first epoch)
-    gumbel_temperature_end: float | None = None  # τ of the last epoch, geometric in between (None: constant)
+    multipliers: str | None = setting(
+        None, "Candidate multipliers, comma-separated (e.g. exact,mul8u_2P7,mul8u_17KS): the search also chooses "
+        "the multiplier of every searched op (β, straight-through Gumbel).", shown=False)
+    energy_weight: float = setting(0.0, "λ of the energy term λ·E/E_ref in the architecture loss.")
+    energy_target: float | None = setting(
+        None, "Expected energy per image (pJ) above which the energy term acts (instead of everywhere).",
+        shown=False)
+    energy_budget: float | None = setting(
+        None, "r in (0, 1]: the searched convolutions may spend at most r times their exact-8-bit multiplication "
+        "energy on the 20-cell, 36-channel network. λ is found by dual ascent; "
+        "the genotype's multipliers are then allocated within the budget (--allocation). Needs --multipliers.",
+        shown=False)
+    budget_step: float = setting(
+        1.0, "η of the dual ascent λ ← max(0, λ + η·(ratio − r)), per architecture step (ratio: the genotype's "
+        "now).")
+    energy_scope: str = setting(
+        "beta", "What the energy term moves: beta (the multipliers only) or all (the ops too; it then deletes "
+        "convolutions).")
+    max_parameter_free: int = setting(
+        2, "At most N pools/skips per cell in the genotype; the weakest beyond N become the edge's best conv.")
+    warmup_epochs: int | None = setting(
+        None, "First epochs train the weights only (α and β frozen; multipliers still drawn).",
+        shown="a quarter of --epochs with --multipliers, else 0")
+    beta_lr: float = setting(0.01, "Adam learning rate of β (the multiplier logits).")
+    gumbel_temperature: float = setting(
+        1.0, "τ of the straight-through Gumbel-softmax over β: T, or START:END (geometric from the first to the "
+        "last epoch).", text=str, parse=parse_temperature)
+    gumbel_temperature_end: float | None = None  # τ of the last epoch (None: constant); set by START:END
     budget_channels: int = 36  # the evaluation network on which the budget is checked (DARTS: 36 channels,
     budget_layers: int = 20  # 20 cells)
-    allocation: str = "sensitivity"  # a budget's multipliers: "sensitivity" (measured at the end) or "beta"
-    sensitivity_images: int = 128  # architecture-val images on which the sensitivities are measured
-    order: int = 1  # 1: first-order architecture gradient; 2: DARTS's unrolled (second-order) gradient
-    unrolled_lr: float | None = None  # ξ of the virtual step (None: the current weight learning rate)
-    workers: int = 1  # replicas the steps are split over by image, each a Ray worker with `threads` threads
+    allocation: str = setting(
+        "sensitivity", "How a budget's multipliers are chosen: sensitivity (after the last epoch, each kept op's "
+        "loss increase with each candidate is measured and a greedy knapsack fills the budget) or beta (argmax β, "
+        "projected into the budget).")
+    sensitivity_images: int = setting(128, "Architecture-val images the sensitivities are measured on.")
+    order: int = setting(
+        1, "Architecture gradient: 1 = first order, 2 = DARTS's unrolled second order (about 2-3x a step).")
+    unrolled_lr: float | None = setting(None, "ξ of the virtual step with --order 2.",
+                                        shown="the current weight learning rate")
+    workers: int = setting(
+        1, "Split every step over N Ray workers by image (each with --threads threads; pip install -e "
+        "\".[sweep]\").")
 
     # Settings added after runs were saved, with the value that reproduces what such a run did.
     LEGACY: ClassVar[dict] = dict(energy_scope="all", max_parameter_free=8, warmup_epochs=0)

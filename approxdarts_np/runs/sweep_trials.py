@@ -33,7 +33,7 @@ from approxdarts_np.errors import UserError
 from approxdarts_np.io.checkpoint import write_json
 from approxdarts_np.io.rundir import CHECKPOINT, CONFIG, METRICS
 from approxdarts_np.nas.genotypes import DARTS_V2, Genotype, read_genotype
-from approxdarts_np.runs.config import available_cores
+from approxdarts_np.runs.config import available_cores, setting
 from approxdarts_np.runs.report import evaluate_checkpoint, network_energy
 from approxdarts_np.runs.search import SearchConfig, run_search
 from approxdarts_np.runs.train import TrainConfig, run_train
@@ -100,16 +100,26 @@ def parse_list(text: str, what: str, kind=str) -> list:
 class SweepConfig:
     """A sweep: the grid, the stage each trial runs, the settings passed to every run, Ray resources."""
 
-    multipliers: list = field(default_factory=lambda: ["exact"])  # "a+b+c": a multiplier-aware trial
-    seeds: list = field(default_factory=lambda: [0])
-    energy_weights: list | None = None  # λ axis of the grid (None: no λ, the search's default 0)
-    stage: str = "both"
-    output_dir: str = "runs/sweep"
-    preset: str = "quick"
+    multipliers: list = setting(
+        default_factory=lambda: ["exact"], help="Comma list: none (FP32), exact, table names or paths; a+b+c is one "
+        "multiplier-aware search choosing among a, b, c per op.", shown="exact", text=str,
+        parse=lambda text: {"multipliers": parse_list(text, "--multipliers")})
+    seeds: list = setting(default_factory=lambda: [0], help="Comma list of seeds.", shown="0", text=str,
+                          parse=lambda text: {"seeds": parse_list(text, "--seeds", int)})
+    energy_weights: list | None = setting(
+        None, "Comma list of λ (the search's --energy-weight), a grid axis.", shown="no λ axis: 0", text=str,
+        parse=lambda text: {"energy_weights": parse_list(text, "--energy-weights", float)})
+    stage: str = setting("both", "search, train (the --genotype), or both: search, train the genotype found, "
+                         "evaluate.")
+    genotype: dict | None = setting(None, "With --stage train: genotype file, string or DARTS_V2.", shown=False,
+                                    text=str, parse=lambda text: {"genotype": read_genotype(text).to_dict()})
+    output_dir: str = setting("runs/sweep", "Folder of the sweep: one run folder per trial, results.csv/json, "
+                              "pareto.png.")
+    preset: str = setting("quick", "quick or paper, for every run.", text=str)
     run_options: dict = field(default_factory=dict)  # PASSED_THROUGH settings the user gave
-    genotype: dict | None = None  # stage "train": the genotype every trial trains
-    cpus_per_trial: int | None = None  # None: all cores of this machine (one trial at a time)
-    max_failures: int = 3
+    cpus_per_trial: int | None = setting(None, "CPUs (and kernel threads) of each trial.",
+                                         shown="all cores of this machine: one trial at a time")
+    max_failures: int = setting(3, "Restarts of a failed trial from its last checkpoint.")
     eval_batch_size: int = 100
 
     def to_dict(self) -> dict:

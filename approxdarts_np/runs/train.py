@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -23,11 +23,11 @@ from approxdarts_np.data.augment import AugmentConfig, BatchLoader
 from approxdarts_np.data.cifar import load_cifar10
 from approxdarts_np.errors import UserError
 from approxdarts_np.io.rundir import CHECKPOINT
-from approxdarts_np.nas.genotypes import Genotype
+from approxdarts_np.nas.genotypes import Genotype, read_genotype
 from approxdarts_np.nas.model_eval import NetworkCIFAR
 from approxdarts_np.nas.multiplier_choice import set_genotype_multipliers
 from approxdarts_np.nn import SGD, clip_grad_norm, cosine_lr
-from approxdarts_np.runs.config import IMAGE_SIZE, RunConfig, RunSettings, resolve_run_config
+from approxdarts_np.runs.config import IMAGE_SIZE, RunConfig, RunSettings, new_default, resolve_run_config, setting
 from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.runs.loop import ProgressCallback, RunLoop, StepResult, read_run_checkpoint
 from approxdarts_np.runs.memory import check_memory, train_memory_bytes
@@ -40,16 +40,22 @@ class TrainConfig(RunSettings, RunConfig):
     """Every setting of a training run (:class:`~approxdarts_np.runs.config.RunSettings`, with the
     defaults below, and these). ``quick()`` fits a CPU in minutes; ``paper()`` is DARTS's."""
 
-    output_dir: str = "runs/train"
-    epochs: int = 2
-    layers: int = 6
-    max_train_images: int | None = 1024
-    arithmetic: str = GENOTYPE  # genotype: the genotype's per-op multipliers (FP32 where it has none)
-    lr_min: float = 0.0
-    genotype: dict = field(default_factory=dict)
-    auxiliary_weight: float = 0.4
-    drop_path: float = 0.2
-    cutout: int = 16
+    output_dir: str = setting("runs/train", "Folder for config, metrics and checkpoint.")
+    epochs: int = new_default("epochs", 2)
+    layers: int = new_default("layers", 6)
+    max_train_images: int | None = new_default("max_train_images", 1024)
+    seed: int = setting(0, "Seed of weights, data order, augmentation and drop-path.")
+    arithmetic: str = setting(
+        GENOTYPE, "Arithmetic of the searched convs: genotype (the multiplier the genotype names for each op, FP32 "
+        "where none), none, exact, a bundled table or a .bin/.npy path (quantisation-aware training).",
+        aliases=("--multiplier",))
+    lr_min: float = new_default("lr_min", 0.0)
+    genotype: dict = setting(
+        default_factory=dict, help="genotype.json, a .txt with the DARTS string, or DARTS_V2 (required unless "
+        "--resume).", shown=False, text=str, parse=lambda text: {"genotype": read_genotype(text).to_dict()})
+    auxiliary_weight: float = setting(0.4, "Auxiliary loss weight, 0 = no head.")
+    drop_path: float = setting(0.2, "Final drop-path probability.")
+    cutout: int = setting(16, "Cutout length, 0 = off.")
 
     PAPER: ClassVar[dict] = dict(epochs=600, channels=36, layers=20, batch_size=96, max_train_images=None)
 
