@@ -35,6 +35,7 @@ from typing import Mapping
 import numpy as np
 
 from approxdarts_np.errors import UserError
+from approxdarts_np.io.read import read_at_most
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -260,14 +261,10 @@ def _key_list(batch: dict[str, object]) -> str:
 
 def _unpickle(path: Path) -> object:
     """Load one pickle with the restricted unpickler; any failure names the file."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_BATCH_BYTES:
-            raise UserError(f"{path}: {size:,} bytes is more than any CIFAR-10 batch file "
-                            f"(at most {MAX_BATCH_IMAGES:,} images, {MAX_BATCH_BYTES:,} bytes); refusing to read it")
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    raw = read_at_most(
+        path, MAX_BATCH_BYTES, unreadable=lambda reason: f"{path}: cannot read ({reason})",
+        too_large=lambda size: f"{path}: {size:,} bytes is more than any CIFAR-10 batch file (at most "
+                               f"{MAX_BATCH_IMAGES:,} images, {MAX_BATCH_BYTES:,} bytes); refusing to read it")
     try:
         return _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except UserError:

@@ -43,18 +43,18 @@ def conv_output_size(size, k, stride, padding, dilation):
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
+def pair_at_least(v, name, low):
+    """:func:`as_pair`, and ValueError naming ``name`` unless both values are at least ``low``."""
+    a, b = as_pair(v, name)
+    if a < low or b < low:
+        raise ValueError(f"{name} must be >= {low}, got {(a, b)}")
+    return a, b
+
+
 def conv_geometry(stride, padding, dilation):
     """``(s_h, s_w, p_h, p_w, d_h, d_w)`` from int-or-pair arguments; ValueError when out of range."""
-    s_h, s_w = as_pair(stride, "stride")
-    p_h, p_w = as_pair(padding, "padding")
-    d_h, d_w = as_pair(dilation, "dilation")
-    if s_h < 1 or s_w < 1:
-        raise ValueError(f"stride must be >= 1, got {(s_h, s_w)}")
-    if p_h < 0 or p_w < 0:
-        raise ValueError(f"padding must be >= 0, got {(p_h, p_w)}")
-    if d_h < 1 or d_w < 1:
-        raise ValueError(f"dilation must be >= 1, got {(d_h, d_w)}")
-    return s_h, s_w, p_h, p_w, d_h, d_w
+    return (*pair_at_least(stride, "stride", 1), *pair_at_least(padding, "padding", 0),
+            *pair_at_least(dilation, "dilation", 1))
 
 
 def check_float32_4d(a, name):

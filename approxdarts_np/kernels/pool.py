@@ -23,7 +23,7 @@ results are bit-reproducible and independent of the thread count.
 import numpy as np
 from numba import njit, prange
 
-from ._util import (as_pair, block_bounds, check_float32_4d, check_shape4, conv_output_hw,
+from ._util import (block_bounds, check_float32_4d, check_shape4, conv_output_hw, pair_at_least,
                     pick_kernel, serial_twin)
 from ._util import unsigned as _u
 from .depthwise import _item_blocks, _item_images, _stack_geometry, _stack_size, _stack_to_phases
@@ -404,14 +404,10 @@ _pool3x3_stacked_kernel_serial = serial_twin(_pool3x3_stacked_kernel)
 # ----------------------------------------------------------------------------- validation
 
 def _geometry(kernel_size, stride, padding):
-    k_h, k_w = as_pair(kernel_size, "kernel_size")
-    s_h, s_w = as_pair(stride, "stride")
-    p_h, p_w = as_pair(padding, "padding")
-    if k_h < 1 or k_w < 1:
-        raise ValueError(f"kernel_size must be >= 1, got {(k_h, k_w)}")
-    if s_h < 1 or s_w < 1:
-        raise ValueError(f"stride must be >= 1, got {(s_h, s_w)}")
-    if p_h < 0 or p_w < 0 or 2 * p_h > k_h or 2 * p_w > k_w:
+    k_h, k_w = pair_at_least(kernel_size, "kernel_size", 1)
+    s_h, s_w = pair_at_least(stride, "stride", 1)
+    p_h, p_w = pair_at_least(padding, "padding", 0)
+    if 2 * p_h > k_h or 2 * p_w > k_w:
         raise ValueError(
             f"padding must be between 0 and half the kernel size {(k_h, k_w)}, got {(p_h, p_w)}")
     return k_h, k_w, s_h, s_w, p_h, p_w

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from approxdarts_np.errors import UserError
+from approxdarts_np.io.read import read_at_most
 from approxdarts_np.nas.operations import PRIMITIVES
 
 STEPS = 4
@@ -359,18 +360,20 @@ def _from_text(content: str) -> Genotype:
 def _read_genotype_file(path: Path) -> str:
     """The text of a genotype file (UTF-8, optional BOM); one UserError line for anything else."""
     hint = "give a .json, a .txt with the DARTS string, or DARTS_V2"
+    def unreadable(reason):
+        return f"cannot read genotype file {path}: {reason}"
     try:
-        if not path.exists():
-            raise UserError(f"genotype file {path} does not exist ({hint})")
-        if not path.is_file():
-            raise UserError(f"genotype file {path} is not a file ({hint})")
-        size = path.stat().st_size
-        if size > _MAX_FILE_BYTES:
-            raise UserError(f"genotype file {path} has {size:,} bytes; a genotype is a few hundred "
-                            f"bytes ({hint})")
-        data = path.read_bytes()
+        exists, is_file = path.exists(), path.is_file()
     except OSError as exc:
-        raise UserError(f"cannot read genotype file {path}: {exc.strerror or exc}") from None
+        raise UserError(unreadable(exc.strerror or exc)) from None
+    if not exists:
+        raise UserError(f"genotype file {path} does not exist ({hint})")
+    if not is_file:
+        raise UserError(f"genotype file {path} is not a file ({hint})")
+    data = read_at_most(
+        path, _MAX_FILE_BYTES, unreadable=unreadable,
+        too_large=lambda size: f"genotype file {path} has {size:,} bytes; a genotype is a few hundred bytes "
+                               f"({hint})")
     if data[:2] in (b"\xff\xfe", b"\xfe\xff") or _looks_utf16(data):
         raise UserError(f"genotype file {path} looks UTF-16 encoded; save it as UTF-8")
     if not data.strip():

@@ -6,7 +6,8 @@ import numpy as np
 from approxdarts_np.autodiff import Tensor
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.nas.genotypes import Genotype
-from approxdarts_np.nas.operations import OPS, FactorizedReduce, ReLUConvBN, set_arithmetic
+from approxdarts_np.nas.operations import (OPS, FactorizedReduce, ReLUConvBN, check_network_size, cifar_stem,
+                                          set_arithmetic)
 from approxdarts_np.nn import (AvgPool2d, BatchNorm2d, Conv2d, GlobalAvgPool2d, Identity, Linear, Module,
                                ModuleList, ReLU, Sequential)
 
@@ -73,15 +74,12 @@ class NetworkCIFAR(Module):
     def __init__(self, genotype: Genotype, channels: int = 36, num_classes: int = 10, layers: int = 20,
                  auxiliary: bool = True, stem_multiplier: int = 3, arithmetic=None, seed: int = 0):
         super().__init__()
-        if layers < 3:
-            raise ValueError(f"the network needs at least 3 cells, got {layers}")
-        if channels <= 0:
-            raise ValueError(f"channels must be positive, got {channels}")
+        check_network_size(layers, channels)
         rng = np.random.default_rng(seed)
         self.genotype, self.layers, self.channels = genotype, layers, channels
         self.aux_index = 2 * layers // 3
         c_curr = stem_multiplier * channels
-        self.stem = Sequential(Conv2d(3, c_curr, 3, padding=1, rng=rng), BatchNorm2d(c_curr))
+        self.stem = cifar_stem(c_curr, rng)
         c_prev_prev, c_prev, c_curr = c_curr, c_curr, channels
         self.cells = ModuleList()
         reduction_prev = False

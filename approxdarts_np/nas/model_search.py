@@ -9,8 +9,9 @@ from approxdarts_np.autodiff import Tensor, run_independent
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.nas.budget import cap_parameter_free
 from approxdarts_np.nas.genotypes import Genotype, derive_genotype
-from approxdarts_np.nas.operations import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, set_arithmetic
-from approxdarts_np.nn import (BatchNorm2d, Conv2d, GlobalAvgPool2d, Linear, Module,
+from approxdarts_np.nas.operations import (OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, check_network_size, cifar_stem,
+                                          set_arithmetic)
+from approxdarts_np.nn import (BatchNorm2d, GlobalAvgPool2d, Linear, Module,
                                ModuleList, Parameter, Sequential)
 
 STEPS = 4  # intermediate nodes per cell
@@ -95,15 +96,11 @@ class Network(Module):
     def __init__(self, channels: int = 16, num_classes: int = 10, layers: int = 8,
                  stem_multiplier: int = 3, arithmetic=None, seed: int = 0):
         super().__init__()
-        if layers < 3:
-            raise ValueError(f"the network needs at least 3 cells (2 reductions and a normal cell), got {layers}")
-        if channels <= 0:
-            raise ValueError(f"channels must be positive, got {channels}")
+        check_network_size(layers, channels)
         rng = np.random.default_rng(seed)
         self.channels, self.num_classes, self.layers = channels, num_classes, layers
         c_curr = stem_multiplier * channels
-        # The stem BN is affine, as in DARTS; the cells' BNs are not.
-        self.stem = Sequential(Conv2d(3, c_curr, 3, padding=1, rng=rng), BatchNorm2d(c_curr))
+        self.stem = cifar_stem(c_curr, rng)
         c_prev_prev, c_prev, c_curr = c_curr, c_curr, channels
         self.cells = ModuleList()
         reduction_prev = False

@@ -29,6 +29,20 @@ PRIMITIVES = (
 )
 
 
+def check_network_size(layers: int, channels: int) -> None:
+    """ValueError unless there are 3 cells or more (two reductions and a normal cell) and channels."""
+    if layers < 3:
+        raise ValueError(f"the network needs at least 3 cells (2 reductions and a normal cell), got {layers}")
+    if channels <= 0:
+        raise ValueError(f"channels must be positive, got {channels}")
+
+
+def cifar_stem(c_out: int, rng) -> Sequential:
+    """DARTS's stem: a 3x3 conv from the RGB image to ``c_out`` channels, then an affine BN (the cells'
+    BNs are not affine)."""
+    return Sequential(Conv2d(3, c_out, 3, padding=1, rng=rng), BatchNorm2d(c_out))
+
+
 class ReLUConvBN(Module):
     """ReLU, k×k convolution, batch norm (cell preprocessing)."""
 

@@ -74,6 +74,10 @@ class RunSettings:
     weight_decay: float = setting(3e-4, "Weight decay of the weights.")
     grad_clip: float = setting(5.0, "Gradient-norm clip of the weights.")
 
+    def train_images(self, available: int) -> int:
+        """How many images of the training set the run uses: the first ``max_train_images`` (None: all)."""
+        return available if self.max_train_images is None else min(available, self.max_train_images)
+
 
 
 def new_default(name: str, default):

@@ -264,9 +264,7 @@ class Searcher:
         config.validate()
         self.config = config
         data = load_cifar10(config.data_dir)
-        n_train = data.train_x.shape[0]
-        if config.max_train_images is not None:
-            n_train = min(n_train, config.max_train_images)
+        n_train = config.train_images(data.train_x.shape[0])
         train_idx, val_idx = search_split(n_train)
         half = min(train_idx.size, val_idx.size)
         if config.batch_size > half:

@@ -94,9 +94,7 @@ class Trainer:
         config.validate()
         self.config = config
         data = load_cifar10(config.data_dir)
-        n_train = data.train_x.shape[0]
-        if config.max_train_images is not None:
-            n_train = min(n_train, config.max_train_images)
+        n_train = config.train_images(data.train_x.shape[0])
         if config.batch_size > n_train:
             raise UserError(f"--batch-size {config.batch_size} is larger than the {n_train} training images")
         augment = AugmentConfig(crop_padding=4, flip=True, cutout_length=config.cutout)
