@@ -21,7 +21,7 @@ def by_size():
 
 
 def test_forced_variants_override_the_size():
-    kernel, twin = conv._conv2d_forward_kernel, conv._conv2d_forward_kernel_serial
+    kernel, twin = conv._patch_products_kernel, conv._patch_products_kernel_serial
     assert _util.pick_kernel(kernel, twin, 10)[0] is twin
     assert _util.pick_kernel(kernel, twin, 10 ** 9)[0] is kernel
     assert _util.force_variant("serial") is None
@@ -115,11 +115,11 @@ def test_a_second_process_loads_every_variant_from_the_cache(tmp_path):
             "x = np.ones((1, 2, 5, 5), np.float32); w = np.ones((3, 2, 3, 3), np.float32)\n"
             "for variant in ('serial', 'parallel'):\n"
             "    _util.force_variant(variant); conv.conv2d(x, w, padding=1)\n"
-            "print(sorted({n for n in seen if n.startswith('_conv2d')}))")
+            "print(sorted({n for n in seen if n.startswith('_patch_products')}))")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                            timeout=300) for _ in range(2)]
-    assert runs[0].stdout.strip() == "['_conv2d_forward_kernel', '_conv2d_forward_kernel_serial']", \
+    assert runs[0].stdout.strip() == "['_patch_products_kernel', '_patch_products_kernel_serial']", \
         runs[0].stderr
     assert runs[1].stdout.strip() == "[]", runs[1].stdout
 

@@ -41,25 +41,9 @@ def _lane_total(lanes):
 
 
 @njit(cache=True)
-def _channel_sum(xf, shape, c, lanes):
-    """Return the float64 sum of channel c of the flat (N, C, HW) array ``xf``, fixed lanes."""
-    n_img, n_ch, size = shape
-    n_lanes = lanes.shape[0]
-    body = size - size % n_lanes
-    lanes[:] = 0.0
-    for n in range(n_img):
-        base = (n * n_ch + c) * size
-        for i in range(base, base + body, n_lanes):
-            for k in range(n_lanes):
-                lanes[_u(k)] += xf[_u(i + k)]
-        for i in range(body, size):
-            lanes[_u(i - body)] += xf[_u(base + i)]
-    return _lane_total(lanes)
-
-
-@njit(cache=True)
-def _channel_sq_dev(xf, shape, c, mean, lanes):
-    """Return the float64 sum of (x - mean)**2 over channel c of ``xf``, fixed lanes."""
+def _channel_sum(xf, shape, c, mean, square, lanes):
+    """Return the float64 sum over channel c of the flat (N, C, HW) array ``xf`` of (x - mean), or
+    with ``square`` of (x - mean)**2, in fixed lanes (mean 0 gives the sum of x or of x**2)."""
     n_img, n_ch, size = shape
     n_lanes = lanes.shape[0]
     body = size - size % n_lanes
@@ -69,10 +53,10 @@ def _channel_sq_dev(xf, shape, c, mean, lanes):
         for i in range(base, base + body, n_lanes):
             for k in range(n_lanes):
                 d = np.float64(xf[_u(i + k)]) - mean
-                lanes[_u(k)] += d * d
+                lanes[_u(k)] += d * d if square else d
         for i in range(body, size):
             d = np.float64(xf[_u(base + i)]) - mean
-            lanes[_u(i - body)] += d * d
+            lanes[_u(i - body)] += d * d if square else d
     return _lane_total(lanes)
 
 
@@ -126,22 +110,26 @@ def _channel_affine(xf, yf, shape, c, scale, shift):
             yf[_u(i)] = np.float64(xf[_u(i)]) * scale + shift
 
 
+@njit(cache=True)
+def _channels(x3):
+    """(shape (N, C, HW), values per channel N*HW, x3 flat) of a C-contiguous (N, C, HW) array."""
+    return x3.shape, x3.shape[0] * x3.shape[2], x3.reshape(x3.size)
+
+
 @njit(parallel=True, cache=True)
 def _batch_norm_train_kernel(x3, gamma, beta, eps, n_lanes):
     """Return (y, mean, var, invstd) for x3 (N, C, HW); gamma/beta float64 (C,)."""
-    n_img, n_ch, size = x3.shape
-    shape = (n_img, n_ch, size)
-    count = n_img * size
+    shape, count, xf = _channels(x3)
+    n_ch = shape[1]
     y = np.empty_like(x3)
-    xf = x3.reshape(x3.size)
     yf = y.reshape(y.size)
     mean_out = np.empty(n_ch, np.float32)
     var_out = np.empty(n_ch, np.float32)
     invstd_out = np.empty(n_ch, np.float32)
     for c in prange(n_ch):
         lanes = np.empty(n_lanes, np.float64)
-        mean = _channel_sum(xf, shape, c, lanes) / count
-        var = _channel_sq_dev(xf, shape, c, mean, lanes) / count
+        mean = _channel_sum(xf, shape, c, 0.0, False, lanes) / count
+        var = _channel_sum(xf, shape, c, mean, True, lanes) / count
         invstd = 1.0 / np.sqrt(var + eps)
         scale = invstd * gamma[c]
         _channel_affine(xf, yf, shape, c, scale, beta[c] - mean * scale)
@@ -157,11 +145,9 @@ def _batch_norm_grad_kernel(gy3, x3, mean, invstd, gamma, n_lanes):
 
     gx = (gy - sum(gy)/n - (x - mean) * invstd**2 * sum(gy*(x - mean))/n) * invstd * gamma.
     """
-    n_img, n_ch, size = x3.shape
-    shape = (n_img, n_ch, size)
-    count = n_img * size
+    shape, count, xf = _channels(x3)
+    n_ch = shape[1]
     gx = np.empty_like(x3)
-    xf = x3.reshape(x3.size)
     gf = gy3.reshape(gy3.size)
     of = gx.reshape(gx.size)
     ggamma = np.empty(n_ch, np.float32)
@@ -195,26 +181,22 @@ def _batch_norm_eval_kernel(x3, scale, shift):
 @njit(parallel=True, cache=True)
 def _moments_kernel(x3, n_lanes):
     """(C, 2) float64: per channel, sum(x) and sum(x**2), fixed lanes."""
-    n_img, n_ch, size = x3.shape
-    shape = (n_img, n_ch, size)
-    xf = x3.reshape(x3.size)
-    out = np.empty((n_ch, 2), np.float64)
-    for c in prange(n_ch):
+    shape, _, xf = _channels(x3)
+    out = np.empty((shape[1], 2), np.float64)
+    for c in prange(shape[1]):
         lanes = np.empty(n_lanes, np.float64)
-        out[c, 0] = _channel_sum(xf, shape, c, lanes)
-        out[c, 1] = _channel_sq_dev(xf, shape, c, 0.0, lanes)
+        out[c, 0] = _channel_sum(xf, shape, c, 0.0, False, lanes)
+        out[c, 1] = _channel_sum(xf, shape, c, 0.0, True, lanes)
     return out
 
 
 @njit(parallel=True, cache=True)
 def _grad_sums_kernel(gy3, x3, mean, n_lanes):
     """(C, 2) float64: per channel, sum(gy) and sum(gy * (x - mean)), fixed lanes."""
-    n_img, n_ch, size = x3.shape
-    shape = (n_img, n_ch, size)
-    xf = x3.reshape(x3.size)
+    shape, _, xf = _channels(x3)
     gf = gy3.reshape(gy3.size)
-    out = np.empty((n_ch, 2), np.float64)
-    for c in prange(n_ch):
+    out = np.empty((shape[1], 2), np.float64)
+    for c in prange(shape[1]):
         lanes_g = np.empty(n_lanes, np.float64)
         lanes_gx = np.empty(n_lanes, np.float64)
         out[c, 0], out[c, 1] = _channel_grad_sums(gf, xf, shape, c, mean[c], lanes_g, lanes_gx)
@@ -224,10 +206,9 @@ def _grad_sums_kernel(gy3, x3, mean, n_lanes):
 @njit(parallel=True, cache=True)
 def _grad_from_sums_kernel(gy3, x3, mean, invstd, gamma, sums, count):
     """gx of :func:`_batch_norm_grad_kernel` from given (C, 2) sums over ``count`` values."""
-    n_img, n_ch, size = x3.shape
-    shape = (n_img, n_ch, size)
+    shape = x3.shape
     gx = np.empty_like(x3)
-    for c in prange(n_ch):
+    for c in prange(shape[1]):
         _channel_grad_apply(gy3.reshape(gy3.size), x3.reshape(x3.size), gx.reshape(gx.size), shape, c,
                             sums[c, 0], sums[c, 1], count, mean[c], invstd[c], gamma[c])
     return gx

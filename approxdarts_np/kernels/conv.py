@@ -69,17 +69,22 @@ def _valid_range(n_out, offset, stride, size):
 
 
 @njit(cache=True)
-def _im2col(xg, col, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w):
-    """Fill col[(c*k_h + i)*k_w + j, oh*out_w + ow] = xpad[c, oh*s_h + i*d_h, ow*s_w + j*d_w].
+def _patch_copy(img, col, scatter, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w):
+    """Between one image block ``img`` (channels, H, W) and its patch matrix ``col``.
 
-    ``xg`` is one image's (channels, H, W) block; padded positions give 0. Indexing is flat
-    (no per-row views): rows are short, and per-row overhead would dominate. When s_w == 1
-    and s_h * W == out_w (stride 1 with "same" padding), a col row is the input plane shifted
-    by a constant, so it is copied as one run and the columns that fall in the padding are
-    zeroed afterwards.
+    im2col (``scatter`` False): col[(c*k_h + i)*k_w + j, oh*out_w + ow] = imgpad[c, oh*s_h + i*d_h,
+    ow*s_w + j*d_w], padded positions giving 0. Its adjoint (``scatter`` True, col2im): every col
+    entry is added onto the image position it was read from, in a fixed (channel, tap, position)
+    order; entries from the padding are dropped.
+
+    Indexing is flat (no per-row views): rows are short, and per-row overhead would dominate. When
+    s_w == 1 and s_h * W == out_w (stride 1 with "same" padding), a col row is the image plane
+    shifted by a constant, so it moves as one run: im2col copies the run and then zeroes the
+    columns that fall in the padding; col2im zeroes those columns of ``col`` (scratch then) first
+    and adds the run.
     """
-    n_ch, h, wd = xg.shape
-    xf = xg.reshape(n_ch * h * wd)
+    n_ch, h, wd = img.shape
+    xf = img.reshape(n_ch * h * wd)
     cf = col.reshape(col.shape[0] * col.shape[1])
     n_out = out_h * out_w
     linear = s_w == 1 and s_h * wd == out_w
@@ -92,114 +97,90 @@ def _im2col(xg, col, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w):
                 ow_lo, ow_hi = _valid_range(out_w, off_w, s_w, wd)
                 base = ((c * k_h + i) * k_w + j) * n_out
                 if oh_lo >= oh_hi or ow_lo >= ow_hi:
-                    for q in range(base, base + n_out):
-                        cf[_u(q)] = 0.0
+                    if not scatter:
+                        _zero(cf, base, base + n_out)
                     continue
                 q_lo = oh_lo * out_w + ow_lo
                 q_hi = (oh_hi - 1) * out_w + ow_hi
-                for q in range(base, base + q_lo):
-                    cf[_u(q)] = 0.0
                 if linear:
-                    # src index = q + shift for every q; [q_lo, q_hi) reads only inside the plane.
+                    # image index = q + shift for every q; [q_lo, q_hi) lies inside the plane.
                     shift = (c * h + off_h) * wd + off_w
-                    for q in range(q_lo, q_hi):
-                        cf[_u(base + q)] = xf[_u(q + shift)]
-                    for oh in range(oh_lo, oh_hi):
-                        row = base + oh * out_w
-                        for ow in range(ow_lo):
-                            cf[_u(row + ow)] = 0.0
-                        for ow in range(ow_hi, out_w):
-                            cf[_u(row + ow)] = 0.0
+                    if scatter:
+                        _zero_outside_columns(cf, base, oh_lo, oh_hi, ow_lo, ow_hi, out_w)
+                        for q in range(q_lo, q_hi):
+                            xf[_u(q + shift)] += cf[_u(base + q)]
+                    else:
+                        for q in range(q_lo, q_hi):
+                            cf[_u(base + q)] = xf[_u(q + shift)]
+                        _zero_outside_columns(cf, base, oh_lo, oh_hi, ow_lo, ow_hi, out_w)
                 else:
                     for oh in range(oh_lo, oh_hi):
                         row = base + oh * out_w
                         src = (c * h + oh * s_h + off_h) * wd + off_w
-                        for ow in range(ow_lo):
-                            cf[_u(row + ow)] = 0.0
-                        if s_w == 1:
+                        if scatter:
+                            for ow in range(ow_lo, ow_hi):
+                                xf[_u(src + ow * s_w)] += cf[_u(row + ow)]
+                        elif s_w == 1:
                             for ow in range(ow_lo, ow_hi):
                                 cf[_u(row + ow)] = xf[_u(src + ow)]
                         else:
                             for ow in range(ow_lo, ow_hi):
                                 cf[_u(row + ow)] = xf[_u(src + ow * s_w)]
-                        for ow in range(ow_hi, out_w):
-                            cf[_u(row + ow)] = 0.0
-                for q in range(base + q_hi, base + n_out):
-                    cf[_u(q)] = 0.0
+                    if not scatter:
+                        _zero_outside_columns(cf, base, oh_lo, oh_hi, ow_lo, ow_hi, out_w)
+                if not scatter:
+                    _zero(cf, base, base + q_lo)
+                    _zero(cf, base + q_hi, base + n_out)
 
 
 @njit(cache=True)
-def _col2im_add(col, gxg, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w):
-    """Add every col entry onto the padded-input position it was read from (pads dropped).
+def _zero(a, lo, hi):
+    for q in range(lo, hi):
+        a[_u(q)] = 0.0
 
-    The adjoint of :func:`_im2col`; entries land in a fixed (channel, tap, position) order.
-    ``col`` is scratch: in the linear case (see :func:`_im2col`) its padding columns are set
-    to zero so that a whole row is added as one run.
-    """
-    n_ch, h, wd = gxg.shape
-    gf = gxg.reshape(n_ch * h * wd)
-    cf = col.reshape(col.shape[0] * col.shape[1])
-    n_out = out_h * out_w
-    linear = s_w == 1 and s_h * wd == out_w
-    for c in range(n_ch):
-        for i in range(k_h):
-            off_h = i * d_h - p_h
-            oh_lo, oh_hi = _valid_range(out_h, off_h, s_h, h)
-            for j in range(k_w):
-                off_w = j * d_w - p_w
-                ow_lo, ow_hi = _valid_range(out_w, off_w, s_w, wd)
-                if oh_lo >= oh_hi or ow_lo >= ow_hi:
-                    continue
-                base = ((c * k_h + i) * k_w + j) * n_out
-                if linear:
-                    shift = (c * h + off_h) * wd + off_w
-                    for oh in range(oh_lo, oh_hi):
-                        row = base + oh * out_w
-                        for ow in range(ow_lo):
-                            cf[_u(row + ow)] = 0.0
-                        for ow in range(ow_hi, out_w):
-                            cf[_u(row + ow)] = 0.0
-                    for q in range(oh_lo * out_w + ow_lo, (oh_hi - 1) * out_w + ow_hi):
-                        gf[_u(q + shift)] += cf[_u(base + q)]
-                else:
-                    for oh in range(oh_lo, oh_hi):
-                        row = base + oh * out_w
-                        dst = (c * h + oh * s_h + off_h) * wd + off_w
-                        if s_w == 1:
-                            for ow in range(ow_lo, ow_hi):
-                                gf[_u(dst + ow)] += cf[_u(row + ow)]
-                        else:
-                            for ow in range(ow_lo, ow_hi):
-                                gf[_u(dst + ow * s_w)] += cf[_u(row + ow)]
+
+@njit(cache=True)
+def _zero_outside_columns(cf, base, oh_lo, oh_hi, ow_lo, ow_hi, out_w):
+    """Zero columns [0, ow_lo) and [ow_hi, out_w) of rows oh_lo .. oh_hi - 1 of the col row at ``base``."""
+    for oh in range(oh_lo, oh_hi):
+        row = base + oh * out_w
+        _zero(cf, row, row + ow_lo)
+        _zero(cf, row + ow_hi, row + out_w)
+
+
+@njit(cache=True)
+def _patch_matrix(xg, col, direct, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w):
+    """The GEMM operand of one item ``xg`` (Ci/G, H, W): with ``direct`` (1x1, stride 1, no padding) the
+    image block itself, else its patch matrix, built in ``col``."""
+    if direct:
+        return xg.reshape(xg.shape[0], xg.shape[1] * xg.shape[2])
+    _patch_copy(xg, col, False, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w)
+    return col
 
 
 @njit(parallel=True, cache=True)
-def _conv2d_forward_kernel(x5, w_mat, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
-                           direct, n_threads):
-    """y[n, g] = w_mat[g] @ col(x5[n, g]) for x5 (N, G, Ci/G, H, W), w_mat (G, Co/G, K).
+def _patch_products_kernel(x5, lhs, out, weight_grad, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h,
+                           out_w, direct, n_blocks):
+    """Per item (n, g) of x5 (N, G, Ci/G, H, W), one GEMM with its patch matrix col(x5[n, g]):
 
-    ``direct``: 1x1, stride 1, no padding -- the image block itself is the GEMM operand.
-    Items (image, group) are split into ``n_threads`` contiguous blocks, one scratch buffer each.
+    * forward:            out[n, g] = lhs[0, g] @ col, lhs (1, G, Co/G, K) holding the weights;
+    * ``weight_grad``:    out[n, g] = lhs[n, g] @ col^T, lhs (N, G, Co/G, OH*OW) holding gy --
+      the image's part of the weight gradient.
+
+    Items are split into ``n_blocks`` contiguous blocks, one scratch buffer each.
     """
-    n_img, n_grp, c_grp, h, wd = x5.shape
-    co_grp, k_dim = w_mat.shape[1], w_mat.shape[2]
-    n_out = out_h * out_w
-    y = np.empty((n_img, n_grp, co_grp, n_out), np.float32)
-    n_items = n_img * n_grp
-    n_blocks = min(n_threads, n_items)
+    n_grp = x5.shape[1]
+    k_dim = x5.shape[2] * k_h * k_w
     for block in prange(n_blocks):
-        lo, hi = block_bounds(block, n_blocks, n_items)
-        col = np.empty((0 if direct else k_dim, n_out), np.float32)
+        lo, hi = block_bounds(block, n_blocks, x5.shape[0] * n_grp)
+        col = np.empty((0 if direct else k_dim, out_h * out_w), np.float32)
         for item in range(lo, hi):
-            n = item // n_grp
-            g = item % n_grp
-            if direct:
-                src = x5[n, g].reshape(c_grp, h * wd)
+            n, g = item // n_grp, item % n_grp
+            src = _patch_matrix(x5[n, g], col, direct, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w)
+            if weight_grad:
+                np.dot(lhs[n, g], src.T, out[n, g])
             else:
-                _im2col(x5[n, g], col, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w)
-                src = col
-            np.dot(w_mat[g], src, y[n, g])
-    return y
+                np.dot(lhs[0, g], src, out[n, g])
 
 
 @njit(parallel=True, cache=True)
@@ -238,77 +219,43 @@ def _pointwise_codes_kernel(x3, scale, inv, zero_point, table_t, affine, w_mat, 
 
 
 @njit(parallel=True, cache=True)
-def _conv2d_grad_input_kernel(gy4, w_t, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w,
-                              out_h, out_w, direct, n_threads):
-    """gx[n, g] = col2im(w_t[g] @ gy4[n, g]) for gy4 (N, G, Co/G, OH*OW), w_t (G, K, Co/G).
-
-    Returns gx as (N, G, Ci/G, H, W). ``direct`` as in the forward: the GEMM writes gx itself.
-    """
-    n_img, n_grp = gy4.shape[0], gy4.shape[1]
-    k_dim = w_t.shape[1]
-    c_grp = k_dim // (k_h * k_w)
-    n_out = out_h * out_w
-    gx = np.empty((n_img, n_grp, c_grp, h, wd), np.float32)
-    n_items = n_img * n_grp
-    n_blocks = min(n_threads, n_items)
+def _conv2d_grad_input_kernel(gy4, w_t, gx, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
+                              direct, n_blocks):
+    """gx[n, g] = col2im(w_t[g] @ gy4[n, g]) for gy4 (N, G, Co/G, OH*OW), w_t (G, K, Co/G), gx
+    (N, G, Ci/G, H, W). ``direct`` as in the forward: the GEMM writes gx itself."""
+    n_grp, c_grp, h, wd = gx.shape[1], gx.shape[2], gx.shape[3], gx.shape[4]
     for block in prange(n_blocks):
-        lo, hi = block_bounds(block, n_blocks, n_items)
-        gcol = np.empty((0 if direct else k_dim, n_out), np.float32)
+        lo, hi = block_bounds(block, n_blocks, gx.shape[0] * n_grp)
+        gcol = np.empty((0 if direct else w_t.shape[1], out_h * out_w), np.float32)
         for item in range(lo, hi):
-            n = item // n_grp
-            g = item % n_grp
+            n, g = item // n_grp, item % n_grp
             gxg = gx[n, g]
             if direct:
                 np.dot(w_t[g], gy4[n, g], gxg.reshape(c_grp, h * wd))
             else:
                 np.dot(w_t[g], gy4[n, g], gcol)
                 gxg[:] = 0.0
-                _col2im_add(gcol, gxg, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w)
-    return gx
+                _patch_copy(gxg, gcol, True, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w)
 
 
 @njit(parallel=True, cache=True)
-def _conv2d_grad_weight_kernel(gy4, x5, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
-                               direct, reduce_block, n_threads):
-    """gw[g] = sum over n (in order) of gy4[n, g] @ col(x5[n, g])^T, returned as (G, Co/G, K).
-
-    Per-image partial products are kept, then added image by image in float64 per element.
-    """
-    n_img, n_grp, c_grp, h, wd = x5.shape
-    co_grp = gy4.shape[2]
-    k_dim = c_grp * k_h * k_w
-    n_out = out_h * out_w
-    part = np.empty((n_img, n_grp, co_grp, k_dim), np.float32)
-    n_items = n_img * n_grp
-    n_blocks = min(n_threads, n_items)
-    for block in prange(n_blocks):
-        lo, hi = block_bounds(block, n_blocks, n_items)
-        col = np.empty((0 if direct else k_dim, n_out), np.float32)
-        for item in range(lo, hi):
-            n = item // n_grp
-            g = item % n_grp
-            if direct:
-                src = x5[n, g].reshape(c_grp, h * wd)
-            else:
-                _im2col(x5[n, g], col, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w)
-                src = col
-            np.dot(gy4[n, g], src.T, part[n, g])
-
-    n_elem = n_grp * co_grp * k_dim
-    flat = part.reshape(n_img, n_elem)
-    gw = np.empty(n_elem, np.float32)
+def _sum_images_kernel(parts, reduce_block):
+    """sum over n (in order) of parts[n], in float64 per element, returned as float32: the weight
+    gradient from the per-image parts, independent of the thread count."""
+    n_img, n_elem = parts.shape
+    total = np.empty(n_elem, np.float32)
     n_chunks = (n_elem + reduce_block - 1) // reduce_block
     for chunk in prange(n_chunks):
         e0 = chunk * reduce_block
         e1 = min(e0 + reduce_block, n_elem)
         acc = np.zeros(e1 - e0, np.float64)
         for n in range(n_img):
-            src_n = flat[n, e0:e1]
+            src_n = parts[n, e0:e1]
             for e in range(e1 - e0):
                 acc[e] += src_n[e]
         for e in range(e1 - e0):
-            gw[e0 + e] = acc[e]
-    return gw.reshape(n_grp, co_grp, k_dim)
+            total[e0 + e] = acc[e]
+    return total
 
 
 # ----------------------------------------------------------------------------- validation
@@ -345,10 +292,16 @@ def _is_direct(k_h, k_w, geom):
 
 # Serial twins of the parallel kernels, for calls too small to wake the thread team
 # (kernels._util.SERIAL_BELOW).
-_conv2d_forward_kernel_serial = serial_twin(_conv2d_forward_kernel)
+_patch_products_kernel_serial = serial_twin(_patch_products_kernel)
 _pointwise_codes_kernel_serial = serial_twin(_pointwise_codes_kernel)
 _conv2d_grad_input_kernel_serial = serial_twin(_conv2d_grad_input_kernel)
-_conv2d_grad_weight_kernel_serial = serial_twin(_conv2d_grad_weight_kernel)
+_sum_images_kernel_serial = serial_twin(_sum_images_kernel)
+
+
+def _pick(kernel, twin, size, n_items):
+    """:func:`pick_kernel`, with the thread count as a number of blocks of ``n_items`` items."""
+    kernel, n_threads = pick_kernel(kernel, twin, size)
+    return kernel, min(n_threads, n_items)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -370,10 +323,11 @@ def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1):
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     x5 = x.reshape(n_img, groups, c_in // groups, h, wd)
     w_mat = w.reshape(groups, c_out // groups, -1)
-    kernel, n_threads = pick_kernel(_conv2d_forward_kernel, _conv2d_forward_kernel_serial,
-                                    max(x.size, n_img * c_out * out_h * out_w))
-    y = kernel(x5, w_mat, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
-               _is_direct(k_h, k_w, geom), n_threads)
+    y = np.empty((n_img, groups, c_out // groups, out_h * out_w), np.float32)
+    kernel, n_blocks = _pick(_patch_products_kernel, _patch_products_kernel_serial,
+                             max(x.size, y.size), n_img * groups)
+    kernel(x5, w_mat[None], y, False, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
+           _is_direct(k_h, k_w, geom), n_blocks)
     return y.reshape(n_img, c_out, out_h, out_w)
 
 
@@ -397,11 +351,11 @@ def conv2d_grad_input(gy, w, input_shape, stride=1, padding=0, dilation=1, group
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     gy4 = gy.reshape(n_img, groups, c_out // groups, out_h * out_w)
     w_t = np.ascontiguousarray(w.reshape(groups, c_out // groups, -1).transpose(0, 2, 1))
-    direct = _is_direct(k_h, k_w, geom)
-    kernel, n_threads = pick_kernel(_conv2d_grad_input_kernel, _conv2d_grad_input_kernel_serial,
-                                    max(gy.size, n_img * c_in * h * wd))
-    gx = kernel(gy4, w_t, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w, direct,
-                n_threads)
+    gx = np.empty((n_img, groups, c_in // groups, h, wd), np.float32)
+    kernel, n_blocks = _pick(_conv2d_grad_input_kernel, _conv2d_grad_input_kernel_serial,
+                             max(gy.size, gx.size), n_img * groups)
+    kernel(gy4, w_t, gx, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w, _is_direct(k_h, k_w, geom),
+           n_blocks)
     return gx.reshape(n_img, c_in, h, wd)
 
 
@@ -426,11 +380,13 @@ def conv2d_grad_weight(gy, x, weight_shape, stride=1, padding=0, dilation=1, gro
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     x5 = x.reshape(n_img, groups, c_in // groups, h, wd)
     gy4 = gy.reshape(n_img, groups, c_out // groups, out_h * out_w)
-    kernel, n_threads = pick_kernel(_conv2d_grad_weight_kernel,
-                                    _conv2d_grad_weight_kernel_serial, max(gy.size, x.size))
-    gw = kernel(gy4, x5, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
-                _is_direct(k_h, k_w, geom), _REDUCE_BLOCK, n_threads)
-    return gw.reshape(w_shape)
+    parts = np.empty((n_img, groups, c_out // groups, w_shape[1] * k_h * k_w), np.float32)
+    kernel, n_blocks = _pick(_patch_products_kernel, _patch_products_kernel_serial, max(gy.size, x.size),
+                             n_img * groups)
+    kernel(x5, gy4, parts, True, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
+           _is_direct(k_h, k_w, geom), n_blocks)
+    kernel, _ = pick_kernel(_sum_images_kernel, _sum_images_kernel_serial, max(gy.size, x.size))
+    return kernel(parts.reshape(n_img, -1), _REDUCE_BLOCK).reshape(w_shape)
 
 
 def pointwise_conv2d_codes(x, scale, zero_point, table_t, w_feats, cst, out_scale,

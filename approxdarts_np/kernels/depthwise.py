@@ -178,31 +178,21 @@ _define_tap_functions()
 # stack, so its row loops vectorise on their own and no per-plane call overhead remains.
 
 @njit(cache=True)
-def _stack_rows_to_buf(a, n0, count, ci, buf, base, wq, plane):
-    """buf[base + g*plane + r*wq + c] = a[n0+g, ci, r, c] (stride 1: rows at row stride wq)."""
+def _stack_rows(a, n0, count, ci, buf, base, wq, plane, to_buf):
+    """Stride 1: buf[base + g*plane + r*wq + c] = a[n0+g, ci, r, c] (``to_buf``), or the reverse."""
     h, w = a.shape[2], a.shape[3]
     for g in range(count):
-        src = a[n0 + g, ci]
+        img = a[n0 + g, ci]
         b0 = base + g * plane
         for r in range(h):
-            row = src[r]
+            row = img[r]
             seg = buf[b0 + r * wq:b0 + r * wq + w]
-            for k in range(w):
-                seg[k] = row[k]
-
-
-@njit(cache=True)
-def _stack_rows_from_buf(buf, a, n0, count, ci, base, wq, plane):
-    """a[n0+g, ci, r, c] = buf[base + g*plane + r*wq + c], the inverse of the above."""
-    h, w = a.shape[2], a.shape[3]
-    for g in range(count):
-        dst = a[n0 + g, ci]
-        b0 = base + g * plane
-        for r in range(h):
-            row = dst[r]
-            seg = buf[b0 + r * wq:b0 + r * wq + w]
-            for k in range(w):
-                row[k] = seg[k]
+            if to_buf:
+                for k in range(w):
+                    seg[k] = row[k]
+            else:
+                for k in range(w):
+                    row[k] = seg[k]
 
 
 @njit(cache=True)
@@ -217,45 +207,32 @@ def _s2_row_bases(r, pad_h, pad_w, wq, phase_stride):
 
 
 @njit(cache=True)
-def _stack_to_phases_s2(a, n0, count, ci, buf, pad_h, pad_w, wq, plane, phase_stride):
-    """Stride (2, 2): even and odd columns of a row split into their phases in one loop."""
+def _stack_phases_s2(a, n0, count, ci, buf, pad_h, pad_w, wq, plane, phase_stride, to_buf):
+    """Stride (2, 2): even and odd columns of a row split into their phases (or read back) in one
+    loop."""
     h, w = a.shape[2], a.shape[3]
     n_pairs = w // 2
     for g in range(count):
-        src = a[n0 + g, ci]
+        img = a[n0 + g, ci]
         for r in range(h):
             base_e, base_o = _s2_row_bases(r, pad_h, pad_w, wq, phase_stride)
             base_e += g * plane
             base_o += g * plane
-            row = src[r]
+            row = img[r]
             seg_e = buf[base_e:base_e + n_pairs]
             seg_o = buf[base_o:base_o + n_pairs]
-            for k in range(n_pairs):
-                seg_e[k] = row[2 * k]
-                seg_o[k] = row[2 * k + 1]
-            if w % 2 == 1:
-                buf[base_e + n_pairs] = row[w - 1]
-
-
-@njit(cache=True)
-def _stack_from_phases_s2(buf, a, n0, count, ci, pad_h, pad_w, wq, plane, phase_stride):
-    """Stride (2, 2) inverse: a row's even and odd columns read back from their phases."""
-    h, w = a.shape[2], a.shape[3]
-    n_pairs = w // 2
-    for g in range(count):
-        dst = a[n0 + g, ci]
-        for r in range(h):
-            base_e, base_o = _s2_row_bases(r, pad_h, pad_w, wq, phase_stride)
-            base_e += g * plane
-            base_o += g * plane
-            row = dst[r]
-            seg_e = buf[base_e:base_e + n_pairs]
-            seg_o = buf[base_o:base_o + n_pairs]
-            for k in range(n_pairs):
-                row[2 * k] = seg_e[k]
-                row[2 * k + 1] = seg_o[k]
-            if w % 2 == 1:
-                row[w - 1] = buf[base_e + n_pairs]
+            if to_buf:
+                for k in range(n_pairs):
+                    seg_e[k] = row[2 * k]
+                    seg_o[k] = row[2 * k + 1]
+                if w % 2 == 1:
+                    buf[base_e + n_pairs] = row[w - 1]
+            else:
+                for k in range(n_pairs):
+                    row[2 * k] = seg_e[k]
+                    row[2 * k + 1] = seg_o[k]
+                if w % 2 == 1:
+                    row[w - 1] = buf[base_e + n_pairs]
 
 
 @njit(cache=True)
@@ -285,33 +262,21 @@ def _stack_phases_generic(a, n0, count, ci, buf, pad_h, pad_w, s_h, s_w, wq, pla
 
 
 @njit(cache=True)
-def _stack_to_phases(a, n0, count, ci, buf, pad_h, pad_w, s_h, s_w, wq, plane, phase_stride):
-    """Write an item's planes into the phase layout of their zero-padded versions.
+def _stack_phases(a, n0, count, ci, buf, pad_h, pad_w, s_h, s_w, wq, plane, phase_stride, to_buf):
+    """Write an item's planes into the phase layout of their zero-padded versions (``to_buf``), or
+    read them back out of it.
 
     Padded pixel (r, c) of plane g lives in phase (r % s_h, c % s_w), at
     (r % s_h * s_w + c % s_w) * phase_stride + g*plane + (r // s_h)*wq + c // s_w. Only pixels
     are written: the borders keep the zeros the buffer was created with.
     """
     if s_h == 1 and s_w == 1:
-        _stack_rows_to_buf(a, n0, count, ci, buf, pad_h * wq + pad_w, wq, plane)
+        _stack_rows(a, n0, count, ci, buf, pad_h * wq + pad_w, wq, plane, to_buf)
     elif s_h == 2 and s_w == 2:
-        _stack_to_phases_s2(a, n0, count, ci, buf, pad_h, pad_w, wq, plane, phase_stride)
+        _stack_phases_s2(a, n0, count, ci, buf, pad_h, pad_w, wq, plane, phase_stride, to_buf)
     else:
         _stack_phases_generic(a, n0, count, ci, buf, pad_h, pad_w, s_h, s_w, wq, plane,
-                              phase_stride, True)
-
-
-@njit(cache=True)
-def _stack_from_phases(buf, a, n0, count, ci, pad_h, pad_w, s_h, s_w, wq, plane,
-                       phase_stride):
-    """Read an item's planes back out of the phase layout (inverse of :func:`_stack_to_phases`)."""
-    if s_h == 1 and s_w == 1:
-        _stack_rows_from_buf(buf, a, n0, count, ci, pad_h * wq + pad_w, wq, plane)
-    elif s_h == 2 and s_w == 2:
-        _stack_from_phases_s2(buf, a, n0, count, ci, pad_h, pad_w, wq, plane, phase_stride)
-    else:
-        _stack_phases_generic(a, n0, count, ci, buf, pad_h, pad_w, s_h, s_w, wq, plane,
-                              phase_stride, False)
+                              phase_stride, to_buf)
 
 
 @njit(cache=True)
@@ -364,6 +329,12 @@ def _stack_geometry(h, wd, out_h, out_w, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
                                                         phase_stride)
 
 
+@njit(cache=True)
+def _stack_buffers(in_size, out_size):
+    """A block's scratch: the stacked input (its borders must be zero) and a stacked output."""
+    return np.zeros(in_size, np.float32), np.zeros(out_size, np.float32)
+
+
 @njit(cache=True, parallel=True)
 def _depthwise_forward_kernel(x, w_taps, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w, out_h, out_w,
                               stack, n_threads):
@@ -375,16 +346,14 @@ def _depthwise_forward_kernel(x, w_taps, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
     y = np.empty((n_img, n_ch, out_h, out_w), np.float32)
     n_items, n_blocks = _item_blocks(n_img, n_ch, stack, n_threads)
     for blk in prange(n_blocks):
-        xbuf = np.zeros(lead + s_h * s_w * phase_stride, np.float32)
-        acc = np.empty(phase_stride, np.float32)
-        start, stop = block_bounds(blk, n_blocks, n_items)
-        for item in range(start, stop):
+        xbuf, acc = _stack_buffers(lead + s_h * s_w * phase_stride, phase_stride)
+        for item in range(*block_bounds(blk, n_blocks, n_items)):
             ci, n0, count = _item_images(item, n_ch, stack, n_img)
-            _stack_to_phases(x, n0, count, ci, xbuf, p_h, p_w, s_h, s_w, wq, plane,
-                             phase_stride)
+            _stack_phases(x, n0, count, ci, xbuf, p_h, p_w, s_h, s_w, wq, plane,
+                          phase_stride, True)
             length = (count - 1) * plane + (out_h - 1) * wq + out_w
             _gather_taps(acc, 0, length, xbuf, offs, w_taps[ci], 0, n_taps, True)
-            _stack_rows_from_buf(acc, y, n0, count, ci, 0, wq, plane)
+            _stack_rows(y, n0, count, ci, acc, 0, wq, plane, False)
     return y
 
 
@@ -413,8 +382,7 @@ def _depthwise_codes_kernel(x, scale, inv, zero_point, table_t, affine, w_taps, 
         stage = np.empty((stack, 1, h, wd), np.float32)
         s3 = stage.reshape(stack, 1, n_pix)
         near = np.empty(n_pix, np.uint8)
-        start, stop = block_bounds(blk, n_blocks, n_items)
-        for item in range(start, stop):
+        for item in range(*block_bounds(blk, n_blocks, n_items)):
             ci, n0, count = _item_images(item, n_ch, stack, n_img)
             for g in range(count):
                 codes_and_feature0(x3[n0 + g, ci], scale, inv, zero_point, c3[n0 + g, ci],
@@ -424,11 +392,11 @@ def _depthwise_codes_kernel(x, scale, inv, zero_point, table_t, affine, w_taps, 
                 if j > 0:   # feature 0 came with the codes
                     for g in range(count):
                         feature_plane(c3[n0 + g, ci], table_t, affine, j, s3[g, 0])
-                _stack_to_phases(stage, 0, count, 0, xbuf, p_h, p_w, s_h, s_w, wq, plane,
-                                 phase_stride)
+                _stack_phases(stage, 0, count, 0, xbuf, p_h, p_w, s_h, s_w, wq, plane,
+                              phase_stride, True)
                 _gather_taps(acc, 0, length, xbuf, offs, w_taps[ci * n_feat + j], 0, n_taps,
                              j == 0)
-            _stack_rows_from_buf(acc, y, n0, count, ci, 0, wq, plane)
+            _stack_rows(y, n0, count, ci, acc, 0, wq, plane, False)
             for g in range(count):
                 scale_row(y3[n0 + g, ci], cst[ci], out_scale)
     return y, codes
@@ -474,18 +442,17 @@ def _depthwise_grad_input_kernel(gy, w_taps, h, wd, s_h, s_w, p_h, p_w, d_h, d_w
         gybuf = np.zeros(margin * wq + phase_stride, np.float32)
         gxbuf = np.zeros(n_phases * phase_stride, np.float32)  # phases without taps stay 0
         ws = np.empty(n_taps, np.float32)
-        start, stop = block_bounds(blk, n_blocks, n_items)
-        for item in range(start, stop):
+        for item in range(*block_bounds(blk, n_blocks, n_items)):
             ci, n0, count = _item_images(item, n_ch, stack, n_img)
             for t in range(n_taps):
                 ws[t] = w_taps[ci, order[t]]
-            _stack_rows_to_buf(gy, n0, count, ci, gybuf, margin * wq, wq, plane)
+            _stack_rows(gy, n0, count, ci, gybuf, margin * wq, wq, plane, True)
             for ph in range(n_phases):
                 if first[ph + 1] > first[ph]:
                     _gather_taps(gxbuf, ph * phase_stride, count * plane, gybuf, offs, ws,
                                  first[ph], first[ph + 1], True)
-            _stack_from_phases(gxbuf, gx, n0, count, ci, p_h, p_w, s_h, s_w, wq, plane,
-                               phase_stride)
+            _stack_phases(gx, n0, count, ci, gxbuf, p_h, p_w, s_h, s_w, wq, plane,
+                          phase_stride, False)
     return gx
 
 
@@ -504,15 +471,13 @@ def _depthwise_grad_weight_kernel(gy, x, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
     n_groups = (n_img + stack - 1) // stack
     partial = np.empty((n_ch, n_groups, n_taps), np.float32)
     for blk in prange(n_blocks):
-        xbuf = np.zeros(lead + s_h * s_w * phase_stride, np.float32)
-        gybuf = np.zeros(phase_stride, np.float32)
-        start, stop = block_bounds(blk, n_blocks, n_items)
-        for item in range(start, stop):
+        xbuf, gybuf = _stack_buffers(lead + s_h * s_w * phase_stride, phase_stride)
+        for item in range(*block_bounds(blk, n_blocks, n_items)):
             ci, n0, count = _item_images(item, n_ch, stack, n_img)
             grp = item // n_ch
-            _stack_to_phases(x, n0, count, ci, xbuf, p_h, p_w, s_h, s_w, wq, plane,
-                             phase_stride)
-            _stack_rows_to_buf(gy, n0, count, ci, gybuf, 0, wq, plane)
+            _stack_phases(x, n0, count, ci, xbuf, p_h, p_w, s_h, s_w, wq, plane,
+                          phase_stride, True)
+            _stack_rows(gy, n0, count, ci, gybuf, 0, wq, plane, True)
             length = (count - 1) * plane + (out_h - 1) * wq + out_w
             _dot_taps(gybuf[:length], xbuf, offs, partial[ci, grp])
 
@@ -575,6 +540,11 @@ def depthwise_conv2d(x, w, stride=1, padding=0, dilation=1):
                   out_w, stack, n_threads)
 
 
+def _check_gy(gy, expected, given):
+    if gy.shape != expected:
+        raise ValueError(f"gy must have shape {expected} for {given}, got {gy.shape}")
+
+
 def depthwise_conv2d_grad_input(gy, w, input_shape, stride=1, padding=0, dilation=1):
     """Return dL/dx (``input_shape``) of :func:`depthwise_conv2d` given dL/dy ``gy`` and w."""
     geom = conv_geometry(stride, padding, dilation)
@@ -583,10 +553,7 @@ def depthwise_conv2d_grad_input(gy, w, input_shape, stride=1, padding=0, dilatio
     n_img, n_ch, h, wd = check_shape4(input_shape, "input_shape", minimum=0)
     k_h, k_w = _check_weight_shape(w.shape, n_ch, "w")
     out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
-    if gy.shape != (n_img, n_ch, out_h, out_w):
-        raise ValueError(
-            f"gy must have shape {(n_img, n_ch, out_h, out_w)} for input_shape "
-            f"{(n_img, n_ch, h, wd)}, got {gy.shape}")
+    _check_gy(gy, (n_img, n_ch, out_h, out_w), f"input_shape {(n_img, n_ch, h, wd)}")
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     w_taps = w.reshape(n_ch, k_h * k_w)
     # With stride 1 the input gradient is the forward convolution of gy, zero-padded by the
@@ -620,10 +587,7 @@ def depthwise_conv2d_grad_weight(gy, x, weight_shape, stride=1, padding=0, dilat
     k_h, k_w = _check_weight_shape(check_shape4(weight_shape, "weight_shape", minimum=0), n_ch,
                                    "weight_shape")
     out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
-    if gy.shape != (n_img, n_ch, out_h, out_w):
-        raise ValueError(
-            f"gy must have shape {(n_img, n_ch, out_h, out_w)} for x of shape {x.shape}, "
-            f"got {gy.shape}")
+    _check_gy(gy, (n_img, n_ch, out_h, out_w), f"x of shape {x.shape}")
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     stack = _stack_size(n_img, h, wd, out_h, out_w, s_h, s_w, p_h, p_w, s_h == 1 and s_w == 1)
     kernel, n_threads = pick_kernel(_depthwise_grad_weight_kernel,

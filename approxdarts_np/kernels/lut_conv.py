@@ -356,36 +356,39 @@ def _lut_depthwise_kernel(qx, taps, zx, k_h, k_w, p_h, p_w, d_h, d_w, out_h, out
     return out
 
 
+@njit(cache=True)
+def _plane_strided(acc, xpad, taps_c, k_h, k_w, s_h, s_w, d_h, d_w, wp, scale, dst):
+    """One plane at any stride, one output row at a time: dst[oh, ow] = scale * the sum over taps
+    (i, j) of taps_c[i*k_w + j, xpad[(oh*s_h + i*d_h)*wp + ow*s_w + j*d_w]] (summed in ``acc``'s
+    dtype, the product taken in float64)."""
+    out_h, out_w = dst.shape
+    for oh in range(out_h):
+        for ow in range(out_w):
+            acc[ow] = 0
+        for i in range(k_h):
+            base = (oh * s_h + i * d_h) * wp
+            for j in range(k_w):
+                t = taps_c[i * k_w + j]
+                off = base + j * d_w
+                for ow in range(out_w):
+                    acc[ow] += t[xpad[off + ow * s_w]]
+        for ow in range(out_w):
+            dst[oh, ow] = np.float64(acc[ow]) * scale
+
+
 @njit(cache=True, parallel=True)
-def _lut_depthwise_strided_kernel(qx, taps, zx, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h,
-                                  out_w, scale, n_blocks, out):
+def _lut_depthwise_strided_kernel(qx, taps, zx, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, scale,
+                                  n_blocks, out):
     """Any stride: the same sum as :func:`_lut_depthwise_kernel`, one output row at a time."""
-    n_img, n_ch, h, wd = qx.shape
-    hp = h + 2 * p_h
-    wp = wd + 2 * p_w
-    n_planes = n_img * n_ch
+    n_ch, wp = qx.shape[1], qx.shape[3] + 2 * p_w
     for blk in prange(n_blocks):
-        xpad = np.full(hp * wp, zx, np.uint8)
-        acc = np.zeros(out_w, taps.dtype)
-        start, stop = block_bounds(blk, n_blocks, n_planes)
+        xpad = np.full((qx.shape[2] + 2 * p_h) * wp, zx, np.uint8)
+        acc = np.zeros(out.shape[3], taps.dtype)
+        start, stop = block_bounds(blk, n_blocks, qx.shape[0] * n_ch)
         for pl in range(start, stop):
-            ni = pl // n_ch
-            ci = pl % n_ch
-            taps_c = taps[ci]
-            _pad_plane(qx[ni, ci], xpad, p_h, p_w, wp)
-            for oh in range(out_h):
-                for ow in range(out_w):
-                    acc[ow] = 0
-                for i in range(k_h):
-                    base = (oh * s_h + i * d_h) * wp
-                    for j in range(k_w):
-                        t = taps_c[i * k_w + j]
-                        off = base + j * d_w
-                        for ow in range(out_w):
-                            acc[ow] += t[xpad[off + ow * s_w]]
-                dst = out[ni, ci, oh]
-                for ow in range(out_w):
-                    dst[ow] = np.float64(acc[ow]) * scale
+            _pad_plane(qx[pl // n_ch, pl % n_ch], xpad, p_h, p_w, wp)
+            _plane_strided(acc, xpad, taps[pl % n_ch], k_h, k_w, s_h, s_w, d_h, d_w, wp, scale,
+                           out[pl // n_ch, pl % n_ch])
     return out
 
 
@@ -681,8 +684,8 @@ def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, s
     else:
         kernel, n_threads = pick_kernel(_lut_depthwise_strided_kernel,
                                         _lut_depthwise_strided_kernel_serial, work)
-        kernel(qx, taps, np.uint8(zx), k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
-               factor, min(n_img * n_ch, n_threads), out)
+        kernel(qx, taps, np.uint8(zx), k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, factor,
+               min(n_img * n_ch, n_threads), out)
     return out.astype(np.int64) if scale is None else out
 
 

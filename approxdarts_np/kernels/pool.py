@@ -26,7 +26,7 @@ from numba import njit, prange
 from ._util import (block_bounds, check_float32_4d, check_shape4, conv_output_hw, pair_at_least,
                     pick_kernel, serial_twin)
 from ._util import unsigned as _u
-from .depthwise import _item_blocks, _item_images, _stack_geometry, _stack_size, _stack_to_phases
+from .depthwise import _item_blocks, _item_images, _stack_geometry, _stack_phases, _stack_size
 
 __all__ = ["max_pool2d", "max_pool2d_grad", "avg_pool2d", "avg_pool2d_grad"]
 
@@ -34,8 +34,9 @@ __all__ = ["max_pool2d", "max_pool2d_grad", "avg_pool2d", "avg_pool2d_grad"]
 # ----------------------------------------------------------------------------- Numba kernels
 
 @njit(cache=True)
-def _plane_to_phases(plane, buf, p_h, p_w, s_h, s_w, hq, wq):
-    """Write ``plane`` into the interior of the phase layout of its padded version.
+def _plane_phases(plane, buf, p_h, p_w, s_h, s_w, hq, wq, to_buf):
+    """Write ``plane`` into the interior of the phase layout of its padded version (``to_buf``), or
+    read that interior back into ``plane``.
 
     Padded pixel (r, c) lives in phase (r % s_h, c % s_w) at (r // s_h, c // s_w); each phase
     is an hq x wq block of the flat ``buf``. The border keeps whatever value it was given.
@@ -49,28 +50,14 @@ def _plane_to_phases(plane, buf, p_h, p_w, s_h, s_w, hq, wq):
             if c0 >= wd:
                 continue
             count = (wd - c0 + s_w - 1) // s_w
-            dst = (((rp % s_h) * s_w + b) * hq + rp // s_h) * wq + (c0 + p_w) // s_w
+            at = (((rp % s_h) * s_w + b) * hq + rp // s_h) * wq + (c0 + p_w) // s_w
             src = r * wd + c0
-            for k in range(count):
-                buf[_u(dst + k)] = pf[_u(src + k * s_w)]
-
-
-@njit(cache=True)
-def _phases_to_plane(buf, plane, p_h, p_w, s_h, s_w, hq, wq):
-    """Read the interior of a phase-layout buffer back into ``plane`` (inverse of the above)."""
-    h, wd = plane.shape
-    pf = plane.reshape(h * wd)
-    for r in range(h):
-        rp = r + p_h
-        for b in range(s_w):
-            c0 = (b - p_w) % s_w
-            if c0 >= wd:
-                continue
-            count = (wd - c0 + s_w - 1) // s_w
-            src = (((rp % s_h) * s_w + b) * hq + rp // s_h) * wq + (c0 + p_w) // s_w
-            dst = r * wd + c0
-            for k in range(count):
-                pf[_u(dst + k * s_w)] = buf[_u(src + k)]
+            if to_buf:
+                for k in range(count):
+                    buf[_u(at + k)] = pf[_u(src + k * s_w)]
+            else:
+                for k in range(count):
+                    pf[_u(src + k * s_w)] = buf[_u(at + k)]
 
 
 @njit(cache=True, inline="always")
@@ -136,7 +123,7 @@ def _max_pool2d_kernel(x3, k_h, k_w, s_h, s_w, p_h, p_w, out_h, out_w, hq, wq, n
         lo, hi = block_bounds(block, n_blocks, n_planes)
         buf = np.full(s_h * s_w * hq * wq, -np.inf, np.float32)
         for p in range(lo, hi):
-            _plane_to_phases(x3[p], buf, p_h, p_w, s_h, s_w, hq, wq)
+            _plane_phases(x3[p], buf, p_h, p_w, s_h, s_w, hq, wq, True)
             yf = y[p].reshape(out_h * out_w)
             af = arg[p].reshape(out_h * out_w)
             for oh in range(out_h):
@@ -197,7 +184,7 @@ def _avg_pool2d_kernel(x3, k_h, k_w, s_h, s_w, p_h, p_w, out_h, out_w, count_inc
         lo, hi = block_bounds(block, n_blocks, n_planes)
         buf = np.zeros(s_h * s_w * hq * wq, np.float32)
         for p in range(lo, hi):
-            _plane_to_phases(x3[p], buf, p_h, p_w, s_h, s_w, hq, wq)
+            _plane_phases(x3[p], buf, p_h, p_w, s_h, s_w, hq, wq, True)
             yf = y[p].reshape(out_h * out_w)
             for oh in range(out_h):
                 o0 = oh * out_w
@@ -245,7 +232,7 @@ def _avg_pool2d_grad_kernel(gy3, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, count_incl
                     for ow in range(out_w):
                         row[_u(ow)] = gf[_u(oh * out_w + ow)] / _window_count(
                             oh, ow, k_h, k_w, s_h, s_w, p_h, p_w, h, wd, count_include_pad)
-                _plane_to_phases(shares, buf, 1, 1, 1, 1, hq, wq)
+                _plane_phases(shares, buf, 1, 1, 1, 1, hq, wq, True)
                 gxf = gx[p].reshape(h * wd)
                 for r in range(h):
                     _sum3x3_row(buf, gxf, r * wd, wd, r, 1, 1, hq, wq)
@@ -262,7 +249,7 @@ def _avg_pool2d_grad_kernel(gy3, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, count_incl
                         dst = _tap_offset(oh, i, j, s_h, s_w, hq, wq)
                         for ow in range(out_w):
                             buf[_u(dst + ow)] += share[_u(ow)]
-            _phases_to_plane(buf, gx[p], p_h, p_w, s_h, s_w, hq, wq)
+            _plane_phases(gx[p], buf, p_h, p_w, s_h, s_w, hq, wq, False)
     return gx
 
 
@@ -352,7 +339,7 @@ def _pool3x3_stacked_kernel(x, is_max, s_h, s_w, p_h, p_w, out_h, out_w, count_i
         start, stop = block_bounds(blk, n_blocks, n_items)
         for item in range(start, stop):
             ci, n0, count = _item_images(item, n_ch, stack, n_img)
-            _stack_to_phases(x, n0, count, ci, xbuf, p_h, p_w, s_h, s_w, wq, plane, phase_stride)
+            _stack_phases(x, n0, count, ci, xbuf, p_h, p_w, s_h, s_w, wq, plane, phase_stride, True)
             length = (count - 1) * plane + (out_h - 1) * wq + out_w
             if is_max:
                 _max9(acc, tap, length, xbuf, offs, deltas)

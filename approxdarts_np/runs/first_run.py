@@ -39,7 +39,7 @@ def kernels_cached() -> bool | None:
     compiles: True, False, or None when there is no on-disk cache to share (or it cannot tell)."""
     from approxdarts_np.kernels import conv
 
-    kernel = conv._conv2d_forward_kernel
+    kernel = conv._patch_products_kernel
     try:
         index = kernel._cache._cache_file._load_index()
         magic = kernel.targetctx.codegen().magic_tuple()
