@@ -61,11 +61,11 @@ def evaluate(
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(title=f"test accuracy ({plural(rows[0]['test_images'], 'image')})")
-    for col in ("multiplier", "accuracy", "energy (µJ)", "vs FP32", "vs exact 8-bit"):
-        table.add_column(col, justify="left" if col == "multiplier" else "right")
+    for col in ("arithmetic", "accuracy", "energy (µJ)", "vs FP32", "vs exact 8-bit"):
+        table.add_column(col, justify="left" if col == "arithmetic" else "right")
     for r in rows:
         e = r["energy_pj"]
-        table.add_row(r["multiplier"], f"{100 * r['test_acc']:.2f} %",
+        table.add_row(r["arithmetic"], f"{100 * r['test_acc']:.2f} %",
                       f"{e / 1e6:.2f}" if e is not None else "n/a",
                       _pct(r["saving_vs_fp32_pct"]), _pct(r["saving_vs_exact8_pct"]))
     console.print(table)

@@ -90,7 +90,7 @@ def _print_summary(console: Console, result: dict) -> None:
     """The summary over seeds as a table that fits 80 columns (a quick sweep with λ; a paper-size one without).
 
     The number of seeds goes in the title when every row has the same, else in a column. Numbers never
-    wrap: in a narrower console the multiplier names fold instead.
+    wrap: in a narrower console the arithmetic names fold instead.
     """
     rows = result["rows"]
     if not rows:
@@ -102,14 +102,14 @@ def _print_summary(console: Console, result: dict) -> None:
         title += f", mean ± std over {'seeds' if same is None else plural(same, 'seed')}"
     table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
     lambdas = any(s["energy_weight"] is not None for s in result["summary"])
-    columns = (["multiplier"] + (["λ"] if lambdas else []) + (["seeds"] if same is None else [])
+    columns = (["arithmetic"] + (["λ"] if lambdas else []) + (["seeds"] if same is None else [])
                + ["val acc %", "test acc %", "energy µJ", "params", "wall s"])
     for col in columns:
-        table.add_column(col, justify="left" if col == "multiplier" else "right", no_wrap=col != "multiplier",
+        table.add_column(col, justify="left" if col == "arithmetic" else "right", no_wrap=col != "arithmetic",
                          overflow="fold")
     for s in result["summary"]:
         weight = "" if s["energy_weight"] is None else f"{s['energy_weight']:g}"
-        table.add_row(*[escape(s["multiplier"])] + ([weight] if lambdas else [])
+        table.add_row(*[escape(s["arithmetic"])] + ([weight] if lambdas else [])
                       + ([str(s["trials"])] if same is None else [])
                       + [format_mean_std(s["val_acc_mean"], s["val_acc_std"], 100),
                          format_mean_std(s["test_acc_mean"], s["test_acc_std"], 100),

@@ -50,8 +50,8 @@ def test_the_front_excludes_tied_and_dominated_points(points, front):
 # ----------------------------------------------------------------- the plots
 def _evaluate_rows() -> list[dict]:
     """An ``evaluate --arithmetic all``-like table with the crowding of issue #24."""
-    rows = [{"multiplier": "none", "test_acc": 0.716, "energy_pj": 11.15e6},
-            {"multiplier": "exact", "test_acc": 0.712, "energy_pj": 3.601e6}]
+    rows = [{"arithmetic": "none", "test_acc": 0.716, "energy_pj": 11.15e6},
+            {"arithmetic": "exact", "test_acc": 0.712, "energy_pj": 3.601e6}]
     for name, acc, energy in [
             ("1AGV", 0.690, 3.275), ("17KS", 0.692, 3.285),  # close on both axes
             ("14VP", 0.711, 3.570), ("JQQ", 0.7115, 3.576), ("CK5", 0.711, 3.550),  # 14VP ties the cheaper CK5
@@ -59,8 +59,8 @@ def _evaluate_rows() -> list[dict]:
             ("18DU", 0.665, 3.204), ("FTA", 0.685, 3.263), ("12N4", 0.701, 3.327), ("DM1", 0.706, 3.385),
             ("NGR", 0.709, 3.474), ("2HH", 0.7095, 3.503), ("YX7", 0.600, 3.238), ("L40", 0.66, 3.378),
             ("125K", 0.712, 3.596), ("2P7", 0.7125, 3.597), ("KEM", 0.7105, 3.578)]:
-        rows.append({"multiplier": f"mul8u_{name}", "test_acc": acc, "energy_pj": energy * 1e6})
-    rows += [{"multiplier": f"mul8u_{name}", "test_acc": 0.70, "energy_pj": None}
+        rows.append({"arithmetic": f"mul8u_{name}", "test_acc": acc, "energy_pj": energy * 1e6})
+    rows += [{"arithmetic": f"mul8u_{name}", "test_acc": 0.70, "energy_pj": None}
              for name in ("199Z", "96D", "EXZ", "PKY")]
     return rows
 
@@ -72,7 +72,7 @@ def _sweep_rows() -> list[dict]:
             ("exact", 0, 0.71, 3.60e6, 3.60e6, 11.1e6), ("exact", 1, 0.70, 3.75e6, 3.75e6, 11.6e6),
             ("mul8u_17KS", 0, 0.68, 3.05e6, 3.35e6, 10.2e6), ("mul8u_17KS", 1, 0.70, 3.10e6, 3.40e6, 10.5e6)]:
         short = "exact 8-bit" if multiplier == "exact" else multiplier.removeprefix("mul8u_")
-        rows.append({"multiplier": multiplier, "seed": seed, "accuracy": acc, "energy_pj": energy,
+        rows.append({"arithmetic": multiplier, "seed": seed, "accuracy": acc, "energy_pj": energy,
                      "energy_exact8_pj": exact8, "energy_fp32_pj": fp32, "label": f"{short} s{seed}"})
     return rows
 
@@ -81,9 +81,9 @@ def _check_labels(plot, rows) -> None:
     """Every name sits at its own point: anchored there, not over any marker or other name, and either
     clearly nearer its point than any other marker or joined to it by a leader line."""
     point_of = {p[0]: (p[1], p[2]) for p in plot.points}
-    expected = {(r.get("label") or r["multiplier"].replace("mul8u_", "").replace("exact", "exact 8-bit")):
+    expected = {(r.get("label") or r["arithmetic"].replace("mul8u_", "").replace("exact", "exact 8-bit")):
                 (r["energy_pj"] / 1e6, 100 * r.get("accuracy", r.get("test_acc"))) for r in rows
-                if r["energy_pj"] is not None and r["multiplier"] != "none"}
+                if r["energy_pj"] is not None and r["arithmetic"] != "none"}
     assert point_of == expected
     r = plot.marker_radius_px
     for k, label in enumerate(plot.labels):
@@ -119,7 +119,7 @@ def test_the_sweep_plot_marks_the_mean_of_what_its_references_name(tmp_path):
     references = mean_references(rows)
     assert references == [("exact 8-bit trials (mean of 2)", pytest.approx(3.675e6)),
                           ("all 4 trials' networks in FP32 (mean)", pytest.approx(10.85e6))]
-    without_exact = mean_references([r for r in rows if r["multiplier"] != "exact"])
+    without_exact = mean_references([r for r in rows if r["arithmetic"] != "exact"])
     assert without_exact[0] == ("all 2 trials' networks in exact 8-bit (mean)", pytest.approx(3.375e6))
     plot = draw_accuracy_energy(rows, tmp_path / "pareto.png", title="Sweep: 4 trials", references=references)
     assert [label.text for label in plot.labels] == ["17KS s0", "17KS s1", "exact 8-bit s0"]

@@ -86,21 +86,21 @@ def test_the_front_check_catches_wrong_fronts(wrong):
 
 
 def test_the_plot_labels_only_the_front_and_keeps_fp32_off_the_points(tmp_path):
-    rows = [{"multiplier": "none", "test_acc": 0.95, "energy_pj": 20e6},  # a reference line, not a point
-            {"multiplier": "exact", "test_acc": 0.90, "energy_pj": 1.0e6},
-            {"multiplier": "mul8u_A", "test_acc": 0.80, "energy_pj": 0.5e6},
-            {"multiplier": "mul8u_B", "test_acc": 0.70, "energy_pj": 0.6e6},  # dominated by A
-            {"multiplier": "mul8u_C", "test_acc": 0.85, "energy_pj": 0.7e6},
-            {"multiplier": "mul8u_D", "test_acc": 0.99, "energy_pj": None}]  # no energy: left out
+    rows = [{"arithmetic": "none", "test_acc": 0.95, "energy_pj": 20e6},  # a reference line, not a point
+            {"arithmetic": "exact", "test_acc": 0.90, "energy_pj": 1.0e6},
+            {"arithmetic": "mul8u_A", "test_acc": 0.80, "energy_pj": 0.5e6},
+            {"arithmetic": "mul8u_B", "test_acc": 0.70, "energy_pj": 0.6e6},  # dominated by A
+            {"arithmetic": "mul8u_C", "test_acc": 0.85, "energy_pj": 0.7e6},
+            {"arithmetic": "mul8u_D", "test_acc": 0.99, "energy_pj": None}]  # no energy: left out
     labels = plot_accuracy_energy(rows, tmp_path / "plot.png")
     assert labels == ["A", "C", "exact 8-bit"]
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():
-    rows = [{"multiplier": "exact", "val_acc": 0.2, "test_acc": 0.1, "energy_pj": 1e6, "parameters": 10, "wall_s": 1},
-            {"multiplier": "exact", "val_acc": 0.4, "test_acc": 0.3, "energy_pj": 3e6, "parameters": 30, "wall_s": 3},
-            {"multiplier": "mul8u_2P7", "val_acc": 0.5, "test_acc": None, "energy_pj": 2e6, "parameters": 20,
+    rows = [{"arithmetic": "exact", "val_acc": 0.2, "test_acc": 0.1, "energy_pj": 1e6, "parameters": 10, "wall_s": 1},
+            {"arithmetic": "exact", "val_acc": 0.4, "test_acc": 0.3, "energy_pj": 3e6, "parameters": 30, "wall_s": 3},
+            {"arithmetic": "mul8u_2P7", "val_acc": 0.5, "test_acc": None, "energy_pj": 2e6, "parameters": 20,
              "wall_s": 2}]
     exact, approx = summarise(rows)
     assert exact["trials"] == 2 and exact["val_acc_mean"] == pytest.approx(0.3)
@@ -111,13 +111,13 @@ def test_summary_is_mean_and_sample_std_over_seeds():
 
 def test_summary_groups_by_multiplier_and_lambda():
     """Trials of one multiplier at two λ are two rows of the summary, each over its own seeds."""
-    rows = [{"multiplier": "exact+mul8u_2P7", "energy_weight": w, "seed": s, "val_acc": acc, "test_acc": None,
+    rows = [{"arithmetic": "exact+mul8u_2P7", "energy_weight": w, "seed": s, "val_acc": acc, "test_acc": None,
              "energy_pj": energy, "parameters": 10, "wall_s": 1}
             for w, s, acc, energy in [(0.0, 0, 0.5, 4e6), (0.0, 1, 0.7, 6e6), (1.0, 0, 0.2, 1e6), (1.0, 1, 0.4, 3e6)]]
-    rows.append({"multiplier": "exact", "energy_weight": None, "seed": 0, "val_acc": 0.9, "test_acc": None,
+    rows.append({"arithmetic": "exact", "energy_weight": None, "seed": 0, "val_acc": 0.9, "test_acc": None,
                  "energy_pj": 9e6, "parameters": 10, "wall_s": 1})
     summary = summarise(rows)
-    assert [(s["multiplier"], s["energy_weight"], s["trials"]) for s in summary] == [
+    assert [(s["arithmetic"], s["energy_weight"], s["trials"]) for s in summary] == [
         ("exact+mul8u_2P7", 0.0, 2), ("exact+mul8u_2P7", 1.0, 2), ("exact", None, 1)]
     assert summary[0]["val_acc_mean"] == pytest.approx(0.6) and summary[1]["val_acc_mean"] == pytest.approx(0.3)
     assert summary[0]["energy_pj_mean"] == pytest.approx(5e6) and summary[1]["energy_pj_mean"] == pytest.approx(2e6)
@@ -287,7 +287,7 @@ def test_a_trial_folder_behind_tunes_copy_is_replaced_by_it(tmp_path, stage, fol
 # ----------------------------------------------------------------- the summary table within 80 columns
 def _rows(multiplier, weights, seeds, acc, energy_pj, parameters, wall_s) -> list[dict]:
     """Result rows around the given values, each seed's a few per cent off the last."""
-    return [{"multiplier": multiplier, "energy_weight": w, "seed": s, "val_acc": acc * (1 - 0.01 * s),
+    return [{"arithmetic": multiplier, "energy_weight": w, "seed": s, "val_acc": acc * (1 - 0.01 * s),
              "test_acc": acc * (1 - 0.02 * s), "energy_pj": energy_pj * (1 + 0.05 * s),
              "parameters": round(parameters * (1 + 0.1 * s)), "wall_s": wall_s * (1 + 0.05 * s)}
             for w in weights for s in seeds]
@@ -328,7 +328,7 @@ def test_the_summary_table_fits_80_columns_and_keeps_numbers_whole(case):
                  format_count(s["parameters_mean"], s["parameters_std"]),
                  format_mean_std(s["wall_s_mean"], s["wall_s_std"], digits=0)]
         if case != "paper, λ, three multipliers":
-            cells.append(s["multiplier"] + " ")  # the name whole, on the line of its numbers
+            cells.append(s["arithmetic"] + " ")  # the name whole, on the line of its numbers
         assert any(all(cell in line for cell in cells) for line in lines), (cells, text)
 
 
@@ -362,26 +362,26 @@ def test_two_by_two_grid_writes_four_rows_and_the_plot(local_ray, tmp_path):
     result = run_sweep(config, progress=events.append)
     assert result["failed"] == []
     rows = result["rows"]
-    assert [(r["multiplier"], r["seed"]) for r in rows] == [("exact", 0), ("exact", 1), ("mul8u_2P7", 0),
+    assert [(r["arithmetic"], r["seed"]) for r in rows] == [("exact", 0), ("exact", 1), ("mul8u_2P7", 0),
                                                           ("mul8u_2P7", 1)]
     with open(tmp_path / "results.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert [(r["multiplier"], int(r["seed"])) for r in table] == [(r["multiplier"], r["seed"]) for r in rows]
+    assert [(r["arithmetic"], int(r["seed"])) for r in table] == [(r["arithmetic"], r["seed"]) for r in rows]
     assert json.loads((tmp_path / "results.json").read_text()) == rows
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for row in rows:
-        folder = tmp_path / trial_name(row["multiplier"], row["seed"])
+        folder = tmp_path / trial_name(row["arithmetic"], row["seed"])
         # each trial is a normal pair of run folders with that multiplier and seed
         for stage in ("search", "train"):
             saved = json.loads((folder / stage / "config.json").read_text())
-            assert (saved["arithmetic"], saved["seed"], saved["threads"]) == (row["multiplier"], row["seed"], 1)
+            assert (saved["arithmetic"], saved["seed"], saved["threads"]) == (row["arithmetic"], row["seed"], 1)
         assert row["val_acc"] == _metrics(folder / "search")[-1]["val_acc"]
         assert row["genotype"] == (folder / "search" / "genotype.txt").read_text().strip()
         train_config = json.loads((folder / "train" / "config.json").read_text())
         assert train_config["resolved"]["genotype_string"] == row["genotype"]
         assert 0 <= row["test_acc"] <= 1 and row["wall_s"] > 0 and not row["resumed"]
         assert row["energy_fp32_pj"] > row["energy_exact8_pj"] > 0
-        if row["multiplier"] == "exact":
+        if row["arithmetic"] == "exact":
             assert row["energy_pj"] == row["energy_approx_pj"] == row["energy_exact8_pj"]
         else:
             assert row["energy_pj"] == row["energy_approx_pj"] < row["energy_exact8_pj"]
@@ -389,13 +389,13 @@ def test_two_by_two_grid_writes_four_rows_and_the_plot(local_ray, tmp_path):
     assert exact["trials"] == 2
     assert exact["test_acc_mean"] == pytest.approx((rows[0]["test_acc"] + rows[1]["test_acc"]) / 2)
     done = {e["trial"] for e in events if e["event"] == "trial_done"}
-    assert done == {trial_name(r["multiplier"], r["seed"]) for r in rows}
+    assert done == {trial_name(r["arithmetic"], r["seed"]) for r in rows}
     assert {(e["trial"], e["stage"]) for e in events if e["event"] == "trial_epoch"} == {
         (name, stage) for name in done for stage in ("search", "train")}
     # a finished sweep resumes to the same rows without running anything again
     again = run_sweep(resume=tmp_path)
-    assert [(r["multiplier"], r["seed"], r["test_acc"]) for r in again["rows"]] == [
-        (r["multiplier"], r["seed"], r["test_acc"]) for r in rows]
+    assert [(r["arithmetic"], r["seed"], r["test_acc"]) for r in again["rows"]] == [
+        (r["arithmetic"], r["seed"], r["test_acc"]) for r in rows]
 
 
 @pytest.mark.slow
@@ -504,7 +504,7 @@ def test_a_failed_trial_is_one_line_the_others_are_kept_and_resume_reruns_only_i
     assert not [r for r in shown.records if r.levelno >= logging.ERROR], [r.getMessage() for r in shown.records]
     # the finished trial's row and files are written
     rows = json.loads((out / "results.json").read_text())
-    assert [(r["multiplier"], r["seed"]) for r in rows] == [("exact", 0)]
+    assert [(r["arithmetic"], r["seed"]) for r in rows] == [("exact", 0)]
     assert json.loads((out / trial_name("exact", 0) / "row.json").read_text()) | {"resumed": False} == rows[0]
     assert not (out / trial_name("mul8u_2P7", 0) / "row.json").exists()
     finished = _stamps(out / trial_name("exact", 0))
@@ -514,7 +514,7 @@ def test_a_failed_trial_is_one_line_the_others_are_kept_and_resume_reruns_only_i
     again = run_sweep(resume=out, progress=events.append)
     assert [e["trial"] for e in events if e["event"] == "trial_start"] == ["mul8u_2P7-seed0"]
     assert again["failed"] == [] and again["unfinished"] == []
-    assert [(r["multiplier"], r["seed"]) for r in again["rows"]] == [("exact", 0), ("mul8u_2P7", 0)]
+    assert [(r["arithmetic"], r["seed"]) for r in again["rows"]] == [("exact", 0), ("mul8u_2P7", 0)]
     assert again["rows"][0] == rows[0] and not again["rows"][1]["resumed"]
     assert _stamps(out / trial_name("exact", 0)) == finished
     assert json.loads((out / "results.json").read_text()) == again["rows"]
@@ -573,7 +573,7 @@ def test_ctrl_c_and_resume_print_only_the_sweeps_own_lines_within_80_columns(tmp
     assert any(line.strip() == "1 trial (search)" for line in lines), done.stdout
     _check_lines(done.stdout, out)
     rows = json.loads((out / "results.json").read_text())
-    assert [(r["multiplier"], r["seed"], r["energy_weight"], r["resumed"]) for r in rows] == [("exact", 0, 0.0, True)]
+    assert [(r["arithmetic"], r["seed"], r["energy_weight"], r["resumed"]) for r in rows] == [("exact", 0, 0.0, True)]
     after = _metrics(run)
     assert len(after) == epochs and after[:len(before)] == before  # continued from its checkpoint
 
@@ -588,7 +588,7 @@ def test_the_sweep_plot_draws_the_exact_line_at_the_exact_trials_mean(tmp_path, 
                         lambda points, path, **kw: seen.update(kw) or [])
 
     def row(mult, seed, energy, exact8):
-        return dict(multiplier=mult, seed=seed, energy_weight=None, stage="train", val_acc=0.3,
+        return dict(arithmetic=mult, seed=seed, energy_weight=None, stage="train", val_acc=0.3,
                     test_acc=0.3, energy_pj=energy, energy_fp32_pj=10 * exact8,
                     energy_exact8_pj=exact8, energy_approx_pj=energy, parameters=1, wall_s=1.0,
                     resumed=False, genotype={}, folder="x")
@@ -596,3 +596,15 @@ def test_the_sweep_plot_draws_the_exact_line_at_the_exact_trials_mean(tmp_path, 
             row("mul8u_17KS", 0, 30.0, 300.0), row("mul8u_17KS", 1, 40.0, 400.0)]
     sweep_results.write_rows_and_plot(rows, tmp_path)
     assert any(abs(value - 110.0) < 1e-9 for _, value in seen["references"]), seen["references"]
+
+
+def test_rows_and_trials_saved_before_the_rename_read_as_arithmetic():
+    """A sweep saved when the grid value was called "multiplier" resumes: its rows and Tune parameters."""
+    from approxdarts_np.runs.sweep_results import current_row
+    from approxdarts_np.runs.sweep_trials import trial_value
+
+    old = {"multiplier": "exact+mul8u_2P7", "seed": 1, "test_acc": 0.5}
+    assert current_row(old) == {"arithmetic": "exact+mul8u_2P7", "seed": 1, "test_acc": 0.5}
+    assert current_row({"arithmetic": "exact", "seed": 0}) == {"arithmetic": "exact", "seed": 0}
+    assert trial_value({"multiplier": "mul8u_17KS", "seed": 0}) == "mul8u_17KS"
+    assert trial_value({"arithmetic": "none", "seed": 0}) == "none"

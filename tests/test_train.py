@@ -58,9 +58,9 @@ def test_cli_evaluate_and_energy(trained, tmp_path):
                                  "none,exact,mul8u_1446", "--json", "--output", str(tmp_path / "t.csv")])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert [r["multiplier"] for r in rows] == ["none", "exact", "mul8u_1446"]
+    assert [r["arithmetic"] for r in rows] == ["none", "exact", "mul8u_1446"]
     assert rows[0]["saving_vs_fp32_pct"] == 0 and rows[1]["saving_vs_exact8_pct"] == 0
-    assert (tmp_path / "t.csv").read_text().startswith("multiplier,test_acc")
+    assert (tmp_path / "t.csv").read_text().startswith("arithmetic,test_acc")
 
     result = runner.invoke(app, ["energy", "--genotype", "DARTS_V2", "--channels", "4", "--layers", "3",
                                  "--arithmetic", "mul8u_17KS", "--json"])
@@ -147,7 +147,7 @@ def test_evaluate_genotype_runs_each_op_with_the_genotype_multiplier(trained, tm
     out = tmp_path / "train"
     run_train(TrainConfig.quick(output_dir=str(out), **dict(TINY, epochs=1, genotype=genotype.to_dict()),
                                 arithmetic="none"))
-    rows = {r["multiplier"]: r for r in evaluate_checkpoint(out / "checkpoint.h5", ["genotype", "none"],
+    rows = {r["arithmetic"]: r for r in evaluate_checkpoint(out / "checkpoint.h5", ["genotype", "none"],
                                                              batch_size=200)}
     model, _ = load_trained_network(out / "checkpoint.h5")
     set_genotype_multipliers(model, genotype, arithmetic_from_spec)

@@ -63,7 +63,7 @@ def mean_references(rows: list[dict]) -> list[tuple[str, float]]:
     references = []
     for names, key, what in (((EXACT,), "energy_exact8_pj", "exact 8-bit"), (FP32_NAMES, "energy_fp32_pj", "FP32")):
         own = [r["energy_pj"] for r in rows
-               if str(r.get("multiplier")).lower() in names and r.get("energy_pj") is not None]
+               if str(r.get("arithmetic")).lower() in names and r.get("energy_pj") is not None]
         if own:
             references.append((f"{what} trials (mean of {len(own)})", statistics.fmean(own)))
             continue
@@ -227,8 +227,8 @@ def draw_accuracy_energy(rows: list[dict], path: str | Path, accuracy_label: str
                          references: list[tuple[str, float]] = ()) -> AccuracyEnergyPlot:
     """PNG of accuracy against arithmetic energy per inference (µJ, linear), the front drawn and labelled.
 
-    Each row needs ``multiplier``, ``energy_pj`` and an accuracy (``accuracy``,
-    else ``test_acc``); ``label`` names the point (default: the multiplier).
+    Each row needs ``arithmetic`` (a spec), ``energy_pj`` and an accuracy (``accuracy``,
+    else ``test_acc``); ``label`` names the point (default: the arithmetic).
     Exact 8-bit rows are green diamonds; FP32 rows are horizontal lines with
     their energy in the legend, since their energy (about 18× the exact 8-bit
     one) would squeeze every 8-bit point into one corner of a linear axis. Only
@@ -244,7 +244,7 @@ def draw_accuracy_energy(rows: list[dict], path: str | Path, accuracy_label: str
     fp32, points, omitted = [], [], {"energy": [], "accuracy": []}
     for row in rows:
         acc = row.get("accuracy", row.get("test_acc"))
-        name = str(row["multiplier"])
+        name = str(row["arithmetic"])
         label = row.get("label") or _short(name)
         if row.get("energy_pj") is None or acc is None:
             omitted["energy" if row.get("energy_pj") is None else "accuracy"].append(label)

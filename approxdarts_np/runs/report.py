@@ -124,7 +124,7 @@ def evaluate_checkpoint(checkpoint: str | Path, specs: list[str] | None, data_di
                              progress=(lambda d, t: progress({"event": "batch", "done": d, "total": t}))
                              if progress else None)
         name = GENOTYPE if spec == GENOTYPE else (arithmetic.name if arithmetic else "none")
-        row = {"multiplier": name, "test_acc": acc, "test_loss": loss,
+        row = {"arithmetic": name, "test_acc": acc, "test_loss": loss,
                "test_images": int(data.test_x.shape[0]), "energy_pj": None, "energy_fp32_pj": None,
                "energy_exact8_pj": None, "saving_vs_fp32_pct": None, "saving_vs_exact8_pct": None}
         try:

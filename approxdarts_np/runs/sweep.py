@@ -1,4 +1,4 @@
-"""Sweeps: a grid of searches and trainings (multiplier × seed × λ) run as Ray Tune trials, with the results table.
+"""Sweeps: a grid of searches and trainings (arithmetic × seed × λ) run as Ray Tune trials, with the results table.
 
 This module drives the sweep on Ray: it checks the settings and the cluster's
 address, starts (or joins) Ray, runs the grid with Tune, turns Tune's events
@@ -8,7 +8,7 @@ the results files and the summary over seeds :mod:`approxdarts_np.runs.sweep_res
 The sweep's folder::
 
     <output-dir>/sweep.json                the sweep's settings (read by --resume)
-    <output-dir>/<multiplier>-seed<k>[-lambda<λ>]/   one trial: search/ and train/ run folders, row.json
+    <output-dir>/<arithmetic>-seed<k>[-lambda<λ>]/   one trial: search/ and train/ run folders, row.json
     <output-dir>/tune/                     Ray Tune's experiment state and trial checkpoints
     <output-dir>/results.csv, results.json, pareto.png
 
@@ -33,10 +33,10 @@ from typing import Callable
 from approxdarts_np.errors import UserError
 from approxdarts_np.io.checkpoint import write_json
 from approxdarts_np.runs.plots import require_matplotlib
-from approxdarts_np.runs.sweep_results import summarise, write_rows_and_plot
+from approxdarts_np.runs.sweep_results import current_row, summarise, write_rows_and_plot
 from approxdarts_np.runs.ray_cluster import (check_address_form, error_line, import_ray,
                                              quiet_ray_lines, start_ray)
-from approxdarts_np.runs.sweep_trials import SweepConfig, _trainable, trial_name
+from approxdarts_np.runs.sweep_trials import SweepConfig, _trainable, trial_name, trial_value
 
 SWEEP_FILE = "sweep.json"
 TUNE_NAME = "tune"
@@ -144,7 +144,7 @@ def _tuner(sweep: SweepConfig, folder: Path, resumed: bool, threads: int, progre
                                    resume_errored=True)
         _reattach_progress(tuner, progress)
         return tuner
-    param_space = {"multiplier": tune.grid_search(list(sweep.multipliers)),
+    param_space = {"arithmetic": tune.grid_search(list(sweep.multipliers)),
                    "seed": tune.grid_search(list(sweep.seeds)),
                    "energy_weight": (tune.grid_search(list(sweep.energy_weights))
                                      if sweep.energy_weights is not None else None),
@@ -162,16 +162,16 @@ def _trial_outcomes(grid, sweep: SweepConfig) -> tuple[list[dict], list[dict], l
     rows, failed, unfinished = [], [], []
     for result in grid:
         metrics = result.metrics or {}
-        name = trial_name(result.config["multiplier"], result.config["seed"],
+        name = trial_name(trial_value(result.config), result.config["seed"],
                           result.config.get("energy_weight")) if result.config else "?"
         if result.error is not None:
             failed.append({"trial": name, "error": error_line(result.error), "path": result.path})
         elif "row_json" not in metrics:
             unfinished.append(name)  # the sweep was stopped (Ctrl-C) before this trial ended
         else:
-            rows.append(json.loads(metrics["row_json"]) | {"resumed": bool(metrics.get("resumed"))})
+            rows.append(current_row(json.loads(metrics["row_json"])) | {"resumed": bool(metrics.get("resumed"))})
     order = {trial: i for i, trial in enumerate(sweep.grid())}
-    rows.sort(key=lambda r: order.get((r["multiplier"], r["seed"], r["energy_weight"]), len(order)))
+    rows.sort(key=lambda r: order.get((r["arithmetic"], r["seed"], r["energy_weight"]), len(order)))
     return rows, failed, unfinished
 
 
@@ -194,7 +194,7 @@ def _progress_callback(progress: SweepProgress):
             self.progress = lambda event: None
 
         def _name(self, trial) -> str:
-            return trial_name(trial.config["multiplier"], trial.config["seed"], trial.config.get("energy_weight"))
+            return trial_name(trial_value(trial.config), trial.config["seed"], trial.config.get("energy_weight"))
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.progress({"event": "trial_start", "trial": self._name(trial)})

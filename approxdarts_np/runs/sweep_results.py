@@ -11,8 +11,15 @@ from pathlib import Path
 from approxdarts_np.io.checkpoint import write_json, write_text
 from approxdarts_np.runs import plots
 
-ROW_COLUMNS = ("multiplier", "seed", "energy_weight", "stage", "val_acc", "test_acc", "energy_pj", "energy_fp32_pj",
+ROW_COLUMNS = ("arithmetic", "seed", "energy_weight", "stage", "val_acc", "test_acc", "energy_pj", "energy_fp32_pj",
                "energy_exact8_pj", "energy_approx_pj", "parameters", "wall_s", "resumed", "genotype", "folder")
+#: Columns saved under an older name: a trial row written before the rename reads as it was meant.
+RENAMED_COLUMNS = {"multiplier": "arithmetic"}
+
+
+def current_row(row: dict) -> dict:
+    """``row`` with its columns under their current names (:data:`RENAMED_COLUMNS`)."""
+    return {RENAMED_COLUMNS.get(k, k) if RENAMED_COLUMNS.get(k) not in row else k: v for k, v in row.items()}
 
 
 def write_rows_and_plot(rows: list[dict], folder: Path) -> dict:
@@ -25,7 +32,7 @@ def write_rows_and_plot(rows: list[dict], folder: Path) -> dict:
     write_text(files["csv"], out.getvalue())
     write_json(files["json"], rows)
     accuracy = "test_acc" if all(r["test_acc"] is not None for r in rows) else "val_acc"
-    points = [dict(r, label=f"{short_name(r['multiplier'])} s{r['seed']}"
+    points = [dict(r, label=f"{short_name(r['arithmetic'])} s{r['seed']}"
                    + ("" if r.get("energy_weight") is None else f" λ{r['energy_weight']:g}"), accuracy=r[accuracy])
               for r in rows]
     # each line the mean of what its label names (the exact 8-bit trials, when there are any)
@@ -35,22 +42,23 @@ def write_rows_and_plot(rows: list[dict], folder: Path) -> dict:
     return {k: str(v) for k, v in files.items()}
 
 
-def short_name(multiplier: str) -> str:
+def short_name(spec: str) -> str:
+    """An arithmetic spec for a label: FP32, exact 8-bit, or the table names without mul8u_."""
     return "+".join({"none": "FP32", "exact": "exact 8-bit"}.get(m.lower(), m.replace("mul8u_", ""))
-                    for m in str(multiplier).split("+"))
+                    for m in str(spec).split("+"))
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per multiplier (and λ): trials, and mean ± std over seeds of accuracies, energy, parameters, wall time.
+    """Per arithmetic (and λ): trials, and mean ± std over seeds of accuracies, energy, parameters, wall time.
 
     The std is the sample standard deviation (n − 1); None for a single seed.
     """
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["multiplier"], row.get("energy_weight")), []).append(row)
+        groups.setdefault((row["arithmetic"], row.get("energy_weight")), []).append(row)
     summary = []
-    for (multiplier, energy_weight), group in groups.items():
-        entry = {"multiplier": multiplier, "energy_weight": energy_weight, "trials": len(group)}
+    for (arithmetic, energy_weight), group in groups.items():
+        entry = {"arithmetic": arithmetic, "energy_weight": energy_weight, "trials": len(group)}
         for key in ("val_acc", "test_acc", "energy_pj", "parameters", "wall_s"):
             values = [r[key] for r in group if r.get(key) is not None]
             entry[key + "_mean"] = statistics.fmean(values) if values else None

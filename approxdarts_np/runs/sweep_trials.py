@@ -3,7 +3,7 @@
 Each trial is an ordinary run: it calls :func:`~approxdarts_np.runs.search.run_search`
 and :func:`~approxdarts_np.runs.train.run_train` exactly as the CLI commands
 do, in run folders under the sweep's folder
-(``<output-dir>/<multiplier>-seed<k>[-lambda<λ>]/``: search/ and train/ run folders, row.json).
+(``<output-dir>/<arithmetic>-seed<k>[-lambda<λ>]/``: search/ and train/ run folders, row.json).
 
 A grid value of ``--multipliers`` joined with ``+`` (``exact+mul8u_2P7+mul8u_17KS``)
 is one multiplier-aware trial: the search chooses among those multipliers per
@@ -76,6 +76,12 @@ _SETTING_TYPES = {
 }
 
 
+def trial_value(params: dict) -> str:
+    """A trial's grid value (an arithmetic spec) from its Tune parameters; a sweep saved before the parameter
+    was renamed names it ``multiplier``."""
+    return params["arithmetic"] if "arithmetic" in params else params["multiplier"]
+
+
 def short_repr(value) -> str:
     try:
         text = repr(value)
@@ -140,7 +146,7 @@ class SweepConfig:
         return self.cpus_per_trial if self.cpus_per_trial is not None else available_cores()
 
     def grid(self) -> list[tuple[str, int, float | None]]:
-        """Every trial's (multiplier, seed, λ), in the order of the results table."""
+        """Every trial's (arithmetic, seed, λ), in the order of the results table."""
         weights = self.energy_weights if self.energy_weights is not None else [None]
         return [(m, s, w) for m in self.multipliers for w in weights for s in self.seeds]
 
@@ -247,14 +253,14 @@ def trial_name(value: str, seed: int, energy_weight: float | None = None) -> str
 def run_trial(sweep: SweepConfig, value: str, seed: int, threads: int,
               on_epoch: Callable[[str, dict], None] | None = None, energy_weight: float | None = None) -> dict:
     """Run (or continue) the trial of grid ``value`` (as in :func:`trial_name`) and ``seed``: its search
-    and/or training and evaluation; its results row (whose ``multiplier`` column holds ``value``).
+    and/or training and evaluation; its results row (whose ``arithmetic`` column holds ``value``).
 
     Each run folder that already holds a checkpoint is resumed, so calling this
     again after the process died continues where the run's checkpoint stands.
     ``on_epoch(stage, event)`` is called after every epoch's checkpoint.
     """
     folder = Path(sweep.output_dir) / trial_name(value, seed, energy_weight)
-    row = {"multiplier": value, "seed": seed, "energy_weight": energy_weight, "stage": sweep.stage,
+    row = {"arithmetic": value, "seed": seed, "energy_weight": energy_weight, "stage": sweep.stage,
            "val_acc": None, "test_acc": None}
     mode = GENOTYPE if "+" in value else value  # how the trained network computes
     wall = 0.0
@@ -354,7 +360,7 @@ def _trainable(params: dict) -> None:
     from ray import tune  # optional extra ".[sweep]": Ray is imported only when a sweep runs
 
     sweep = SweepConfig.from_dict(params["sweep"], source="the trial's sweep settings")
-    value, seed, threads = params["multiplier"], params["seed"], params["threads"]
+    value, seed, threads = trial_value(params), params["seed"], params["threads"]
     energy_weight = params.get("energy_weight")
     folder = Path(sweep.output_dir) / trial_name(value, seed, energy_weight)
     saved = tune.get_checkpoint()
