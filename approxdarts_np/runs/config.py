@@ -79,10 +79,10 @@ class RunSettings:
         return available if self.max_train_images is None else min(available, self.max_train_images)
 
 
-
 def new_default(name: str, default):
     """The :class:`RunSettings` field ``name``, its help and option kept, with another default."""
     return dataclasses.field(default=default, metadata=RunSettings.__dataclass_fields__[name].metadata)
+
 
 #: Settings saved under an older name: a config.json written before the rename loads as it ran.
 RENAMED = {"multiplier": "arithmetic"}
