@@ -176,7 +176,8 @@ def _patch_products_kernel(x5, lhs, out, weight_grad, k_h, k_w, s_h, s_w, p_h, p
         col = np.empty((0 if direct else k_dim, out_h * out_w), np.float32)
         for item in range(lo, hi):
             n, g = item // n_grp, item % n_grp
-            src = _patch_matrix(x5[n, g], col, direct, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w)
+            src = _patch_matrix(x5[n, g], col, direct, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w,
+                                out_h, out_w)
             if weight_grad:
                 np.dot(lhs[n, g], src.T, out[n, g])
             else:
@@ -354,8 +355,8 @@ def conv2d_grad_input(gy, w, input_shape, stride=1, padding=0, dilation=1, group
     gx = np.empty((n_img, groups, c_in // groups, h, wd), np.float32)
     kernel, n_blocks = _pick(_conv2d_grad_input_kernel, _conv2d_grad_input_kernel_serial,
                              max(gy.size, gx.size), n_img * groups)
-    kernel(gy4, w_t, gx, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w, _is_direct(k_h, k_w, geom),
-           n_blocks)
+    kernel(gy4, w_t, gx, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
+           _is_direct(k_h, k_w, geom), n_blocks)
     return gx.reshape(n_img, c_in, h, wd)
 
 
