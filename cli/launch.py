@@ -60,6 +60,37 @@ def _say(line: str, code: int) -> None:
     sys.exit(code)
 
 
+def _option_errors() -> tuple[type, ...]:
+    """The exception classes of a bad command line: typer's own (it carries a copy of click since 0.29)
+    and click's (older typer)."""
+    import typer
+
+    kinds = [typer.TyperException] if hasattr(typer, "TyperException") else []
+    try:
+        import click
+        kinds.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def _run(app) -> int | None:
+    """Run the typer app; a bad option or value is one line ``error: …`` and exit 2, as every other bad
+    input (typer would print a usage box of five lines or more)."""
+    from typer import rich_utils
+
+    try:
+        code = app(standalone_mode=False)
+    except _option_errors() as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            rich_utils.rich_format_error(exc)  # no command given: the help, as typer prints it
+            return exc.exit_code
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (options: {ctx.command_path} --help)" if ctx is not None else ""
+        _say(f"error: {exc.format_message()}{hint}", exc.exit_code)
+    return code if isinstance(code, int) else 0
+
+
 def main() -> None:
     """Run the command line; exit 130 on Ctrl-C and 143 on SIGTERM with one line, whenever they come."""
     signal.signal(signal.SIGTERM, _terminate)
@@ -77,11 +108,12 @@ def main() -> None:
         from approxdarts_np_cli.main import app
 
         try:
-            app()
+            code = _run(app)
         except SystemExit as exc:
-            if exc.code in (0, None):
-                raise_pending()  # an interrupt a callback swallowed, while the command went on to its end
-            raise
+            code = exc.code
+        if code in (0, None):
+            raise_pending()  # an interrupt a callback swallowed, while the command went on to its end
+        sys.exit(code)
     except (KeyboardInterrupt, Terminated, SystemError) as exc:
         what = _interrupt_of(exc)
         if what is None:

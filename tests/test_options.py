@@ -89,3 +89,34 @@ def test_cli_run_gets_the_typed_settings(tmp_path, monkeypatch):
     assert (config.preset, config.epochs, config.channels, config.max_train_images) == ("paper", 3, 16, None)
     assert (config.arithmetic, config.gumbel_temperature, config.gumbel_temperature_end) == ("exact", 2.0, 0.5)
     assert config.output_dir == str(out)
+
+
+LAUNCH = "import sys; sys.argv[0] = 'approxdarts-np'; from approxdarts_np_cli.launch import main; main()"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["search", "--epochs", "x"], "Invalid value for '--epochs'"),
+    (["search", "--bogus"], "No such option: --bogus"),
+    (["train", "--preset", "huge"], "Invalid value for '--preset'"),
+    (["sweep", "--seeds"], "'--seeds' requires an argument"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_a_bad_command_line_is_one_line_and_exit_2(args, says):
+    """Typer's own errors (a value of the wrong type, an unknown option or command) answer as every other
+    bad input: one line on stderr, exit 2, nothing on stdout, no usage box."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LAUNCH, *args], capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
+    assert done.stdout == "" and "Usage" not in done.stderr
+
+
+def test_no_command_still_prints_the_help():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LAUNCH], capture_output=True, text=True, timeout=120)
+    assert "Commands" in done.stdout + done.stderr and "search" in done.stdout + done.stderr
