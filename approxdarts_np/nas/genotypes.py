@@ -360,6 +360,7 @@ def _from_text(content: str) -> Genotype:
 def _read_genotype_file(path: Path) -> str:
     """The text of a genotype file (UTF-8, optional BOM); one UserError line for anything else."""
     hint = "give a .json, a .txt with the DARTS string, or DARTS_V2"
+
     def unreadable(reason):
         return f"cannot read genotype file {path}: {reason}"
     try:

@@ -9,8 +9,8 @@ from approxdarts_np.autodiff import Tensor, run_independent
 from approxdarts_np.autodiff import functional as F
 from approxdarts_np.nas.budget import cap_parameter_free
 from approxdarts_np.nas.genotypes import Genotype, derive_genotype
-from approxdarts_np.nas.operations import (OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, check_network_size, cifar_stem,
-                                          set_arithmetic)
+from approxdarts_np.nas.operations import (OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, check_network_size,
+                                          cifar_stem, set_arithmetic)
 from approxdarts_np.nn import (BatchNorm2d, GlobalAvgPool2d, Linear, Module,
                                ModuleList, Parameter, Sequential)
 

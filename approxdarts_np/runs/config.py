@@ -8,6 +8,7 @@ import types
 import typing
 
 from approxdarts_np.errors import UserError
+from approxdarts_np.nas.genotypes import read_genotype
 
 # Settings a resumed run may change, and why each is safe:
 #   epochs  -- extends (or shortens, down to the epochs done) a run; the cosine schedule follows the
@@ -46,6 +47,11 @@ def setting(default=dataclasses.MISSING, help: str = "", *, default_factory=data
 
 def _all_images(count: int) -> dict:
     return {"max_train_images": count or None}
+
+
+def genotype_setting(text: str) -> dict:
+    """``--genotype`` (a genotype.json, a .txt with the DARTS string, or DARTS_V2) as the config's field."""
+    return {"genotype": read_genotype(text).to_dict()}
 
 
 @dataclasses.dataclass

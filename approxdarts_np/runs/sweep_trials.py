@@ -33,7 +33,7 @@ from approxdarts_np.errors import UserError
 from approxdarts_np.io.checkpoint import write_json
 from approxdarts_np.io.rundir import CHECKPOINT, CONFIG, METRICS
 from approxdarts_np.nas.genotypes import DARTS_V2, Genotype, read_genotype
-from approxdarts_np.runs.config import available_cores, setting
+from approxdarts_np.runs.config import available_cores, genotype_setting, setting
 from approxdarts_np.runs.report import evaluate_checkpoint, network_energy
 from approxdarts_np.runs.search import SearchConfig, run_search
 from approxdarts_np.runs.train import TrainConfig, run_train
@@ -118,7 +118,7 @@ class SweepConfig:
     stage: str = setting("both", "search, train (the --genotype), or both: search, train the genotype found, "
                          "evaluate.")
     genotype: dict | None = setting(None, "With --stage train: genotype file, string or DARTS_V2.", shown=False,
-                                    text=str, parse=lambda text: {"genotype": read_genotype(text).to_dict()})
+                                    text=str, parse=genotype_setting)
     output_dir: str = setting("runs/sweep", "Folder of the sweep: one run folder per trial, results.csv/json, "
                               "pareto.png.")
     preset: str = setting("quick", "quick or paper, for every run.", text=str)

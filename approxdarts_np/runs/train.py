@@ -23,11 +23,12 @@ from approxdarts_np.data.augment import AugmentConfig, BatchLoader
 from approxdarts_np.data.cifar import load_cifar10
 from approxdarts_np.errors import UserError
 from approxdarts_np.io.rundir import CHECKPOINT
-from approxdarts_np.nas.genotypes import Genotype, read_genotype
+from approxdarts_np.nas.genotypes import Genotype
 from approxdarts_np.nas.model_eval import NetworkCIFAR
 from approxdarts_np.nas.multiplier_choice import set_genotype_multipliers
 from approxdarts_np.nn import SGD, clip_grad_norm, cosine_lr
-from approxdarts_np.runs.config import IMAGE_SIZE, RunConfig, RunSettings, new_default, resolve_run_config, setting
+from approxdarts_np.runs.config import (IMAGE_SIZE, RunConfig, RunSettings, genotype_setting, new_default,
+                                        resolve_run_config, setting)
 from approxdarts_np.runs.evaluate import evaluate
 from approxdarts_np.runs.loop import ProgressCallback, RunLoop, StepResult, read_run_checkpoint
 from approxdarts_np.runs.memory import check_memory, train_memory_bytes
@@ -52,7 +53,7 @@ class TrainConfig(RunSettings, RunConfig):
     lr_min: float = new_default("lr_min", 0.0)
     genotype: dict = setting(
         default_factory=dict, help="genotype.json, a .txt with the DARTS string, or DARTS_V2 (required unless "
-        "--resume).", shown=False, text=str, parse=lambda text: {"genotype": read_genotype(text).to_dict()})
+        "--resume).", shown=False, text=str, parse=genotype_setting)
     auxiliary_weight: float = setting(0.4, "Auxiliary loss weight, 0 = no head.")
     drop_path: float = setting(0.2, "Final drop-path probability.")
     cutout: int = setting(16, "Cutout length, 0 = off.")
