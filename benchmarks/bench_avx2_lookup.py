@@ -1,19 +1,21 @@
 """The AVX2 options for the table lookups, measured against the scalar kernels.
 
-CPUs with AVX2 but without AVX-512 VBMI run the scalar table kernels
-(:mod:`approxdarts_np.kernels.lut_conv`). This script keeps the two vector designs that were
-tried for them, so that anyone can measure them on their own CPU:
+CPUs with AVX2 but without AVX-512 VBMI cannot run the VBMI byte shuffles. This script times,
+on one thread, the package's AVX2 path and the two vector designs tried before it, so that
+anyone can measure them on their own CPU:
 
-* ``pshufb``: the byte-plane tables of :mod:`approxdarts_np.kernels.byte_shuffle` looked up
-  16 entries at a time with ``vpshufb`` over the 16 slices of each 256-entry plane;
+* ``nibble``: the package's AVX2 path (:mod:`approxdarts_np.kernels.byte_shuffle`): a column
+  as a sum of 16-entry nibble windows, each looked up with one ``vpshufb`` per byte plane;
+* ``pshufb``: the VBMI path's byte-plane tables looked up 16 entries at a time with
+  ``vpshufb`` over the 16 slices of each 256-entry plane;
 * ``gather``: the same tables joined into int32 and looked up with ``vpgatherdd``, 8 per
   instruction.
 
-Every variant writes the same float32 outputs (the quantised conv's, scale 1). Both vector
-loops plug into the byte-shuffle depthwise and column kernels in place of the VBMI loop (a copy
-of each kernel with the loop rebound), so buffers, grouping and the outputs' constant terms
-are the package's; every result is checked bit for bit against the scalar kernel before it is
-timed. With ``--target avx2`` the script re-runs itself with Numba compiling for this host's
+Every variant writes the same float32 outputs (the quantised conv's, scale 1). The two older
+vector loops plug into the byte-shuffle depthwise and column kernels in place of the VBMI loop
+(a copy of each kernel with the loop rebound), so buffers, grouping and the outputs' constant
+terms are the package's; every result is checked bit for bit against the scalar kernel before
+it is timed. Tables: mul8u_2P7 (two windows per column) and mul8u_17KS (three). With ``--target avx2`` the script re-runs itself with Numba compiling for this host's
 features minus AVX-512 (``NUMBA_CPU_FEATURES``), which is how a machine with VBMI measures the
 AVX2 code (the instructions are the same; the timings are this CPU's, not an AVX2 CPU's).
 
@@ -217,6 +219,7 @@ def _as_int32(tabs, n_taps):
 CASES = [("dw3 quick C8 32x32", 32, 8, 32, 3), ("dw3 quick C32 8x8", 32, 32, 8, 3),
          ("dw5 paper C16 32x32", 64, 16, 32, 5), ("pw quick C16 16x16", 32, 16, 16, 1),
          ("pw paper C32 16x16", 64, 32, 16, 1)]
+TABLES = ("mul8u_2P7", "mul8u_17KS")
 
 
 def _median_ms(fn, repeats):
@@ -230,66 +233,76 @@ def _median_ms(fn, repeats):
 
 
 def _child(repeats: int) -> list[dict]:
-    from approxdarts_np.approx.lut_conv import make_lut_plan
-    from approxdarts_np.approx.multipliers import load_multiplier
-    from approxdarts_np.kernels import byte_shuffle as bs, lut_conv as klut
+    from approxdarts_np.kernels import byte_shuffle as bs
 
     kernels = {"pshufb": (_lookup_pshufb, False), "gather": (_lookup_gather, True)}
     dw = {k: _rebound(bs._depthwise_kernel, "_" + k, loop) for k, (loop, _) in kernels.items()}
     cols_k = {k: _rebound(bs._columns_kernel, "_" + k, loop) for k, (loop, _) in kernels.items()}
-    gt = make_lut_plan(np.asarray(load_multiplier("mul8u_17KS").table, np.int32)).gather_table
+    rows = []
+    for table_name, (name, n, c, hw, k) in ((t, case) for t in TABLES for case in CASES):
+        rows.append(_case(table_name, name, n, c, hw, k, kernels, dw, cols_k, repeats))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _case(table_name, name, n, c, hw, k, kernels, dw, cols_k, repeats):
+    from approxdarts_np.approx.lut_conv import make_lut_plan
+    from approxdarts_np.approx.multipliers import load_multiplier
+    from approxdarts_np.kernels import byte_shuffle as bs, lut_conv as klut
+
+    gt = make_lut_plan(np.asarray(load_multiplier(table_name).table, np.int32)).gather_table
     table_t = np.ascontiguousarray(gt.T)
     rng = np.random.default_rng(0)
-    rows = []
-    for name, n, c, hw, k in CASES:
-        qx = rng.integers(0, 256, (n, c, hw, hw), dtype=np.uint8)
-        zx, zw = 7, 131
-        if k > 1:
-            qw = rng.integers(0, 256, (c, 1, k, k), dtype=np.uint8)
-            geom = (1, 1, k // 2, k // 2, 1, 1)
+    qx = rng.integers(0, 256, (n, c, hw, hw), dtype=np.uint8)
+    zx, zw = 7, 131
+    if k > 1:
+        qw = rng.integers(0, 256, (c, 1, k, k), dtype=np.uint8)
+        geom = (1, 1, k // 2, k // 2, 1, 1)
 
-            def scalar():
-                return klut.lut_depthwise_conv(qx, zx, qw, zw, gt, 1, k // 2, 1, scale=1.0)
-            tabs, cst = bs.tap_tables(table_t, qw.reshape(c, k * k), zx, zw)
-            h = hw + 2 * (k // 2)
-            group = max(1, min(n, bs._GROUP_CODES // (h * h)))
+        def entry():
+            return klut.lut_depthwise_conv(qx, zx, qw, zw, gt, 1, k // 2, 1, scale=1.0)
+        tabs, cst = bs.tap_tables(table_t, qw.reshape(c, k * k), zx, zw, kind="vbmi")
+        h = hw + 2 * (k // 2)
+        group = max(1, min(n, bs._GROUP_CODES // (h * h)))
 
-            def vector(kind):
-                t = _as_int32(tabs, k * k) if kernels[kind][1] else tabs
-                out = np.empty((n, c, hw, hw), np.float32)
-                return dw[kind](qx, bs._NO_INPUT, 1.0, np.float32(1), t, cst, np.uint8(zx), k, k,
-                                *geom, hw, hw, 1.0, group, 1, out)
-            lookups = n * c * hw * hw * k * k
-        else:
-            qp = rng.integers(0, 256, (c, c), dtype=np.uint8)
-            cols = qx.reshape(n, c, hw * hw)
+        def vector(kind):
+            t = _as_int32(tabs, k * k) if kernels[kind][1] else tabs
+            out = np.empty((n, c, hw, hw), np.float32)
+            return dw[kind](qx, bs._NO_INPUT, 1.0, np.float32(1), t, cst, np.uint8(zx), k, k,
+                            *geom, hw, hw, 1.0, group, 1, out)
+        lookups = n * c * hw * hw * k * k
+    else:
+        qp = rng.integers(0, 256, (c, c), dtype=np.uint8)
+        cols = qx.reshape(n, c, hw * hw)
 
-            def scalar():
-                return klut.lut_bag_conv(cols, zx, qp, zw, gt, scale=1.0)
-            tabs, cst = bs.tap_tables(table_t, qp, zx, zw)
-            group = max(1, min(n, bs._GROUP_CODES // (hw * hw)))
+        def entry():
+            return klut.lut_bag_conv(cols, zx, qp, zw, gt, scale=1.0)
+        tabs, cst = bs.tap_tables(table_t, qp, zx, zw, kind="vbmi")
+        group = max(1, min(n, bs._GROUP_CODES // (hw * hw)))
 
-            def vector(kind):
-                t = _as_int32(tabs, c) if kernels[kind][1] else tabs
-                out = np.empty((n, c, hw * hw), np.float32)
-                return cols_k[kind](cols, bs._NO_INPUT_3D, 1.0, np.float32(1), np.uint8(zx), t,
-                                    cst, 1.0, group, 1, out)
-            lookups = n * c * c * hw * hw
-        os.environ["APPROXDARTS_NP_TABLE_KERNELS"] = "scalar"
-        expected = scalar()
-        row = {"case": name, "lookups": lookups,
-               "scalar_ms": _median_ms(scalar, repeats)}
-        for kind in kernels:
-            got = vector(kind).reshape(expected.shape)
-            if not np.array_equal(got, expected):
-                raise SystemExit(f"{kind} differs from the scalar kernel on {name}")
-            row[f"{kind}_ms"] = _median_ms(lambda: vector(kind), repeats)
-        if bs._cpu_has_vbmi():
-            os.environ["APPROXDARTS_NP_TABLE_KERNELS"] = "vbmi"
-            row["vbmi_ms"] = _median_ms(scalar, repeats)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
+        def vector(kind):
+            t = _as_int32(tabs, c) if kernels[kind][1] else tabs
+            out = np.empty((n, c, hw * hw), np.float32)
+            return cols_k[kind](cols, bs._NO_INPUT_3D, 1.0, np.float32(1), np.uint8(zx), t,
+                                cst, 1.0, group, 1, out)
+        lookups = n * c * c * hw * hw
+    os.environ["APPROXDARTS_NP_TABLE_KERNELS"] = "scalar"
+    expected = entry()
+    row = {"table": table_name, "case": name, "lookups": lookups,
+           "scalar_ms": _median_ms(entry, repeats)}
+    os.environ["APPROXDARTS_NP_TABLE_KERNELS"] = "avx2"
+    if not np.array_equal(entry(), expected):
+        raise SystemExit(f"the AVX2 path differs from the scalar kernel on {name}")
+    row["nibble_ms"] = _median_ms(entry, repeats)
+    for kind in kernels:
+        got = vector(kind).reshape(expected.shape)
+        if not np.array_equal(got, expected):
+            raise SystemExit(f"{kind} differs from the scalar kernel on {name}")
+        row[f"{kind}_ms"] = _median_ms(lambda: vector(kind), repeats)
+    if bs._cpu_has_vbmi():
+        os.environ["APPROXDARTS_NP_TABLE_KERNELS"] = "vbmi"
+        row["vbmi_ms"] = _median_ms(entry, repeats)
+    return row
 
 
 def main() -> None:
@@ -315,7 +328,7 @@ def main() -> None:
         rounds.append({"load_before": load, "load_after": os.getloadavg(), "rows": rows})
     summary = []
     for i, first in enumerate(rounds[0]["rows"]):
-        entry = {"case": first["case"], "lookups": first["lookups"]}
+        entry = {"table": first["table"], "case": first["case"], "lookups": first["lookups"]}
         for key in [k for k in first if k.endswith("_ms")]:
             vals = [r["rows"][i][key] for r in rounds]
             entry[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
@@ -325,10 +338,10 @@ def main() -> None:
               "numba_cpu_features": env.get("NUMBA_CPU_FEATURES"),
               "timing": f"one thread; median of {args.repeats} calls per round, {args.rounds} "
                         "rounds in fresh processes; each row's median, min and max over the rounds",
-              "table": "mul8u_17KS", "results": summary, "rounds": rounds}
+              "tables": list(TABLES), "results": summary, "rounds": rounds}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for e in summary:
-        print(f"{e['case']:22s} " + "  ".join(f"{k[:-3]} {v['median']:.2f} ms" for k, v in e.items()
+        print(f"{e['table']:11s} {e['case']:22s} " + "  ".join(f"{k[:-3]} {v['median']:.2f} ms" for k, v in e.items()
                                                if k.endswith("_ms")))
 
 

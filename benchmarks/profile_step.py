@@ -35,6 +35,7 @@ TIMED = {
                                        "features_fit_float32"],
     "approxdarts_np.kernels.conv": ["conv2d", "conv2d_grad_input", "conv2d_grad_weight",
                                     "pointwise_conv2d_codes", "pointwise_codes_unchecked"],
+    "approxdarts_np.kernels.byte_shuffle": ["tap_tables", "depthwise_lookup", "columns_lookup"],
     "approxdarts_np.kernels.depthwise": ["depthwise_conv2d", "depthwise_conv2d_grad_input",
                                          "depthwise_conv2d_grad_weight", "depthwise_conv2d_codes",
                                          "depthwise_codes_unchecked"],

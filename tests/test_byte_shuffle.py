@@ -1,11 +1,13 @@
-"""The byte-shuffle table kernels (AVX-512 VBMI) against a plain NumPy table gather, bit for bit.
+"""The shuffle table kernels (AVX-512 VBMI byte shuffles, AVX2 nibble windows) against a plain
+NumPy table gather, bit for bit.
 
 Every bundled table, depthwise (strides, dilations, paddings, 1x1 to 5x5), pointwise and dense
-(im2col) shapes; the one-pass entry that quantises x inside the kernel against quantising
-first; the fallbacks to the scalar kernels (a table column wider than 16 bits, more than
-MAX_TAPS taps, the switch in the environment). The tests that need the instruction set are
-skipped on CPUs without it (the scalar kernels then run everywhere and test_lut_conv.py covers
-them).
+(im2col) shapes, on each path; the one-pass entry that quantises x inside the kernel against
+quantising first; which columns the nibble windows take, against a least-squares fit; the
+fallbacks to the scalar kernels (a table column wider than 16 bits, a column that is no sum of
+windows, more than MAX_TAPS taps, the switch in the environment). A CPU with VBMI runs both
+paths; the tests of a path the CPU lacks are skipped (the scalar kernels then run everywhere
+and test_lut_conv.py covers them).
 """
 import zlib
 
@@ -23,6 +25,10 @@ from test_lut_conv import reference_lut_conv
 
 needs_vbmi = pytest.mark.skipif(not byte_shuffle._cpu_has_vbmi(),
                                 reason="this CPU has no AVX-512 VBMI (byte-shuffle kernels)")
+needs_avx2 = pytest.mark.skipif(not byte_shuffle._cpu_has_avx2(),
+                                reason="this CPU has no AVX2 (nibble-window kernels)")
+# every shuffle path, each skipped where the CPU lacks it
+PATHS = [pytest.param("vbmi", marks=needs_vbmi), pytest.param("avx2", marks=needs_avx2)]
 
 # (k, stride, padding, dilation, h, w): the searched depthwise geometries and odd ones
 DW_GEOMETRIES = [(3, 1, 1, 1, 9, 9), (5, 1, 2, 1, 8, 11), (3, 1, 2, 2, 9, 7), (5, 1, 4, 2, 10, 10),
@@ -38,9 +44,42 @@ def gather_table(name):
     return make_lut_plan(table_of(name)).gather_table
 
 
-@pytest.fixture
-def shuffle_on(monkeypatch):
-    monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "auto")
+@pytest.fixture(params=PATHS)
+def shuffle_on(request, monkeypatch):
+    """The path the test runs on (every one the CPU has, in turn)."""
+    monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", request.param)
+    return request.param
+
+
+def window_design(n_windows):
+    """One-hot columns of the nibble windows of the 256 codes (the least-squares reference)."""
+    a = np.arange(256)
+    return np.concatenate([np.eye(16)[(a >> shift) & 15]
+                           for shift in byte_shuffle.WINDOW_SHIFTS[:n_windows]], axis=1)
+
+
+def windows_needed(table):
+    """Per weight code b, the fewest nibble windows whose sum is the column M[:, b] (2 or 3), or
+    0, from a least-squares fit of each column (independent of the kernels' construction)."""
+    need = np.zeros(256, np.int64)
+    cols = np.asarray(table, np.float64)
+    for n_windows in (3, 2):
+        design = window_design(n_windows)
+        fit, *_ = np.linalg.lstsq(design, cols, rcond=None)
+        exact = np.abs(design @ fit - cols).max(axis=0) < 1e-6
+        need[exact] = n_windows
+    return need
+
+
+def path_runs(path, table, qw_taps, zw=0, n_out=None):
+    """Whether the shuffle kernels of ``path`` take these weight codes (C, T) in a call (the
+    scalar fallback otherwise): every column fits (VBMI: always, for the bundled tables; AVX2:
+    each is a sum of the windows the call allows, within 16 bits each)."""
+    if path == "vbmi":
+        return True
+    need = windows_needed(table)[qw_taps]
+    cap = 3 if n_out is None else byte_shuffle.column_windows(n_out)
+    return bool(need.min() > 0 and need.max() <= cap)
 
 
 def _pairs(v):
@@ -84,22 +123,25 @@ def shuffle_calls(monkeypatch):
     return calls
 
 
-@needs_vbmi
 @pytest.mark.parametrize("name", bundled_names())
 def test_every_bundled_table_depthwise_and_columns_equal_the_plain_gather(shuffle_on,
                                                                           shuffle_calls, name):
     table = table_of(name)
     gt = gather_table(name)
+    all_codes = np.arange(256, dtype=np.uint8).reshape(16, 16)
     for zw in (0, 128, 255):
-        # every column fits two byte planes, or three (never none) for any zero point
-        assert byte_shuffle.tap_tables(np.ascontiguousarray(gt.T), np.arange(256, dtype=np.uint8)
-                                       .reshape(16, 16), 255, zw) is not None, zw
+        # VBMI: every column fits two byte planes, or three (never none) for any zero point;
+        # AVX2: exactly when every column is a sum of at most three windows
+        got = byte_shuffle.tap_tables(np.ascontiguousarray(gt.T), all_codes, 255, zw)
+        assert (got is not None) == path_runs(shuffle_on, table, all_codes, zw), zw
     rng = np.random.default_rng(zlib.crc32(name.encode()))
+    runs = {"depthwise": 0, "columns": 0}
     for g, (k, stride, padding, dilation, h, w) in enumerate(DW_GEOMETRIES):
         zx, zw = (int(v) for v in rng.integers(0, 256, 2))
         zw = (0, 255)[g] if g < 2 else zw     # the extreme weight zero points too
         qx = rng.integers(0, 256, (2, 3, h, w), dtype=np.uint8)
         qw = rng.integers(0, 256, (3, 1, k, k), dtype=np.uint8)
+        runs["depthwise"] += path_runs(shuffle_on, table, qw.reshape(3, k * k), zw)
         got = klut.lut_depthwise_conv(qx, zx, qw, zw, gt, stride, padding, dilation)
         np.testing.assert_array_equal(
             got, _reference_dw(qx, zx, qw, zw, table, stride, padding, dilation),
@@ -108,15 +150,41 @@ def test_every_bundled_table_depthwise_and_columns_equal_the_plain_gather(shuffl
         zx, zw = (int(v) for v in rng.integers(0, 256, 2))
         cols = rng.integers(0, 256, (3, n_in, n_pix), dtype=np.uint8)
         qw = rng.integers(0, 256, (n_out, n_in), dtype=np.uint8)
+        runs["columns"] += path_runs(shuffle_on, table, qw, zw, n_out)
         a = cols.astype(np.int64)[:, None]
         b = qw.astype(np.int64)[None, :, :, None]
         expected = (table.astype(np.int64)[a, b] - zw * a - zx * b + zx * zw).sum(axis=2)
         np.testing.assert_array_equal(klut.lut_bag_conv(cols, zx, qw, zw, gt), expected,
                                       err_msg=f"{name} columns {n_in}x{n_pix}->{n_out}")
-    assert shuffle_calls == {"depthwise": len(DW_GEOMETRIES), "columns": 3}
+    assert shuffle_calls == runs
+    if shuffle_on == "avx2" and name in ("mul8u_2P7", "mul8u_17KS", "mul8u_1JFF"):
+        # the tables the AVX2 path is for run on it (not only the fallback)
+        assert runs == {"depthwise": len(DW_GEOMETRIES), "columns": 3}
 
 
-@needs_vbmi
+@needs_avx2
+@pytest.mark.parametrize("name", ["mul8u_2P7", "mul8u_17KS", "mul8u_L40", "mul8u_JV3", "exact"])
+def test_the_windows_of_each_column_against_a_least_squares_fit(name):
+    """column_windows_of: the windows a column needs agree with a least-squares fit, and their
+    sum gives the column back at every code."""
+    table = table_of(name)
+    f, need = byte_shuffle.column_windows_of(np.ascontiguousarray(gather_table(name).T))
+    np.testing.assert_array_equal(need, windows_needed(table))
+    a = np.arange(256)
+    for b in np.flatnonzero(need):
+        got = f[b, 0, a & 15] + f[b, 1, a >> 4] + f[b, 2, (a >> 2) & 15]
+        np.testing.assert_array_equal(got, table[:, b], err_msg=f"{name} column {b}")
+    counts = {n: int((need == n).sum()) for n in (0, 2, 3)}
+    # the structure of the tables this path is for (every column of 2P7 splits into the two
+    # nibbles of a; a quarter of 17KS's needs the middle window; L40 is almost never a sum)
+    expected = {"mul8u_2P7": {0: 0, 2: 256, 3: 0}, "mul8u_17KS": {0: 0, 2: 192, 3: 64},
+                "exact": {0: 0, 2: 256, 3: 0}}
+    if name in expected:
+        assert counts == expected[name]
+    if name == "mul8u_L40":
+        assert counts[0] > 200
+
+
 @pytest.mark.parametrize("name", ["2P7", "17KS", "L40", "exact"])
 def test_scaled_outputs_equal_the_scaled_integer_sums(shuffle_on, name):
     """float32(acc * scale) with the product in float64, as the scalar kernels give it."""
@@ -149,7 +217,6 @@ def _one_pass_cases():
                ("depthwise", (5, 1, 3, 3), 2, 1, 1), ("pointwise", (7, 5, 1, 1), 1, 0, 1)]
 
 
-@needs_vbmi
 @pytest.mark.parametrize("name", ["2P7", "17KS", "exact"])
 def test_one_pass_equals_quantise_then_gather(shuffle_on, shuffle_calls, monkeypatch, name):
     """lut_conv_codes: codes and outputs identical to quantising first and gathering, with the
@@ -179,8 +246,8 @@ def test_one_pass_equals_quantise_then_gather(shuffle_on, shuffle_calls, monkeyp
     assert shuffle_calls == {"depthwise": 6, "columns": 2}
 
 
-@needs_vbmi
-def test_approx_conv_takes_the_one_pass_path_and_agrees_with_the_scalar_one(monkeypatch):
+@pytest.mark.parametrize("path", PATHS)
+def test_approx_conv_takes_the_one_pass_path_and_agrees_with_the_scalar_one(monkeypatch, path):
     plan = make_lut_plan(table_of("2P7"))
     rng = np.random.default_rng(8)
     x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
@@ -197,7 +264,7 @@ def test_approx_conv_takes_the_one_pass_path_and_agrees_with_the_scalar_one(monk
     for w_shape, kw in (((4, 1, 3, 3), dict(padding=1, groups=4)), ((6, 4, 1, 1), {}),
                         ((4, 1, 5, 5), dict(stride=2, padding=4, dilation=2, groups=4))):
         w = rng.standard_normal(w_shape).astype(np.float32)
-        monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "auto")
+        monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", path)
         y1, (qx1, _, _), _ = approx_conv2d(x, w, plan, **kw)
         monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "scalar")
         y0, (qx0, _, _), _ = approx_conv2d(x, w, plan, **kw)
@@ -208,8 +275,9 @@ def test_approx_conv_takes_the_one_pass_path_and_agrees_with_the_scalar_one(monk
 
 
 @needs_vbmi
-def test_columns_wider_than_16_bits_take_a_third_byte_plane(shuffle_on):
+def test_columns_wider_than_16_bits_take_a_third_byte_plane(monkeypatch):
     """JV3 with zw = 255: M[a, w] - 255 a spans more than 16 bits for some weight codes."""
+    monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "vbmi")
     gt = gather_table("JV3")
     table_t = np.ascontiguousarray(gt.T)
     spread = gt.astype(np.int64) - 255 * np.arange(256)[:, None]
@@ -246,7 +314,10 @@ def test_wide_columns_and_many_taps_fall_back_to_the_scalar_kernels(shuffle_on):
                                   reference_lut_conv(qx, 3, qw, 4, wide, 1, 1, 1, 2))
     assert klut.lut_conv_codes(np.zeros((1, 2, 6, 6), np.float32), 0.1, 3, qw, 4, wide) is None
     gt = gather_table("2P7")
-    n_taps = byte_shuffle.MAX_TAPS + 1
+    # the AVX2 path's two windows add 2 bytes per tap into the same 16-bit sums
+    n_taps = byte_shuffle.MAX_TAPS // (2 if shuffle_on == "avx2" else 1) + 1
+    assert byte_shuffle.tap_tables(np.ascontiguousarray(gt.T),
+                                   np.zeros((1, n_taps - 1), np.uint8), 0, 0) is not None
     assert byte_shuffle.tap_tables(np.ascontiguousarray(gt.T),
                                    np.zeros((1, n_taps), np.uint8), 0, 0) is None
     cols = rng.integers(0, 256, (1, n_taps, 5), dtype=np.uint8)
@@ -261,13 +332,22 @@ def test_switch_in_the_environment(monkeypatch):
     monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "scalar")
     assert byte_shuffle.path() == "scalar" and not byte_shuffle.available()
     monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "auto")
-    assert byte_shuffle.available() == byte_shuffle._cpu_has_vbmi()
+    assert byte_shuffle.available() == (byte_shuffle._cpu_has_vbmi()
+                                        or byte_shuffle._cpu_has_avx2())
     monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "avx9")
-    with pytest.raises(UserError, match="expected auto, vbmi or scalar"):
+    with pytest.raises(UserError, match="expected auto, vbmi, avx2 or scalar"):
         byte_shuffle.path()
-    monkeypatch.setattr(byte_shuffle, "_cpu_has_vbmi", lambda: False)
+    # auto takes the best path the CPU has
+    for vbmi, avx2, best in ((True, True, "vbmi"), (False, True, "avx2"), (False, False, "scalar")):
+        monkeypatch.setitem(byte_shuffle._CAN_RUN, "vbmi", lambda v=vbmi: v)
+        monkeypatch.setitem(byte_shuffle._CAN_RUN, "avx2", lambda v=avx2: v)
+        monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "auto")
+        assert byte_shuffle.path() == best
     monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "vbmi")
     with pytest.raises(UserError, match="has no AVX-512 VBMI"):
+        byte_shuffle.path()
+    monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "avx2")
+    with pytest.raises(UserError, match="has no AVX2"):
         byte_shuffle.path()
 
 
@@ -281,6 +361,9 @@ def test_numba_target_features_decide(monkeypatch):
     assert not byte_shuffle._cpu_has_vbmi.__wrapped__()
     monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+avx512f,+avx512bw")
     assert not byte_shuffle._cpu_has_vbmi.__wrapped__()
+    assert byte_shuffle._cpu_has_avx2.__wrapped__()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+sse4.2,-avx2")
+    assert not byte_shuffle._cpu_has_avx2.__wrapped__()
     monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bw,+avx512vbmi")
     assert byte_shuffle._cpu_has_vbmi.__wrapped__()
     # no feature list: the host's features, whatever the name
@@ -289,9 +372,9 @@ def test_numba_target_features_decide(monkeypatch):
     host = binding.get_host_cpu_features()
     assert byte_shuffle._cpu_has_vbmi.__wrapped__() == bool(host.get("avx512bw")
                                                              and host.get("avx512vbmi"))
+    assert byte_shuffle._cpu_has_avx2.__wrapped__() == bool(host.get("avx2"))
 
 
-@needs_vbmi
 def test_results_do_not_depend_on_thread_count(shuffle_on):
     gt = gather_table("17KS")
     rng = np.random.default_rng(12)
@@ -313,10 +396,9 @@ def test_results_do_not_depend_on_thread_count(shuffle_on):
 
 # ----------------------------------------------------------------------------- test the tester
 
-@needs_vbmi
 def test_a_wrong_tap_table_byte_is_caught(shuffle_on, monkeypatch):
-    """One flipped byte in the shuffled tables (low or high plane) changes the output: the
-    comparison above would see a wrong lookup."""
+    """One flipped byte in the shuffled tables (low or high plane; for AVX2 of each window)
+    changes the output: the comparison above would see a wrong lookup."""
     gt = gather_table("2P7")
     rng = np.random.default_rng(13)
     qx = rng.integers(0, 256, (1, 2, 6, 6), dtype=np.uint8)
@@ -324,10 +406,15 @@ def test_a_wrong_tap_table_byte_is_caught(shuffle_on, monkeypatch):
     good = klut.lut_depthwise_conv(qx, 3, qw, 4, gt, 1, 1, 1)
     code = int(qx[0, 0, 3, 3])          # an interior code that tap 0 of channel 0 reads
     real = byte_shuffle.tap_tables
-    for plane in (0, 256):
-        def corrupted(*args, plane=plane):
-            tabs, cst = real(*args)
-            tabs[0, plane + code] ^= 1
+    if shuffle_on == "vbmi":
+        entries = [0 + code, 256 + code]
+    else:   # window w of tap 0: bytes 32 w .. 32 w + 31, low bytes first
+        entries = [32 * w + plane + ((code >> shift) & 15)
+                   for w, shift in enumerate(byte_shuffle.WINDOW_SHIFTS[:2]) for plane in (0, 16)]
+    for entry in entries:
+        def corrupted(*args, entry=entry, **kwargs):
+            tabs, cst = real(*args, **kwargs)
+            tabs[0, entry] ^= 1
             return tabs, cst
         monkeypatch.setattr(byte_shuffle, "tap_tables", corrupted)
         assert not np.array_equal(klut.lut_depthwise_conv(qx, 3, qw, 4, gt, 1, 1, 1), good)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from approxdarts_np.approx import lowrank
 from approxdarts_np.approx.lowrank import LowRankBoundError
 from approxdarts_np.approx.lut_conv import LOWRANK_MAX_TERMS, LutPlan, lut_conv2d, make_lut_plan
+from approxdarts_np.kernels import byte_shuffle
 from approxdarts_np.kernels import lut_conv as lut_kernels
 
 # the shared data folder next to the repository; the package's bundled copy of the same files
@@ -184,10 +185,14 @@ def plans():
 
 # ----------------------------------------------------------------------------- properties
 
+# the best table kernels the CPU has ("auto"), the AVX2 ones too where "auto" is another path
+# (a CPU with VBMI), and the scalar ones
+SHUFFLE_SWITCHES = ["auto"] + (["avx2"] if byte_shuffle._cpu_has_vbmi() else []) + ["scalar"]
+
+
 @contextlib.contextmanager
 def byte_shuffle_kernels(switch):
-    """Run the gather on the best table kernels the CPU has ("auto") or on the scalar ones
-    ("scalar") (kernels/byte_shuffle.py)."""
+    """Run the gather on the table kernels ``switch`` names (kernels/byte_shuffle.py)."""
     before = os.environ.get("APPROXDARTS_NP_TABLE_KERNELS")
     os.environ["APPROXDARTS_NP_TABLE_KERNELS"] = switch
     try:
@@ -199,7 +204,7 @@ def byte_shuffle_kernels(switch):
             os.environ["APPROXDARTS_NP_TABLE_KERNELS"] = before
 
 
-@pytest.mark.parametrize("shuffle", ["auto", "scalar"])
+@pytest.mark.parametrize("shuffle", SHUFFLE_SWITCHES)
 @pytest.mark.parametrize("name", ["1446", "2P7", "17KS", "L40", "random_int32", "big_lowrank"])
 @given(case=conv_cases())
 @example(case=EDGE_CASES[0])
@@ -222,7 +227,7 @@ def test_every_engine_equals_reference_gather(plans, name, shuffle, case):
         np.testing.assert_array_equal(got, expected, err_msg=f"{name} engine={engine}")
 
 
-@pytest.mark.parametrize("shuffle", ["auto", "scalar"])
+@pytest.mark.parametrize("shuffle", SHUFFLE_SWITCHES)
 @given(case=conv_cases())
 @example(case=EDGE_CASES[0])
 @example(case=EDGE_CASES[1])
@@ -356,7 +361,7 @@ def test_corrupted_table_entry_is_detected(plans, kind):
     bad_plan = make_lut_plan(bad, max_rank=20)
     expected = reference(case, plan.table, qx, qw)
     assert not np.array_equal(reference(case, bad, qx, qw), expected)
-    for shuffle in ("auto", "scalar"):
+    for shuffle in SHUFFLE_SWITCHES:
         with byte_shuffle_kernels(shuffle):
             for engine in engines_for(bad_plan):
                 assert not np.array_equal(run(case, bad_plan, engine, qx, qw), expected), engine

@@ -116,8 +116,10 @@ def _kernel_results():
     qx, _, _ = quantize_per_tensor(x)
     before = os.environ.get("APPROXDARTS_NP_TABLE_KERNELS")
     try:
-        # the byte-shuffle kernels where the CPU has them, and the scalar ones
-        for shuffle in ("auto", "scalar"):
+        # the shuffle kernels where the CPU has them (VBMI and AVX2 on a CPU with VBMI), and the
+        # scalar ones
+        from approxdarts_np.kernels import byte_shuffle
+        for shuffle in ("auto", "avx2", "scalar") if byte_shuffle._cpu_has_vbmi() else ("auto", "scalar"):
             os.environ["APPROXDARTS_NP_TABLE_KERNELS"] = shuffle
             for stride in (1, 2):
                 out.append(klut.lut_depthwise_conv(qx, zx, qw, zw, table, stride, 1, 1))

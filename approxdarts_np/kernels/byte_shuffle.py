@@ -41,6 +41,7 @@ the columns and ``vpgatherdd`` lookups were both measured slower
 (``benchmarks/bench_avx2_lookup.py``).
 """
 import os
+import types as types_
 from functools import lru_cache
 
 import numpy as np
@@ -56,7 +57,7 @@ from .codes import codes_plane
 __all__ = ["available", "path", "tap_tables", "depthwise_lookup", "columns_lookup"]
 
 _ENV = "APPROXDARTS_NP_TABLE_KERNELS"
-PATHS = ("vbmi", "scalar")
+PATHS = ("vbmi", "avx2", "scalar")
 # Taps per channel the 16-bit byte sums can take: 257 * 255 < 65536; with a third byte plane
 # the int32 total (below taps * 2**24) bounds them.
 MAX_TAPS = 257
@@ -69,6 +70,9 @@ _NO_INPUT_3D = np.zeros((0, 0, 0), np.float32)
 # that only decide whether the thread team is woken, never the result.
 LOOKUPS_PER_ELEMENT = 8
 PLANE_ELEMENTS = 64
+# The AVX2 column kernel's windows x output channels at which the scalar bag catches up
+# (column_windows).
+COLUMN_LOOKUPS = 128
 # Codes per table pass the kernels aim for (images are grouped to reach it): fewer, longer
 # passes over the same per-tap tables.
 _GROUP_CODES = 1024
@@ -92,26 +96,45 @@ def _cpu_has_vbmi():
     return bool(feats.get("avx512bw") and feats.get("avx512vbmi"))
 
 
+@lru_cache(maxsize=1)
+def _cpu_has_avx2():
+    """Whether Numba compiles for a CPU with AVX2 (as :func:`_cpu_has_vbmi` decides)."""
+    if config.CPU_FEATURES is not None:
+        return "+avx2" in config.CPU_FEATURES.split(",")
+    from llvmlite import binding
+
+    try:
+        feats = binding.get_host_cpu_features()
+    except Exception:
+        return False
+    return bool(feats.get("avx2"))
+
+
+_CAN_RUN = {"vbmi": _cpu_has_vbmi, "avx2": _cpu_has_avx2}
+
+
 def path():
-    """The table-kernel path calls take now: "vbmi" (the shuffles here) or "scalar".
+    """The table-kernel path calls take now: "vbmi", "avx2" (the shuffles here) or "scalar".
 
     The best this CPU has, unless ``APPROXDARTS_NP_TABLE_KERNELS`` names one (read on every
-    call, so tests and benchmarks can force each path the CPU can run). Naming a path the CPU
-    cannot run, or no path, is a :class:`~approxdarts_np.errors.UserError`.
+    call, so tests and benchmarks can force each path the CPU can run: a CPU with VBMI runs all
+    three). Naming a path the CPU cannot run, or no path, is a
+    :class:`~approxdarts_np.errors.UserError`.
     """
     want = os.environ.get(_ENV, "auto") or "auto"
     if want == "auto":
-        return "vbmi" if _cpu_has_vbmi() else "scalar"
+        return next((p for p in ("vbmi", "avx2") if _CAN_RUN[p]()), "scalar")
     if want not in PATHS:
-        raise UserError(f"{_ENV}={want!r}: expected auto, vbmi or scalar")
-    if want == "vbmi" and not _cpu_has_vbmi():
-        raise UserError(f"{_ENV}=vbmi: this CPU (or Numba target) has no AVX-512 VBMI")
+        raise UserError(f"{_ENV}={want!r}: expected auto, vbmi, avx2 or scalar")
+    if want in _CAN_RUN and not _CAN_RUN[want]():
+        raise UserError(f"{_ENV}={want}: this CPU (or Numba target) has no "
+                        f"{'AVX-512 VBMI' if want == 'vbmi' else 'AVX2'}")
     return want
 
 
 def available():
-    """True when the byte-shuffle kernels run now (:func:`path` is "vbmi")."""
-    return path() == "vbmi"
+    """True when the shuffle kernels here run now (:func:`path` is "vbmi" or "avx2")."""
+    return path() != "scalar"
 
 
 # ----------------------------------------------------------------------------- the shuffle loop
@@ -224,6 +247,132 @@ def _lookup_chunks(xbuf, offs, tabs, acc, n_chunks):
         _lookup3(xbuf, offs, tabs, acc, n_chunks)
 
 
+# ----------------------------------------------------------------------------- the AVX2 loop
+
+_V8_32 = ir.VectorType(ir.IntType(8), 32)
+_V8_16 = ir.VectorType(ir.IntType(8), 16)
+_V16_16 = ir.VectorType(ir.IntType(16), 16)
+_V32_16 = ir.VectorType(ir.IntType(32), 16)
+_V32_32 = ir.VectorType(ir.IntType(32), 32)
+# The nibble windows of a code a, in the order of the tables: a & 15, a >> 4, (a >> 2) & 15.
+WINDOW_SHIFTS = (0, 4, 2)
+
+
+def _nibble_intrinsic(n_windows):
+    """The AVX2 loop for tables of ``n_windows`` nibble windows, as a Numba intrinsic
+    ``f(xbuf, offs, tabs, acc, n_chunks)`` with the contract of the shuffle loop:
+
+        acc[64 k + l] = sum_t T_t[xbuf[offs[t] + 64 k + l]]   for k < n_chunks, l < 64,
+
+    where now T_t(a) = sum_w F_t,w[(a >> WINDOW_SHIFTS[w]) & 15]. ``tabs`` holds, per tap t,
+    ``n_windows`` x 2 x 16 bytes: per window the low bytes of F_t,w[0..15], then the high bytes.
+    Per 32 codes, per tap and per window, ``vpshufb`` looks each byte plane up (the 16 entries
+    sit in both 128-bit halves); a looked-up byte vector read as 16-bit lanes holds an even code's
+    byte in the low half and the next code's in the high half, so the even and odd codes' bytes
+    add into two 16-bit sums per plane with one mask and one shift. The sums are joined as
+    low + (high << 8) in int32 and interleaved back into code order when the taps are done.
+    """
+    @intrinsic
+    def lookup(typingctx, xbuf, offs, tabs, acc, n_chunks):
+        sig = types.void(xbuf, offs, tabs, acc, n_chunks)
+
+        def codegen(context, builder, signature, args):
+            x_base, offs_data, n_taps, t_base, a_base, n_arg = lookup_operands(
+                context, builder, signature, args)
+            shuffle = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_V8_32, [_V8_32, _V8_32]),
+                "llvm.x86.avx2.pshuf.b")
+            # sums[plane][parity]
+            sums = [[cgutils.alloca_once(builder, _V16_16) for _ in range(2)] for _ in range(2)]
+            nibble = ir.Constant(_V8_32, [15] * 32)
+            low_byte = ir.Constant(_V16_16, [255] * 16)
+            eight = ir.Constant(_V16_16, [8] * 16)
+            both_halves = ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(16)) * 2)
+            interleave = ir.Constant(ir.VectorType(ir.IntType(32), 32),
+                                     [i // 2 + 16 * (i % 2) for i in range(32)])
+
+            def const(v):
+                return ir.Constant(_I64, v)
+
+            def load(base, offset, vtype):
+                ptr = builder.bitcast(builder.gep(base, [offset]), vtype.as_pointer())
+                return builder.load(ptr, align=1)
+
+            with cgutils.for_range(builder, builder.mul(n_arg, const(2))) as half:
+                start = builder.mul(half.index, const(32))
+                for plane in sums:
+                    for var in plane:
+                        builder.store(ir.Constant(_V16_16, None), var)
+                with cgutils.for_range(builder, n_taps) as tap:
+                    off = builder.load(builder.gep(offs_data, [tap.index]))
+                    codes = load(x_base, builder.add(off, start), _V8_32)
+                    row = builder.gep(t_base, [builder.mul(tap.index, const(32 * n_windows))])
+                    for w in range(n_windows):
+                        index = codes
+                        if WINDOW_SHIFTS[w]:
+                            index = builder.lshr(codes, ir.Constant(_V8_32, [WINDOW_SHIFTS[w]] * 32))
+                        if WINDOW_SHIFTS[w] != 4:
+                            index = builder.and_(index, nibble)
+                        for p in range(2):
+                            t16 = load(row, const(32 * w + 16 * p), _V8_16)
+                            t32 = builder.shuffle_vector(t16, t16, both_halves)
+                            pairs = builder.bitcast(builder.call(shuffle, [t32, index]), _V16_16)
+                            for parity, part in enumerate((builder.and_(pairs, low_byte),
+                                                           builder.lshr(pairs, eight))):
+                                var = sums[p][parity]
+                                builder.store(builder.add(builder.load(var), part), var)
+                joined = []
+                for parity in range(2):
+                    low = builder.zext(builder.load(sums[0][parity]), _V32_16)
+                    high = builder.zext(builder.load(sums[1][parity]), _V32_16)
+                    shifted = builder.shl(high, ir.Constant(_V32_16, [8] * 16))
+                    joined.append(builder.add(low, shifted))
+                total = builder.shuffle_vector(joined[0], joined[1], interleave)
+                dst = builder.bitcast(builder.gep(a_base, [start]), _V32_32.as_pointer())
+                builder.store(total, dst, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return lookup
+
+
+_nibble2 = _nibble_intrinsic(2)
+_nibble3 = _nibble_intrinsic(3)
+
+
+@njit(cache=True, inline="always")
+def _nibble_chunks(xbuf, offs, tabs, acc, n_chunks):
+    """The AVX2 loop for ``tabs`` of 2 or 3 nibble windows (its length tells which)."""
+    if tabs.shape[0] == offs.shape[0] * 64:
+        _nibble2(xbuf, offs, tabs, acc, n_chunks)
+    else:
+        _nibble3(xbuf, offs, tabs, acc, n_chunks)
+
+
+def _nibbles(tabs, n_taps):
+    """Whether ``tabs`` (from :func:`tap_tables`) holds nibble windows (the AVX2 loop) rather
+    than byte planes (the VBMI loop): at most 3 x 32 bytes per tap against at least 512."""
+    return tabs.shape[1] <= 96 * n_taps
+
+
+def lookup_twin(kernel, lookup, suffix):
+    """``kernel`` (a Numba function calling ``_lookup_chunks``) compiled with ``lookup`` in its
+    place, under the name ``<kernel>_<suffix>`` (so that the two have their own entries in
+    Numba's on-disk cache). Only the loop differs: the kernels are written once for both
+    paths."""
+    f = kernel.py_func
+    name = f"{f.__name__}_{suffix}"
+    scope = dict(f.__globals__, _lookup_chunks=lookup)
+    code = f.__code__.replace(co_name=name, co_qualname=f"{f.__code__.co_qualname}_{suffix}")
+    twin = types_.FunctionType(code, scope, name, f.__defaults__, f.__closure__)
+    twin.__qualname__ = f"{f.__qualname__}_{suffix}"
+    twin.__module__ = f.__module__
+    twin.__doc__ = f"{f.__name__} with the {suffix} lookup loop."
+    return njit(cache=True, **{k: v for k, v in kernel.targetoptions.items()
+                               if k not in ("nopython",)})(twin)
+
+
 # ----------------------------------------------------------------------------- kernels (Numba)
 
 @njit(cache=True)
@@ -268,19 +417,134 @@ def _tap_tables_kernel(table_t, w, zx, zw, n_planes, tabs, cst):
     return -1
 
 
-def tap_tables(table_t, qw_taps, zx, zw):
+@njit(cache=True)
+def _column_windows_kernel(table_t, f, need):
+    """Split every column M[:, b] of the transposed table into nibble windows: f[b, k] (16
+    values each) and need[b], the windows it takes (2 or 3; 0: it is no sum of them).
+
+    Written with the 2-bit digits of a = (d3 d2 d1 d0), two windows are M[a, b] = F0[d1 d0] +
+    F1[d3 d2] and three add F2[d2 d1]. Every such sum can be shifted so that F1[0] = 0 (two
+    windows), or F0[d1 0] = 0 and F1[0 d2] = 0 (three); that fixes the windows from the codes
+    a < 16, a = 16h and a = 4m, and the column is a sum of windows exactly when these are its
+    value at every code. The zero-point term -zw*a = -zw*(d1 d0) - 16*zw*(d3 d2) adds to F0 and
+    F1, so a column needs the same windows for every zw.
+    """
+    v = np.empty(256, np.int64)
+    for b in range(256):
+        col = table_t[b]
+        for a in range(256):
+            v[a] = np.int64(col[a])
+        need[b] = 0
+        for n_windows in (2, 3):
+            fb = f[b]
+            fb[2, :] = 0
+            if n_windows == 2:
+                for i in range(16):
+                    fb[0, i] = v[i]
+                    fb[1, i] = v[16 * i] - v[0]
+            else:
+                for i in range(16):
+                    fb[2, i] = v[4 * i]
+                for i in range(16):
+                    fb[0, i] = v[i] - fb[2, i >> 2]
+                    fb[1, i] = v[16 * i] - fb[2, (i & 3) << 2]
+            exact = True
+            for a in range(256):
+                if fb[0, a & 15] + fb[1, a >> 4] + fb[2, (a >> 2) & 15] != v[a]:
+                    exact = False
+                    break
+            if exact:
+                need[b] = n_windows
+                break
+
+
+_WINDOWS: dict = {}
+
+
+def column_windows_of(table_t):
+    """``(f, need)`` of :func:`_column_windows_kernel` for a transposed table, computed once per
+    table array (kept for the last 16 arrays seen)."""
+    hit = _WINDOWS.get(id(table_t))
+    if hit is not None and hit[0] is table_t:
+        return hit[1], hit[2]
+    f = np.zeros((256, 3, 16), np.int64)
+    need = np.zeros(256, np.int64)
+    _column_windows_kernel(table_t, f, need)
+    if len(_WINDOWS) >= 16:
+        _WINDOWS.pop(next(iter(_WINDOWS)))
+    _WINDOWS[id(table_t)] = (table_t, f, need)
+    return f, need
+
+
+@njit(cache=True)
+def _nibble_tables_kernel(f, w, zx, zw, n_windows, tabs, cst):
+    """Fill tabs[c] (taps x n_windows x 32 bytes: per window the low bytes of its 16 values,
+    then the high bytes) and cst[c] from the windows f (:func:`_column_windows_kernel`) of the
+    columns w[c, t] less the zero-point term; return the first channel with a window that
+    spreads over 2**16 or more, or -1."""
+    n_ch, n_taps = w.shape
+    width = 32 * n_windows
+    for c in range(n_ch):
+        total = np.int64(0)
+        for t in range(n_taps):
+            b = np.int64(w[c, t])
+            for k in range(n_windows):
+                ramp = zw if k == 0 else (16 * zw if k == 1 else 0)
+                lo = f[b, k, 0]
+                hi = lo
+                for i in range(16):
+                    val = f[b, k, i] - ramp * i
+                    lo = min(lo, val)
+                    hi = max(hi, val)
+                if hi - lo >= 65536:
+                    return c
+                base = t * width + 32 * k
+                for i in range(16):
+                    d = f[b, k, i] - ramp * i - lo
+                    tabs[c, base + i] = np.uint8(d & 255)
+                    tabs[c, base + 16 + i] = np.uint8(d >> 8)
+                total += lo
+            total += -zx * b + zx * zw
+        cst[c] = total
+    return -1
+
+
+def column_windows(n_out):
+    """The most nibble windows for which the AVX2 column kernel beats the scalar kernel (the
+    bag, which adds a row of n_out products per code) in a convolution with ``n_out`` output
+    channels: the nibble loop's work grows with windows x n_out, the bag's far slower
+    (``benchmarks/bench_avx2_lookup.py``). 0: take the scalar kernel."""
+    return min(3, COLUMN_LOOKUPS // max(n_out, 1))
+
+
+def tap_tables(table_t, qw_taps, zx, zw, kind=None, max_windows=3):
     """``(tabs, cst)`` for weight codes ``qw_taps`` (C, T): T taps for each output channel c.
 
     ``table_t`` is the product table transposed (``table_t[b, a] = M[a, b]``, C-contiguous, so
-    a weight code's column is one row). ``tabs`` (C, T*P*256) uint8 holds the P = 2 byte
-    planes of T[c, t, :] (3 when some column's spread needs 24 bits), ``cst`` (C,) int64 the
-    per-channel constant (module docstring). None when a column's spread needs more than 24
-    bits or there are more taps than the 16-bit byte sums and the int32 total allow
-    (:data:`MAX_TAPS` with two planes, :data:`MAX_TAPS_3` with three); the caller then runs its
-    scalar kernel.
+    a weight code's column is one row). For the "vbmi" path ``tabs`` (C, T*P*256) uint8 holds
+    the P = 2 byte planes of T[c, t, :] (3 when some column's spread needs 24 bits); for the
+    "avx2" path (C, T*W*32) the W = 2 nibble windows of every column (3 when some column needs
+    them, :func:`_column_windows_kernel`). ``cst`` (C,) int64 is the per-channel constant (module
+    docstring). ``kind`` is the path, :func:`path` when None; ``max_windows`` caps W. None when
+    a column does not fit the path's tables (a spread over 24 bits; no sum of ``max_windows``
+    nibble windows) or there are more taps
+    than the 16-bit byte sums and the int32 total allow (:data:`MAX_TAPS` with two planes or
+    one window, :data:`MAX_TAPS_3` with three planes, ``MAX_TAPS // W`` with W windows); the
+    caller then runs its scalar kernel.
     """
     n_ch, n_taps = qw_taps.shape
     cst = np.empty(n_ch, np.int64)
+    if (path() if kind is None else kind) == "avx2":
+        f, need = column_windows_of(table_t)
+        needs = need[qw_taps]
+        n_windows = int(needs.max()) if needs.size else 2
+        if needs.size and needs.min() == 0 or n_windows > max_windows \
+                or n_taps > MAX_TAPS // n_windows:
+            return None
+        tabs = np.empty((n_ch, n_taps * n_windows * 32), np.uint8)
+        if _nibble_tables_kernel(f, qw_taps, zx, zw, n_windows, tabs, cst) >= 0:
+            return None
+        return tabs, cst
     for n_planes, limit in ((2, MAX_TAPS), (3, MAX_TAPS_3)):
         if n_taps > limit:
             return None
@@ -375,6 +639,8 @@ def _depthwise_kernel(qx, x, x_scale, x_inv, tabs, cst, zx, k_h, k_w, s_h, s_w, 
 
 
 _depthwise_kernel_serial = serial_twin(_depthwise_kernel)
+_depthwise_kernel_avx2 = lookup_twin(_depthwise_kernel, _nibble_chunks, "avx2")
+_depthwise_kernel_avx2_serial = serial_twin(_depthwise_kernel_avx2)
 
 
 def depthwise_lookup(qx, tabs, cst, zx, k_size, geom, out_hw, scale, out, x=None, x_scale=1.0,
@@ -393,7 +659,9 @@ def depthwise_lookup(qx, tabs, cst, zx, k_size, geom, out_hw, scale, out, x=None
     group = max(1, min(n_img, _GROUP_CODES // phase_plane))
     work = (n_img * n_ch * (out_h * out_w * k_h * k_w // LOOKUPS_PER_ELEMENT
                              + PLANE_ELEMENTS))
-    kernel, n_threads = pick_kernel(_depthwise_kernel, _depthwise_kernel_serial, work)
+    kernels = ((_depthwise_kernel_avx2, _depthwise_kernel_avx2_serial) if _nibbles(tabs, k_h * k_w)
+               else (_depthwise_kernel, _depthwise_kernel_serial))
+    kernel, n_threads = pick_kernel(*kernels, work)
     n_threads = min(n_threads, n_ch * -(-n_img // group))
     x = _NO_INPUT if x is None else x
     return kernel(qx, x, float(x_scale), np.float32(x_inv), tabs, cst, np.uint8(zx), k_h, k_w,
@@ -459,6 +727,8 @@ def _columns_kernel(cols, x, x_scale, x_inv, zx, tabs, cst, scale, group, n_thre
 
 
 _columns_kernel_serial = serial_twin(_columns_kernel)
+_columns_kernel_avx2 = lookup_twin(_columns_kernel, _nibble_chunks, "avx2")
+_columns_kernel_avx2_serial = serial_twin(_columns_kernel_avx2)
 
 
 def columns_lookup(cols, tabs, cst, scale, out, x=None, x_scale=1.0, x_inv=1.0, zx=0):
@@ -473,7 +743,9 @@ def columns_lookup(cols, tabs, cst, scale, out, x=None, x_scale=1.0, x_inv=1.0, 
     # images per job: about 1024 codes per table pass (fewer jobs, no short runs)
     group = max(1, min(n_img, _GROUP_CODES // max(n_pix, 1)))
     work = n_img * n_pix * cols.shape[1] * tabs.shape[0] // LOOKUPS_PER_ELEMENT
-    kernel, n_threads = pick_kernel(_columns_kernel, _columns_kernel_serial, work)
+    kernels = ((_columns_kernel_avx2, _columns_kernel_avx2_serial) if _nibbles(tabs, cols.shape[1])
+               else (_columns_kernel, _columns_kernel_serial))
+    kernel, n_threads = pick_kernel(*kernels, work)
     n_threads = min(n_threads, -(-n_img // group) * tabs.shape[0])
     x = _NO_INPUT_3D if x is None else x
     return kernel(cols, x, float(x_scale), np.float32(x_inv), np.uint8(zx), tabs, cst, scale,

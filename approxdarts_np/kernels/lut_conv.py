@@ -608,7 +608,8 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None, table_t=None):
     work = n_img * n_pix * n_taps * n_out // 16
     shuffled = None
     if byte_shuffle.available() and n_taps:
-        shuffled = byte_shuffle.tap_tables(_transposed(table, table_t), qw_cols, zx, zw)
+        shuffled = byte_shuffle.tap_tables(_transposed(table, table_t), qw_cols, zx, zw,
+                                           max_windows=byte_shuffle.column_windows(n_out))
     if shuffled is not None:
         # one 512-byte table per (output channel, tap), 64 lookups per shuffle
         byte_shuffle.columns_lookup(cols, shuffled[0], shuffled[1], factor, out)
@@ -719,8 +720,10 @@ def lut_conv_codes(x, x_scale, zx, qw, zw, table, stride=1, padding=0, dilation=
     if not (depthwise or pointwise) or n_img * n_ch * n_out == 0:
         return None
     out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
+    windows = 3 if depthwise else byte_shuffle.column_windows(n_out)
     taps = byte_shuffle.tap_tables(_transposed(table, table_t),
-                                   qw.reshape(n_out, n_in_g * k_h * k_w), zx, zw)
+                                   qw.reshape(n_out, n_in_g * k_h * k_w), zx, zw,
+                                   max_windows=windows)
     if taps is None:
         return None
     qx = np.empty(x.shape, np.uint8)
