@@ -12,6 +12,10 @@ line. Two variants alternate, so that both see the same background load:
   later run costs).
 
     python benchmarks/bench_first_run.py --pairs 2 --out benchmarks/results/bench_first_run.json
+
+``--target avx2`` runs every child with Numba building for this host's features minus AVX-512
+(``NUMBA_CPU_FEATURES``), as on a CPU without it: the AVX2 table kernels are then the ones
+compiled.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import machine_info, source_state
+from machine import avx2_target_env, machine_info, source_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,9 +54,9 @@ main()
 """
 
 
-def _one(variant: str, cache: str) -> dict:
+def _one(variant: str, cache: str, target_env: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, **target_env)
         if variant == "one process":
             env["APPROXDARTS_NP_COMPILE_SPLIT"] = "0"
         load = os.getloadavg()
@@ -70,14 +74,16 @@ def _one(variant: str, cache: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--target", choices=["host", "avx2"], default="host")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_first_run.json")
     args = parser.parse_args()
+    target_env = avx2_target_env() if args.target == "avx2" else {}
     runs = []
     variants = ("one process", "second run", "split")
     for _ in range(args.pairs):
         with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as other:
             for variant in variants:
-                runs.append(_one(variant, other if variant == "split" else cache))
+                runs.append(_one(variant, other if variant == "split" else cache, target_env))
                 r = runs[-1]
                 print(f"{variant:12s} step 0 starts {r.get('step0_start_s')} s, ends {r.get('step0_end_s')} s, "
                       f"step 2 ends {r.get('step2_end_s')} s (load {r['load_before'][0]:.2f})", flush=True)
@@ -87,8 +93,9 @@ def main() -> None:
         summary[variant] = {key: {"median": statistics.median(r[key] for r in mine),
                                   "min": min(r[key] for r in mine), "max": max(r[key] for r in mine)}
                             for key in ("step0_start_s", "step0_end_s", "step2_end_s")} if mine else None
+    os.environ.update(target_env)   # machine_info reports the target's features
     result = {"benchmark": "seconds from launch to the first search steps, empty and filled Numba cache",
-              "machine": machine_info(2), "source": source_state(),
+              "machine": machine_info(2), "source": source_state(), "target": args.target,
               "command": "approxdarts-np search (defaults: quick preset, bundled sample)",
               "timing": "seconds from the child's first line; step k's start and end",
               "summary": summary, "runs": runs, "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -1,4 +1,4 @@
-"""Table convolutions by 64-byte shuffles, for CPUs with AVX-512 VBMI.
+"""Table convolutions by byte shuffles: 64-byte shuffles with AVX-512 VBMI, nibble windows with AVX2.
 
 The table convolutions (:mod:`approxdarts_np.kernels.lut_conv`) look up one product per
 multiply-accumulate, one scalar load each. Each (output channel, tap) pair only reads one
@@ -30,15 +30,28 @@ Strides: the bordered plane is split into s_h * s_w phase planes (rows r = ph mo
 c = pw mod s_w), so a strided convolution reads every phase plane at stride 1 and every tap is,
 again, one contiguous run of codes at one offset.
 
-:func:`path` says which kernels run: "vbmi" when Numba compiles for a CPU with AVX-512 BW and
-VBMI (the host's features, or those ``NUMBA_CPU_FEATURES`` lists), else "scalar" (the loops of
-:mod:`approxdarts_np.kernels.lut_conv`); ``APPROXDARTS_NP_TABLE_KERNELS=scalar`` forces the
-scalar kernels on any CPU. The kernels here are only compiled when first called, so importing
-this module is safe on any CPU.
+**AVX2** has no 128-entry byte shuffle, only ``vpshufb``: 16 entries per 128-bit half. A
+256-entry column split into 16 such slices costs more than the scalar loop, and so does
+``vpgatherdd`` (``benchmarks/bench_avx2_lookup.py`` keeps both designs). What the AVX2 path
+uses instead is the structure of most approximate multipliers' columns: a column is often a
+sum of functions of 4-bit windows of the activation code,
 
-On CPUs with AVX2 but no VBMI the scalar loops win: a 16-entry ``vpshufb`` decomposition of
-the columns and ``vpgatherdd`` lookups were both measured slower
-(``benchmarks/bench_avx2_lookup.py``).
+    M[a, w] - zw*a = F0[a & 15] + F1[a >> 4]  (+ F2[(a >> 2) & 15]),
+
+exactly (:func:`_column_windows_kernel` finds the windows once per table; two windows suffice
+for every column of an exact multiplier and of mul8u_2P7, three for mul8u_17KS). Each window
+is a 16-entry table of two byte planes, one ``vpshufb`` each per 32 codes. A call whose
+columns are not all such sums (mul8u_L40: its columns depend on every pair of bits of a) runs
+the scalar kernels. The kernels are the VBMI path's, with the lookup loop swapped
+(:func:`lookup_twin`). For a pointwise convolution the scalar kernel adds a row of n_out
+products per code, so the column kernel only takes the windows when n_out is small enough
+(:func:`column_windows`).
+
+:func:`path` says which kernels run: "vbmi" when Numba compiles for a CPU with AVX-512 BW and
+VBMI (the host's features, or those ``NUMBA_CPU_FEATURES`` lists), else "avx2" when it
+compiles for AVX2, else "scalar" (the loops of :mod:`approxdarts_np.kernels.lut_conv`).
+``APPROXDARTS_NP_TABLE_KERNELS`` forces one (a CPU with VBMI runs all three). The kernels here
+are only compiled when first called, so importing this module is safe on any CPU.
 """
 import os
 import types as types_
