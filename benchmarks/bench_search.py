@@ -19,7 +19,10 @@ step, as a careful torch user writes it). torch runs with its own OpenMP wait
 policy (loaded before the package sets ``OMP_WAIT_POLICY=passive`` for Numba)
 unless the environment sets one. Timing: median, min and max over the
 measured steps after warm-up steps (compilation, allocator and page faults
-excluded). With ``--rounds R`` the whole list of modes runs R times round-robin
+excluded). Every row of ours records the table-kernel path of the run (``table_kernels``:
+vbmi, avx2 or scalar) and, over one untimed step, how many table convolutions ran on the
+shuffle kernels and how many fell back to the scalar ones (``table_kernel_calls``; a table
+whose columns the AVX2 path does not take runs scalar on an avx2 run). With ``--rounds R`` the whole list of modes runs R times round-robin
 within each setting and a row reports the median of its R round medians (and
 each round under ``rounds``): on a shared machine a disturbance then hits one
 round of a row instead of a whole row.
@@ -42,6 +45,7 @@ Besides the main table the benchmark records (unless ``--no-extras``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -254,7 +258,10 @@ def _one(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict
     pool = getattr(step, "pool", None)
     exchange = {}
     if pool is None:
-        times = _time(step, steps, warmup, cpu)
+        # the kernels the table convolutions took, counted over one step (not a timed one)
+        with _table_kernel_calls() as taken:
+            _time(step, 0, 1)
+        times = _time(step, steps, max(warmup - 1, 0), cpu)
     else:
         _time(step, 0, warmup)
         before = pool.counters()
@@ -266,7 +273,53 @@ def _one(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict
             **exchange,
             "repeats": steps, "warmup": warmup, "peak_rss_gb": _peak_rss_gb(),
             "omp_wait_policy": policy, **_kernel_path(mode),
+            **({"table_kernel_calls": dict(taken)} if pool is None and "-" in mode
+               and not mode.startswith("torch-") else {}),
             "load_before": load_before, "load_after": os.getloadavg()}
+
+
+@contextlib.contextmanager
+def _table_kernel_calls():
+    """Count, per step, the table convolutions that ran on the shuffle kernels ("vbmi" or "avx2",
+    byte_shuffle.path()) and those that ran the scalar ones ("scalar": a column the path does
+    not take, or no shuffle path). Yields the counts; the wrappers are removed on exit."""
+    from approxdarts_np.approx import lut_conv as alut
+    from approxdarts_np.kernels import byte_shuffle
+    from approxdarts_np.kernels import lut_conv as klut
+
+    counts = {"shuffle": 0, "scalar": 0}
+    saved = []
+
+    def patch(module, name, wrapper):
+        saved.append((module, name, getattr(module, name)))
+        setattr(module, name, wrapper(getattr(module, name)))
+
+    def shuffle(f):
+        def counted(*args, **kwargs):
+            counts["shuffle"] += 1
+            return f(*args, **kwargs)
+        return counted
+
+    def scalar_unless_shuffled(f):
+        def counted(*args, **kwargs):
+            before = counts["shuffle"]
+            out = f(*args, **kwargs)
+            counts["scalar"] += counts["shuffle"] == before
+            return out
+        return counted
+
+    for name in ("depthwise_lookup", "columns_lookup"):
+        patch(byte_shuffle, name, shuffle)
+    for module in (klut, alut):
+        for name in ("lut_depthwise_conv", "lut_bag_conv"):
+            if hasattr(module, name):
+                patch(module, name, scalar_unless_shuffled)
+    try:
+        yield counts
+    finally:
+        counts["path"] = byte_shuffle.path()
+        for module, name, f in reversed(saved):
+            setattr(module, name, f)
 
 
 def _kernel_path(mode: str) -> dict:
