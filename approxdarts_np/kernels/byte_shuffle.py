@@ -540,19 +540,19 @@ def tap_tables(table_t, qw_taps, zx, zw, kind=None, max_windows=3):
     them, :func:`_column_windows_kernel`). ``cst`` (C,) int64 is the per-channel constant (module
     docstring). ``kind`` is the path, :func:`path` when None; ``max_windows`` caps W. None when
     a column does not fit the path's tables (a spread over 24 bits; no sum of ``max_windows``
-    nibble windows) or there are more taps
-    than the 16-bit byte sums and the int32 total allow (:data:`MAX_TAPS` with two planes or
-    one window, :data:`MAX_TAPS_3` with three planes, ``MAX_TAPS // W`` with W windows); the
-    caller then runs its scalar kernel.
+    nibble windows, or a window spread over 16 bits) or there are more taps than the 16-bit
+    byte sums and the int32 total allow (:data:`MAX_TAPS` with two planes, :data:`MAX_TAPS_3`
+    with three, ``MAX_TAPS // W`` with W windows); the caller then runs its scalar kernel.
     """
     n_ch, n_taps = qw_taps.shape
     cst = np.empty(n_ch, np.int64)
     if (path() if kind is None else kind) == "avx2":
         f, need = column_windows_of(table_t)
         needs = need[qw_taps]
+        if needs.size and needs.min() == 0:
+            return None                     # a column that is no sum of windows
         n_windows = int(needs.max()) if needs.size else 2
-        if needs.size and needs.min() == 0 or n_windows > max_windows \
-                or n_taps > MAX_TAPS // n_windows:
+        if n_windows > max_windows or n_taps > MAX_TAPS // n_windows:
             return None
         tabs = np.empty((n_ch, n_taps * n_windows * 32), np.uint8)
         if _nibble_tables_kernel(f, qw_taps, zx, zw, n_windows, tabs, cst) >= 0:
