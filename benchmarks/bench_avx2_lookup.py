@@ -11,6 +11,12 @@ anyone can measure them on their own CPU:
 * ``gather``: the same tables joined into int32 and looked up with ``vpgatherdd``, 8 per
   instruction.
 
+The ``pw one-pass`` rows time ``approx_conv2d`` of a pointwise convolution of float input, as
+the search runs it: on the scalar path (quantise, then add a row of C products per code) and on
+the AVX2 column kernel, which quantises as it reads (forced at any width here; ``windows_allowed``
+is what ``byte_shuffle.column_windows`` lets the package use, 2 for mul8u_2P7's columns and 3
+for mul8u_17KS's).
+
 Every variant writes the same float32 outputs (the quantised conv's, scale 1). The two older
 vector loops plug into the byte-shuffle depthwise and column kernels in place of the VBMI loop
 (a copy of each kernel with the loop rebound), so buffers, grouping and the outputs' constant
@@ -220,6 +226,12 @@ CASES = [("dw3 quick C8 32x32", 32, 8, 32, 3), ("dw3 quick C32 8x8", 32, 32, 8, 
          ("dw5 paper C16 32x32", 64, 16, 32, 5), ("pw quick C16 16x16", 32, 16, 16, 1),
          ("pw paper C32 16x16", 64, 32, 16, 1)]
 TABLES = ("mul8u_2P7", "mul8u_17KS")
+# (name, N, C, H): pointwise convolutions of float input as the search runs them
+# (approx_conv2d: quantised as the kernel reads it on the AVX2 path; quantised first, then the
+# scalar kernel's rows of C products on the scalar path), at the quick and paper settings' sizes
+ONE_PASS_CASES = [("pw one-pass quick C8 32x32", 32, 8, 32), ("pw one-pass quick C16 16x16", 32, 16, 16),
+                  ("pw one-pass quick C32 8x8", 32, 32, 8), ("pw one-pass paper C16 32x32", 64, 16, 32),
+                  ("pw one-pass paper C32 16x16", 64, 32, 16), ("pw one-pass paper C64 8x8", 64, 64, 8)]
 
 
 def _median_ms(fn, repeats):
@@ -242,7 +254,42 @@ def _child(repeats: int) -> list[dict]:
     for table_name, (name, n, c, hw, k) in ((t, case) for t in TABLES for case in CASES):
         rows.append(_case(table_name, name, n, c, hw, k, kernels, dw, cols_k, repeats))
         print(json.dumps(rows[-1]), flush=True)
+    for table_name, (name, n, c, hw) in ((t, case) for t in TABLES for case in ONE_PASS_CASES):
+        rows.append(_one_pass_case(table_name, name, n, c, hw, repeats))
+        print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _one_pass_case(table_name, name, n, c, hw, repeats):
+    """approx_conv2d of a pointwise convolution on the scalar path and on the AVX2 column kernel
+    (whatever column_windows allows), outputs checked bit for bit."""
+    from approxdarts_np.approx.lut_conv import approx_conv2d, make_lut_plan
+    from approxdarts_np.approx.multipliers import load_multiplier
+    from approxdarts_np.kernels import byte_shuffle as bs
+
+    plan = make_lut_plan(np.asarray(load_multiplier(table_name).table, np.int32))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((c, c, 1, 1)).astype(np.float32)
+
+    def entry():
+        return approx_conv2d(x, w, plan)[0]
+    os.environ["APPROXDARTS_NP_TABLE_KERNELS"] = "scalar"
+    expected = entry()
+    row = {"table": table_name, "case": name, "lookups": n * c * c * hw * hw,
+           "scalar_ms": _median_ms(entry, repeats)}
+    os.environ["APPROXDARTS_NP_TABLE_KERNELS"] = "avx2"
+    row["windows_allowed"] = bs.column_windows(c)
+    if not np.array_equal(entry(), expected):
+        raise SystemExit(f"the AVX2 path differs from the scalar kernel on {name}")
+    saved, bs.COLUMN_LOOKUPS = bs.COLUMN_LOOKUPS, 1 << 20   # the column kernel at any width
+    try:
+        if not np.array_equal(entry(), expected):
+            raise SystemExit(f"the AVX2 column kernel differs from the scalar kernel on {name}")
+        row["nibble_ms"] = _median_ms(entry, repeats)
+    finally:
+        bs.COLUMN_LOOKUPS = saved
+    return row
 
 
 def _case(table_name, name, n, c, hw, k, kernels, dw, cols_k, repeats):
@@ -328,7 +375,7 @@ def main() -> None:
         rounds.append({"load_before": load, "load_after": os.getloadavg(), "rows": rows})
     summary = []
     for i, first in enumerate(rounds[0]["rows"]):
-        entry = {"table": first["table"], "case": first["case"], "lookups": first["lookups"]}
+        entry = {k: first[k] for k in ("table", "case", "lookups", "windows_allowed") if k in first}
         for key in [k for k in first if k.endswith("_ms")]:
             vals = [r["rows"][i][key] for r in rounds]
             entry[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}

@@ -27,11 +27,12 @@ element of the feature passes, per kernel call): the low-rank engine costs 1 + R
 convolutions, the gather one lookup per multiply-accumulate, which is slow in depthwise convs
 (a table lookup costs several float multiply-adds; ``benchmarks/bench_approx.py`` measures
 both). So exact mode (R = 0) and rank-1 tables run the float kernels and higher ranks gather;
-the larger the kernel, the larger the rank at which the gather takes over. The byte-shuffle
-gather (:mod:`approxdarts_np.kernels.byte_shuffle`, CPUs with AVX-512 VBMI) is faster than the
-scalar one, but over a whole step not faster than the low-rank engine for R <= 1, so the
-model (which keeps the scalar rates) keeps the same engines for the bundled tables on either
-kernel. ``plan.engine``
+the larger the kernel, the larger the rank at which the gather takes over. The shuffle
+gathers (:mod:`approxdarts_np.kernels.byte_shuffle`: CPUs with AVX-512 VBMI, and AVX2 for
+tables whose columns are sums of nibble windows) are faster than the scalar one; over a
+whole step the VBMI gather was not faster than the low-rank engine for R <= 1 (the AVX2 one
+was not compared in whole steps), so the model (which keeps the scalar rates) keeps the same
+engines for the bundled tables on every kernel path. ``plan.engine``
 is the shape-free default of :func:`lut_conv2d` (``"lowrank"`` when 1 + R <=
 :data:`LOWRANK_MAX_TERMS` = 3). ``max_rank`` only bounds the work spent looking for a
 decomposition; a plan built with a larger ``max_rank`` keeps the factors (so ``engine=

@@ -21,7 +21,7 @@ Kernels, all deterministic (integer sums, each output element written by one thr
 * :func:`lut_depthwise_conv` - one table lookup per multiply-accumulate, from a small per-channel
   table that already holds the zero-point terms (``taps x 256`` int32 values, in L1).
 * :func:`lut_conv_codes` - the depthwise or pointwise table conv of float input in one pass
-  (quantised inside the kernel), where the byte-shuffle kernels run.
+  (quantised inside the kernel), where the shuffle kernels run.
 * :func:`lowrank_bag_conv` - the low-rank engine's pointwise/dense step: code features gathered
   per output-pixel block (the exact part ``code - zx`` computed, the R error features looked
   up), then a single-threaded BLAS GEMM per block inside the parallel loop.
@@ -31,11 +31,12 @@ Kernels, all deterministic (integer sums, each output element written by one thr
   constant, scaled (the quantised conv's output) or not (the exact integers).
 * :func:`im2col_codes` - the column layout of the codes, padded with ``zx``.
 
-Where the CPU has AVX-512 VBMI, :func:`lut_depthwise_conv`, :func:`lut_bag_conv` and
-:func:`lut_conv_codes` run the byte-shuffle kernels of :mod:`approxdarts_np.kernels.
-byte_shuffle` (64 lookups per instruction, the same integers bit for bit); the loops below are
-the scalar kernels every CPU runs, and the fallback for columns or tap counts the shuffles do
-not take (``APPROXDARTS_NP_TABLE_KERNELS=scalar`` selects them everywhere).
+Where the CPU has AVX-512 VBMI or AVX2, :func:`lut_depthwise_conv`, :func:`lut_bag_conv` and
+:func:`lut_conv_codes` run the shuffle kernels of :mod:`approxdarts_np.kernels.byte_shuffle`
+(64 lookups per ``vpermi2b``, or 32 per ``vpshufb`` of a nibble window; the same integers bit
+for bit); the loops below are the scalar kernels every CPU runs, and the fallback for columns
+or tap counts the shuffles do not take (``APPROXDARTS_NP_TABLE_KERNELS=scalar`` selects them
+everywhere).
 """
 import numpy as np
 from llvmlite import ir
@@ -611,7 +612,7 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None, table_t=None):
         shuffled = byte_shuffle.tap_tables(_transposed(table, table_t), qw_cols, zx, zw,
                                            max_windows=byte_shuffle.column_windows(n_out))
     if shuffled is not None:
-        # one 512-byte table per (output channel, tap), 64 lookups per shuffle
+        # one table per (output channel, tap): byte planes (VBMI) or nibble windows (AVX2)
         byte_shuffle.columns_lookup(cols, shuffled[0], shuffled[1], factor, out)
         return out.astype(np.int64) if scale is None else out
     # rows padded to whole runs of 8 channels, and to whole groups of 4 taps (zero rows)
@@ -667,7 +668,7 @@ def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, s
         shuffled = byte_shuffle.tap_tables(_transposed(table, table_t),
                                            qw.reshape(n_ch, k_h * k_w), zx, zw)
     if shuffled is not None:
-        # 64 lookups per shuffle (kernels/byte_shuffle.py)
+        # 64 lookups per vpermi2b, or 32 per vpshufb of a window (kernels/byte_shuffle.py)
         byte_shuffle.depthwise_lookup(qx, shuffled[0], shuffled[1], zx, (k_h, k_w), geom,
                                       (out_h, out_w), factor, out)
         return out.astype(np.int64) if scale is None else out
@@ -698,9 +699,11 @@ def lut_conv_codes(x, x_scale, zx, qw, zw, table, stride=1, padding=0, dilation=
     ``zx``, exactly the quantisation pass's, kept for backward) and returns y =
     float32(acc * out_scale) with acc as in :func:`lut_depthwise_conv` (``qw`` (C, 1, kh,
     kw)) or :func:`lut_bag_conv` (``qw`` (Co, Ci, 1, 1), stride 1, no padding). None when this
-    path does not apply: no byte-shuffle kernel here (:mod:`~approxdarts_np.kernels.
-    byte_shuffle`), another kind of convolution, a table column too wide for it, or a scale
-    without a normal float32 inverse; the caller then quantises and calls the kernels above.
+    path does not apply: no shuffle kernel here (:mod:`~approxdarts_np.kernels.byte_shuffle`),
+    another kind of convolution, a table column the path does not take (too wide; on AVX2 no
+    sum of nibble windows, or more windows than a pointwise convolution's width allows), or a
+    scale without a normal float32 inverse; the caller then quantises and calls the kernels
+    above.
     """
     if not byte_shuffle.available():
         return None
