@@ -158,6 +158,17 @@ _V16 = ir.VectorType(ir.IntType(16), 64)
 _V32 = ir.VectorType(ir.IntType(32), 64)
 
 
+def _i64(v):
+    """An i64 constant."""
+    return ir.Constant(_I64, v)
+
+
+def _vload(builder, base, offset, vtype):
+    """Load a ``vtype`` vector from byte pointer ``base`` + ``offset`` (no alignment assumed)."""
+    ptr = builder.bitcast(builder.gep(base, [offset]), vtype.as_pointer())
+    return builder.load(ptr, align=1)
+
+
 def lookup_operands(context, builder, signature, args):
     """In a lookup intrinsic's codegen (arguments ``xbuf, offs, tabs, acc, n_chunks``): the
     byte pointer of xbuf, the data pointer of offs, the tap count, the byte pointer of tabs,
@@ -197,27 +208,20 @@ def _lookup_intrinsic(n_planes):
             sums = [[cgutils.alloca_once(builder, _V16) for _ in range(n_planes)]
                     for _ in range(2)]
 
-            def load(base, offset, vtype):
-                ptr = builder.bitcast(builder.gep(base, [offset]), vtype.as_pointer())
-                return builder.load(ptr, align=1)
-
-            def const(v):
-                return ir.Constant(_I64, v)
-
             def chunks(first, count):
                 """Emit the taps loop for chunks first .. first + count - 1 (count 1 or 2)."""
-                starts = [builder.mul(builder.add(first, const(u)), const(64))
+                starts = [builder.mul(builder.add(first, _i64(u)), _i64(64))
                           for u in range(count)]
                 for u in range(count):
                     for var in sums[u]:
                         builder.store(ir.Constant(_V16, None), var)
                 with cgutils.for_range(builder, n_taps) as tap:
                     off = builder.load(builder.gep(offs_data, [tap.index]))
-                    codes = [load(x_base, builder.add(off, st), _V8) for st in starts]
+                    codes = [_vload(builder, x_base, builder.add(off, st), _V8) for st in starts]
                     upper = [builder.icmp_signed("<", c, ir.Constant(_V8, None)) for c in codes]
-                    row = builder.gep(t_base, [builder.mul(tap.index, const(256 * n_planes))])
+                    row = builder.gep(t_base, [builder.mul(tap.index, _i64(256 * n_planes))])
                     for p in range(n_planes):
-                        t = [load(row, const(256 * p + 64 * k), _V8) for k in range(4)]
+                        t = [_vload(builder, row, _i64(256 * p + 64 * k), _V8) for k in range(4)]
                         for u in range(count):
                             byte = builder.select(
                                 upper[u], builder.call(permute, [t[2], codes[u], t[3]]),
@@ -234,12 +238,12 @@ def _lookup_intrinsic(n_planes):
                     dst = builder.bitcast(builder.gep(a_base, [starts[u]]), _V32.as_pointer())
                     builder.store(total, dst, align=4)
 
-            n_pairs = builder.udiv(n_arg, const(2))
+            n_pairs = builder.udiv(n_arg, _i64(2))
             with cgutils.for_range(builder, n_pairs) as pair:
-                chunks(builder.mul(pair.index, const(2)), 2)
-            with builder.if_then(builder.icmp_unsigned("!=", builder.urem(n_arg, const(2)),
-                                                       const(0))):
-                chunks(builder.sub(n_arg, const(1)), 1)
+                chunks(builder.mul(pair.index, _i64(2)), 2)
+            with builder.if_then(builder.icmp_unsigned("!=", builder.urem(n_arg, _i64(2)),
+                                                       _i64(0))):
+                chunks(builder.sub(n_arg, _i64(1)), 1)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -304,22 +308,15 @@ def _nibble_intrinsic(n_windows):
             interleave = ir.Constant(ir.VectorType(ir.IntType(32), 32),
                                      [i // 2 + 16 * (i % 2) for i in range(32)])
 
-            def const(v):
-                return ir.Constant(_I64, v)
-
-            def load(base, offset, vtype):
-                ptr = builder.bitcast(builder.gep(base, [offset]), vtype.as_pointer())
-                return builder.load(ptr, align=1)
-
-            with cgutils.for_range(builder, builder.mul(n_arg, const(2))) as half:
-                start = builder.mul(half.index, const(32))
+            with cgutils.for_range(builder, builder.mul(n_arg, _i64(2))) as half:
+                start = builder.mul(half.index, _i64(32))
                 for plane in sums:
                     for var in plane:
                         builder.store(ir.Constant(_V16_16, None), var)
                 with cgutils.for_range(builder, n_taps) as tap:
                     off = builder.load(builder.gep(offs_data, [tap.index]))
-                    codes = load(x_base, builder.add(off, start), _V8_32)
-                    row = builder.gep(t_base, [builder.mul(tap.index, const(32 * n_windows))])
+                    codes = _vload(builder, x_base, builder.add(off, start), _V8_32)
+                    row = builder.gep(t_base, [builder.mul(tap.index, _i64(32 * n_windows))])
                     for w in range(n_windows):
                         index = codes
                         if WINDOW_SHIFTS[w]:
@@ -327,7 +324,7 @@ def _nibble_intrinsic(n_windows):
                         if WINDOW_SHIFTS[w] != 4:
                             index = builder.and_(index, nibble)
                         for p in range(2):
-                            t16 = load(row, const(32 * w + 16 * p), _V8_16)
+                            t16 = _vload(builder, row, _i64(32 * w + 16 * p), _V8_16)
                             t32 = builder.shuffle_vector(t16, t16, both_halves)
                             pairs = builder.bitcast(builder.call(shuffle, [t32, index]), _V16_16)
                             for parity, part in enumerate((builder.and_(pairs, low_byte),
@@ -749,8 +746,9 @@ def columns_lookup(cols, tabs, cst, scale, out, x=None, x_scale=1.0, x_inv=1.0, 
 
     ``cols`` (N, K, P) uint8 codes (padding positions already hold zx), ``tabs``/``cst`` from
     :func:`tap_tables` of the (Co, K) weight codes. The public entry is
-    :func:`approxdarts_np.kernels.lut_conv.lut_bag_conv`. With ``x`` (finite float32, cols' shape) the kernel first writes
-    x's codes (``x_scale``, ``x_inv``, zero point ``zx``) into ``cols``.
+    :func:`approxdarts_np.kernels.lut_conv.lut_bag_conv`. With ``x`` (finite float32, cols'
+    shape) the kernel first writes x's codes (``x_scale``, ``x_inv``, zero point ``zx``) into
+    ``cols``.
     """
     n_img, _, n_pix = cols.shape
     # images per job: about 1024 codes per table pass (fewer jobs, no short runs)
