@@ -396,6 +396,36 @@ def test_results_do_not_depend_on_thread_count(shuffle_on):
 
 # ----------------------------------------------------------------------------- test the tester
 
+@needs_avx2
+def test_the_third_window_is_looked_up_where_a_column_needs_it(monkeypatch):
+    """17KS: with three windows the tables carry one byte per tap, 1 exactly where the column
+    needs the third window. Clearing such a byte drops a non-zero window (the output changes);
+    setting it where the column needs two adds an all-zero window (the output stays)."""
+    monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "avx2")
+    gt = gather_table("17KS")
+    table_t = np.ascontiguousarray(gt.T)
+    need = windows_needed(table_of("17KS"))
+    qw = np.array([[3, 170, 40], [230, 5, 90]], np.uint8).reshape(2, 1, 1, 3)  # 170, 230 need 3
+    taps = qw.reshape(2, 3)
+    assert (need[taps] == 3).tolist() == [[False, True, False], [True, False, False]]
+    tabs, _ = byte_shuffle.tap_tables(table_t, taps, 4, 17)
+    assert tabs.shape == (2, 3 * 97)
+    np.testing.assert_array_equal(tabs[:, 3 * 96:], (need[taps] == 3).astype(np.uint8))
+    rng = np.random.default_rng(14)
+    qx = rng.integers(0, 256, (2, 2, 5, 9), dtype=np.uint8)
+    good = klut.lut_depthwise_conv(qx, 4, qw, 17, gt, 1, (0, 1), 1)
+    np.testing.assert_array_equal(good, _reference_dw(qx, 4, qw, 17, table_of("17KS"), 1, (0, 1), 1))
+    real = byte_shuffle.tap_tables
+    for channel, tap, changes in ((0, 1, True), (1, 0, True), (0, 0, False), (1, 2, False)):
+        def flipped(*args, channel=channel, tap=tap, **kwargs):
+            tabs, cst = real(*args, **kwargs)
+            tabs[channel, 3 * 96 + tap] ^= 1
+            return tabs, cst
+        monkeypatch.setattr(byte_shuffle, "tap_tables", flipped)
+        got = klut.lut_depthwise_conv(qx, 4, qw, 17, gt, 1, (0, 1), 1)
+        assert (not np.array_equal(got, good)) == changes, (channel, tap)
+
+
 def test_a_wrong_tap_table_byte_is_caught(shuffle_on, monkeypatch):
     """One flipped byte in the shuffled tables (low or high plane; for AVX2 of each window)
     changes the output: the comparison above would see a wrong lookup."""

@@ -283,7 +283,9 @@ def _nibble_intrinsic(n_windows):
 
     where now T_t(a) = sum_w F_t,w[(a >> WINDOW_SHIFTS[w]) & 15]. ``tabs`` holds, per tap t,
     ``n_windows`` x 2 x 16 bytes: per window the low bytes of F_t,w[0..15], then the high bytes.
-    Per 32 codes, per tap and per window, ``vpshufb`` looks each byte plane up (the 16 entries
+    With three windows one byte per tap follows the taps' tables: the third window is looked up
+    only for taps whose byte is not 0 (the others' third window is all zero; taps that need it
+    are few, e.g. a quarter of mul8u_17KS's columns). Per 32 codes, per tap and per window, ``vpshufb`` looks each byte plane up (the 16 entries
     sit in both 128-bit halves); a looked-up byte vector read as 16-bit lanes holds an even code's
     byte in the low half and the next code's in the high half, so the even and odd codes' bytes
     add into two 16-bit sums per plane with one mask and one shift. The sums are joined as
@@ -317,7 +319,8 @@ def _nibble_intrinsic(n_windows):
                     off = builder.load(builder.gep(offs_data, [tap.index]))
                     codes = _vload(builder, x_base, builder.add(off, start), _V8_32)
                     row = builder.gep(t_base, [builder.mul(tap.index, _i64(32 * n_windows))])
-                    for w in range(n_windows):
+
+                    def window(w):
                         index = codes
                         if WINDOW_SHIFTS[w]:
                             index = builder.lshr(codes, ir.Constant(_V8_32, [WINDOW_SHIFTS[w]] * 32))
@@ -331,6 +334,14 @@ def _nibble_intrinsic(n_windows):
                                                            builder.lshr(pairs, eight))):
                                 var = sums[p][parity]
                                 builder.store(builder.add(builder.load(var), part), var)
+                    for w in range(2):
+                        window(w)
+                    if n_windows == 3:
+                        flag = builder.load(builder.gep(t_base, [builder.add(
+                            builder.mul(n_taps, _i64(96)), tap.index)]))
+                        with builder.if_then(builder.icmp_unsigned("!=", flag,
+                                                                   ir.Constant(ir.IntType(8), 0))):
+                            window(2)
                 joined = []
                 for parity in range(2):
                     low = builder.zext(builder.load(sums[0][parity]), _V32_16)
@@ -353,7 +364,8 @@ _nibble3 = _nibble_intrinsic(3)
 
 @njit(cache=True, inline="always")
 def _nibble_chunks(xbuf, offs, tabs, acc, n_chunks):
-    """The AVX2 loop for ``tabs`` of 2 or 3 nibble windows (its length tells which)."""
+    """The AVX2 loop for ``tabs`` of 2 or 3 nibble windows (its length tells which: 64 or 97
+    bytes per tap)."""
     if tabs.shape[0] == offs.shape[0] * 64:
         _nibble2(xbuf, offs, tabs, acc, n_chunks)
     else:
@@ -362,8 +374,8 @@ def _nibble_chunks(xbuf, offs, tabs, acc, n_chunks):
 
 def _nibbles(tabs, n_taps):
     """Whether ``tabs`` (from :func:`tap_tables`) holds nibble windows (the AVX2 loop) rather
-    than byte planes (the VBMI loop): at most 3 x 32 bytes per tap against at least 512."""
-    return tabs.shape[1] <= 96 * n_taps
+    than byte planes (the VBMI loop): at most 3 x 32 + 1 bytes per tap against at least 512."""
+    return tabs.shape[1] <= 97 * n_taps
 
 
 def lookup_twin(kernel, lookup, suffix):
@@ -487,17 +499,20 @@ def column_windows_of(table_t):
 
 
 @njit(cache=True)
-def _nibble_tables_kernel(f, w, zx, zw, n_windows, tabs, cst):
+def _nibble_tables_kernel(f, need, w, zx, zw, n_windows, tabs, cst):
     """Fill tabs[c] (taps x n_windows x 32 bytes: per window the low bytes of its 16 values,
-    then the high bytes) and cst[c] from the windows f (:func:`_column_windows_kernel`) of the
-    columns w[c, t] less the zero-point term; return the first channel with a window that
-    spreads over 2**16 or more, or -1."""
+    then the high bytes; with three windows one more byte per tap after them, 1 where the tap's
+    column needs the third window) and cst[c] from the windows f and the window counts ``need``
+    (:func:`_column_windows_kernel`) of the columns w[c, t] less the zero-point term; return the
+    first channel with a window that spreads over 2**16 or more, or -1."""
     n_ch, n_taps = w.shape
     width = 32 * n_windows
     for c in range(n_ch):
         total = np.int64(0)
         for t in range(n_taps):
             b = np.int64(w[c, t])
+            if n_windows == 3:
+                tabs[c, n_taps * width + t] = np.uint8(need[b] == 3)
             for k in range(n_windows):
                 ramp = zw if k == 0 else (16 * zw if k == 1 else 0)
                 lo = f[b, k, 0]
@@ -533,8 +548,8 @@ def tap_tables(table_t, qw_taps, zx, zw, kind=None, max_windows=3):
     ``table_t`` is the product table transposed (``table_t[b, a] = M[a, b]``, C-contiguous, so
     a weight code's column is one row). For the "vbmi" path ``tabs`` (C, T*P*256) uint8 holds
     the P = 2 byte planes of T[c, t, :] (3 when some column's spread needs 24 bits); for the
-    "avx2" path (C, T*W*32) the W = 2 nibble windows of every column (3 when some column needs
-    them, :func:`_column_windows_kernel`). ``cst`` (C,) int64 is the per-channel constant (module
+    "avx2" path (C, T*64) the 2 nibble windows of every column, or (C, T*97) 3 and a byte per
+    tap saying whether its column needs the third (:func:`_column_windows_kernel`). ``cst`` (C,) int64 is the per-channel constant (module
     docstring). ``kind`` is the path, :func:`path` when None; ``max_windows`` caps W. None when
     a column does not fit the path's tables (a spread over 24 bits; no sum of ``max_windows``
     nibble windows, or a window spread over 16 bits) or there are more taps than the 16-bit
@@ -551,8 +566,8 @@ def tap_tables(table_t, qw_taps, zx, zw, kind=None, max_windows=3):
         n_windows = int(needs.max()) if needs.size else 2
         if n_windows > max_windows or n_taps > MAX_TAPS // n_windows:
             return None
-        tabs = np.empty((n_ch, n_taps * n_windows * 32), np.uint8)
-        if _nibble_tables_kernel(f, qw_taps, zx, zw, n_windows, tabs, cst) >= 0:
+        tabs = np.empty((n_ch, n_taps * (n_windows * 32 + (n_windows == 3))), np.uint8)
+        if _nibble_tables_kernel(f, need, qw_taps, zx, zw, n_windows, tabs, cst) >= 0:
             return None
         return tabs, cst
     for n_planes, limit in ((2, MAX_TAPS), (3, MAX_TAPS_3)):
