@@ -71,10 +71,11 @@ def windows_needed(table):
     return need
 
 
-def path_runs(path, table, qw_taps, zw=0, n_out=None):
+def path_runs(path, table, qw_taps, n_out=None):
     """Whether the shuffle kernels of ``path`` take these weight codes (C, T) in a call (the
     scalar fallback otherwise): every column fits (VBMI: always, for the bundled tables; AVX2:
-    each is a sum of the windows the call allows, within 16 bits each)."""
+    each is a sum of the windows the call allows; that no window of a bundled table spreads
+    over 16 bits is what the all-codes check of the test below finds for three zero points)."""
     if path == "vbmi":
         return True
     need = windows_needed(table)[qw_taps]
@@ -133,7 +134,7 @@ def test_every_bundled_table_depthwise_and_columns_equal_the_plain_gather(shuffl
         # VBMI: every column fits two byte planes, or three (never none) for any zero point;
         # AVX2: exactly when every column is a sum of at most three windows
         got = byte_shuffle.tap_tables(np.ascontiguousarray(gt.T), all_codes, 255, zw)
-        assert (got is not None) == path_runs(shuffle_on, table, all_codes, zw), zw
+        assert (got is not None) == path_runs(shuffle_on, table, all_codes), zw
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     runs = {"depthwise": 0, "columns": 0}
     for g, (k, stride, padding, dilation, h, w) in enumerate(DW_GEOMETRIES):
@@ -141,7 +142,7 @@ def test_every_bundled_table_depthwise_and_columns_equal_the_plain_gather(shuffl
         zw = (0, 255)[g] if g < 2 else zw     # the extreme weight zero points too
         qx = rng.integers(0, 256, (2, 3, h, w), dtype=np.uint8)
         qw = rng.integers(0, 256, (3, 1, k, k), dtype=np.uint8)
-        runs["depthwise"] += path_runs(shuffle_on, table, qw.reshape(3, k * k), zw)
+        runs["depthwise"] += path_runs(shuffle_on, table, qw.reshape(3, k * k))
         got = klut.lut_depthwise_conv(qx, zx, qw, zw, gt, stride, padding, dilation)
         np.testing.assert_array_equal(
             got, _reference_dw(qx, zx, qw, zw, table, stride, padding, dilation),
@@ -150,7 +151,7 @@ def test_every_bundled_table_depthwise_and_columns_equal_the_plain_gather(shuffl
         zx, zw = (int(v) for v in rng.integers(0, 256, 2))
         cols = rng.integers(0, 256, (3, n_in, n_pix), dtype=np.uint8)
         qw = rng.integers(0, 256, (n_out, n_in), dtype=np.uint8)
-        runs["columns"] += path_runs(shuffle_on, table, qw, zw, n_out)
+        runs["columns"] += path_runs(shuffle_on, table, qw, n_out)
         a = cols.astype(np.int64)[:, None]
         b = qw.astype(np.int64)[None, :, :, None]
         expected = (table.astype(np.int64)[a, b] - zw * a - zx * b + zx * zw).sum(axis=2)
