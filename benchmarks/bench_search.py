@@ -22,7 +22,8 @@ measured steps after warm-up steps (compilation, allocator and page faults
 excluded). Every row of ours records the table-kernel path of the run (``table_kernels``:
 vbmi, avx2 or scalar) and, over one untimed step, how many table convolutions ran on the
 shuffle kernels and how many fell back to the scalar ones (``table_kernel_calls``; a table
-whose columns the AVX2 path does not take runs scalar on an avx2 run). With ``--rounds R`` the whole list of modes runs R times round-robin
+whose columns the AVX2 path does not take runs scalar on an avx2 run). With ``--rounds R``
+the whole list of modes runs R times round-robin
 within each setting and a row reports the median of its R round medians (and
 each round under ``rounds``): on a shared machine a disturbance then hits one
 round of a row instead of a whole row.
