@@ -427,6 +427,23 @@ def test_the_third_window_is_looked_up_where_a_column_needs_it(monkeypatch):
         assert (not np.array_equal(got, good)) == changes, (channel, tap)
 
 
+@needs_avx2
+def test_windows_of_a_table_changed_in_place_are_not_reused(monkeypatch):
+    """A writable transposed table filled with another table's columns, in place, gives that
+    table's products on the next call (only read-only tables keep their windows)."""
+    monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "avx2")
+    rng = np.random.default_rng(15)
+    qx = rng.integers(0, 256, (1, 2, 6, 6), dtype=np.uint8)
+    qw = rng.integers(0, 256, (2, 1, 3, 3), dtype=np.uint8)
+    table_t = np.ascontiguousarray(gather_table("2P7").T).astype(np.int32)
+    for name in ("2P7", "1JFF"):
+        table_t[:] = table_of(name).T
+        got = klut.lut_depthwise_conv(qx, 3, qw, 4, np.ascontiguousarray(table_t.T), 1, 1, 1,
+                                      table_t=table_t)
+        np.testing.assert_array_equal(got, reference_lut_conv(qx, 3, qw, 4, table_of(name),
+                                                              1, 1, 1, 2), err_msg=name)
+
+
 def test_a_wrong_tap_table_byte_is_caught(shuffle_on, monkeypatch):
     """One flipped byte in the shuffled tables (low or high plane; for AVX2 of each window)
     changes the output: the comparison above would see a wrong lookup."""

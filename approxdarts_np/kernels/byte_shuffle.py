@@ -1,4 +1,4 @@
-"""Table convolutions by byte shuffles: 64-byte shuffles with AVX-512 VBMI, nibble windows with AVX2.
+"""Table convolutions by byte shuffles: 64-byte ones with AVX-512 VBMI, nibble windows with AVX2.
 
 The table convolutions (:mod:`approxdarts_np.kernels.lut_conv`) look up one product per
 multiply-accumulate, one scalar load each. Each (output channel, tap) pair only reads one
@@ -158,12 +158,12 @@ _V16 = ir.VectorType(ir.IntType(16), 64)
 _V32 = ir.VectorType(ir.IntType(32), 64)
 
 
-def _i64(v):
+def i64(v):
     """An i64 constant."""
     return ir.Constant(_I64, v)
 
 
-def _vload(builder, base, offset, vtype):
+def vload(builder, base, offset, vtype):
     """Load a ``vtype`` vector from byte pointer ``base`` + ``offset`` (no alignment assumed)."""
     ptr = builder.bitcast(builder.gep(base, [offset]), vtype.as_pointer())
     return builder.load(ptr, align=1)
@@ -210,18 +210,18 @@ def _lookup_intrinsic(n_planes):
 
             def chunks(first, count):
                 """Emit the taps loop for chunks first .. first + count - 1 (count 1 or 2)."""
-                starts = [builder.mul(builder.add(first, _i64(u)), _i64(64))
+                starts = [builder.mul(builder.add(first, i64(u)), i64(64))
                           for u in range(count)]
                 for u in range(count):
                     for var in sums[u]:
                         builder.store(ir.Constant(_V16, None), var)
                 with cgutils.for_range(builder, n_taps) as tap:
                     off = builder.load(builder.gep(offs_data, [tap.index]))
-                    codes = [_vload(builder, x_base, builder.add(off, st), _V8) for st in starts]
+                    codes = [vload(builder, x_base, builder.add(off, st), _V8) for st in starts]
                     upper = [builder.icmp_signed("<", c, ir.Constant(_V8, None)) for c in codes]
-                    row = builder.gep(t_base, [builder.mul(tap.index, _i64(256 * n_planes))])
+                    row = builder.gep(t_base, [builder.mul(tap.index, i64(256 * n_planes))])
                     for p in range(n_planes):
-                        t = [_vload(builder, row, _i64(256 * p + 64 * k), _V8) for k in range(4)]
+                        t = [vload(builder, row, i64(256 * p + 64 * k), _V8) for k in range(4)]
                         for u in range(count):
                             byte = builder.select(
                                 upper[u], builder.call(permute, [t[2], codes[u], t[3]]),
@@ -238,12 +238,12 @@ def _lookup_intrinsic(n_planes):
                     dst = builder.bitcast(builder.gep(a_base, [starts[u]]), _V32.as_pointer())
                     builder.store(total, dst, align=4)
 
-            n_pairs = builder.udiv(n_arg, _i64(2))
+            n_pairs = builder.udiv(n_arg, i64(2))
             with cgutils.for_range(builder, n_pairs) as pair:
-                chunks(builder.mul(pair.index, _i64(2)), 2)
-            with builder.if_then(builder.icmp_unsigned("!=", builder.urem(n_arg, _i64(2)),
-                                                       _i64(0))):
-                chunks(builder.sub(n_arg, _i64(1)), 1)
+                chunks(builder.mul(pair.index, i64(2)), 2)
+            with builder.if_then(builder.icmp_unsigned("!=", builder.urem(n_arg, i64(2)),
+                                                       i64(0))):
+                chunks(builder.sub(n_arg, i64(1)), 1)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -275,6 +275,12 @@ _V32_32 = ir.VectorType(ir.IntType(32), 32)
 WINDOW_SHIFTS = (0, 4, 2)
 
 
+def pshufb(builder):
+    """The AVX2 ``vpshufb`` of 32 bytes, ``f(table, index)``, declared in ``builder``'s module."""
+    return cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V8_32, [_V8_32, _V8_32]), "llvm.x86.avx2.pshuf.b")
+
+
 def _nibble_intrinsic(n_windows):
     """The AVX2 loop for tables of ``n_windows`` nibble windows, as a Numba intrinsic
     ``f(xbuf, offs, tabs, acc, n_chunks)`` with the contract of the shuffle loop:
@@ -285,10 +291,11 @@ def _nibble_intrinsic(n_windows):
     ``n_windows`` x 2 x 16 bytes: per window the low bytes of F_t,w[0..15], then the high bytes.
     With three windows one byte per tap follows the taps' tables: the third window is looked up
     only for taps whose byte is not 0 (the others' third window is all zero; taps that need it
-    are few, e.g. a quarter of mul8u_17KS's columns). Per 32 codes, per tap and per window, ``vpshufb`` looks each byte plane up (the 16 entries
-    sit in both 128-bit halves); a looked-up byte vector read as 16-bit lanes holds an even code's
-    byte in the low half and the next code's in the high half, so the even and odd codes' bytes
-    add into two 16-bit sums per plane with one mask and one shift. The sums are joined as
+    are few, e.g. a quarter of mul8u_17KS's columns). Per 32 codes, per tap and per window,
+    ``vpshufb`` looks each byte plane up (the 16 entries sit in both 128-bit halves); a
+    looked-up byte vector read as 16-bit lanes holds an even code's byte in the low half and the
+    next code's in the high half, so the even and odd codes' bytes add into two 16-bit sums per
+    plane with one mask and one shift. The sums are joined as
     low + (high << 8) in int32 and interleaved back into code order when the taps are done.
     """
     @intrinsic
@@ -298,9 +305,7 @@ def _nibble_intrinsic(n_windows):
         def codegen(context, builder, signature, args):
             x_base, offs_data, n_taps, t_base, a_base, n_arg = lookup_operands(
                 context, builder, signature, args)
-            shuffle = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_V8_32, [_V8_32, _V8_32]),
-                "llvm.x86.avx2.pshuf.b")
+            shuffle = pshufb(builder)
             # sums[plane][parity]
             sums = [[cgutils.alloca_once(builder, _V16_16) for _ in range(2)] for _ in range(2)]
             nibble = ir.Constant(_V8_32, [15] * 32)
@@ -310,24 +315,25 @@ def _nibble_intrinsic(n_windows):
             interleave = ir.Constant(ir.VectorType(ir.IntType(32), 32),
                                      [i // 2 + 16 * (i % 2) for i in range(32)])
 
-            with cgutils.for_range(builder, builder.mul(n_arg, _i64(2))) as half:
-                start = builder.mul(half.index, _i64(32))
+            with cgutils.for_range(builder, builder.mul(n_arg, i64(2))) as half:
+                start = builder.mul(half.index, i64(32))
                 for plane in sums:
                     for var in plane:
                         builder.store(ir.Constant(_V16_16, None), var)
                 with cgutils.for_range(builder, n_taps) as tap:
                     off = builder.load(builder.gep(offs_data, [tap.index]))
-                    codes = _vload(builder, x_base, builder.add(off, start), _V8_32)
-                    row = builder.gep(t_base, [builder.mul(tap.index, _i64(32 * n_windows))])
+                    codes = vload(builder, x_base, builder.add(off, start), _V8_32)
+                    row = builder.gep(t_base, [builder.mul(tap.index, i64(32 * n_windows))])
 
                     def window(w):
                         index = codes
                         if WINDOW_SHIFTS[w]:
-                            index = builder.lshr(codes, ir.Constant(_V8_32, [WINDOW_SHIFTS[w]] * 32))
+                            shift = ir.Constant(_V8_32, [WINDOW_SHIFTS[w]] * 32)
+                            index = builder.lshr(codes, shift)
                         if WINDOW_SHIFTS[w] != 4:
                             index = builder.and_(index, nibble)
                         for p in range(2):
-                            t16 = _vload(builder, row, _i64(32 * w + 16 * p), _V8_16)
+                            t16 = vload(builder, row, i64(32 * w + 16 * p), _V8_16)
                             t32 = builder.shuffle_vector(t16, t16, both_halves)
                             pairs = builder.bitcast(builder.call(shuffle, [t32, index]), _V16_16)
                             for parity, part in enumerate((builder.and_(pairs, low_byte),
@@ -338,7 +344,7 @@ def _nibble_intrinsic(n_windows):
                         window(w)
                     if n_windows == 3:
                         flag = builder.load(builder.gep(t_base, [builder.add(
-                            builder.mul(n_taps, _i64(96)), tap.index)]))
+                            builder.mul(n_taps, i64(96)), tap.index)]))
                         with builder.if_then(builder.icmp_unsigned("!=", flag,
                                                                    ir.Constant(ir.IntType(8), 0))):
                             window(2)
@@ -485,13 +491,16 @@ _WINDOWS: dict = {}
 
 def column_windows_of(table_t):
     """``(f, need)`` of :func:`_column_windows_kernel` for a transposed table, computed once per
-    table array (kept for the last 16 arrays seen)."""
+    read-only table array (the plans' tables are; the last 16 are kept). A writable array could
+    change between calls under the same identity, so its windows are computed on every call."""
     hit = _WINDOWS.get(id(table_t))
     if hit is not None and hit[0] is table_t:
         return hit[1], hit[2]
     f = np.zeros((256, 3, 16), np.int64)
     need = np.zeros(256, np.int64)
     _column_windows_kernel(table_t, f, need)
+    if table_t.flags.writeable:
+        return f, need
     if len(_WINDOWS) >= 16:
         _WINDOWS.pop(next(iter(_WINDOWS)))
     _WINDOWS[id(table_t)] = (table_t, f, need)
@@ -549,11 +558,11 @@ def tap_tables(table_t, qw_taps, zx, zw, kind=None, max_windows=3):
     a weight code's column is one row). For the "vbmi" path ``tabs`` (C, T*P*256) uint8 holds
     the P = 2 byte planes of T[c, t, :] (3 when some column's spread needs 24 bits); for the
     "avx2" path (C, T*64) the 2 nibble windows of every column, or (C, T*97) 3 and a byte per
-    tap saying whether its column needs the third (:func:`_column_windows_kernel`). ``cst`` (C,) int64 is the per-channel constant (module
-    docstring). ``kind`` is the path, :func:`path` when None; ``max_windows`` caps W. None when
-    a column does not fit the path's tables (a spread over 24 bits; no sum of ``max_windows``
-    nibble windows, or a window spread over 16 bits) or there are more taps than the 16-bit
-    byte sums and the int32 total allow (:data:`MAX_TAPS` with two planes, :data:`MAX_TAPS_3`
+    tap saying whether its column needs the third (:func:`_column_windows_kernel`). ``cst``
+    (C,) int64 is the per-channel constant (module docstring). ``kind`` is the path,
+    :func:`path` when None; ``max_windows`` caps W. None when a column does not fit the path's
+    tables (a spread over 24 bits; no sum of ``max_windows`` nibble windows, or a window spread
+    over 16 bits) or there are more taps than the 16-bit byte sums and the int32 total allow (:data:`MAX_TAPS` with two planes, :data:`MAX_TAPS_3`
     with three, ``MAX_TAPS // W`` with W windows); the caller then runs its scalar kernel.
     """
     n_ch, n_taps = qw_taps.shape
