@@ -46,11 +46,10 @@ from numba import njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from approxdarts_np.kernels.byte_shuffle import lookup_operands
+from approxdarts_np.kernels.byte_shuffle import i64, lookup_operands, pshufb, vload
 from machine import avx2_target_env, machine_info, source_state
 
 ROOT = Path(__file__).resolve().parents[1]
-_I64 = ir.IntType(64)
 
 
 _V8_32 = ir.VectorType(ir.IntType(8), 32)
@@ -76,44 +75,35 @@ def _avx2_lookup_intrinsic(n_planes):
         def codegen(context, builder, signature, args):
             x_base, offs_data, n_taps, t_base, a_base, n_arg = lookup_operands(
                 context, builder, signature, args)
-            shuffle = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_V8_32, [_V8_32, _V8_32]),
-                "llvm.x86.avx2.pshuf.b")
+            shuffle = pshufb(builder)
             both_lanes = ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(16)) * 2)
             # up to two 64-code chunks, two 32-code halves each
             sums = [[cgutils.alloca_once(builder, _V16_32) for _ in range(n_planes)]
                     for _ in range(4)]
-
-            def load(base, offset, vtype):
-                ptr = builder.bitcast(builder.gep(base, [offset]), vtype.as_pointer())
-                return builder.load(ptr, align=1)
-
-            def const(v):
-                return ir.Constant(_I64, v)
 
             def splat(v):
                 return ir.Constant(_V8_32, [v] * 32)
 
             def chunks(first, count):
                 """Emit the taps loop for chunks first .. first + count - 1 (count 1 or 2)."""
-                starts = [builder.mul(builder.add(first, const(u // 2)), const(64))
+                starts = [builder.mul(builder.add(first, i64(u // 2)), i64(64))
                           for u in range(2 * count)]
-                starts = [builder.add(st, const(32 * (u % 2))) for u, st in enumerate(starts)]
+                starts = [builder.add(st, i64(32 * (u % 2))) for u, st in enumerate(starts)]
                 halves = len(starts)
                 for u in range(halves):
                     for var in sums[u]:
                         builder.store(ir.Constant(_V16_32, None), var)
                 with cgutils.for_range(builder, n_taps) as tap:
                     off = builder.load(builder.gep(offs_data, [tap.index]))
-                    codes = [load(x_base, builder.add(off, st), _V8_32) for st in starts]
-                    row = builder.gep(t_base, [builder.mul(tap.index, const(256 * n_planes))])
+                    codes = [vload(builder, x_base, builder.add(off, st), _V8_32) for st in starts]
+                    row = builder.gep(t_base, [builder.mul(tap.index, i64(256 * n_planes))])
                     found = [[ir.Constant(_V8_32, None)] * n_planes for _ in range(halves)]
                     low = [builder.and_(c, splat(15)) for c in codes]
                     high = [builder.and_(c, splat(0xF0)) for c in codes]
                     for h in range(16):
                         hit = [builder.icmp_unsigned("==", c, splat(16 * h)) for c in high]
                         for p in range(n_planes):
-                            part = load(row, const(256 * p + 16 * h),
+                            part = vload(builder, row, i64(256 * p + 16 * h),
                                         ir.VectorType(ir.IntType(8), 16))
                             tab = builder.shuffle_vector(part, part, both_lanes)
                             for u in range(halves):
@@ -163,25 +153,22 @@ def _gather_lookup(typingctx, xbuf, offs, tabs, acc, n_chunks):
         all_lanes = ir.Constant(_V32x8, [-1] * 8)
         sums = [cgutils.alloca_once(builder, _V32x8) for _ in range(8)]
 
-        def const(v):
-            return ir.Constant(_I64, v)
-
         with cgutils.for_range(builder, n_arg) as chunk:
-            start = builder.mul(chunk.index, const(64))
+            start = builder.mul(chunk.index, i64(64))
             for var in sums:
                 builder.store(ir.Constant(_V32x8, None), var)
             with cgutils.for_range(builder, n_taps) as tap:
                 off = builder.add(builder.load(builder.gep(offs_data, [tap.index])), start)
-                row = builder.gep(t_base, [builder.mul(tap.index, const(1024))])
+                row = builder.gep(t_base, [builder.mul(tap.index, i64(1024))])
                 for g in range(8):
-                    ptr = builder.bitcast(builder.gep(x_base, [builder.add(off, const(8 * g))]),
+                    ptr = builder.bitcast(builder.gep(x_base, [builder.add(off, i64(8 * g))]),
                                           _V8x8.as_pointer())
                     idx = builder.zext(builder.load(ptr, align=1), _V32x8)
                     got = builder.call(gather, [ir.Constant(_V32x8, None), row, idx, all_lanes,
                                                 ir.Constant(ir.IntType(8), 4)])
                     builder.store(builder.add(builder.load(sums[g]), got), sums[g])
             for g in range(8):
-                dst = builder.bitcast(builder.gep(a_base, [builder.add(start, const(8 * g))]),
+                dst = builder.bitcast(builder.gep(a_base, [builder.add(start, i64(8 * g))]),
                                       _V32x8.as_pointer())
                 builder.store(builder.load(sums[g]), dst, align=4)
         return context.get_dummy_value()
@@ -299,6 +286,7 @@ def _case(table_name, name, n, c, hw, k, kernels, dw, cols_k, repeats):
 
     gt = make_lut_plan(np.asarray(load_multiplier(table_name).table, np.int32)).gather_table
     table_t = np.ascontiguousarray(gt.T)
+    table_t.flags.writeable = False     # as a plan's: the AVX2 path keeps its windows
     rng = np.random.default_rng(0)
     qx = rng.integers(0, 256, (n, c, hw, hw), dtype=np.uint8)
     zx, zw = 7, 131
@@ -307,7 +295,8 @@ def _case(table_name, name, n, c, hw, k, kernels, dw, cols_k, repeats):
         geom = (1, 1, k // 2, k // 2, 1, 1)
 
         def entry():
-            return klut.lut_depthwise_conv(qx, zx, qw, zw, gt, 1, k // 2, 1, scale=1.0)
+            return klut.lut_depthwise_conv(qx, zx, qw, zw, gt, 1, k // 2, 1, scale=1.0,
+                                           table_t=table_t)
         tabs, cst = bs.tap_tables(table_t, qw.reshape(c, k * k), zx, zw, kind="vbmi")
         h = hw + 2 * (k // 2)
         group = max(1, min(n, bs._GROUP_CODES // (h * h)))
@@ -323,7 +312,7 @@ def _case(table_name, name, n, c, hw, k, kernels, dw, cols_k, repeats):
         cols = qx.reshape(n, c, hw * hw)
 
         def entry():
-            return klut.lut_bag_conv(cols, zx, qp, zw, gt, scale=1.0)
+            return klut.lut_bag_conv(cols, zx, qp, zw, gt, scale=1.0, table_t=table_t)
         tabs, cst = bs.tap_tables(table_t, qp, zx, zw, kind="vbmi")
         group = max(1, min(n, bs._GROUP_CODES // (hw * hw)))
 
