@@ -42,14 +42,16 @@ exactly (:func:`_column_windows_kernel` finds the windows once per table; two wi
 for every column of an exact multiplier and of mul8u_2P7, three for mul8u_17KS). Each window
 is a 16-entry table of two byte planes, one ``vpshufb`` each per 32 codes. A call whose
 columns are not all such sums (mul8u_L40: its columns depend on every pair of bits of a) runs
-the scalar kernels. The kernels are the VBMI path's, with the lookup loop swapped
+the portable kernels (a depthwise one at stride 1: :mod:`approxdarts_np.kernels.packed_taps`). The kernels are the VBMI path's, with the lookup loop swapped
 (:func:`lookup_twin`). For a pointwise convolution the scalar kernel adds a row of n_out
 products per code, so the column kernel only takes the windows when n_out is small enough
 (:func:`column_windows`).
 
 :func:`path` says which kernels run: "vbmi" when Numba compiles for a CPU with AVX-512 BW and
 VBMI (the host's features, or those ``NUMBA_CPU_FEATURES`` lists), else "avx2" when it
-compiles for AVX2, else "scalar" (the loops of :mod:`approxdarts_np.kernels.lut_conv`).
+compiles for AVX2, else "scalar" (the portable kernels: the loops of
+:mod:`approxdarts_np.kernels.lut_conv` and, for depthwise convolutions at stride 1,
+:mod:`approxdarts_np.kernels.packed_taps`).
 ``APPROXDARTS_NP_TABLE_KERNELS`` forces one (a CPU with VBMI runs all three). The kernels here
 are only compiled when first called, so importing this module is safe on any CPU.
 """

@@ -18,10 +18,12 @@ Kernels, all deterministic (integer sums, each output element written by one thr
   code), so an output pixel is the sum of K contiguous rows: the inner loop is a vector add over
   output channels instead of a gather per multiply-accumulate. Rows are stored as uint16 when
   the table fits (EvoApprox tables do), halving the memory the rows occupy.
-* :func:`lut_depthwise_conv` - one table lookup per multiply-accumulate, from a small per-channel
-  table that already holds the zero-point terms (``taps x 256`` int32 values, in L1).
+* :func:`lut_depthwise_conv` - at stride 1 the packed-tap kernel of
+  :mod:`approxdarts_np.kernels.packed_taps` (three taps' products per 64-bit load); at other
+  strides one table lookup per multiply-accumulate, from a small per-channel table that
+  already holds the zero-point terms (``taps x 256`` int32 values, in L1).
 * :func:`lut_conv_codes` - the depthwise or pointwise table conv of float input in one pass
-  (quantised inside the kernel), where the shuffle kernels run.
+  (quantised inside the kernel), where the shuffle or packed-tap kernels run.
 * :func:`lowrank_bag_conv` - the low-rank engine's pointwise/dense step: code features gathered
   per output-pixel block (the exact part ``code - zx`` computed, the R error features looked
   up), then a single-threaded BLAS GEMM per block inside the parallel loop.
@@ -44,7 +46,7 @@ from numba import get_num_threads, njit, prange
 from numba.core import types
 from numba.extending import intrinsic
 
-from . import byte_shuffle
+from . import byte_shuffle, packed_taps
 from .codes import float32_inverse
 from ._util import (as_pair, block_bounds, check_code_value, check_codes, check_float32_4d,
                     conv_geometry, conv_output_hw, parallel_pays, pick_kernel, serial_twin,
@@ -240,55 +242,6 @@ def _bag_block(cols, rows_flat, n_out, n_pad, cst, zw, scale, p0, m, acc_buf, su
 
 
 @njit(cache=True)
-def _gather_taps_flat(acc, xf, taps_c, offs, t0, t1, length, first):
-    """acc[q] (= if ``first`` else +=) sum over taps t in [t0, t1) of taps_c[t, xf[offs[t] + q]].
-
-    Up to three taps per pass over ``acc`` (fewer accumulator loads and stores per lookup).
-    """
-    n = t1 - t0
-    r0 = taps_c[t0]
-    s0 = xf[offs[t0]:offs[t0] + length]
-    if n == 3:
-        r1 = taps_c[t0 + 1]
-        r2 = taps_c[t0 + 2]
-        s1 = xf[offs[t0 + 1]:offs[t0 + 1] + length]
-        s2 = xf[offs[t0 + 2]:offs[t0 + 2] + length]
-        if first:
-            for q in range(length):
-                acc[q] = r0[s0[q]] + r1[s1[q]] + r2[s2[q]]
-        else:
-            for q in range(length):
-                acc[q] += r0[s0[q]] + r1[s1[q]] + r2[s2[q]]
-    elif n == 2:
-        r1 = taps_c[t0 + 1]
-        s1 = xf[offs[t0 + 1]:offs[t0 + 1] + length]
-        if first:
-            for q in range(length):
-                acc[q] = r0[s0[q]] + r1[s1[q]]
-        else:
-            for q in range(length):
-                acc[q] += r0[s0[q]] + r1[s1[q]]
-    else:
-        if first:
-            for q in range(length):
-                acc[q] = r0[s0[q]]
-        else:
-            for q in range(length):
-                acc[q] += r0[s0[q]]
-
-
-@njit(cache=True)
-def _plane_taps(acc, xf, taps_c, offs, length):
-    """acc[q] = sum over all taps t of taps_c[t, xf[offs[t] + q]], q < length.
-
-    A function of its own: inlined into the kernel's plane loop, the same loops ran slower.
-    """
-    n_taps = offs.shape[0]
-    for t in range(0, n_taps, 3):
-        _gather_taps_flat(acc, xf, taps_c, offs, t, min(t + 3, n_taps), length, t == 0)
-
-
-@njit(cache=True)
 def _taps_kernel(table, w, zx, zw, taps):
     """taps[t, a] = table[a, w[t]] - zw*a - zx*w[t] + zx*zw (in taps' dtype)."""
     for t in range(w.shape[0]):
@@ -300,16 +253,6 @@ def _taps_kernel(table, w, zx, zw, taps):
 
 
 @njit(cache=True)
-def _offsets(k_h, k_w, d_h, d_w, wp):
-    """Flat offset of tap (i, j) in a plane stored with row stride wp."""
-    offs = np.empty(k_h * k_w, np.int64)
-    for i in range(k_h):
-        for j in range(k_w):
-            offs[i * k_w + j] = i * d_h * wp + j * d_w
-    return offs
-
-
-@njit(cache=True)
 def _pad_plane(src, xpad, p_h, p_w, wp):
     """Copy the plane src (H, W) into the flat bordered plane xpad (row stride wp)."""
     h, wd = src.shape
@@ -318,43 +261,6 @@ def _pad_plane(src, xpad, p_h, p_w, wp):
         dst = xpad[(r + p_h) * wp + p_w:(r + p_h) * wp + p_w + wd]
         for c in range(wd):
             dst[c] = row[c]
-
-
-@njit(cache=True, parallel=True)
-def _lut_depthwise_kernel(qx, taps, zx, k_h, k_w, p_h, p_w, d_h, d_w, out_h, out_w, scale,
-                          n_blocks, out):
-    """Stride 1: out[n, c, oh, ow] = scale * sum_{i,j} taps[c, i*k_w + j, xpad[n, c, oh + i*d_h,
-    ow + j*d_w]] (the product taken in float64, stored in ``out``'s dtype).
-
-    ``taps`` already holds the zero-point terms; ``xpad`` is the plane bordered with code zx,
-    stored flat with row stride wp, so every tap reads it at one offset and a tap is one lookup
-    loop over the whole output grid (out_h rows at stride wp; the columns past out_w are
-    computed and dropped). Accumulation in the table's dtype (int32 when the caller proved it
-    cannot overflow). The planes are split into ``n_blocks`` contiguous blocks, one scratch
-    plane per block (the count comes from the caller: ``get_num_threads()`` inside a kernel
-    stops Numba from caching it).
-    """
-    n_img, n_ch, h, wd = qx.shape
-    hp = h + 2 * p_h
-    wp = wd + 2 * p_w
-    offs = _offsets(k_h, k_w, d_h, d_w, wp)
-    length = (out_h - 1) * wp + out_w
-    n_planes = n_img * n_ch
-    for blk in prange(n_blocks):
-        xpad = np.full(hp * wp, zx, np.uint8)
-        acc = np.zeros(length, taps.dtype)
-        start, stop = block_bounds(blk, n_blocks, n_planes)
-        for pl in range(start, stop):
-            ni = pl // n_ch
-            ci = pl % n_ch
-            _pad_plane(qx[ni, ci], xpad, p_h, p_w, wp)
-            _plane_taps(acc, xpad, taps[ci], offs, length)
-            for oh in range(out_h):
-                dst = out[ni, ci, oh]
-                row = acc[oh * wp:oh * wp + out_w]
-                for ow in range(out_w):
-                    dst[ow] = np.float64(row[ow]) * scale
-    return out
 
 
 @njit(cache=True)
@@ -380,7 +286,15 @@ def _plane_strided(acc, xpad, taps_c, k_h, k_w, s_h, s_w, d_h, d_w, wp, scale, d
 @njit(cache=True, parallel=True)
 def _lut_depthwise_strided_kernel(qx, taps, zx, k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, scale,
                                   n_blocks, out):
-    """Any stride: the same sum as :func:`_lut_depthwise_kernel`, one output row at a time."""
+    """out[n, c, oh, ow] = scale * sum_{i,j} taps[c, i*k_w + j, xpad[n, c, oh*s_h + i*d_h,
+    ow*s_w + j*d_w]] at any stride, one output row at a time (the product taken in float64,
+    stored in ``out``'s dtype).
+
+    ``taps`` already holds the zero-point terms; ``xpad`` is the plane bordered with code zx.
+    Accumulation in the taps' dtype (int32 when the caller proved it cannot overflow). The
+    planes are split into ``n_blocks`` contiguous blocks, one scratch row per block (the count
+    comes from the caller: ``get_num_threads()`` inside a kernel stops Numba from caching it).
+    """
     n_ch, wp = qx.shape[1], qx.shape[3] + 2 * p_w
     for blk in prange(n_blocks):
         xpad = np.full((qx.shape[2] + 2 * p_h) * wp, zx, np.uint8)
@@ -523,7 +437,6 @@ def _code_features_serial(codes, table_t, feats):
 # (kernels._util.SERIAL_BELOW).
 _im2col_codes_kernel_serial = serial_twin(_im2col_codes_kernel)
 _lut_bag_kernel_serial = serial_twin(_lut_bag_kernel)
-_lut_depthwise_kernel_serial = serial_twin(_lut_depthwise_kernel)
 _lut_depthwise_strided_kernel_serial = serial_twin(_lut_depthwise_strided_kernel)
 
 
@@ -632,6 +545,17 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None, table_t=None):
     return out.astype(np.int64) if scale is None else out
 
 
+def _packed_rows(table, table_t, qw, zx, zw, geom):
+    """:func:`~approxdarts_np.kernels.packed_taps.tap_rows` of a depthwise ``qw`` (C, 1, kh, kw),
+    or None where the packed-tap kernel does not run (a stride other than 1, or a table whose
+    columns do not fit its lanes)."""
+    if geom[:2] != (1, 1):
+        return None
+    n_ch, _, k_h, k_w = qw.shape
+    return packed_taps.tap_rows(_transposed(table, table_t), qw.reshape(n_ch, k_h * k_w), zx,
+                                zw, (k_h, k_w))
+
+
 def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, scale=None,
                        table_t=None):
     """Return the depthwise table conv of qx (N, C, H, W) with qw (C, 1, kh, kw): (N, C, OH, OW).
@@ -672,6 +596,12 @@ def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, s
         byte_shuffle.depthwise_lookup(qx, shuffled[0], shuffled[1], zx, (k_h, k_w), geom,
                                       (out_h, out_w), factor, out)
         return out.astype(np.int64) if scale is None else out
+    packed = _packed_rows(table, table_t, qw, zx, zw, geom)
+    if packed is not None:
+        # three taps per 64-bit load (kernels/packed_taps.py)
+        packed_taps.depthwise_packed(qx, packed[0], packed[1], zx, (k_h, k_w), geom,
+                                     (out_h, out_w), factor, out)
+        return out.astype(np.int64) if scale is None else out
     # taps[c, t, a] = M[a, w] - zw*a - zx*w + zx*zw, one 256-entry row per (channel, tap);
     # int32 sums when no sum of k_h*k_w taps can overflow (bound from the table's peak)
     peak = table_peak(table) + 255 * (zw + zx) + zx * zw
@@ -679,15 +609,10 @@ def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, s
     taps = np.empty((n_ch * k_h * k_w, 256), dtype)
     _taps_kernel(table, qw.reshape(n_ch * k_h * k_w), zx, zw, taps)
     taps = taps.reshape(n_ch, k_h * k_w, 256)
-    if s_h == 1 and s_w == 1:
-        kernel, n_threads = pick_kernel(_lut_depthwise_kernel, _lut_depthwise_kernel_serial, work)
-        kernel(qx, taps, np.uint8(zx), k_h, k_w, p_h, p_w, d_h, d_w, out_h, out_w, factor,
-               min(n_img * n_ch, n_threads), out)
-    else:
-        kernel, n_threads = pick_kernel(_lut_depthwise_strided_kernel,
-                                        _lut_depthwise_strided_kernel_serial, work)
-        kernel(qx, taps, np.uint8(zx), k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, factor,
-               min(n_img * n_ch, n_threads), out)
+    kernel, n_threads = pick_kernel(_lut_depthwise_strided_kernel,
+                                    _lut_depthwise_strided_kernel_serial, work)
+    kernel(qx, taps, np.uint8(zx), k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, factor,
+           min(n_img * n_ch, n_threads), out)
     return out.astype(np.int64) if scale is None else out
 
 
@@ -698,15 +623,15 @@ def lut_conv_codes(x, x_scale, zx, qw, zw, table, stride=1, padding=0, dilation=
     The kernel quantises x as it reads it (``qx``: x's uint8 codes with ``x_scale`` and
     ``zx``, exactly the quantisation pass's, kept for backward) and returns y =
     float32(acc * out_scale) with acc as in :func:`lut_depthwise_conv` (``qw`` (C, 1, kh,
-    kw)) or :func:`lut_bag_conv` (``qw`` (Co, Ci, 1, 1), stride 1, no padding). None when this
-    path does not apply: no shuffle kernel here (:mod:`~approxdarts_np.kernels.byte_shuffle`),
-    another kind of convolution, a table column the path does not take (too wide; on AVX2 no
-    sum of nibble windows, or more windows than a pointwise convolution's width allows), or a
-    scale without a normal float32 inverse; the caller then quantises and calls the kernels
-    above.
+    kw)) or :func:`lut_bag_conv` (``qw`` (Co, Ci, 1, 1), stride 1, no padding). The shuffle
+    kernels (:mod:`~approxdarts_np.kernels.byte_shuffle`) run it where they take the table's
+    columns; otherwise a depthwise convolution at stride 1 runs the packed-tap kernel
+    (:mod:`~approxdarts_np.kernels.packed_taps`). None when neither applies: another kind of
+    convolution, a pointwise one without a shuffle kernel for its columns (none on this CPU;
+    too wide; on AVX2 no sum of nibble windows, or more windows than its width allows), a
+    strided depthwise one without it, or a scale without a normal float32 inverse; the caller
+    then quantises and calls the kernels above.
     """
-    if not byte_shuffle.available():
-        return None
     x = check_float32_4d(x, "x")
     qw = check_codes(qw, "qw", 4)
     table = _check_table(table)
@@ -723,15 +648,23 @@ def lut_conv_codes(x, x_scale, zx, qw, zw, table, stride=1, padding=0, dilation=
     if not (depthwise or pointwise) or n_img * n_ch * n_out == 0:
         return None
     out_h, out_w = conv_output_hw(h, wd, k_h, k_w, geom)
-    windows = 3 if depthwise else byte_shuffle.column_windows(n_out)
-    taps = byte_shuffle.tap_tables(_transposed(table, table_t),
-                                   qw.reshape(n_out, n_in_g * k_h * k_w), zx, zw,
-                                   max_windows=windows)
-    if taps is None:
+    taps = packed = None
+    if byte_shuffle.available():
+        windows = 3 if depthwise else byte_shuffle.column_windows(n_out)
+        taps = byte_shuffle.tap_tables(_transposed(table, table_t),
+                                       qw.reshape(n_out, n_in_g * k_h * k_w), zx, zw,
+                                       max_windows=windows)
+    if taps is None and depthwise:
+        packed = _packed_rows(table, table_t, qw, zx, zw, geom)
+    if taps is None and packed is None:
         return None
     qx = np.empty(x.shape, np.uint8)
     out = np.empty((n_img, n_out, out_h, out_w), np.float32)
-    if depthwise:
+    if packed is not None:
+        packed_taps.depthwise_packed(qx, packed[0], packed[1], zx, (k_h, k_w), geom,
+                                     (out_h, out_w), float(out_scale), out, x=x,
+                                     x_scale=float(x_scale), x_inv=inv)
+    elif depthwise:
         byte_shuffle.depthwise_lookup(qx, taps[0], taps[1], zx, (k_h, k_w), geom,
                                       (out_h, out_w), float(out_scale), out, x=x,
                                       x_scale=float(x_scale), x_inv=inv)

@@ -1,0 +1,403 @@
+"""Depthwise table convolutions with several taps per load: any table, any CPU.
+
+The scalar depthwise loop (:mod:`approxdarts_np.kernels.lut_conv`) loads one code and one
+product per tap and output. At stride 1 the taps of one kernel row read the same codes,
+shifted: output q takes tap j's product at code x[q + j*d]. So one load per code can fetch
+the products of several taps at once, when the 256-entry table of a group of taps holds them
+as lanes of one word,
+
+    P[a] = sum over slots s of  V_s[a] << (lane S-1-s),    V_s[a] = M[a, w_s] - zw*a - lo_s,
+
+with lo_s the smallest value of slot s's column, so that every V_s lies in 0..2**17 (M <=
+65535 and zw*a <= 65025). A running word, shifted down one lane per step,
+
+    r(q) = (r(q - d) shifted down one lane) + P[x[q + (S-1)d]],
+
+then holds in its lowest lane V_0[x[q]] + V_1[x[q + d]] + ... + V_{S-1}[x[q + (S-1)d]]: the
+group's sum for output q. No lane ever carries into the next. Per group and output that is one
+code load, one table load, a shift, an add and a lane read, where the scalar loop takes S of
+each load. Two word kinds:
+
+* kernel rows of at most 3 taps (3x3): three 21-bit lanes of an int64 (a sum of three values
+  stays below 2**21), plain Numba integer code; a 3x3 kernel is three groups, run in one pass
+  over the output as independent chains (:func:`_chains3`);
+* wider rows (5x5): eight int32 lanes of an LLVM vector, the shift a lane shuffle
+  (:func:`_lane_intrinsic`; generic vector IR, so any CPU runs it: AVX2 and NEON alike). A
+  5x5 kernel is five groups of five slots, one pass.
+
+Slots past the row's end hold zero columns. The offsets lo_s and the zero-point terms are one
+constant per channel,
+
+    acc = sum over groups of lane 0 + sum_t ( lo_t - zx*w_t + zx*zw ),
+
+the integer the scalar kernel sums, so the outputs are bit-identical. Only stride 1: at
+stride 2 the taps of a row fall on different phases (the scalar kernel runs those).
+
+Jobs and buffers follow :mod:`approxdarts_np.kernels.byte_shuffle`: (channel, group of
+images), the images' bordered planes stacked in one buffer so that small planes still give
+long passes; ``x`` (optional) is quantised as it is read.
+"""
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange
+from numba.core import cgutils, types
+from numba.core.extending import overload
+from numba.extending import intrinsic
+
+from ._util import block_bounds, pick_kernel, serial_twin, unsigned
+from .codes import codes_plane
+
+__all__ = ["tap_rows", "depthwise_packed", "word_slots"]
+
+# int64 words: three lanes of 21 bits (rows of at most WORD_SLOTS taps)
+WORD_SLOTS = 3
+LANE_BITS = 21
+# vectors: eight int32 lanes (wider rows, in groups of LANES slots)
+LANES = 8
+# A column spanning this many values or more does not fit the lanes (only a table with
+# products beyond 16 bits can): the sum of a group's values must stay below 2**21 (words) or
+# 2**31 (vectors).
+WORD_RANGE = (1 << LANE_BITS) // WORD_SLOTS
+VECTOR_RANGE = (1 << 31) // LANES
+# Codes per pass the kernel aims for (images are grouped to reach it), and the fixed cost of a
+# plane in element-equivalents of SERIAL_BELOW (kernels/_util.py): rough rates that only decide
+# the grouping and whether the thread team is woken, never the result.
+_GROUP_CODES = 1024
+_PLANE_ELEMENTS = 64
+_NO_INPUT = np.zeros((0, 0, 0, 0), np.float32)
+
+
+def word_slots(k_w):
+    """Slots per group for kernel rows of ``k_w`` taps: 3 (int64 words) up to 3 taps, else 8
+    (vector lanes)."""
+    return WORD_SLOTS if k_w <= WORD_SLOTS else LANES
+
+
+@njit(cache=True)
+def _tap_rows_kernel(table_t, qw_taps, zx, zw, k_h, k_w, slots, rows, cst):
+    """rows[c, g, a, l] for group g = (i, gj) (slots gj*slots + s of kernel row i, slot s in
+    lane slots-1-s; zero past the row's end) and cst[c]; returns the widest column range found
+    (the caller checks that it fits). ``rows`` int32 (C, G, 256, slots) for vectors, or int64
+    (C, G, 256, 1) with the three 21-bit lanes packed in one word."""
+    n_gw = (k_w + slots - 1) // slots
+    words = rows.shape[3] == 1
+    widest = np.int64(0)
+    for c in range(qw_taps.shape[0]):
+        k = np.int64(0)
+        for i in range(k_h):
+            for gj in range(n_gw):
+                dst = rows[c, i * n_gw + gj]
+                for s in range(slots):
+                    j = gj * slots + s
+                    lane = slots - 1 - s
+                    if j >= k_w:
+                        if not words:
+                            dst[:, lane] = 0
+                        continue
+                    b = np.int64(qw_taps[c, i * k_w + j])
+                    col = table_t[b]
+                    lo = np.int64(col[0])
+                    hi = lo
+                    for a in range(256):
+                        v = np.int64(col[a]) - zw * a
+                        lo = min(lo, v)
+                        hi = max(hi, v)
+                    widest = max(widest, hi - lo)
+                    k += lo - zx * b + zx * zw
+                    for a in range(256):
+                        v = np.int64(col[a]) - zw * a - lo
+                        if not words:
+                            dst[a, lane] = v
+                        elif s == 0:
+                            dst[a, 0] = v << (LANE_BITS * lane)
+                        else:
+                            dst[a, 0] += v << (LANE_BITS * lane)
+        cst[c] = k
+    return widest
+
+
+def tap_rows(table_t, qw_taps, zx, zw, k_size):
+    """``(rows, cst)`` for :func:`depthwise_packed`, or None when a tap's column spans more
+    values than the lanes hold (only a table with products beyond 16 bits can).
+
+    ``table_t`` the table transposed (``table_t[w, a] = M[a, w]``); ``qw_taps`` (C, kh*kw)
+    uint8 weight codes, row-major taps. rows (C, kh * groups per row, 256, 1) int64 words for
+    kernel rows of up to 3 taps, else (C, kh * groups per row, 256, 8) int32 lanes.
+    """
+    k_h, k_w = k_size
+    slots = word_slots(k_w)
+    n_ch = qw_taps.shape[0]
+    shape = (n_ch, k_h * -(-k_w // slots), 256)
+    rows = (np.empty(shape + (1,), np.int64) if slots == WORD_SLOTS
+            else np.empty(shape + (LANES,), np.int32))
+    cst = np.empty(n_ch, np.int64)
+    widest = _tap_rows_kernel(table_t, qw_taps, np.int64(zx), np.int64(zw), k_h, k_w, slots,
+                              rows, cst)
+    if widest >= (WORD_RANGE if slots == WORD_SLOTS else VECTOR_RANGE):
+        return None
+    return rows, cst
+
+
+# ----------------------------------------------------------------------------- int64 words
+
+@njit(cache=True)
+def _chains3(buf, o0, o1, o2, p0, p1, p2, d, acc, length, first):
+    """acc[q] (= if ``first`` else +=) the lane-0 sums of three word groups, q < length: group
+    g reads code buf[o_g + q] for output q (its last slot; o_g >= 2d), table p_g (256 words)."""
+    mask = np.int64((1 << LANE_BITS) - 1)
+    for r in range(d):
+        c0 = np.int64(0)
+        c1 = np.int64(0)
+        c2 = np.int64(0)
+        for q in range(r - 2 * d, r, d):        # fill the upper lanes
+            c0 = (c0 >> LANE_BITS) + p0[buf[unsigned(o0 + q)]]
+            c1 = (c1 >> LANE_BITS) + p1[buf[unsigned(o1 + q)]]
+            c2 = (c2 >> LANE_BITS) + p2[buf[unsigned(o2 + q)]]
+        if first:
+            for q in range(r, length, d):
+                c0 = (c0 >> LANE_BITS) + p0[buf[unsigned(o0 + q)]]
+                c1 = (c1 >> LANE_BITS) + p1[buf[unsigned(o1 + q)]]
+                c2 = (c2 >> LANE_BITS) + p2[buf[unsigned(o2 + q)]]
+                acc[unsigned(q)] = (c0 & mask) + (c1 & mask) + (c2 & mask)
+        else:
+            for q in range(r, length, d):
+                c0 = (c0 >> LANE_BITS) + p0[buf[unsigned(o0 + q)]]
+                c1 = (c1 >> LANE_BITS) + p1[buf[unsigned(o1 + q)]]
+                c2 = (c2 >> LANE_BITS) + p2[buf[unsigned(o2 + q)]]
+                acc[unsigned(q)] += (c0 & mask) + (c1 & mask) + (c2 & mask)
+
+
+@njit(cache=True)
+def _chain1(buf, o0, p0, d, acc, length, first):
+    """:func:`_chains3` for one group."""
+    mask = np.int64((1 << LANE_BITS) - 1)
+    for r in range(d):
+        c0 = np.int64(0)
+        for q in range(r - 2 * d, r, d):
+            c0 = (c0 >> LANE_BITS) + p0[buf[unsigned(o0 + q)]]
+        if first:
+            for q in range(r, length, d):
+                c0 = (c0 >> LANE_BITS) + p0[buf[unsigned(o0 + q)]]
+                acc[unsigned(q)] = c0 & mask
+        else:
+            for q in range(r, length, d):
+                c0 = (c0 >> LANE_BITS) + p0[buf[unsigned(o0 + q)]]
+                acc[unsigned(q)] += c0 & mask
+
+
+@njit(cache=True)
+def _word_groups(buf, offs, rows_c, d, acc, length):
+    """acc[q] = the sum over all word groups (rows_c (G, 256, 1)), three chains per pass."""
+    n_g = offs.shape[0]
+    g = 0
+    while g + 3 <= n_g:
+        _chains3(buf, offs[g], offs[g + 1], offs[g + 2], rows_c[g, :, 0], rows_c[g + 1, :, 0],
+                 rows_c[g + 2, :, 0], d, acc, length, g == 0)
+        g += 3
+    while g < n_g:
+        _chain1(buf, offs[g], rows_c[g, :, 0], d, acc, length, g == 0)
+        g += 1
+
+
+# ----------------------------------------------------------------------------- vector lanes
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_VLANES = ir.VectorType(_I32, LANES)
+
+
+def _lane_intrinsic(n_chains):
+    """``n_chains`` vector groups in one pass, as a Numba intrinsic
+    ``f(buf, offs, g, rows_c, acc, r, d, length, first)``: for the outputs q = r, r + d, ...
+    below ``length``,
+
+        acc[q] (= if ``first`` else +=) sum over groups g..g+n_chains-1 of lane 0 of r_g(q),
+        r_g(q) = (r_g(q - d) shifted down one lane) + rows_c[g, buf[offs[g] + q], :],
+
+    each r_g starting at zero LANES - 1 steps before q = r. ``buf`` uint8, ``offs`` int64,
+    ``rows_c`` int32 (G, 256, LANES) contiguous, ``acc`` int64; no bounds checks.
+    """
+    @intrinsic
+    def chains(typingctx, buf, offs, g, rows_c, acc, r, d, length, first):
+        sig = types.void(buf, offs, g, rows_c, acc, r, d, length, first)
+
+        def codegen(context, builder, signature, args):
+            b_arr, o_arr, _, t_arr, a_arr = (
+                context.make_array(signature.args[i])(context, builder, args[i])
+                if i != 2 else None for i in range(5))
+            g0, r0, step, n, fst = args[2], args[5], args[6], args[7], args[8]
+            zero = ir.Constant(_VLANES, None)
+            down = ir.Constant(ir.VectorType(_I32, LANES), list(range(1, LANES + 1)))
+            offs = [builder.load(builder.gep(o_arr.data, [builder.add(g0, ir.Constant(_I64, u))]))
+                    for u in range(n_chains)]
+            tabs = [builder.gep(t_arr.data, [builder.mul(builder.add(g0, ir.Constant(_I64, u)),
+                                                         ir.Constant(_I64, 256 * LANES))])
+                    for u in range(n_chains)]
+            regs = [cgutils.alloca_once_value(builder, zero) for _ in range(n_chains)]
+
+            def advance(q):
+                """Step every chain to output q; the sum of their lane 0s (i64)."""
+                total = None
+                for u in range(n_chains):
+                    code = builder.load(builder.gep(b_arr.data, [builder.add(offs[u], q)]))
+                    entry = builder.mul(builder.zext(code, _I64), ir.Constant(_I64, LANES))
+                    ptr = builder.bitcast(builder.gep(tabs[u], [entry]), _VLANES.as_pointer())
+                    v = builder.add(builder.shuffle_vector(builder.load(regs[u]), zero, down),
+                                    builder.load(ptr, align=4))
+                    builder.store(v, regs[u])
+                    lane = builder.sext(builder.extract_element(v, ir.Constant(_I64, 0)), _I64)
+                    total = lane if total is None else builder.add(total, lane)
+                return total
+
+            warm = builder.sub(r0, builder.mul(step, ir.Constant(_I64, LANES - 1)))
+            with cgutils.for_range_slice(builder, warm, r0, step) as (q, _):
+                advance(q)
+            is_first = builder.icmp_unsigned("!=", fst, ir.Constant(fst.type, 0))
+            with builder.if_else(is_first) as (then, other):
+                with then:
+                    with cgutils.for_range_slice(builder, r0, n, step) as (q, _):
+                        builder.store(advance(q), builder.gep(a_arr.data, [q]))
+                with other:
+                    with cgutils.for_range_slice(builder, r0, n, step) as (q, _):
+                        ptr = builder.gep(a_arr.data, [q])
+                        builder.store(builder.add(builder.load(ptr), advance(q)), ptr)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return chains
+
+
+_lanes5 = _lane_intrinsic(5)
+_lanes3 = _lane_intrinsic(3)
+_lanes1 = _lane_intrinsic(1)
+
+
+@njit(cache=True)
+def _lane_groups(buf, offs, rows_c, d, acc, length):
+    """acc[q] = the sum over all vector groups (rows_c (G, 256, LANES)): five, three or one
+    chains per pass."""
+    n_g = offs.shape[0]
+    for r in range(d):
+        g = 0
+        while g + 5 <= n_g:
+            _lanes5(buf, offs, np.int64(g), rows_c, acc, np.int64(r), np.int64(d),
+                    np.int64(length), g == 0)
+            g += 5
+        while g + 3 <= n_g:
+            _lanes3(buf, offs, np.int64(g), rows_c, acc, np.int64(r), np.int64(d),
+                    np.int64(length), g == 0)
+            g += 3
+        while g < n_g:
+            _lanes1(buf, offs, np.int64(g), rows_c, acc, np.int64(r), np.int64(d),
+                    np.int64(length), g == 0)
+            g += 1
+
+
+def _groups(buf, offs, rows_c, d, acc, length):
+    """acc[q] = the sum over all groups of ``rows_c`` (words or lanes, by its dtype)."""
+
+
+@overload(_groups)
+def _groups_impl(buf, offs, rows_c, d, acc, length):
+    if rows_c.dtype == types.int64:
+        return lambda buf, offs, rows_c, d, acc, length: _word_groups(buf, offs, rows_c, d, acc,
+                                                                      length)
+    return lambda buf, offs, rows_c, d, acc, length: _lane_groups(buf, offs, rows_c, d, acc,
+                                                                  length)
+
+
+# ----------------------------------------------------------------------------- kernel
+
+@njit(cache=True)
+def _group_offsets(k_h, k_w, d_h, d_w, wp, lead, slots):
+    """Offset in the buffer of group (i, gj)'s last-slot code for output 0."""
+    n_gw = (k_w + slots - 1) // slots
+    offs = np.empty(k_h * n_gw, np.int64)
+    for i in range(k_h):
+        for gj in range(n_gw):
+            offs[i * n_gw + gj] = lead + i * d_h * wp + (gj * slots + slots - 1) * d_w
+    return offs
+
+
+@njit(cache=True, parallel=True)
+def _packed_kernel(qx, x, x_scale, x_inv, rows, cst, zx, slots, k_h, k_w, p_h, p_w, d_h, d_w,
+                   out_h, out_w, scale, group, n_threads, out):
+    """out[n, c, oh, ow] = (sum of the groups' lane-0 sums + cst[c]) * scale, the product in
+    float64, at stride 1 (``slots`` per group: 3 for words, 8 for lanes).
+
+    Jobs are (channel, group of ``group`` images), split into ``n_threads`` contiguous ranges.
+    A job stacks its images' bordered planes (hp rows of wp codes each) in one buffer, after
+    ``lead`` = (slots - 1) * d_w codes for the chains' first steps, and runs every group over
+    the whole stack (the rows between images are computed and dropped). The buffer is bordered
+    with code zx once per thread; only the interiors are rewritten. With ``x`` (float32, qx's
+    shape; empty otherwise) each plane is quantised first, into ``qx``.
+    """
+    n_img, n_ch, h, wd = qx.shape
+    hp = h + 2 * p_h
+    wp = wd + 2 * p_w
+    lead = (slots - 1) * d_w
+    offs = _group_offsets(k_h, k_w, d_h, d_w, wp, lead, slots)
+    length = ((group - 1) * hp + out_h - 1) * wp + out_w
+    size = max(lead + group * hp * wp, offs.max() + length)
+    n_groups = (n_img + group - 1) // group
+    n_jobs = n_ch * n_groups
+    for thread in prange(n_threads):
+        buf = np.full(size, zx, np.uint8)
+        acc = np.empty(length, np.int64)
+        near = np.empty(h * wd if x.size else 0, np.uint8)
+        lo, hi = block_bounds(thread, n_threads, n_jobs)
+        for job in range(lo, hi):
+            ci = job // n_groups
+            n0 = (job % n_groups) * group
+            n1 = min(n_img, n0 + group)
+            for ni in range(n0, n1):
+                if x.size:
+                    codes_plane(x[ni, ci].reshape(h * wd), x_scale, x_inv, zx,
+                                qx[ni, ci].reshape(h * wd), near)
+                src = qx[ni, ci]
+                for r in range(h):
+                    base = unsigned(lead + ((ni - n0) * hp + r + p_h) * wp + p_w)
+                    dst = buf[base:base + unsigned(wd)]
+                    row = src[r]
+                    for c in range(wd):
+                        dst[unsigned(c)] = row[unsigned(c)]
+            _groups(buf, offs, rows[ci], d_w, acc, length)
+            k = cst[ci]
+            for ni in range(n0, n1):
+                for oh in range(out_h):
+                    dst_o = out[ni, ci, oh]
+                    q0 = ((ni - n0) * hp + oh) * wp
+                    src_a = acc[unsigned(q0):unsigned(q0 + out_w)]
+                    for ow in range(out_w):
+                        dst_o[unsigned(ow)] = np.float64(src_a[unsigned(ow)] + k) * scale
+    return out
+
+
+_packed_kernel_serial = serial_twin(_packed_kernel)
+
+
+def depthwise_packed(qx, rows, cst, zx, k_size, geom, out_hw, scale, out, x=None, x_scale=1.0,
+                     x_inv=1.0):
+    """Run the packed-tap depthwise kernel into ``out`` (float32 or float64, (N, C, OH, OW)).
+
+    Stride 1 only (``geom`` = (1, 1, p_h, p_w, d_h, d_w)); ``rows, cst`` from :func:`tap_rows`.
+    Arguments as checked by :func:`approxdarts_np.kernels.lut_conv.lut_depthwise_conv`, the
+    public entry. With ``x`` (finite float32, qx's shape) the kernel first writes x's codes
+    (scale ``x_scale``, its float32 inverse ``x_inv``, zero point ``zx``) into ``qx``.
+    """
+    k_h, k_w = k_size
+    s_h, s_w, p_h, p_w, d_h, d_w = geom
+    if (s_h, s_w) != (1, 1):
+        raise ValueError(f"the packed-tap kernel runs at stride 1 only, got ({s_h}, {s_w})")
+    out_h, out_w = out_hw
+    n_img, n_ch, h, wd = qx.shape
+    plane = (h + 2 * p_h) * (wd + 2 * p_w)
+    group = max(1, min(n_img, _GROUP_CODES // plane))
+    work = n_img * n_ch * (out_h * out_w * rows.shape[1] // 4 + _PLANE_ELEMENTS)
+    kernel, n_threads = pick_kernel(_packed_kernel, _packed_kernel_serial, work)
+    n_threads = min(n_threads, n_ch * -(-n_img // group))
+    x = _NO_INPUT if x is None else x
+    return kernel(qx, x, float(x_scale), np.float32(x_inv), rows, cst, np.uint8(zx),
+                  word_slots(k_w), k_h, k_w, p_h, p_w, d_h, d_w, out_h, out_w, float(scale),
+                  group, n_threads, out)

@@ -1,0 +1,199 @@
+"""The packed-tap depthwise kernels (int64 words of three taps, int32 vectors of eight) against
+a plain NumPy table gather, bit for bit.
+
+Every bundled table on kernel shapes that take each word kind and each pass size (1x1 to 9x9,
+rows of 1 to 9 taps, 1 to 9 kernel rows), paddings and dilations per axis; the one-pass entry
+against quantising first; the lane bounds at their edges (a column one value too wide falls
+back to the per-tap loop); thread counts; and wrong lane entries, which must be caught. The
+tests force the portable kernels (``APPROXDARTS_NP_TABLE_KERNELS=scalar``), so they run the
+same on every CPU.
+"""
+import zlib
+
+import numba
+import numpy as np
+import pytest
+
+from approxdarts_np.approx import quantize
+from approxdarts_np.approx.lut_conv import make_lut_plan
+from approxdarts_np.approx.multipliers import bundled_names, load_multiplier
+from approxdarts_np.kernels import _util, packed_taps
+from approxdarts_np.kernels import lut_conv as klut
+from test_byte_shuffle import _reference_dw
+
+# (k_h, k_w, padding, dilation, h, w): 3x3 and 5x5 as searched, rows of every width up to two
+# vector groups, one to nine kernel rows (passes of 5, 3 and 1 chains), per-axis geometry
+GEOMETRIES = [(3, 3, 1, 1, 9, 9), (5, 5, 2, 1, 8, 11), (3, 3, 2, 2, 9, 7), (5, 5, 4, 2, 10, 10),
+              (1, 1, 0, 1, 5, 6), (1, 2, (0, 1), 1, 4, 7), (3, 5, (1, 2), (2, 1), 9, 8),
+              (5, 3, (0, 1), (1, 3), 9, 12), (2, 9, (1, 4), (1, 1), 6, 10),
+              (7, 2, (3, 0), (1, 2), 9, 9), (9, 9, 4, 1, 9, 9), (4, 8, 0, (2, 1), 11, 12),
+              (3, 3, 0, 1, 70, 5)]
+
+
+def table_of(name):
+    return np.asarray(load_multiplier(name).table, dtype=np.int32)
+
+
+@pytest.fixture
+def packed_calls(monkeypatch):
+    """The portable kernels forced, and a count of the packed-tap kernel's runs (so a test
+    knows the packed kernel, not the per-tap loop, computed what it compared)."""
+    monkeypatch.setenv("APPROXDARTS_NP_TABLE_KERNELS", "scalar")
+    calls = {"packed": 0}
+    real = packed_taps.depthwise_packed
+
+    def counted(*args, **kwargs):
+        calls["packed"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(packed_taps, "depthwise_packed", counted)
+    return calls
+
+
+@pytest.mark.parametrize("name", bundled_names())
+def test_every_bundled_table_equals_the_plain_gather(packed_calls, name):
+    table = table_of(name)
+    gt = make_lut_plan(table).gather_table
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    for g, (k_h, k_w, padding, dilation, h, w) in enumerate(GEOMETRIES):
+        zx, zw = (int(v) for v in rng.integers(0, 256, 2))
+        zx, zw = ((0, 255), (255, 0))[g] if g < 2 else (zx, zw)   # the extreme zero points too
+        qx = rng.integers(0, 256, (3, 2, h, w), dtype=np.uint8)
+        qw = rng.integers(0, 256, (2, 1, k_h, k_w), dtype=np.uint8)
+        got = klut.lut_depthwise_conv(qx, zx, qw, zw, gt, 1, padding, dilation)
+        np.testing.assert_array_equal(
+            got, _reference_dw(qx, zx, qw, zw, table, 1, padding, dilation),
+            err_msg=f"{name} {k_h}x{k_w} p={padding} d={dilation}")
+    assert packed_calls["packed"] == len(GEOMETRIES)
+
+
+def test_word_kinds_and_group_layout():
+    """Rows of up to three taps pack into int64 words, wider ones into eight int32 lanes;
+    slot s of a group sits in lane slots-1-s, offset so that its smallest value is 0."""
+    table_t = np.ascontiguousarray(table_of("mul8u_L40").T)
+    qw = np.arange(1, 26, dtype=np.uint8).reshape(1, 25)
+    zw = 9
+    rows, cst = packed_taps.tap_rows(table_t, qw[:, :9], 3, zw, (3, 3))
+    assert rows.dtype == np.int64 and rows.shape == (1, 3, 256, 1)
+    a = np.arange(256)
+    cols = table_t[qw[0, :9]].astype(np.int64) - zw * a           # (taps, 256)
+    lo = cols.min(axis=1)
+    mask = (1 << packed_taps.LANE_BITS) - 1
+    for i in range(3):
+        for s in range(3):
+            lane = (rows[0, i, :, 0] >> (packed_taps.LANE_BITS * (2 - s))) & mask
+            np.testing.assert_array_equal(lane, cols[3 * i + s] - lo[3 * i + s])
+    assert cst[0] == (lo - 3 * qw[0, :9].astype(np.int64) + 3 * zw).sum()
+    rows, cst = packed_taps.tap_rows(table_t, qw, 3, zw, (5, 5))
+    assert rows.dtype == np.int32 and rows.shape == (1, 5, 256, 8)
+    cols = table_t[qw[0]].astype(np.int64) - zw * a
+    lo = cols.min(axis=1)
+    for i in range(5):
+        for s in range(5):
+            np.testing.assert_array_equal(rows[0, i, :, 7 - s], cols[5 * i + s] - lo[5 * i + s])
+        assert not rows[0, i, :, :3].any()        # slots 5..7: zero columns
+    assert cst[0] == (lo - 3 * qw[0].astype(np.int64) + 3 * zw).sum()
+
+
+@pytest.mark.parametrize("name", ["mul8u_L40", "mul8u_2P7"])
+def test_one_pass_equals_quantise_then_gather(packed_calls, monkeypatch, name):
+    """lut_conv_codes on the portable kernels: a depthwise convolution at stride 1 runs in one
+    pass, codes and outputs identical to quantising first and gathering; other shapes refuse
+    (the caller quantises first)."""
+    monkeypatch.setattr(_util, "SERIAL_BELOW", 0)
+    gt = make_lut_plan(table_of(name)).gather_table
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 5, 9, 10)).astype(np.float32)
+    ties = np.array([1, -1, 3, -3, 5, 77, -101], np.float32) / 128   # x / s on rounding ties
+    x[0, 0, 0, :7] = ties
+    x[1, 2, 3, :7] = np.nextafter(ties, np.float32(10))
+    sx, zx = 1.0 / 64, 131
+    for w_shape, padding, dilation in (((5, 1, 3, 3), 1, 1), ((5, 1, 5, 5), 4, 2),
+                                       ((5, 1, 3, 5), (2, 0), (2, 1))):
+        w = rng.standard_normal(w_shape).astype(np.float32)
+        sw, zw = quantize.quant_params(w)
+        qw, _, _ = quantize.quantize_per_tensor(w)
+        y, qx = klut.lut_conv_codes(x, sx, zx, qw, zw, gt, 1, padding, dilation,
+                                    out_scale=sx * sw)
+        expected_qx = quantize.quantize_with(x, sx, zx)
+        np.testing.assert_array_equal(qx, expected_qx)
+        acc = _reference_dw(expected_qx, zx, qw, zw, table_of(name), 1, padding, dilation)
+        np.testing.assert_array_equal(y, (acc * (sx * sw)).astype(np.float32))
+    assert packed_calls["packed"] == 3
+    qw = np.zeros((5, 1, 3, 3), np.uint8)
+    assert klut.lut_conv_codes(x, sx, zx, qw, 0, gt, 2, 1, 1) is None
+    assert klut.lut_conv_codes(x, sx, zx, np.zeros((4, 5, 1, 1), np.uint8), 0, gt) is None
+    assert packed_calls["packed"] == 3
+
+
+@pytest.mark.parametrize("k, limit", [(3, packed_taps.WORD_RANGE),
+                                      (5, packed_taps.VECTOR_RANGE)])
+def test_lanes_hold_the_widest_columns_they_take(packed_calls, k, limit):
+    """A column spanning limit - 1 values packs, and with every code at its largest value the
+    lane sums reach their bound exactly; one value wider falls back to the per-tap loop. Both
+    give the gather's integers."""
+    rng = np.random.default_rng(16)
+    for span, packed in ((limit - 1, True), (limit, False)):
+        table = rng.integers(-50, 50, (256, 256)).astype(np.int32)
+        table[:, 7] = 0
+        table[0, 7] = -(span // 2)
+        table[255, 7] = span - span // 2
+        assert (packed_taps.tap_rows(np.ascontiguousarray(table.T), np.full((1, k * k), 7,
+                                     np.uint8), 0, 0, (k, k)) is not None) == packed
+        qw = np.full((2, 1, k, k), 7, np.uint8)
+        qw[1, 0, 0, 0] = 200
+        qx = np.full((2, 2, 7, 8), 255, np.uint8)
+        qx[1, :, 3, 2] = 0
+        before = packed_calls["packed"]
+        got = klut.lut_depthwise_conv(qx, 255, qw, 0, table, 1, k // 2, 1)
+        assert packed_calls["packed"] - before == packed
+        np.testing.assert_array_equal(got, _reference_dw(qx, 255, qw, 0, table, 1, k // 2, 1),
+                                      err_msg=f"span {span}")
+
+
+def test_results_do_not_depend_on_thread_count(packed_calls, monkeypatch):
+    monkeypatch.setattr(_util, "SERIAL_BELOW", 0)
+    gt = make_lut_plan(table_of("mul8u_L40")).gather_table
+    rng = np.random.default_rng(12)
+    qx = rng.integers(0, 256, (5, 6, 12, 12), dtype=np.uint8)
+    before = numba.get_num_threads()
+    for k in (3, 5):
+        qw = rng.integers(0, 256, (6, 1, k, k), dtype=np.uint8)
+        results = []
+        try:
+            for n in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+                numba.set_num_threads(n)
+                results.append(klut.lut_depthwise_conv(qx, 7, qw, 8, gt, 1, k // 2, 1))
+        finally:
+            numba.set_num_threads(before)
+        np.testing.assert_array_equal(results[0], results[-1])
+        np.testing.assert_array_equal(results[0], _reference_dw(qx, 7, qw, 8, table_of(
+            "mul8u_L40"), 1, k // 2, 1))
+
+
+# ----------------------------------------------------------------------------- test the tester
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_a_wrong_lane_entry_is_caught(packed_calls, monkeypatch, k):
+    """One changed value in any used lane of the packed rows (each slot of a word, each used
+    vector lane) changes the output."""
+    gt = make_lut_plan(table_of("mul8u_L40")).gather_table
+    rng = np.random.default_rng(13)
+    qx = rng.integers(0, 256, (1, 2, 9, 9), dtype=np.uint8)
+    qw = rng.integers(0, 256, (2, 1, k, k), dtype=np.uint8)
+    good = klut.lut_depthwise_conv(qx, 3, qw, 4, gt, 1, k // 2, 1)
+    code = int(qx[0, 0, 4, 4])          # an interior code that every tap of channel 0 reads
+    real = packed_taps.tap_rows
+    for s in range(k):
+        def corrupted(*args, s=s, **kwargs):
+            rows, cst = real(*args, **kwargs)
+            if rows.shape[3] == 1:       # words: slot s in lane 2 - s
+                rows[0, 1, code, 0] += 1 << (packed_taps.LANE_BITS * (2 - s))
+            else:
+                rows[0, 1, code, 7 - s] += 1
+            return rows, cst
+        monkeypatch.setattr(packed_taps, "tap_rows", corrupted)
+        assert not np.array_equal(klut.lut_depthwise_conv(qx, 3, qw, 4, gt, 1, k // 2, 1),
+                                  good), s
+    monkeypatch.setattr(packed_taps, "tap_rows", real)
+    np.testing.assert_array_equal(klut.lut_depthwise_conv(qx, 3, qw, 4, gt, 1, k // 2, 1), good)
