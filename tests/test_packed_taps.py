@@ -21,13 +21,18 @@ from approxdarts_np.kernels import _util, packed_taps
 from approxdarts_np.kernels import lut_conv as klut
 from test_byte_shuffle import _reference_dw
 
-# (k_h, k_w, padding, dilation, h, w): 3x3 and 5x5 as searched, rows of every width up to two
-# vector groups, one to nine kernel rows (passes of 5, 3 and 1 chains), per-axis geometry
-GEOMETRIES = [(3, 3, 1, 1, 9, 9), (5, 5, 2, 1, 8, 11), (3, 3, 2, 2, 9, 7), (5, 5, 4, 2, 10, 10),
-              (1, 1, 0, 1, 5, 6), (1, 2, (0, 1), 1, 4, 7), (3, 5, (1, 2), (2, 1), 9, 8),
-              (5, 3, (0, 1), (1, 3), 9, 12), (2, 9, (1, 4), (1, 1), 6, 10),
-              (7, 2, (3, 0), (1, 2), 9, 9), (9, 9, 4, 1, 9, 9), (4, 8, 0, (2, 1), 11, 12),
-              (3, 3, 0, 1, 70, 5)]
+# (k_h, k_w, stride, padding, dilation, h, w): 3x3 and 5x5 as searched (strides 1 and 2),
+# rows of every width up to two vector groups, one to nine kernel rows (passes of 5, 3 and 1
+# chains), per-axis geometry, strides of 3
+GEOMETRIES = [(3, 3, 1, 1, 1, 9, 9), (5, 5, 1, 2, 1, 8, 11), (3, 3, 1, 2, 2, 9, 7),
+              (5, 5, 1, 4, 2, 10, 10), (3, 3, 2, 1, 1, 9, 9), (5, 5, 2, 2, 1, 8, 7),
+              (3, 3, 2, 2, 2, 11, 9), (5, 5, 2, 4, 2, 10, 10), (1, 1, 1, 0, 1, 5, 6),
+              (1, 2, 1, (0, 1), 1, 4, 7), (3, 5, 1, (1, 2), (2, 1), 9, 8),
+              (5, 3, 1, (0, 1), (1, 3), 9, 12), (2, 9, 1, (1, 4), (1, 1), 6, 10),
+              (7, 2, 1, (3, 0), (1, 2), 9, 9), (9, 9, 1, 4, 1, 9, 9), (4, 8, 1, 0, (2, 1), 11, 12),
+              (3, 3, 1, 0, 1, 70, 5), (3, 3, (2, 1), (1, 0), (1, 2), 9, 8),
+              (1, 1, 3, 0, 1, 7, 8), (5, 7, (1, 3), (2, 3), (1, 2), 8, 13),
+              (4, 9, (3, 2), 1, (2, 1), 12, 11)]
 
 
 def table_of(name):
@@ -55,36 +60,63 @@ def test_every_bundled_table_equals_the_plain_gather(packed_calls, name):
     table = table_of(name)
     gt = make_lut_plan(table).gather_table
     rng = np.random.default_rng(zlib.crc32(name.encode()))
-    for g, (k_h, k_w, padding, dilation, h, w) in enumerate(GEOMETRIES):
+    for g, (k_h, k_w, stride, padding, dilation, h, w) in enumerate(GEOMETRIES):
         zx, zw = (int(v) for v in rng.integers(0, 256, 2))
         zx, zw = ((0, 255), (255, 0))[g] if g < 2 else (zx, zw)   # the extreme zero points too
         qx = rng.integers(0, 256, (3, 2, h, w), dtype=np.uint8)
         qw = rng.integers(0, 256, (2, 1, k_h, k_w), dtype=np.uint8)
-        got = klut.lut_depthwise_conv(qx, zx, qw, zw, gt, 1, padding, dilation)
+        got = klut.lut_depthwise_conv(qx, zx, qw, zw, gt, stride, padding, dilation)
         np.testing.assert_array_equal(
-            got, _reference_dw(qx, zx, qw, zw, table, 1, padding, dilation),
-            err_msg=f"{name} {k_h}x{k_w} p={padding} d={dilation}")
+            got, _reference_dw(qx, zx, qw, zw, table, stride, padding, dilation),
+            err_msg=f"{name} {k_h}x{k_w} s={stride} p={padding} d={dilation}")
     assert packed_calls["packed"] == len(GEOMETRIES)
 
 
+def _geom(stride, dilation):
+    return (stride, stride, 0, 0, dilation, dilation)
+
+
+def test_group_plan_chains_the_taps_of_each_column_phase():
+    """A chain is one kernel row's taps on one column phase, at a fixed step in that phase;
+    chains of up to 3 taps are word groups, longer ones vector groups of 8 slots."""
+    plan = packed_taps.group_plan
+    taps, step = plan((3, 3), _geom(1, 1))
+    assert taps.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]] and step == 1
+    assert plan((3, 3), _geom(1, 2))[1] == 2                 # dilation 2: every other column
+    taps, step = plan((1, 3), _geom(2, 1))                    # stride 2: taps 0, 2 and tap 1
+    assert taps.tolist() == [[0, 2, -1], [1, -1, -1]] and step == 1
+    taps, step = plan((2, 5), _geom(2, 1))
+    assert taps.tolist() == [[0, 2, 4], [1, 3, -1], [5, 7, 9], [6, 8, -1]] and step == 1
+    taps, step = plan((1, 3), _geom(2, 2))                    # one phase, adjacent columns
+    assert taps.tolist() == [[0, 1, 2]] and step == 1
+    taps, step = plan((1, 7), _geom(3, 2))                    # columns 0, 2/3, 4/3 ... apart
+    assert taps.tolist() == [[0, 3, 6], [1, 4, -1], [2, 5, -1]] and step == 2
+    taps, step = plan((1, 5), _geom(1, 1))
+    assert taps.tolist() == [[0, 1, 2, 3, 4, -1, -1, -1]] and step == 1
+    taps, _ = plan((1, 10), _geom(1, 1))
+    assert taps.tolist() == [list(range(8)), [8, 9] + [-1] * 6]
+
+
 def test_word_kinds_and_group_layout():
-    """Rows of up to three taps pack into int64 words, wider ones into eight int32 lanes;
-    slot s of a group sits in lane slots-1-s, offset so that its smallest value is 0."""
+    """Groups of 3 slots pack into int64 words, of 8 into int32 lanes; slot s of a group sits
+    in lane slots-1-s, offset so that its smallest value is 0."""
     table_t = np.ascontiguousarray(table_of("mul8u_L40").T)
     qw = np.arange(1, 26, dtype=np.uint8).reshape(1, 25)
     zw = 9
-    rows, cst = packed_taps.tap_rows(table_t, qw[:, :9], 3, zw, (3, 3))
-    assert rows.dtype == np.int64 and rows.shape == (1, 3, 256, 1)
+    taps, _ = packed_taps.group_plan((3, 3), _geom(2, 1))
+    rows, cst = packed_taps.tap_rows(table_t, qw[:, :9], 3, zw, taps)
+    assert rows.dtype == np.int64 and rows.shape == (1, 6, 256, 1)
     a = np.arange(256)
     cols = table_t[qw[0, :9]].astype(np.int64) - zw * a           # (taps, 256)
     lo = cols.min(axis=1)
     mask = (1 << packed_taps.LANE_BITS) - 1
-    for i in range(3):
-        for s in range(3):
-            lane = (rows[0, i, :, 0] >> (packed_taps.LANE_BITS * (2 - s))) & mask
-            np.testing.assert_array_equal(lane, cols[3 * i + s] - lo[3 * i + s])
+    for g, slots in enumerate(taps):
+        for s, t in enumerate(slots):
+            lane = (rows[0, g, :, 0] >> (packed_taps.LANE_BITS * (2 - s))) & mask
+            np.testing.assert_array_equal(lane, cols[t] - lo[t] if t >= 0 else 0)
     assert cst[0] == (lo - 3 * qw[0, :9].astype(np.int64) + 3 * zw).sum()
-    rows, cst = packed_taps.tap_rows(table_t, qw, 3, zw, (5, 5))
+    taps, _ = packed_taps.group_plan((5, 5), _geom(1, 1))
+    rows, cst = packed_taps.tap_rows(table_t, qw, 3, zw, taps)
     assert rows.dtype == np.int32 and rows.shape == (1, 5, 256, 8)
     cols = table_t[qw[0]].astype(np.int64) - zw * a
     lo = cols.min(axis=1)
@@ -97,9 +129,9 @@ def test_word_kinds_and_group_layout():
 
 @pytest.mark.parametrize("name", ["mul8u_L40", "mul8u_2P7"])
 def test_one_pass_equals_quantise_then_gather(packed_calls, monkeypatch, name):
-    """lut_conv_codes on the portable kernels: a depthwise convolution at stride 1 runs in one
-    pass, codes and outputs identical to quantising first and gathering; other shapes refuse
-    (the caller quantises first)."""
+    """lut_conv_codes on the portable kernels: a depthwise convolution runs in one pass, codes
+    and outputs identical to quantising first and gathering; a pointwise one refuses (the
+    caller quantises first)."""
     monkeypatch.setattr(_util, "SERIAL_BELOW", 0)
     gt = make_lut_plan(table_of(name)).gather_table
     rng = np.random.default_rng(5)
@@ -108,22 +140,21 @@ def test_one_pass_equals_quantise_then_gather(packed_calls, monkeypatch, name):
     x[0, 0, 0, :7] = ties
     x[1, 2, 3, :7] = np.nextafter(ties, np.float32(10))
     sx, zx = 1.0 / 64, 131
-    for w_shape, padding, dilation in (((5, 1, 3, 3), 1, 1), ((5, 1, 5, 5), 4, 2),
-                                       ((5, 1, 3, 5), (2, 0), (2, 1))):
+    cases = (((5, 1, 3, 3), 1, 1, 1), ((5, 1, 5, 5), 1, 4, 2), ((5, 1, 3, 5), 1, (2, 0), (2, 1)),
+             ((5, 1, 3, 3), 2, 1, 1), ((5, 1, 5, 5), 2, 4, 2))
+    for w_shape, stride, padding, dilation in cases:
         w = rng.standard_normal(w_shape).astype(np.float32)
         sw, zw = quantize.quant_params(w)
         qw, _, _ = quantize.quantize_per_tensor(w)
-        y, qx = klut.lut_conv_codes(x, sx, zx, qw, zw, gt, 1, padding, dilation,
+        y, qx = klut.lut_conv_codes(x, sx, zx, qw, zw, gt, stride, padding, dilation,
                                     out_scale=sx * sw)
         expected_qx = quantize.quantize_with(x, sx, zx)
         np.testing.assert_array_equal(qx, expected_qx)
-        acc = _reference_dw(expected_qx, zx, qw, zw, table_of(name), 1, padding, dilation)
+        acc = _reference_dw(expected_qx, zx, qw, zw, table_of(name), stride, padding, dilation)
         np.testing.assert_array_equal(y, (acc * (sx * sw)).astype(np.float32))
-    assert packed_calls["packed"] == 3
-    qw = np.zeros((5, 1, 3, 3), np.uint8)
-    assert klut.lut_conv_codes(x, sx, zx, qw, 0, gt, 2, 1, 1) is None
+    assert packed_calls["packed"] == len(cases)
     assert klut.lut_conv_codes(x, sx, zx, np.zeros((4, 5, 1, 1), np.uint8), 0, gt) is None
-    assert packed_calls["packed"] == 3
+    assert packed_calls["packed"] == len(cases)
 
 
 @pytest.mark.parametrize("k, limit", [(3, packed_taps.WORD_RANGE),
@@ -138,8 +169,9 @@ def test_lanes_hold_the_widest_columns_they_take(packed_calls, k, limit):
         table[:, 7] = 0
         table[0, 7] = -(span // 2)
         table[255, 7] = span - span // 2
+        taps, _ = packed_taps.group_plan((k, k), _geom(1, 1))
         assert (packed_taps.tap_rows(np.ascontiguousarray(table.T), np.full((1, k * k), 7,
-                                     np.uint8), 0, 0, (k, k)) is not None) == packed
+                                     np.uint8), 0, 0, taps) is not None) == packed
         qw = np.full((2, 1, k, k), 7, np.uint8)
         qw[1, 0, 0, 0] = 200
         qx = np.full((2, 2, 7, 8), 255, np.uint8)
@@ -173,27 +205,31 @@ def test_results_do_not_depend_on_thread_count(packed_calls, monkeypatch):
 
 # ----------------------------------------------------------------------------- test the tester
 
-@pytest.mark.parametrize("k", [3, 5])
-def test_a_wrong_lane_entry_is_caught(packed_calls, monkeypatch, k):
-    """One changed value in any used lane of the packed rows (each slot of a word, each used
-    vector lane) changes the output."""
+@pytest.mark.parametrize("k, stride", [(3, 1), (5, 1), (3, 2), (5, 2)])
+def test_a_wrong_lane_entry_is_caught(packed_calls, monkeypatch, k, stride):
+    """One value changed by 1 in any used lane of the packed rows (each slot of every group,
+    words and vectors, at strides 1 and 2) changes the output."""
     gt = make_lut_plan(table_of("mul8u_L40")).gather_table
-    rng = np.random.default_rng(13)
-    qx = rng.integers(0, 256, (1, 2, 9, 9), dtype=np.uint8)
-    qw = rng.integers(0, 256, (2, 1, k, k), dtype=np.uint8)
-    good = klut.lut_depthwise_conv(qx, 3, qw, 4, gt, 1, k // 2, 1)
-    code = int(qx[0, 0, 4, 4])          # an interior code that every tap of channel 0 reads
+    code = 77
+    qx = np.full((1, 2, 9, 9), code, np.uint8)    # every tap reads this code at every output
+    qw = np.random.default_rng(13).integers(0, 256, (2, 1, k, k), dtype=np.uint8)
+    good = klut.lut_depthwise_conv(qx, 3, qw, 4, gt, stride, 0, 1)
     real = packed_taps.tap_rows
-    for s in range(k):
-        def corrupted(*args, s=s, **kwargs):
+    taps, _ = packed_taps.group_plan((k, k), _geom(stride, 1))
+    used = [(g, s) for g in range(taps.shape[0]) for s in range(taps.shape[1]) if taps[g, s] >= 0]
+    assert len(used) == k * k
+    for g, s in used:
+        def corrupted(*args, g=g, s=s, **kwargs):
             rows, cst = real(*args, **kwargs)
             if rows.shape[3] == 1:       # words: slot s in lane 2 - s
-                rows[0, 1, code, 0] += 1 << (packed_taps.LANE_BITS * (2 - s))
+                rows[0, g, code, 0] += 1 << (packed_taps.LANE_BITS * (2 - s))
             else:
-                rows[0, 1, code, 7 - s] += 1
+                rows[0, g, code, 7 - s] += 1
             return rows, cst
         monkeypatch.setattr(packed_taps, "tap_rows", corrupted)
-        assert not np.array_equal(klut.lut_depthwise_conv(qx, 3, qw, 4, gt, 1, k // 2, 1),
-                                  good), s
+        assert not np.array_equal(klut.lut_depthwise_conv(qx, 3, qw, 4, gt, stride, 0, 1),
+                                  good), (g, s)
     monkeypatch.setattr(packed_taps, "tap_rows", real)
-    np.testing.assert_array_equal(klut.lut_depthwise_conv(qx, 3, qw, 4, gt, 1, k // 2, 1), good)
+    np.testing.assert_array_equal(klut.lut_depthwise_conv(qx, 3, qw, 4, gt, stride, 0, 1), good)
+    np.testing.assert_array_equal(good, _reference_dw(qx, 3, qw, 4, table_of("mul8u_L40"),
+                                                      stride, 0, 1))

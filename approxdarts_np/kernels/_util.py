@@ -208,6 +208,40 @@ def tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq, phase_stride):
     return offs
 
 
+@njit(cache=True)
+def split_plane(src, buf, p_h, p_w, s_h, s_w, plane, wq, row0):
+    """Write plane src (H, W) into its phase planes (``plane`` codes each, rows of wq) at the
+    border offsets (p_h, p_w), from phase row ``row0`` on.
+
+    Bordered row r goes to row row0 + r // s_h of the phase planes (r % s_h, *), bordered
+    column c to column c // s_w of phase plane (*, c % s_w): one contiguous run per row and
+    column phase.
+    """
+    h, wd = src.shape
+    if s_w == 1:
+        for r in range(h):
+            pr = r + p_h
+            base = unsigned((pr % s_h) * plane + (row0 + pr // s_h) * wq + p_w)
+            row = src[r]
+            dst = buf[base:base + unsigned(wd)]
+            for c in range(wd):
+                dst[unsigned(c)] = row[unsigned(c)]
+        return
+    for r in range(h):
+        pr = r + p_h
+        row_base = (pr % s_h) * s_w * plane + (row0 + pr // s_h) * wq
+        row = src[r]
+        for pw in range(s_w):
+            c0 = (pw - p_w) % s_w           # first source column of this column phase
+            if c0 >= wd:
+                continue
+            n_c = (wd - c0 + s_w - 1) // s_w
+            base = unsigned(row_base + pw * plane + (c0 + p_w) // s_w)
+            dst = buf[base:base + unsigned(n_c)]
+            for m in range(n_c):
+                dst[unsigned(m)] = row[unsigned(c0 + m * s_w)]
+
+
 @njit(cache=True, inline="always")
 def unsigned(i):
     """Cast a (known non-negative) index to unsigned.

@@ -42,15 +42,15 @@ exactly (:func:`_column_windows_kernel` finds the windows once per table; two wi
 for every column of an exact multiplier and of mul8u_2P7, three for mul8u_17KS). Each window
 is a 16-entry table of two byte planes, one ``vpshufb`` each per 32 codes. A call whose
 columns are not all such sums (mul8u_L40: its columns depend on every pair of bits of a) runs
-the portable kernels (a depthwise one at stride 1: :mod:`approxdarts_np.kernels.packed_taps`). The kernels are the VBMI path's, with the lookup loop swapped
-(:func:`lookup_twin`). For a pointwise convolution the scalar kernel adds a row of n_out
+the portable kernels (a depthwise one: :mod:`approxdarts_np.kernels.packed_taps`). The
+kernels are the VBMI path's, with the lookup loop swapped (:func:`lookup_twin`). For a pointwise convolution the scalar kernel adds a row of n_out
 products per code, so the column kernel only takes the windows when n_out is small enough
 (:func:`column_windows`).
 
 :func:`path` says which kernels run: "vbmi" when Numba compiles for a CPU with AVX-512 BW and
 VBMI (the host's features, or those ``NUMBA_CPU_FEATURES`` lists), else "avx2" when it
 compiles for AVX2, else "scalar" (the portable kernels: the loops of
-:mod:`approxdarts_np.kernels.lut_conv` and, for depthwise convolutions at stride 1,
+:mod:`approxdarts_np.kernels.lut_conv` and, for depthwise convolutions,
 :mod:`approxdarts_np.kernels.packed_taps`).
 ``APPROXDARTS_NP_TABLE_KERNELS`` forces one (a CPU with VBMI runs all three). The kernels here
 are only compiled when first called, so importing this module is safe on any CPU.
@@ -65,7 +65,7 @@ from numba import njit, prange
 from numba.core import cgutils, config, types
 from numba.extending import intrinsic
 
-from ._util import block_bounds, pick_kernel, serial_twin, tap_offsets, unsigned
+from ._util import block_bounds, pick_kernel, serial_twin, split_plane, tap_offsets, unsigned
 from ..errors import UserError
 from .codes import codes_plane
 
@@ -590,40 +590,6 @@ def tap_tables(table_t, qw_taps, zx, zw, kind=None, max_windows=3):
     return None
 
 
-@njit(cache=True)
-def _split_plane(src, buf, p_h, p_w, s_h, s_w, plane, wq, row0):
-    """Write plane src (H, W) into its phase planes (``plane`` codes each, rows of wq) at the
-    border offsets (p_h, p_w), from phase row ``row0`` on.
-
-    Bordered row r goes to row row0 + r // s_h of the phase planes (r % s_h, *), bordered
-    column c to column c // s_w of phase plane (*, c % s_w): one contiguous run per row and
-    column phase.
-    """
-    h, wd = src.shape
-    if s_w == 1:
-        for r in range(h):
-            pr = r + p_h
-            base = unsigned((pr % s_h) * plane + (row0 + pr // s_h) * wq + p_w)
-            row = src[r]
-            dst = buf[base:base + unsigned(wd)]
-            for c in range(wd):
-                dst[unsigned(c)] = row[unsigned(c)]
-        return
-    for r in range(h):
-        pr = r + p_h
-        row_base = (pr % s_h) * s_w * plane + (row0 + pr // s_h) * wq
-        row = src[r]
-        for pw in range(s_w):
-            c0 = (pw - p_w) % s_w           # first source column of this column phase
-            if c0 >= wd:
-                continue
-            n_c = (wd - c0 + s_w - 1) // s_w
-            base = unsigned(row_base + pw * plane + (c0 + p_w) // s_w)
-            dst = buf[base:base + unsigned(n_c)]
-            for m in range(n_c):
-                dst[unsigned(m)] = row[unsigned(c0 + m * s_w)]
-
-
 @njit(cache=True, parallel=True)
 def _depthwise_kernel(qx, x, x_scale, x_inv, tabs, cst, zx, k_h, k_w, s_h, s_w, p_h, p_w, d_h,
                       d_w, out_h, out_w, scale, group, n_threads, out):
@@ -660,7 +626,7 @@ def _depthwise_kernel(qx, x, x_scale, x_inv, tabs, cst, zx, k_h, k_w, s_h, s_w, 
                 if x.size:
                     codes_plane(x[ni, ci].reshape(h * wd), x_scale, x_inv, zx,
                                 qx[ni, ci].reshape(h * wd), near)
-                _split_plane(qx[ni, ci], buf, p_h, p_w, s_h, s_w, rows * wq, wq,
+                split_plane(qx[ni, ci], buf, p_h, p_w, s_h, s_w, rows * wq, wq,
                              (ni - n0) * hq)
             _lookup_chunks(buf, offs, tabs[ci], acc, n_chunks)
             k = np.int64(cst[ci])

@@ -18,10 +18,11 @@ Kernels, all deterministic (integer sums, each output element written by one thr
   code), so an output pixel is the sum of K contiguous rows: the inner loop is a vector add over
   output channels instead of a gather per multiply-accumulate. Rows are stored as uint16 when
   the table fits (EvoApprox tables do), halving the memory the rows occupy.
-* :func:`lut_depthwise_conv` - at stride 1 the packed-tap kernel of
-  :mod:`approxdarts_np.kernels.packed_taps` (three taps' products per 64-bit load); at other
-  strides one table lookup per multiply-accumulate, from a small per-channel table that
-  already holds the zero-point terms (``taps x 256`` int32 values, in L1).
+* :func:`lut_depthwise_conv` - the packed-tap kernel of
+  :mod:`approxdarts_np.kernels.packed_taps` (three taps' products per 64-bit load, or up to
+  eight per vector); for a table whose columns do not fit its lanes, one table lookup per
+  multiply-accumulate, from a small per-channel table that already holds the zero-point terms
+  (``taps x 256`` int32 values, in L1).
 * :func:`lut_conv_codes` - the depthwise or pointwise table conv of float input in one pass
   (quantised inside the kernel), where the shuffle or packed-tap kernels run.
 * :func:`lowrank_bag_conv` - the low-rank engine's pointwise/dense step: code features gathered
@@ -546,14 +547,14 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None, table_t=None):
 
 
 def _packed_rows(table, table_t, qw, zx, zw, geom):
-    """:func:`~approxdarts_np.kernels.packed_taps.tap_rows` of a depthwise ``qw`` (C, 1, kh, kw),
-    or None where the packed-tap kernel does not run (a stride other than 1, or a table whose
-    columns do not fit its lanes)."""
-    if geom[:2] != (1, 1):
-        return None
+    """``(rows, cst, plan)`` for :func:`~approxdarts_np.kernels.packed_taps.depthwise_packed`
+    of a depthwise ``qw`` (C, 1, kh, kw), or None when the table's columns do not fit its
+    lanes."""
     n_ch, _, k_h, k_w = qw.shape
-    return packed_taps.tap_rows(_transposed(table, table_t), qw.reshape(n_ch, k_h * k_w), zx,
-                                zw, (k_h, k_w))
+    plan = packed_taps.group_plan((k_h, k_w), geom)
+    packed = packed_taps.tap_rows(_transposed(table, table_t), qw.reshape(n_ch, k_h * k_w), zx,
+                                  zw, plan[0])
+    return None if packed is None else packed + (plan,)
 
 
 def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, scale=None,
@@ -598,9 +599,9 @@ def lut_depthwise_conv(qx, zx, qw, zw, table, stride=1, padding=0, dilation=1, s
         return out.astype(np.int64) if scale is None else out
     packed = _packed_rows(table, table_t, qw, zx, zw, geom)
     if packed is not None:
-        # three taps per 64-bit load (kernels/packed_taps.py)
-        packed_taps.depthwise_packed(qx, packed[0], packed[1], zx, (k_h, k_w), geom,
-                                     (out_h, out_w), factor, out)
+        # three taps per 64-bit load, or up to eight per vector (kernels/packed_taps.py)
+        packed_taps.depthwise_packed(qx, *packed, zx, (k_h, k_w), geom, (out_h, out_w),
+                                     factor, out)
         return out.astype(np.int64) if scale is None else out
     # taps[c, t, a] = M[a, w] - zw*a - zx*w + zx*zw, one 256-entry row per (channel, tap);
     # int32 sums when no sum of k_h*k_w taps can overflow (bound from the table's peak)
@@ -625,12 +626,12 @@ def lut_conv_codes(x, x_scale, zx, qw, zw, table, stride=1, padding=0, dilation=
     float32(acc * out_scale) with acc as in :func:`lut_depthwise_conv` (``qw`` (C, 1, kh,
     kw)) or :func:`lut_bag_conv` (``qw`` (Co, Ci, 1, 1), stride 1, no padding). The shuffle
     kernels (:mod:`~approxdarts_np.kernels.byte_shuffle`) run it where they take the table's
-    columns; otherwise a depthwise convolution at stride 1 runs the packed-tap kernel
+    columns; otherwise a depthwise convolution runs the packed-tap kernel
     (:mod:`~approxdarts_np.kernels.packed_taps`). None when neither applies: another kind of
     convolution, a pointwise one without a shuffle kernel for its columns (none on this CPU;
     too wide; on AVX2 no sum of nibble windows, or more windows than its width allows), a
-    strided depthwise one without it, or a scale without a normal float32 inverse; the caller
-    then quantises and calls the kernels above.
+    depthwise one whose columns do not fit the packed lanes either, or a scale without a
+    normal float32 inverse; the caller then quantises and calls the kernels above.
     """
     x = check_float32_4d(x, "x")
     qw = check_codes(qw, "qw", 4)
@@ -661,9 +662,9 @@ def lut_conv_codes(x, x_scale, zx, qw, zw, table, stride=1, padding=0, dilation=
     qx = np.empty(x.shape, np.uint8)
     out = np.empty((n_img, n_out, out_h, out_w), np.float32)
     if packed is not None:
-        packed_taps.depthwise_packed(qx, packed[0], packed[1], zx, (k_h, k_w), geom,
-                                     (out_h, out_w), float(out_scale), out, x=x,
-                                     x_scale=float(x_scale), x_inv=inv)
+        packed_taps.depthwise_packed(qx, *packed, zx, (k_h, k_w), geom, (out_h, out_w),
+                                     float(out_scale), out, x=x, x_scale=float(x_scale),
+                                     x_inv=inv)
     elif depthwise:
         byte_shuffle.depthwise_lookup(qx, taps[0], taps[1], zx, (k_h, k_w), geom,
                                       (out_h, out_w), float(out_scale), out, x=x,

@@ -6,7 +6,7 @@ shifted: output q takes tap j's product at code x[q + j*d]. So one load per code
 the products of several taps at once, when the 256-entry table of a group of taps holds them
 as lanes of one word,
 
-    P[a] = sum over slots s of  V_s[a] << (lane S-1-s),    V_s[a] = M[a, w_s] - zw*a - lo_s,
+    P[a] = sum over slots s of  V_s[a] in lane S-1-s,    V_s[a] = M[a, w_s] - zw*a - lo_s,
 
 with lo_s the smallest value of slot s's column, so that every V_s lies in 0..2**17 (M <=
 65535 and zw*a <= 65025). A running word, shifted down one lane per step,
@@ -30,13 +30,20 @@ constant per channel,
 
     acc = sum over groups of lane 0 + sum_t ( lo_t - zx*w_t + zx*zw ),
 
-the integer the scalar kernel sums, so the outputs are bit-identical. Only stride 1: at
-stride 2 the taps of a row fall on different phases (the scalar kernel runs those).
+the integer the scalar kernel sums, so the outputs are bit-identical.
 
-Jobs and buffers follow :mod:`approxdarts_np.kernels.byte_shuffle`: (channel, group of
-images), the images' bordered planes stacked in one buffer so that small planes still give
-long passes; ``x`` (optional) is quantised as it is read.
+Strides: as in :mod:`approxdarts_np.kernels.byte_shuffle`, the bordered plane is split into
+s_h * s_w phase planes, which every tap reads at stride 1. The taps of a kernel row that fall
+on one column phase, j = j0, j0 + p, j0 + 2p, ... (p = s_w / gcd(d_w, s_w)), read it at columns
+d_w / gcd(d_w, s_w) apart: a chain again, with that step (:func:`group_plan`). At stride 2 a
+row of three taps is two chains (taps 0 and 2, tap 1), a row of five two (0, 2, 4 and 1, 3).
+
+Jobs and buffers follow the byte-shuffle kernels too: (channel, group of images), the images'
+phase planes stacked in one buffer so that small planes still give long passes; ``x``
+(optional) is quantised as it is read.
 """
+from math import gcd
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange
@@ -44,10 +51,10 @@ from numba.core import cgutils, types
 from numba.core.extending import overload
 from numba.extending import intrinsic
 
-from ._util import block_bounds, pick_kernel, serial_twin, unsigned
+from ._util import block_bounds, pick_kernel, serial_twin, split_plane, tap_offsets, unsigned
 from .codes import codes_plane
 
-__all__ = ["tap_rows", "depthwise_packed", "word_slots"]
+__all__ = ["group_plan", "tap_rows", "depthwise_packed"]
 
 # int64 words: three lanes of 21 bits (rows of at most WORD_SLOTS taps)
 WORD_SLOTS = 3
@@ -67,72 +74,86 @@ _PLANE_ELEMENTS = 64
 _NO_INPUT = np.zeros((0, 0, 0, 0), np.float32)
 
 
-def word_slots(k_w):
-    """Slots per group for kernel rows of ``k_w`` taps: 3 (int64 words) up to 3 taps, else 8
-    (vector lanes)."""
-    return WORD_SLOTS if k_w <= WORD_SLOTS else LANES
+def group_plan(k_size, geom):
+    """``(group_taps, step)``: the taps of each group, and the chains' step in the phase planes.
+
+    group_taps (G, S) int64 lists group g's taps (row-major tap indices i*k_w + j) slot by slot,
+    -1 for an empty slot (always at the end); S is 3 when no chain has more than 3 taps (int64
+    words), else 8 (vector lanes). A chain is the taps of one kernel row on one column phase
+    (see the module docstring); a chain longer than S is split into groups of S.
+    """
+    k_h, k_w = k_size
+    s_w, d_w = geom[1], geom[5]
+    g = gcd(d_w, s_w)
+    period = s_w // g
+    slots = WORD_SLOTS if -(-k_w // period) <= WORD_SLOTS else LANES
+    rows = []
+    for i in range(k_h):
+        for j0 in range(min(period, k_w)):
+            chain = [i * k_w + j for j in range(j0, k_w, period)]
+            for c0 in range(0, len(chain), slots):
+                part = chain[c0:c0 + slots]
+                rows.append(part + [-1] * (slots - len(part)))
+    return np.array(rows, np.int64), d_w // g
 
 
 @njit(cache=True)
-def _tap_rows_kernel(table_t, qw_taps, zx, zw, k_h, k_w, slots, rows, cst):
-    """rows[c, g, a, l] for group g = (i, gj) (slots gj*slots + s of kernel row i, slot s in
-    lane slots-1-s; zero past the row's end) and cst[c]; returns the widest column range found
-    (the caller checks that it fits). ``rows`` int32 (C, G, 256, slots) for vectors, or int64
-    (C, G, 256, 1) with the three 21-bit lanes packed in one word."""
-    n_gw = (k_w + slots - 1) // slots
+def _tap_rows_kernel(table_t, qw_taps, zx, zw, group_taps, rows, cst):
+    """rows[c, g, a, l] (slot s of group g in lane slots-1-s, zero for an empty slot) and
+    cst[c]; returns the widest column range found (the caller checks that it fits). ``rows``
+    int32 (C, G, 256, slots) for vectors, or int64 (C, G, 256, 1) with the three 21-bit lanes
+    packed in one word."""
+    n_g, slots = group_taps.shape
     words = rows.shape[3] == 1
     widest = np.int64(0)
     for c in range(qw_taps.shape[0]):
         k = np.int64(0)
-        for i in range(k_h):
-            for gj in range(n_gw):
-                dst = rows[c, i * n_gw + gj]
-                for s in range(slots):
-                    j = gj * slots + s
-                    lane = slots - 1 - s
-                    if j >= k_w:
-                        if not words:
-                            dst[:, lane] = 0
-                        continue
-                    b = np.int64(qw_taps[c, i * k_w + j])
-                    col = table_t[b]
-                    lo = np.int64(col[0])
-                    hi = lo
-                    for a in range(256):
-                        v = np.int64(col[a]) - zw * a
-                        lo = min(lo, v)
-                        hi = max(hi, v)
-                    widest = max(widest, hi - lo)
-                    k += lo - zx * b + zx * zw
-                    for a in range(256):
-                        v = np.int64(col[a]) - zw * a - lo
-                        if not words:
-                            dst[a, lane] = v
-                        elif s == 0:
-                            dst[a, 0] = v << (LANE_BITS * lane)
-                        else:
-                            dst[a, 0] += v << (LANE_BITS * lane)
+        for g in range(n_g):
+            dst = rows[c, g]
+            for s in range(slots):
+                lane = slots - 1 - s
+                t = group_taps[g, s]
+                if t < 0:
+                    if not words:
+                        dst[:, lane] = 0
+                    continue
+                b = np.int64(qw_taps[c, t])
+                col = table_t[b]
+                lo = np.int64(col[0])
+                hi = lo
+                for a in range(256):
+                    v = np.int64(col[a]) - zw * a
+                    lo = min(lo, v)
+                    hi = max(hi, v)
+                widest = max(widest, hi - lo)
+                k += lo - zx * b + zx * zw
+                for a in range(256):
+                    v = np.int64(col[a]) - zw * a - lo
+                    if not words:
+                        dst[a, lane] = v
+                    elif s == 0:
+                        dst[a, 0] = v << (LANE_BITS * lane)
+                    else:
+                        dst[a, 0] += v << (LANE_BITS * lane)
         cst[c] = k
     return widest
 
 
-def tap_rows(table_t, qw_taps, zx, zw, k_size):
+def tap_rows(table_t, qw_taps, zx, zw, group_taps):
     """``(rows, cst)`` for :func:`depthwise_packed`, or None when a tap's column spans more
     values than the lanes hold (only a table with products beyond 16 bits can).
 
     ``table_t`` the table transposed (``table_t[w, a] = M[a, w]``); ``qw_taps`` (C, kh*kw)
-    uint8 weight codes, row-major taps. rows (C, kh * groups per row, 256, 1) int64 words for
-    kernel rows of up to 3 taps, else (C, kh * groups per row, 256, 8) int32 lanes.
+    uint8 weight codes, row-major taps; ``group_taps`` from :func:`group_plan`. rows (C, G,
+    256, 1) int64 words for groups of 3 slots, else (C, G, 256, 8) int32 lanes.
     """
-    k_h, k_w = k_size
-    slots = word_slots(k_w)
+    n_g, slots = group_taps.shape
     n_ch = qw_taps.shape[0]
-    shape = (n_ch, k_h * -(-k_w // slots), 256)
-    rows = (np.empty(shape + (1,), np.int64) if slots == WORD_SLOTS
-            else np.empty(shape + (LANES,), np.int32))
+    rows = (np.empty((n_ch, n_g, 256, 1), np.int64) if slots == WORD_SLOTS
+            else np.empty((n_ch, n_g, 256, LANES), np.int32))
     cst = np.empty(n_ch, np.int64)
-    widest = _tap_rows_kernel(table_t, qw_taps, np.int64(zx), np.int64(zw), k_h, k_w, slots,
-                              rows, cst)
+    widest = _tap_rows_kernel(table_t, qw_taps, np.int64(zx), np.int64(zw), group_taps, rows,
+                              cst)
     if widest >= (WORD_RANGE if slots == WORD_SLOTS else VECTOR_RANGE):
         return None
     return rows, cst
@@ -309,37 +330,31 @@ def _groups_impl(buf, offs, rows_c, d, acc, length):
 
 # ----------------------------------------------------------------------------- kernel
 
-@njit(cache=True)
-def _group_offsets(k_h, k_w, d_h, d_w, wp, lead, slots):
-    """Offset in the buffer of group (i, gj)'s last-slot code for output 0."""
-    n_gw = (k_w + slots - 1) // slots
-    offs = np.empty(k_h * n_gw, np.int64)
-    for i in range(k_h):
-        for gj in range(n_gw):
-            offs[i * n_gw + gj] = lead + i * d_h * wp + (gj * slots + slots - 1) * d_w
-    return offs
-
-
 @njit(cache=True, parallel=True)
-def _packed_kernel(qx, x, x_scale, x_inv, rows, cst, zx, slots, k_h, k_w, p_h, p_w, d_h, d_w,
-                   out_h, out_w, scale, group, n_threads, out):
+def _packed_kernel(qx, x, x_scale, x_inv, rows, cst, group_taps, step, zx, k_h, k_w, s_h, s_w,
+                   p_h, p_w, d_h, d_w, out_h, out_w, scale, group, n_threads, out):
     """out[n, c, oh, ow] = (sum of the groups' lane-0 sums + cst[c]) * scale, the product in
-    float64, at stride 1 (``slots`` per group: 3 for words, 8 for lanes).
+    float64.
 
     Jobs are (channel, group of ``group`` images), split into ``n_threads`` contiguous ranges.
-    A job stacks its images' bordered planes (hp rows of wp codes each) in one buffer, after
-    ``lead`` = (slots - 1) * d_w codes for the chains' first steps, and runs every group over
+    A job stacks its images' phase planes (hq rows of wq codes each) in one buffer, after
+    ``lead`` = (slots - 1) * step codes for the chains' first steps, and runs every group over
     the whole stack (the rows between images are computed and dropped). The buffer is bordered
     with code zx once per thread; only the interiors are rewritten. With ``x`` (float32, qx's
     shape; empty otherwise) each plane is quantised first, into ``qx``.
     """
     n_img, n_ch, h, wd = qx.shape
-    hp = h + 2 * p_h
-    wp = wd + 2 * p_w
-    lead = (slots - 1) * d_w
-    offs = _group_offsets(k_h, k_w, d_h, d_w, wp, lead, slots)
-    length = ((group - 1) * hp + out_h - 1) * wp + out_w
-    size = max(lead + group * hp * wp, offs.max() + length)
+    n_g, slots = group_taps.shape
+    hq = (h + 2 * p_h + s_h - 1) // s_h
+    wq = (wd + 2 * p_w + s_w - 1) // s_w
+    plane = group * hq * wq
+    lead = (slots - 1) * step
+    taps = tap_offsets(k_h, k_w, s_h, s_w, d_h, d_w, wq, plane)
+    offs = np.empty(n_g, np.int64)
+    for g in range(n_g):      # group g's last slot, for output 0
+        offs[g] = lead + taps[group_taps[g, 0]] + (slots - 1) * step
+    length = ((group - 1) * hq + out_h - 1) * wq + out_w
+    size = max(lead + s_h * s_w * plane, offs.max() + length)
     n_groups = (n_img + group - 1) // group
     n_jobs = n_ch * n_groups
     for thread in prange(n_threads):
@@ -355,49 +370,43 @@ def _packed_kernel(qx, x, x_scale, x_inv, rows, cst, zx, slots, k_h, k_w, p_h, p
                 if x.size:
                     codes_plane(x[ni, ci].reshape(h * wd), x_scale, x_inv, zx,
                                 qx[ni, ci].reshape(h * wd), near)
-                src = qx[ni, ci]
-                for r in range(h):
-                    base = unsigned(lead + ((ni - n0) * hp + r + p_h) * wp + p_w)
-                    dst = buf[base:base + unsigned(wd)]
-                    row = src[r]
-                    for c in range(wd):
-                        dst[unsigned(c)] = row[unsigned(c)]
-            _groups(buf, offs, rows[ci], d_w, acc, length)
+                split_plane(qx[ni, ci], buf[lead:], p_h, p_w, s_h, s_w, plane, wq,
+                            (ni - n0) * hq)
+            _groups(buf, offs, rows[ci], step, acc, length)
             k = cst[ci]
             for ni in range(n0, n1):
                 for oh in range(out_h):
-                    dst_o = out[ni, ci, oh]
-                    q0 = ((ni - n0) * hp + oh) * wp
-                    src_a = acc[unsigned(q0):unsigned(q0 + out_w)]
+                    dst = out[ni, ci, oh]
+                    q0 = ((ni - n0) * hq + oh) * wq
+                    src = acc[unsigned(q0):unsigned(q0 + out_w)]
                     for ow in range(out_w):
-                        dst_o[unsigned(ow)] = np.float64(src_a[unsigned(ow)] + k) * scale
+                        dst[unsigned(ow)] = np.float64(src[unsigned(ow)] + k) * scale
     return out
 
 
 _packed_kernel_serial = serial_twin(_packed_kernel)
 
 
-def depthwise_packed(qx, rows, cst, zx, k_size, geom, out_hw, scale, out, x=None, x_scale=1.0,
-                     x_inv=1.0):
+def depthwise_packed(qx, rows, cst, plan, zx, k_size, geom, out_hw, scale, out, x=None,
+                     x_scale=1.0, x_inv=1.0):
     """Run the packed-tap depthwise kernel into ``out`` (float32 or float64, (N, C, OH, OW)).
 
-    Stride 1 only (``geom`` = (1, 1, p_h, p_w, d_h, d_w)); ``rows, cst`` from :func:`tap_rows`.
+    ``plan`` = :func:`group_plan` (k_size, geom), ``rows, cst`` from :func:`tap_rows`.
     Arguments as checked by :func:`approxdarts_np.kernels.lut_conv.lut_depthwise_conv`, the
     public entry. With ``x`` (finite float32, qx's shape) the kernel first writes x's codes
     (scale ``x_scale``, its float32 inverse ``x_inv``, zero point ``zx``) into ``qx``.
     """
     k_h, k_w = k_size
     s_h, s_w, p_h, p_w, d_h, d_w = geom
-    if (s_h, s_w) != (1, 1):
-        raise ValueError(f"the packed-tap kernel runs at stride 1 only, got ({s_h}, {s_w})")
     out_h, out_w = out_hw
     n_img, n_ch, h, wd = qx.shape
-    plane = (h + 2 * p_h) * (wd + 2 * p_w)
-    group = max(1, min(n_img, _GROUP_CODES // plane))
+    phase_plane = -(-(h + 2 * p_h) // s_h) * -(-(wd + 2 * p_w) // s_w)
+    group = max(1, min(n_img, _GROUP_CODES // phase_plane))
     work = n_img * n_ch * (out_h * out_w * rows.shape[1] // 4 + _PLANE_ELEMENTS)
     kernel, n_threads = pick_kernel(_packed_kernel, _packed_kernel_serial, work)
     n_threads = min(n_threads, n_ch * -(-n_img // group))
     x = _NO_INPUT if x is None else x
-    return kernel(qx, x, float(x_scale), np.float32(x_inv), rows, cst, np.uint8(zx),
-                  word_slots(k_w), k_h, k_w, p_h, p_w, d_h, d_w, out_h, out_w, float(scale),
-                  group, n_threads, out)
+    group_taps, step = plan
+    return kernel(qx, x, float(x_scale), np.float32(x_inv), rows, cst, group_taps, step,
+                  np.uint8(zx), k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
+                  float(scale), group, n_threads, out)
