@@ -36,6 +36,8 @@ TIMED = {
     "approxdarts_np.kernels.conv": ["conv2d", "conv2d_grad_input", "conv2d_grad_weight",
                                     "pointwise_conv2d_codes", "pointwise_codes_unchecked"],
     "approxdarts_np.kernels.byte_shuffle": ["tap_tables", "depthwise_lookup", "columns_lookup"],
+    "approxdarts_np.kernels.packed_taps": ["tap_rows", "depthwise_packed"],
+    "approxdarts_np.kernels.lut_conv": ["_bag_run"],
     "approxdarts_np.kernels.depthwise": ["depthwise_conv2d", "depthwise_conv2d_grad_input",
                                          "depthwise_conv2d_grad_weight", "depthwise_conv2d_codes",
                                          "depthwise_codes_unchecked"],

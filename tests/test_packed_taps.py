@@ -20,6 +20,7 @@ from approxdarts_np.approx.multipliers import bundled_names, load_multiplier
 from approxdarts_np.kernels import _util, packed_taps
 from approxdarts_np.kernels import lut_conv as klut
 from test_byte_shuffle import _reference_dw
+from test_lut_conv import reference_lut_conv
 
 # (k_h, k_w, stride, padding, dilation, h, w): 3x3 and 5x5 as searched (strides 1 and 2),
 # rows of every width up to two vector groups, one to nine kernel rows (passes of 5, 3 and 1
@@ -99,41 +100,47 @@ def test_group_plan_chains_the_taps_of_each_column_phase():
 
 def test_word_kinds_and_group_layout():
     """Groups of 3 slots pack into int64 words, of 8 into int32 lanes; slot s of a group sits
-    in lane slots-1-s, offset so that its smallest value is 0."""
+    in lane slots-1-s, in a word offset so that its smallest value is 0."""
     table_t = np.ascontiguousarray(table_of("mul8u_L40").T)
     qw = np.arange(1, 26, dtype=np.uint8).reshape(1, 25)
     zw = 9
     taps, _ = packed_taps.group_plan((3, 3), _geom(2, 1))
     rows, cst = packed_taps.tap_rows(table_t, qw[:, :9], 3, zw, taps)
-    assert rows.dtype == np.int64 and rows.shape == (1, 6, 256, 1)
+    assert rows.dtype == np.int64 and rows.shape == (1, 6, 256)
     a = np.arange(256)
     cols = table_t[qw[0, :9]].astype(np.int64) - zw * a           # (taps, 256)
     lo = cols.min(axis=1)
     mask = (1 << packed_taps.LANE_BITS) - 1
     for g, slots in enumerate(taps):
         for s, t in enumerate(slots):
-            lane = (rows[0, g, :, 0] >> (packed_taps.LANE_BITS * (2 - s))) & mask
+            lane = (rows[0, g] >> (packed_taps.LANE_BITS * (2 - s))) & mask
             np.testing.assert_array_equal(lane, cols[t] - lo[t] if t >= 0 else 0)
     assert cst[0] == (lo - 3 * qw[0, :9].astype(np.int64) + 3 * zw).sum()
     taps, _ = packed_taps.group_plan((5, 5), _geom(1, 1))
     rows, cst = packed_taps.tap_rows(table_t, qw, 3, zw, taps)
     assert rows.dtype == np.int32 and rows.shape == (1, 5, 256, 8)
-    cols = table_t[qw[0]].astype(np.int64) - zw * a
-    lo = cols.min(axis=1)
+    cols = table_t[qw[0]].astype(np.int64) - zw * a      # vector lanes: no offset
+    assert (cols < 0).any()
     for i in range(5):
         for s in range(5):
-            np.testing.assert_array_equal(rows[0, i, :, 7 - s], cols[5 * i + s] - lo[5 * i + s])
+            np.testing.assert_array_equal(rows[0, i, :, 7 - s], cols[5 * i + s])
         assert not rows[0, i, :, :3].any()        # slots 5..7: zero columns
-    assert cst[0] == (lo - 3 * qw[0].astype(np.int64) + 3 * zw).sum()
+    assert cst[0] == (-3 * qw[0].astype(np.int64) + 3 * zw).sum()
 
 
 @pytest.mark.parametrize("name", ["mul8u_L40", "mul8u_2P7"])
 def test_one_pass_equals_quantise_then_gather(packed_calls, monkeypatch, name):
-    """lut_conv_codes on the portable kernels: a depthwise convolution runs in one pass, codes
-    and outputs identical to quantising first and gathering; a pointwise one refuses (the
-    caller quantises first)."""
+    """lut_conv_codes on the portable kernels: depthwise convolutions (packed taps) and
+    pointwise ones (the bag kernel) run in one pass, codes and outputs identical to
+    quantising first and gathering; a pointwise one whose int32 sums could overflow refuses
+    (the caller splits its taps)."""
     monkeypatch.setattr(_util, "SERIAL_BELOW", 0)
-    gt = make_lut_plan(table_of(name)).gather_table
+    bags = []
+    real_bag = klut._bag_run
+    monkeypatch.setattr(klut, "_bag_run", lambda *a, **k: bags.append(k.get("x") is not None)
+                        or real_bag(*a, **k))
+    table = table_of(name)
+    gt = make_lut_plan(table).gather_table
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 5, 9, 10)).astype(np.float32)
     ties = np.array([1, -1, 3, -3, 5, 77, -101], np.float32) / 128   # x / s on rounding ties
@@ -141,7 +148,7 @@ def test_one_pass_equals_quantise_then_gather(packed_calls, monkeypatch, name):
     x[1, 2, 3, :7] = np.nextafter(ties, np.float32(10))
     sx, zx = 1.0 / 64, 131
     cases = (((5, 1, 3, 3), 1, 1, 1), ((5, 1, 5, 5), 1, 4, 2), ((5, 1, 3, 5), 1, (2, 0), (2, 1)),
-             ((5, 1, 3, 3), 2, 1, 1), ((5, 1, 5, 5), 2, 4, 2))
+             ((5, 1, 3, 3), 2, 1, 1), ((5, 1, 5, 5), 2, 4, 2), ((7, 5, 1, 1), 1, 0, 1))
     for w_shape, stride, padding, dilation in cases:
         w = rng.standard_normal(w_shape).astype(np.float32)
         sw, zw = quantize.quant_params(w)
@@ -150,36 +157,48 @@ def test_one_pass_equals_quantise_then_gather(packed_calls, monkeypatch, name):
                                     out_scale=sx * sw)
         expected_qx = quantize.quantize_with(x, sx, zx)
         np.testing.assert_array_equal(qx, expected_qx)
-        acc = _reference_dw(expected_qx, zx, qw, zw, table_of(name), stride, padding, dilation)
-        np.testing.assert_array_equal(y, (acc * (sx * sw)).astype(np.float32))
-    assert packed_calls["packed"] == len(cases)
-    assert klut.lut_conv_codes(x, sx, zx, np.zeros((4, 5, 1, 1), np.uint8), 0, gt) is None
-    assert packed_calls["packed"] == len(cases)
+        if w_shape[1] == 1:
+            acc = _reference_dw(expected_qx, zx, qw, zw, table, stride, padding, dilation)
+        else:
+            acc = reference_lut_conv(expected_qx, zx, qw, zw, table, 1, 0, 1, 1)
+        np.testing.assert_array_equal(y, (acc * (sx * sw)).astype(np.float32), err_msg=w_shape)
+    assert packed_calls["packed"] == len(cases) - 1 and bags == [True]
+    huge = np.full((256, 256), 2 ** 29, np.int32)       # 5 taps * 2**29 >= 2**31
+    assert klut.lut_conv_codes(x, sx, zx, np.zeros((4, 5, 1, 1), np.uint8), 0, huge) is None
+    assert bags == [True]
 
 
-@pytest.mark.parametrize("k, limit", [(3, packed_taps.WORD_RANGE),
-                                      (5, packed_taps.VECTOR_RANGE)])
-def test_lanes_hold_the_widest_columns_they_take(packed_calls, k, limit):
-    """A column spanning limit - 1 values packs, and with every code at its largest value the
-    lane sums reach their bound exactly; one value wider falls back to the per-tap loop. Both
-    give the gather's integers."""
+@pytest.mark.parametrize("k_size, limit", [((3, 3), packed_taps.WORD_RANGE),
+                                           ((2, 8), packed_taps.VECTOR_RANGE)])
+def test_lanes_hold_the_widest_columns_they_take(packed_calls, k_size, limit):
+    """Words: a column spanning limit - 1 values packs, and with every code at its largest
+    value the sum of three words' lanes (nine values) reaches 2**21 - 17; one value
+    wider falls back to the per-tap loop. Vectors (rows of 8 taps: every lane used): the same with values of magnitude
+    limit - 1 and limit, both signs, so that a lane's sum of eight reaches 8 - 2**31. Every
+    case gives the gather's integers."""
     rng = np.random.default_rng(16)
+    k_h, k_w = k_size
+    padding = (k_h // 2, k_w // 2)
     for span, packed in ((limit - 1, True), (limit, False)):
         table = rng.integers(-50, 50, (256, 256)).astype(np.int32)
         table[:, 7] = 0
-        table[0, 7] = -(span // 2)
-        table[255, 7] = span - span // 2
-        taps, _ = packed_taps.group_plan((k, k), _geom(1, 1))
-        assert (packed_taps.tap_rows(np.ascontiguousarray(table.T), np.full((1, k * k), 7,
+        if k_w == 3:
+            table[0, 7] = -(span // 2)
+            table[255, 7] = span - span // 2
+        else:
+            table[0, 7] = span
+            table[255, 7] = -span
+        taps, _ = packed_taps.group_plan(k_size, _geom(1, 1))
+        assert (packed_taps.tap_rows(np.ascontiguousarray(table.T), np.full((1, k_h * k_w), 7,
                                      np.uint8), 0, 0, taps) is not None) == packed
-        qw = np.full((2, 1, k, k), 7, np.uint8)
+        qw = np.full((2, 1, k_h, k_w), 7, np.uint8)
         qw[1, 0, 0, 0] = 200
-        qx = np.full((2, 2, 7, 8), 255, np.uint8)
+        qx = np.full((2, 2, 7, 12), 255, np.uint8)
         qx[1, :, 3, 2] = 0
         before = packed_calls["packed"]
-        got = klut.lut_depthwise_conv(qx, 255, qw, 0, table, 1, k // 2, 1)
+        got = klut.lut_depthwise_conv(qx, 255, qw, 0, table, 1, padding, 1)
         assert packed_calls["packed"] - before == packed
-        np.testing.assert_array_equal(got, _reference_dw(qx, 255, qw, 0, table, 1, k // 2, 1),
+        np.testing.assert_array_equal(got, _reference_dw(qx, 255, qw, 0, table, 1, padding, 1),
                                       err_msg=f"span {span}")
 
 
@@ -221,8 +240,8 @@ def test_a_wrong_lane_entry_is_caught(packed_calls, monkeypatch, k, stride):
     for g, s in used:
         def corrupted(*args, g=g, s=s, **kwargs):
             rows, cst = real(*args, **kwargs)
-            if rows.shape[3] == 1:       # words: slot s in lane 2 - s
-                rows[0, g, code, 0] += 1 << (packed_taps.LANE_BITS * (2 - s))
+            if rows.ndim == 3:           # words: slot s in lane 2 - s
+                rows[0, g, code] += 1 << (packed_taps.LANE_BITS * (2 - s))
             else:
                 rows[0, g, code, 7 - s] += 1
             return rows, cst

@@ -24,7 +24,7 @@ Kernels, all deterministic (integer sums, each output element written by one thr
   multiply-accumulate, from a small per-channel table that already holds the zero-point terms
   (``taps x 256`` int32 values, in L1).
 * :func:`lut_conv_codes` - the depthwise or pointwise table conv of float input in one pass
-  (quantised inside the kernel), where the shuffle or packed-tap kernels run.
+  (quantised inside the kernel).
 * :func:`lowrank_bag_conv` - the low-rank engine's pointwise/dense step: code features gathered
   per output-pixel block (the exact part ``code - zx`` computed, the R error features looked
   up), then a single-threaded BLAS GEMM per block inside the parallel loop.
@@ -48,7 +48,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from . import byte_shuffle, packed_taps
-from .codes import float32_inverse
+from .codes import codes_plane, float32_inverse
 from ._util import (as_pair, block_bounds, check_code_value, check_codes, check_float32_4d,
                     conv_geometry, conv_output_hw, parallel_pays, pick_kernel, serial_twin,
                     unsigned)
@@ -69,6 +69,8 @@ __all__ = [
 _BAG_ACC_BYTES = 1 << 18
 # Gathered low-rank features per job: about 512 KiB of float32 (or float64) per thread.
 _LOWRANK_X_BYTES = 1 << 19
+# Stand-in for "no float input" (the bag kernel then reads codes that are already there).
+_NO_INPUT_3D = np.zeros((0, 0, 0), np.float32)
 # Element-wise passes over fewer elements than this run on one thread (a thread team costs more,
 # see the same constant in approxdarts_np.approx.quantize).
 _PARALLEL_MIN = 1 << 20
@@ -135,9 +137,12 @@ def _bag_rows_parallel(table, qw_taps, rows, n_blocks):
 
 
 @njit(cache=True, parallel=True)
-def _lut_bag_kernel(cols, rows, n_out, cst, zw, scale, block, n_threads, out):
+def _lut_bag_kernel(cols, x, x_scale, x_inv, zx, rows, n_out, cst, zw, scale, block, n_threads,
+                    out):
     """out[n, co, p] = scale * (sum_k rows[k, cols[n, k, p], co] - zw * sum_k cols[n, k, p]
-    + cst[co]), the product taken in float64 and stored in ``out``'s dtype.
+    + cst[co]), the product taken in float64 and stored in ``out``'s dtype. With ``x``
+    (float32, cols' shape; empty otherwise) each job first quantises its pixels of x into
+    ``cols`` (scale ``x_scale``, float32 inverse ``x_inv``, zero point ``zx``).
 
     ``rows`` (K padded to a multiple of 4, 256, n_pad) with n_pad >= n_out a multiple of 8
     (:func:`lut_bag_conv` lays it out, the padding zeros).
@@ -155,11 +160,16 @@ def _lut_bag_kernel(cols, rows, n_out, cst, zw, scale, block, n_threads, out):
     for thread in prange(n_threads):
         acc_buf = np.empty(block * n_pad, np.int32)
         sum_buf = np.empty(block, np.int32)
+        near = np.empty(block if x.size else 0, np.uint8)
         lo, hi = block_bounds(thread, n_threads, n_jobs)
         for job in range(lo, hi):
             ni = job // n_blk
             p0 = (job % n_blk) * block
             m = min(n_pix, p0 + block) - p0
+            if x.size:
+                for k in range(n_taps):
+                    codes_plane(x[ni, k, p0:p0 + m], x_scale, x_inv, zx, cols[ni, k, p0:p0 + m],
+                                near)
             _bag_block(cols[ni], rows_flat, n_out, n_pad, cst, zw, scale, p0, m, acc_buf,
                        sum_buf, out[ni])
     return out
@@ -518,9 +528,6 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None, table_t=None):
     # float64 holds the int64 sums exactly (|out| < K * 2**32 < 2**53)
     out = np.empty((n_img, n_out, n_pix), np.float64 if scale is None else np.float32)
     factor = 1.0 if scale is None else float(scale)
-    # work in element-equivalents of SERIAL_BELOW, a rough rate (it only decides whether the
-    # thread team is woken, never the result)
-    work = n_img * n_pix * n_taps * n_out // 16
     shuffled = None
     if byte_shuffle.available() and n_taps:
         shuffled = byte_shuffle.tap_tables(_transposed(table, table_t), qw_cols, zx, zw,
@@ -529,6 +536,15 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None, table_t=None):
         # one table per (output channel, tap): byte planes (VBMI) or nibble windows (AVX2)
         byte_shuffle.columns_lookup(cols, shuffled[0], shuffled[1], factor, out)
         return out.astype(np.int64) if scale is None else out
+    _bag_run(cols, qw_cols, zx, zw, table, factor, out)
+    return out.astype(np.int64) if scale is None else out
+
+
+def _bag_run(cols, qw_cols, zx, zw, table, factor, out, x=None, x_scale=1.0, x_inv=1.0):
+    """The scalar bag kernel's part of :func:`lut_bag_conv` (operands checked there), into
+    ``out``; with ``x`` (float32, cols' shape) it first quantises x into ``cols``."""
+    n_img, n_taps, n_pix = cols.shape
+    n_out = qw_cols.shape[0]
     # rows padded to whole runs of 8 channels, and to whole groups of 4 taps (zero rows)
     n_pad = -(-n_out // 8) * 8
     rows = np.zeros((-(-n_taps // 4) * 4, 256, n_pad), table.dtype)
@@ -540,10 +556,14 @@ def lut_bag_conv(cols, zx, qw_cols, zw, table, scale=None, table_t=None):
             _bag_rows_serial(table, qw_taps, rows)
     cst = (n_taps * zx * zw - zx * qw_cols.astype(np.int64).sum(axis=1)).astype(np.int64)
     block = max(16, min(n_pix, _BAG_ACC_BYTES // (4 * n_pad)))
+    # work in element-equivalents of SERIAL_BELOW, a rough rate (it only decides whether the
+    # thread team is woken, never the result)
+    work = n_img * n_pix * n_taps * n_out // 16
     kernel, n_threads = pick_kernel(_lut_bag_kernel, _lut_bag_kernel_serial, work)
     n_threads = min(n_threads, n_img * (-(-n_pix // block)))
-    kernel(cols, rows, n_out, cst, np.int64(zw), factor, block, n_threads, out)
-    return out.astype(np.int64) if scale is None else out
+    x = _NO_INPUT_3D if x is None else x
+    kernel(cols, x, float(x_scale), np.float32(x_inv), np.uint8(zx), rows, n_out, cst,
+           np.int64(zw), factor, block, n_threads, out)
 
 
 def _packed_rows(table, table_t, qw, zx, zw, geom):
@@ -627,11 +647,11 @@ def lut_conv_codes(x, x_scale, zx, qw, zw, table, stride=1, padding=0, dilation=
     kw)) or :func:`lut_bag_conv` (``qw`` (Co, Ci, 1, 1), stride 1, no padding). The shuffle
     kernels (:mod:`~approxdarts_np.kernels.byte_shuffle`) run it where they take the table's
     columns; otherwise a depthwise convolution runs the packed-tap kernel
-    (:mod:`~approxdarts_np.kernels.packed_taps`). None when neither applies: another kind of
-    convolution, a pointwise one without a shuffle kernel for its columns (none on this CPU;
-    too wide; on AVX2 no sum of nibble windows, or more windows than its width allows), a
-    depthwise one whose columns do not fit the packed lanes either, or a scale without a
-    normal float32 inverse; the caller then quantises and calls the kernels above.
+    (:mod:`~approxdarts_np.kernels.packed_taps`) and a pointwise one the scalar bag kernel,
+    each quantising as it reads. None for another kind of convolution, a depthwise one whose
+    columns do not fit the packed lanes, a pointwise one whose int32 sums could overflow, or
+    a scale without a normal float32 inverse; the caller then quantises and calls the kernels
+    above.
     """
     x = check_float32_4d(x, "x")
     qw = check_codes(qw, "qw", 4)
@@ -657,23 +677,32 @@ def lut_conv_codes(x, x_scale, zx, qw, zw, table, stride=1, padding=0, dilation=
                                        max_windows=windows)
     if taps is None and depthwise:
         packed = _packed_rows(table, table_t, qw, zx, zw, geom)
-    if taps is None and packed is None:
-        return None
+        if packed is None:
+            return None
+    if taps is None and not depthwise and n_ch * (table_peak(table) + 255) >= 2 ** 31:
+        return None             # the scalar bag's int32 sums: the caller splits the taps
     qx = np.empty(x.shape, np.uint8)
     out = np.empty((n_img, n_out, out_h, out_w), np.float32)
     if packed is not None:
         packed_taps.depthwise_packed(qx, *packed, zx, (k_h, k_w), geom, (out_h, out_w),
                                      float(out_scale), out, x=x, x_scale=float(x_scale),
                                      x_inv=inv)
-    elif depthwise:
+        return out, qx
+    if depthwise:
         byte_shuffle.depthwise_lookup(qx, taps[0], taps[1], zx, (k_h, k_w), geom,
                                       (out_h, out_w), float(out_scale), out, x=x,
                                       x_scale=float(x_scale), x_inv=inv)
+        return out, qx
+    # pointwise: (N, C, H*W) views
+    n_pix = h * wd
+    flat = (qx.reshape(n_img, n_ch, n_pix), out.reshape(n_img, n_out, n_pix),
+            x.reshape(n_img, n_ch, n_pix))
+    if taps is not None:
+        byte_shuffle.columns_lookup(flat[0], taps[0], taps[1], float(out_scale), flat[1],
+                                    x=flat[2], x_scale=float(x_scale), x_inv=inv, zx=zx)
     else:
-        n_pix = h * wd
-        byte_shuffle.columns_lookup(qx.reshape(n_img, n_ch, n_pix), taps[0], taps[1],
-                                    float(out_scale), out.reshape(n_img, n_out, n_pix), x=x.reshape(n_img, n_ch, n_pix), x_scale=float(x_scale),
-                                    x_inv=inv, zx=zx)
+        _bag_run(flat[0], qw.reshape(n_out, n_ch), zx, zw, table, float(out_scale), flat[1],
+                 x=flat[2], x_scale=float(x_scale), x_inv=inv)
     return out, qx
 
 

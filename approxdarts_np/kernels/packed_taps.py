@@ -3,32 +3,33 @@
 The scalar depthwise loop (:mod:`approxdarts_np.kernels.lut_conv`) loads one code and one
 product per tap and output. At stride 1 the taps of one kernel row read the same codes,
 shifted: output q takes tap j's product at code x[q + j*d]. So one load per code can fetch
-the products of several taps at once, when the 256-entry table of a group of taps holds them
-as lanes of one word,
+the products of several taps at once, when the 256-entry table of a group of S taps holds
+them as the lanes of one word,
 
-    P[a] = sum over slots s of  V_s[a] in lane S-1-s,    V_s[a] = M[a, w_s] - zw*a - lo_s,
+    P[a] = (V_0[a], ..., V_{S-1}[a]) with V_s in lane S-1-s,    V_s[a] = M[a, w_s] - zw*a.
 
-with lo_s the smallest value of slot s's column, so that every V_s lies in 0..2**17 (M <=
-65535 and zw*a <= 65025). A running word, shifted down one lane per step,
+A running word, shifted down one lane per step,
 
     r(q) = (r(q - d) shifted down one lane) + P[x[q + (S-1)d]],
 
 then holds in its lowest lane V_0[x[q]] + V_1[x[q + d]] + ... + V_{S-1}[x[q + (S-1)d]]: the
-group's sum for output q. No lane ever carries into the next. Per group and output that is one
-code load, one table load, a shift, an add and a lane read, where the scalar loop takes S of
-each load. Two word kinds:
+group's sum for output q. Per group and output that is one code load, one table load, a shift,
+an add and a lane read, where the scalar loop takes S of each load. Two word kinds:
 
-* kernel rows of at most 3 taps (3x3): three 21-bit lanes of an int64 (a sum of three values
-  stays below 2**21), plain Numba integer code; a 3x3 kernel is three groups, run in one pass
-  over the output as independent chains (:func:`_chains3`);
-* wider rows (5x5): eight int32 lanes of an LLVM vector, the shift a lane shuffle
-  (:func:`_lane_intrinsic`; generic vector IR, so any CPU runs it: AVX2 and NEON alike). A
-  5x5 kernel is five groups of five slots, one pass.
+* chains of at most 3 taps (a 3x3 kernel's rows): three 21-bit lanes of an int64, plain Numba
+  integer code. Each lane holds V_s[a] - lo_s, lo_s the smallest value of the column, so that
+  it lies in 0..2**17 (M <= 65535 and zw*a <= 65025) and a lane's sum of three, and the sum
+  of three words' lanes, stay below 2**21: no lane ever carries into the next. A 3x3 kernel is three groups, run in one pass
+  over the output as independent chains (:func:`_chains3`).
+* longer chains (a 5x5 kernel's rows): eight int32 lanes of an LLVM vector, the shift a lane
+  shuffle (:func:`_lane_intrinsic`; generic vector IR, so any CPU runs it: AVX2 and NEON
+  alike). Vector lanes do not carry, so they hold V_s itself. A 5x5 kernel is five groups of
+  eight slots, one pass.
 
-Slots past the row's end hold zero columns. The offsets lo_s and the zero-point terms are one
+Slots past a chain's end hold zero columns. The offsets lo_s and the zero-point terms are one
 constant per channel,
 
-    acc = sum over groups of lane 0 + sum_t ( lo_t - zx*w_t + zx*zw ),
+    acc = sum over groups of lane 0 + sum_t ( lo_t - zx*w_t + zx*zw )    (lo_t = 0 for vectors),
 
 the integer the scalar kernel sums, so the outputs are bit-identical.
 
@@ -61,15 +62,18 @@ WORD_SLOTS = 3
 LANE_BITS = 21
 # vectors: eight int32 lanes (wider rows, in groups of LANES slots)
 LANES = 8
-# A column spanning this many values or more does not fit the lanes (only a table with
-# products beyond 16 bits can): the sum of a group's values must stay below 2**21 (words) or
-# 2**31 (vectors).
-WORD_RANGE = (1 << LANE_BITS) // WORD_SLOTS
+# A word's column spanning this many values or more, or a vector lane's value this large in
+# magnitude, does not fit (only a table with products beyond 16 bits can): the lane-0 sum of
+# three words (three slots each, values offset to 0..) must stay below 2**21, a vector lane's
+# sum of eight below 2**31 in magnitude.
+WORD_RANGE = (1 << LANE_BITS) // (3 * WORD_SLOTS)
 VECTOR_RANGE = (1 << 31) // LANES
-# Codes per pass the kernel aims for (images are grouped to reach it), and the fixed cost of a
-# plane in element-equivalents of SERIAL_BELOW (kernels/_util.py): rough rates that only decide
-# the grouping and whether the thread team is woken, never the result.
+# Codes per pass the kernel aims for (images are grouped to reach it); chain steps (one group,
+# one output) that cost about one element-equivalent of SERIAL_BELOW (kernels/_util.py), and
+# the fixed cost of a plane in the same unit: rough rates that only decide the grouping and
+# whether the thread team is woken, never the result.
 _GROUP_CODES = 1024
+_STEPS_PER_ELEMENT = 2
 _PLANE_ELEMENTS = 64
 _NO_INPUT = np.zeros((0, 0, 0, 0), np.float32)
 
@@ -98,65 +102,109 @@ def group_plan(k_size, geom):
 
 
 @njit(cache=True)
-def _tap_rows_kernel(table_t, qw_taps, zx, zw, group_taps, rows, cst):
-    """rows[c, g, a, l] (slot s of group g in lane slots-1-s, zero for an empty slot) and
-    cst[c]; returns the widest column range found (the caller checks that it fits). ``rows``
-    int32 (C, G, 256, slots) for vectors, or int64 (C, G, 256, 1) with the three 21-bit lanes
-    packed in one word."""
-    n_g, slots = group_taps.shape
-    words = rows.shape[3] == 1
+def _word_rows(table_t, qw_taps, zx, zw, group_taps, rows, cst, c):
+    """Channel c's words: rows[c, g, a] = sum over slots s of (M[a, w_s] - zw*a - lo_s)
+    << 21*(2-s) (an empty slot adds nothing) and cst[c]; returns the widest column range."""
+    k = np.int64(0)
     widest = np.int64(0)
-    for c in range(qw_taps.shape[0]):
-        k = np.int64(0)
-        for g in range(n_g):
-            dst = rows[c, g]
-            for s in range(slots):
-                lane = slots - 1 - s
-                t = group_taps[g, s]
-                if t < 0:
-                    if not words:
-                        dst[:, lane] = 0
-                    continue
-                b = np.int64(qw_taps[c, t])
-                col = table_t[b]
-                lo = np.int64(col[0])
-                hi = lo
+    for g in range(group_taps.shape[0]):
+        dst = rows[c, g]
+        for s in range(WORD_SLOTS):
+            t = group_taps[g, s]
+            if t < 0:
+                continue
+            b = np.int64(qw_taps[c, t])
+            col = table_t[b]
+            lo = np.int64(col[0])
+            hi = lo
+            for a in range(256):
+                v = np.int64(col[a]) - zw * a
+                lo = min(lo, v)
+                hi = max(hi, v)
+            widest = max(widest, hi - lo)
+            k += lo - zx * b + zx * zw
+            shift = LANE_BITS * (WORD_SLOTS - 1 - s)
+            if s == 0:
                 for a in range(256):
-                    v = np.int64(col[a]) - zw * a
-                    lo = min(lo, v)
-                    hi = max(hi, v)
-                widest = max(widest, hi - lo)
-                k += lo - zx * b + zx * zw
+                    dst[a] = (np.int64(col[a]) - zw * a - lo) << shift
+            else:
                 for a in range(256):
-                    v = np.int64(col[a]) - zw * a - lo
-                    if not words:
-                        dst[a, lane] = v
-                    elif s == 0:
-                        dst[a, 0] = v << (LANE_BITS * lane)
-                    else:
-                        dst[a, 0] += v << (LANE_BITS * lane)
-        cst[c] = k
+                    dst[a] += (np.int64(col[a]) - zw * a - lo) << shift
+    cst[c] = k
     return widest
 
 
+@njit(cache=True)
+def _lane_rows(table_t, qw_taps, zx, zw, group_taps, rows, cst, c):
+    """Channel c's vectors: rows[c, g, a, 7-s] = M[a, w_s] - zw*a (0 for an empty slot) and
+    cst[c]; returns the largest |value|. Vector lanes do not carry into each other, so the
+    values need no offset."""
+    k = np.int64(0)
+    largest = np.int64(0)
+    for g in range(group_taps.shape[0]):
+        dst = rows[c, g]
+        for s in range(LANES):
+            lane = LANES - 1 - s
+            t = group_taps[g, s]
+            if t < 0:
+                for a in range(256):
+                    dst[a, lane] = 0
+                continue
+            b = np.int64(qw_taps[c, t])
+            col = table_t[b]
+            lo = np.int64(col[0])
+            hi = lo
+            for a in range(256):
+                v = np.int64(col[a]) - zw * a
+                lo = min(lo, v)
+                hi = max(hi, v)
+            largest = max(largest, max(hi, -lo))
+            k += zx * zw - zx * b
+            for a in range(256):
+                dst[a, lane] = np.int64(col[a]) - zw * a
+    cst[c] = k
+    return largest
+
+
+@njit(cache=True)
+def _word_rows_all(table_t, qw_taps, zx, zw, group_taps, rows, cst):
+    """:func:`_word_rows` for every channel; the widest column range."""
+    bound = np.int64(0)
+    for c in range(qw_taps.shape[0]):
+        bound = max(bound, _word_rows(table_t, qw_taps, zx, zw, group_taps, rows, cst, c))
+    return bound
+
+
+@njit(cache=True)
+def _lane_rows_all(table_t, qw_taps, zx, zw, group_taps, rows, cst):
+    """:func:`_lane_rows` for every channel; the largest |value|."""
+    bound = np.int64(0)
+    for c in range(qw_taps.shape[0]):
+        bound = max(bound, _lane_rows(table_t, qw_taps, zx, zw, group_taps, rows, cst, c))
+    return bound
+
+
 def tap_rows(table_t, qw_taps, zx, zw, group_taps):
-    """``(rows, cst)`` for :func:`depthwise_packed`, or None when a tap's column spans more
-    values than the lanes hold (only a table with products beyond 16 bits can).
+    """``(rows, cst)`` for :func:`depthwise_packed`, or None when a tap's column does not fit
+    the lanes (only a table with products beyond 16 bits can: WORD_RANGE values in a column
+    of a word, |value| VECTOR_RANGE in a vector lane).
 
     ``table_t`` the table transposed (``table_t[w, a] = M[a, w]``); ``qw_taps`` (C, kh*kw)
     uint8 weight codes, row-major taps; ``group_taps`` from :func:`group_plan`. rows (C, G,
-    256, 1) int64 words for groups of 3 slots, else (C, G, 256, 8) int32 lanes.
+    256) int64 words for groups of 3 slots, else (C, G, 256, 8) int32 lanes.
     """
     n_g, slots = group_taps.shape
     n_ch = qw_taps.shape[0]
-    rows = (np.empty((n_ch, n_g, 256, 1), np.int64) if slots == WORD_SLOTS
-            else np.empty((n_ch, n_g, 256, LANES), np.int32))
     cst = np.empty(n_ch, np.int64)
-    widest = _tap_rows_kernel(table_t, qw_taps, np.int64(zx), np.int64(zw), group_taps, rows,
-                              cst)
-    if widest >= (WORD_RANGE if slots == WORD_SLOTS else VECTOR_RANGE):
-        return None
-    return rows, cst
+    args = (table_t, qw_taps, np.int64(zx), np.int64(zw), group_taps)
+    # one thread: waking the team cost more than the tables (a few hundred kB) in a hand timing
+    if slots == WORD_SLOTS:
+        rows = np.empty((n_ch, n_g, 256), np.int64)
+        fits = _word_rows_all(*args, rows, cst) < WORD_RANGE
+    else:
+        rows = np.empty((n_ch, n_g, 256, LANES), np.int32)
+        fits = _lane_rows_all(*args, rows, cst) < VECTOR_RANGE
+    return (rows, cst) if fits else None
 
 
 # ----------------------------------------------------------------------------- int64 words
@@ -164,7 +212,9 @@ def tap_rows(table_t, qw_taps, zx, zw, group_taps):
 @njit(cache=True)
 def _chains3(buf, o0, o1, o2, p0, p1, p2, d, acc, length, first):
     """acc[q] (= if ``first`` else +=) the lane-0 sums of three word groups, q < length: group
-    g reads code buf[o_g + q] for output q (its last slot; o_g >= 2d), table p_g (256 words)."""
+    g reads code buf[o_g + q] for output q (its last slot; o_g >= 2d), table p_g (256 words).
+    The three words are added before the lane is masked out: their lane-0 sum stays below
+    2**21 (WORD_RANGE), so it does not carry either."""
     mask = np.int64((1 << LANE_BITS) - 1)
     for r in range(d):
         c0 = np.int64(0)
@@ -179,13 +229,13 @@ def _chains3(buf, o0, o1, o2, p0, p1, p2, d, acc, length, first):
                 c0 = (c0 >> LANE_BITS) + p0[buf[unsigned(o0 + q)]]
                 c1 = (c1 >> LANE_BITS) + p1[buf[unsigned(o1 + q)]]
                 c2 = (c2 >> LANE_BITS) + p2[buf[unsigned(o2 + q)]]
-                acc[unsigned(q)] = (c0 & mask) + (c1 & mask) + (c2 & mask)
+                acc[unsigned(q)] = (c0 + c1 + c2) & mask
         else:
             for q in range(r, length, d):
                 c0 = (c0 >> LANE_BITS) + p0[buf[unsigned(o0 + q)]]
                 c1 = (c1 >> LANE_BITS) + p1[buf[unsigned(o1 + q)]]
                 c2 = (c2 >> LANE_BITS) + p2[buf[unsigned(o2 + q)]]
-                acc[unsigned(q)] += (c0 & mask) + (c1 & mask) + (c2 & mask)
+                acc[unsigned(q)] += (c0 + c1 + c2) & mask
 
 
 @njit(cache=True)
@@ -208,15 +258,15 @@ def _chain1(buf, o0, p0, d, acc, length, first):
 
 @njit(cache=True)
 def _word_groups(buf, offs, rows_c, d, acc, length):
-    """acc[q] = the sum over all word groups (rows_c (G, 256, 1)), three chains per pass."""
+    """acc[q] = the sum over all word groups (rows_c (G, 256)), three chains per pass."""
     n_g = offs.shape[0]
     g = 0
     while g + 3 <= n_g:
-        _chains3(buf, offs[g], offs[g + 1], offs[g + 2], rows_c[g, :, 0], rows_c[g + 1, :, 0],
-                 rows_c[g + 2, :, 0], d, acc, length, g == 0)
+        _chains3(buf, offs[g], offs[g + 1], offs[g + 2], rows_c[g], rows_c[g + 1], rows_c[g + 2],
+                 d, acc, length, g == 0)
         g += 3
     while g < n_g:
-        _chain1(buf, offs[g], rows_c[g, :, 0], d, acc, length, g == 0)
+        _chain1(buf, offs[g], rows_c[g], d, acc, length, g == 0)
         g += 1
 
 
@@ -402,7 +452,7 @@ def depthwise_packed(qx, rows, cst, plan, zx, k_size, geom, out_hw, scale, out, 
     n_img, n_ch, h, wd = qx.shape
     phase_plane = -(-(h + 2 * p_h) // s_h) * -(-(wd + 2 * p_w) // s_w)
     group = max(1, min(n_img, _GROUP_CODES // phase_plane))
-    work = n_img * n_ch * (out_h * out_w * rows.shape[1] // 4 + _PLANE_ELEMENTS)
+    work = n_img * n_ch * (out_h * out_w * rows.shape[1] // _STEPS_PER_ELEMENT + _PLANE_ELEMENTS)
     kernel, n_threads = pick_kernel(_packed_kernel, _packed_kernel_serial, work)
     n_threads = min(n_threads, n_ch * -(-n_img // group))
     x = _NO_INPUT if x is None else x
