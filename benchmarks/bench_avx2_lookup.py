@@ -1,8 +1,10 @@
-"""The AVX2 options for the table lookups, measured against the scalar kernels.
+"""The AVX2 options for the table lookups, measured against the portable kernels.
 
 CPUs with AVX2 but without AVX-512 VBMI cannot run the VBMI byte shuffles. This script times,
 on one thread, the package's AVX2 path and the two vector designs tried before it, so that
-anyone can measure them on their own CPU:
+anyone can measure them on their own CPU. ``scalar`` is the package's ``scalar`` path, the
+portable kernels every CPU runs (since commit 0f517d8 a depthwise convolution there runs the
+packed-tap kernel, :mod:`approxdarts_np.kernels.packed_taps`; a pointwise one the bag kernel):
 
 * ``nibble``: the package's AVX2 path (:mod:`approxdarts_np.kernels.byte_shuffle`): a column
   as a sum of 16-entry nibble windows, each looked up with one ``vpshufb`` per byte plane;
@@ -12,8 +14,9 @@ anyone can measure them on their own CPU:
   instruction.
 
 The ``pw one-pass`` rows time ``approx_conv2d`` of a pointwise convolution of float input, as
-the search runs it: on the scalar path (quantise, then add a row of C products per code) and on
-the AVX2 column kernel, which quantises as it reads (forced at any width here; ``windows_allowed``
+the search runs it: on the scalar path (the bag kernel: a row of C products per code; since
+commit 526d73a it quantises as it reads too) and on the AVX2 column kernel, which quantises as
+it reads (forced at any width here; ``windows_allowed``
 is what ``byte_shuffle.column_windows`` lets the package use, 2 for mul8u_2P7's columns and 3
 for mul8u_17KS's).
 
@@ -21,7 +24,8 @@ Every variant writes the same float32 outputs (the quantised conv's, scale 1). T
 vector loops plug into the byte-shuffle depthwise and column kernels in place of the VBMI loop
 (a copy of each kernel with the loop rebound), so buffers, grouping and the outputs' constant
 terms are the package's; every result is checked bit for bit against the scalar kernel before
-it is timed. Tables: mul8u_2P7 (two windows per column) and mul8u_17KS (three). With ``--target avx2`` the script re-runs itself with Numba compiling for this host's
+it is timed. Tables: mul8u_2P7 (two windows per column) and mul8u_17KS (three). With
+``--target avx2`` the script re-runs itself with Numba compiling for this host's
 features minus AVX-512 (``NUMBA_CPU_FEATURES``), which is how a machine with VBMI measures the
 AVX2 code (the instructions are the same; the timings are this CPU's, not an AVX2 CPU's).
 
