@@ -11,6 +11,8 @@ import types
 import numpy as np
 from numba import get_num_threads, njit
 
+from .codes import codes_plane
+
 
 def as_pair(v, name):
     """Return ``v`` as a pair of Python ints ``(h, w)``; ``v`` is an int or a length-2 sequence.
@@ -240,6 +242,36 @@ def split_plane(src, buf, p_h, p_w, s_h, s_w, plane, wq, row0):
             dst = buf[base:base + unsigned(n_c)]
             for m in range(n_c):
                 dst[unsigned(m)] = row[unsigned(c0 + m * s_w)]
+
+
+@njit(cache=True)
+def load_planes(qx, x, x_scale, x_inv, zx, near, buf, ci, n0, n1, p_h, p_w, s_h, s_w, plane, wq,
+                hq):
+    """Channel ci of images n0..n1-1 into the phase planes of ``buf`` (:func:`split_plane`,
+    image n from phase row (n - n0)*hq on). With ``x`` (float32, qx's shape; empty otherwise)
+    each plane is quantised first, into ``qx`` (scale ``x_scale``, float32 inverse ``x_inv``,
+    zero point ``zx``; ``near`` a uint8 scratch of a plane's size)."""
+    h, wd = qx.shape[2], qx.shape[3]
+    for ni in range(n0, n1):
+        if x.size:
+            codes_plane(x[ni, ci].reshape(h * wd), x_scale, x_inv, zx, qx[ni, ci].reshape(h * wd),
+                        near)
+        split_plane(qx[ni, ci], buf, p_h, p_w, s_h, s_w, plane, wq, (ni - n0) * hq)
+
+
+@njit(cache=True)
+def store_planes(acc, k, scale, out, ci, n0, n1, hq, wq):
+    """out[n, ci, oh, ow] = (acc[((n - n0)*hq + oh)*wq + ow] + k) * scale for the images
+    n0..n1-1 (the product in float64, stored in out's dtype): the outputs of a pass over
+    stacked phase planes, the columns past out_w and the rows between images dropped."""
+    out_h, out_w = out.shape[2], out.shape[3]
+    for ni in range(n0, n1):
+        for oh in range(out_h):
+            dst = out[ni, ci, oh]
+            q0 = ((ni - n0) * hq + oh) * wq
+            row = acc[unsigned(q0):unsigned(q0 + out_w)]
+            for ow in range(out_w):
+                dst[unsigned(ow)] = np.float64(row[unsigned(ow)] + k) * scale
 
 
 @njit(cache=True, inline="always")

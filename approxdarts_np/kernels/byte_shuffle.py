@@ -65,7 +65,8 @@ from numba import njit, prange
 from numba.core import cgutils, config, types
 from numba.extending import intrinsic
 
-from ._util import block_bounds, pick_kernel, serial_twin, split_plane, tap_offsets, unsigned
+from ._util import (block_bounds, load_planes, pick_kernel, serial_twin, store_planes,
+                    tap_offsets, unsigned)
 from ..errors import UserError
 from .codes import codes_plane
 
@@ -622,21 +623,10 @@ def _depthwise_kernel(qx, x, x_scale, x_inv, tabs, cst, zx, k_h, k_w, s_h, s_w, 
             ci = job // n_groups
             n0 = (job % n_groups) * group
             n1 = min(n_img, n0 + group)
-            for ni in range(n0, n1):
-                if x.size:
-                    codes_plane(x[ni, ci].reshape(h * wd), x_scale, x_inv, zx,
-                                qx[ni, ci].reshape(h * wd), near)
-                split_plane(qx[ni, ci], buf, p_h, p_w, s_h, s_w, rows * wq, wq,
-                             (ni - n0) * hq)
+            load_planes(qx, x, x_scale, x_inv, zx, near, buf, ci, n0, n1, p_h, p_w, s_h, s_w,
+                        rows * wq, wq, hq)
             _lookup_chunks(buf, offs, tabs[ci], acc, n_chunks)
-            k = np.int64(cst[ci])
-            for ni in range(n0, n1):
-                for oh in range(out_h):
-                    dst = out[ni, ci, oh]
-                    q0 = ((ni - n0) * hq + oh) * wq
-                    row = acc[unsigned(q0):unsigned(q0 + out_w)]
-                    for ow in range(out_w):
-                        dst[unsigned(ow)] = np.float64(row[unsigned(ow)] + k) * scale
+            store_planes(acc, np.int64(cst[ci]), scale, out, ci, n0, n1, hq, wq)
     return out
 
 

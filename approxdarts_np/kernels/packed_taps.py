@@ -52,8 +52,8 @@ from numba.core import cgutils, types
 from numba.core.extending import overload
 from numba.extending import intrinsic
 
-from ._util import block_bounds, pick_kernel, serial_twin, split_plane, tap_offsets, unsigned
-from .codes import codes_plane
+from ._util import (block_bounds, load_planes, pick_kernel, serial_twin, store_planes,
+                    tap_offsets, unsigned)
 
 __all__ = ["group_plan", "tap_rows", "depthwise_packed"]
 
@@ -102,86 +102,72 @@ def group_plan(k_size, geom):
 
 
 @njit(cache=True)
-def _word_rows(table_t, qw_taps, zx, zw, group_taps, rows, cst, c):
-    """Channel c's words: rows[c, g, a] = sum over slots s of (M[a, w_s] - zw*a - lo_s)
-    << 21*(2-s) (an empty slot adds nothing) and cst[c]; returns the widest column range."""
-    k = np.int64(0)
+def _column_range(col, zw):
+    """The smallest and largest of col[a] - zw*a over the 256 codes (int64)."""
+    lo = np.int64(col[0])
+    hi = lo
+    for a in range(256):
+        v = np.int64(col[a]) - zw * a
+        lo = min(lo, v)
+        hi = max(hi, v)
+    return lo, hi
+
+
+@njit(cache=True)
+def _word_rows(table_t, qw_taps, zx, zw, group_taps, rows, cst):
+    """Words: rows[c, g, a] = sum over slots s of (M[a, w_s] - zw*a - lo_s) << 21*(2-s) (an
+    empty slot adds nothing) and cst; returns the widest column range."""
     widest = np.int64(0)
-    for g in range(group_taps.shape[0]):
-        dst = rows[c, g]
-        for s in range(WORD_SLOTS):
-            t = group_taps[g, s]
-            if t < 0:
-                continue
-            b = np.int64(qw_taps[c, t])
-            col = table_t[b]
-            lo = np.int64(col[0])
-            hi = lo
-            for a in range(256):
-                v = np.int64(col[a]) - zw * a
-                lo = min(lo, v)
-                hi = max(hi, v)
-            widest = max(widest, hi - lo)
-            k += lo - zx * b + zx * zw
-            shift = LANE_BITS * (WORD_SLOTS - 1 - s)
-            if s == 0:
-                for a in range(256):
-                    dst[a] = (np.int64(col[a]) - zw * a - lo) << shift
-            else:
-                for a in range(256):
-                    dst[a] += (np.int64(col[a]) - zw * a - lo) << shift
-    cst[c] = k
+    for c in range(qw_taps.shape[0]):
+        k = np.int64(0)
+        for g in range(group_taps.shape[0]):
+            dst = rows[c, g]
+            for s in range(WORD_SLOTS):
+                t = group_taps[g, s]
+                if t < 0:
+                    continue
+                b = np.int64(qw_taps[c, t])
+                col = table_t[b]
+                lo, hi = _column_range(col, zw)
+                widest = max(widest, hi - lo)
+                k += lo - zx * b + zx * zw
+                shift = LANE_BITS * (WORD_SLOTS - 1 - s)
+                if s == 0:
+                    for a in range(256):
+                        dst[a] = (np.int64(col[a]) - zw * a - lo) << shift
+                else:
+                    for a in range(256):
+                        dst[a] += (np.int64(col[a]) - zw * a - lo) << shift
+        cst[c] = k
     return widest
 
 
 @njit(cache=True)
-def _lane_rows(table_t, qw_taps, zx, zw, group_taps, rows, cst, c):
-    """Channel c's vectors: rows[c, g, a, 7-s] = M[a, w_s] - zw*a (0 for an empty slot) and
-    cst[c]; returns the largest |value|. Vector lanes do not carry into each other, so the
-    values need no offset."""
-    k = np.int64(0)
+def _lane_rows(table_t, qw_taps, zx, zw, group_taps, rows, cst):
+    """Vectors: rows[c, g, a, 7-s] = M[a, w_s] - zw*a (0 for an empty slot) and cst; returns
+    the largest |value|. Vector lanes do not carry into each other, so the values need no
+    offset."""
     largest = np.int64(0)
-    for g in range(group_taps.shape[0]):
-        dst = rows[c, g]
-        for s in range(LANES):
-            lane = LANES - 1 - s
-            t = group_taps[g, s]
-            if t < 0:
+    for c in range(qw_taps.shape[0]):
+        k = np.int64(0)
+        for g in range(group_taps.shape[0]):
+            dst = rows[c, g]
+            for s in range(LANES):
+                lane = LANES - 1 - s
+                t = group_taps[g, s]
+                if t < 0:
+                    for a in range(256):
+                        dst[a, lane] = 0
+                    continue
+                b = np.int64(qw_taps[c, t])
+                col = table_t[b]
+                lo, hi = _column_range(col, zw)
+                largest = max(largest, max(hi, -lo))
+                k += zx * zw - zx * b
                 for a in range(256):
-                    dst[a, lane] = 0
-                continue
-            b = np.int64(qw_taps[c, t])
-            col = table_t[b]
-            lo = np.int64(col[0])
-            hi = lo
-            for a in range(256):
-                v = np.int64(col[a]) - zw * a
-                lo = min(lo, v)
-                hi = max(hi, v)
-            largest = max(largest, max(hi, -lo))
-            k += zx * zw - zx * b
-            for a in range(256):
-                dst[a, lane] = np.int64(col[a]) - zw * a
-    cst[c] = k
+                    dst[a, lane] = np.int64(col[a]) - zw * a
+        cst[c] = k
     return largest
-
-
-@njit(cache=True)
-def _word_rows_all(table_t, qw_taps, zx, zw, group_taps, rows, cst):
-    """:func:`_word_rows` for every channel; the widest column range."""
-    bound = np.int64(0)
-    for c in range(qw_taps.shape[0]):
-        bound = max(bound, _word_rows(table_t, qw_taps, zx, zw, group_taps, rows, cst, c))
-    return bound
-
-
-@njit(cache=True)
-def _lane_rows_all(table_t, qw_taps, zx, zw, group_taps, rows, cst):
-    """:func:`_lane_rows` for every channel; the largest |value|."""
-    bound = np.int64(0)
-    for c in range(qw_taps.shape[0]):
-        bound = max(bound, _lane_rows(table_t, qw_taps, zx, zw, group_taps, rows, cst, c))
-    return bound
 
 
 def tap_rows(table_t, qw_taps, zx, zw, group_taps):
@@ -200,10 +186,10 @@ def tap_rows(table_t, qw_taps, zx, zw, group_taps):
     # one thread: waking the team cost more than the tables (a few hundred kB) in a hand timing
     if slots == WORD_SLOTS:
         rows = np.empty((n_ch, n_g, 256), np.int64)
-        fits = _word_rows_all(*args, rows, cst) < WORD_RANGE
+        fits = _word_rows(*args, rows, cst) < WORD_RANGE
     else:
         rows = np.empty((n_ch, n_g, 256, LANES), np.int32)
-        fits = _lane_rows_all(*args, rows, cst) < VECTOR_RANGE
+        fits = _lane_rows(*args, rows, cst) < VECTOR_RANGE
     return (rows, cst) if fits else None
 
 
@@ -416,21 +402,10 @@ def _packed_kernel(qx, x, x_scale, x_inv, rows, cst, group_taps, step, zx, k_h, 
             ci = job // n_groups
             n0 = (job % n_groups) * group
             n1 = min(n_img, n0 + group)
-            for ni in range(n0, n1):
-                if x.size:
-                    codes_plane(x[ni, ci].reshape(h * wd), x_scale, x_inv, zx,
-                                qx[ni, ci].reshape(h * wd), near)
-                split_plane(qx[ni, ci], buf[lead:], p_h, p_w, s_h, s_w, plane, wq,
-                            (ni - n0) * hq)
+            load_planes(qx, x, x_scale, x_inv, zx, near, buf[lead:], ci, n0, n1, p_h, p_w, s_h,
+                        s_w, plane, wq, hq)
             _groups(buf, offs, rows[ci], step, acc, length)
-            k = cst[ci]
-            for ni in range(n0, n1):
-                for oh in range(out_h):
-                    dst = out[ni, ci, oh]
-                    q0 = ((ni - n0) * hq + oh) * wq
-                    src = acc[unsigned(q0):unsigned(q0 + out_w)]
-                    for ow in range(out_w):
-                        dst[unsigned(ow)] = np.float64(src[unsigned(ow)] + k) * scale
+            store_planes(acc, cst[ci], scale, out, ci, n0, n1, hq, wq)
     return out
 
 
