@@ -21,8 +21,9 @@ unless the environment sets one. Timing: median, min and max over the
 measured steps after warm-up steps (compilation, allocator and page faults
 excluded). Every row of ours records the table-kernel path of the run (``table_kernels``:
 vbmi, avx2 or scalar) and, over one untimed step, how many table convolutions ran on the
-shuffle kernels, on the packed-tap depthwise kernel and on the per-tap loops (``table_kernel_calls``;
-a table whose columns the AVX2 path does not take runs the latter two on an avx2 run). With ``--rounds R``
+shuffle kernels, on the packed-tap depthwise kernel, on the bag kernel and on the per-tap loop
+(``table_kernel_calls``; a table whose columns the AVX2 path does not take runs packed and bag
+on an avx2 run). With ``--rounds R``
 the whole list of modes runs R times round-robin
 within each setting and a row reports the median of its R round medians (and
 each round under ``rounds``): on a shared machine a disturbance then hits one
@@ -281,15 +282,16 @@ def _one(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict
 
 @contextlib.contextmanager
 def _table_kernel_calls():
-    """Count, per step, the table convolutions that ran on the shuffle kernels ("vbmi" or "avx2",
-    byte_shuffle.path()), on the packed-tap depthwise kernel ("packed": a column the shuffle
-    path does not take, or no shuffle path, at stride 1) and on the per-tap loops ("scalar").
-    Yields the counts; the wrappers are removed on exit."""
+    """Count, per step, the table convolutions that ran on the shuffle kernels ("shuffle": vbmi
+    or avx2, byte_shuffle.path()), on the packed-tap depthwise kernel ("packed": a column the
+    shuffle path does not take, or no shuffle path), on the bag kernel ("bag": the same for a
+    pointwise or dense convolution) and on the per-tap depthwise loop ("scalar": columns the
+    packed lanes do not take). Yields the counts; the wrappers are removed on exit."""
     from approxdarts_np.approx import lut_conv as alut
     from approxdarts_np.kernels import byte_shuffle, packed_taps
     from approxdarts_np.kernels import lut_conv as klut
 
-    counts = {"shuffle": 0, "packed": 0, "scalar": 0}
+    counts = {"shuffle": 0, "packed": 0, "bag": 0, "scalar": 0}
     saved = []
 
     def patch(module, name, wrapper):
@@ -304,21 +306,21 @@ def _table_kernel_calls():
             return counted
         return wrapper
 
-    def scalar_unless_shuffled(f):
+    def scalar_unless_counted(f):
         def counted(*args, **kwargs):
-            before = counts["shuffle"] + counts["packed"]
+            before = counts["shuffle"] + counts["packed"] + counts["bag"]
             out = f(*args, **kwargs)
-            counts["scalar"] += counts["shuffle"] + counts["packed"] == before
+            counts["scalar"] += counts["shuffle"] + counts["packed"] + counts["bag"] == before
             return out
         return counted
 
     for name in ("depthwise_lookup", "columns_lookup"):
         patch(byte_shuffle, name, counter("shuffle"))
     patch(packed_taps, "depthwise_packed", counter("packed"))
+    patch(klut, "_bag_run", counter("bag"))
     for module in (klut, alut):
-        for name in ("lut_depthwise_conv", "lut_bag_conv"):
-            if hasattr(module, name):
-                patch(module, name, scalar_unless_shuffled)
+        if hasattr(module, "lut_depthwise_conv"):
+            patch(module, "lut_depthwise_conv", scalar_unless_counted)
     try:
         yield counts
     finally:
