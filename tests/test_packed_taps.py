@@ -173,9 +173,9 @@ def test_one_pass_equals_quantise_then_gather(packed_calls, monkeypatch, name):
 def test_lanes_hold_the_widest_columns_they_take(packed_calls, k_size, limit):
     """Words: a column spanning limit - 1 values packs, and with every code at its largest
     value the sum of three words' lanes (nine values) reaches 2**21 - 17; one value
-    wider falls back to the per-tap loop. Vectors (rows of 8 taps: every lane used): the same with values of magnitude
-    limit - 1 and limit, both signs, so that a lane's sum of eight reaches 8 - 2**31. Every
-    case gives the gather's integers."""
+    wider falls back to the per-tap loop. Vectors (rows of 8 taps: every lane used): the same
+    with values of magnitude limit - 1 and limit, both signs, so that a lane's sum of eight
+    reaches 8 - 2**31. Every case gives the gather's integers."""
     rng = np.random.default_rng(16)
     k_h, k_w = k_size
     padding = (k_h // 2, k_w // 2)

@@ -43,9 +43,9 @@ for every column of an exact multiplier and of mul8u_2P7, three for mul8u_17KS).
 is a 16-entry table of two byte planes, one ``vpshufb`` each per 32 codes. A call whose
 columns are not all such sums (mul8u_L40: its columns depend on every pair of bits of a) runs
 the portable kernels (a depthwise one: :mod:`approxdarts_np.kernels.packed_taps`). The
-kernels are the VBMI path's, with the lookup loop swapped (:func:`lookup_twin`). For a pointwise convolution the scalar kernel adds a row of n_out
-products per code, so the column kernel only takes the windows when n_out is small enough
-(:func:`column_windows`).
+kernels are the VBMI path's, with the lookup loop swapped (:func:`lookup_twin`). For a
+pointwise convolution the portable bag kernel adds a row of n_out products per code, so the
+column kernel only takes the windows when n_out is small enough (:func:`column_windows`).
 
 :func:`path` says which kernels run: "vbmi" when Numba compiles for a CPU with AVX-512 BW and
 VBMI (the host's features, or those ``NUMBA_CPU_FEATURES`` lists), else "avx2" when it

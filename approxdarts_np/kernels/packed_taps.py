@@ -19,8 +19,8 @@ an add and a lane read, where the scalar loop takes S of each load. Two word kin
 * chains of at most 3 taps (a 3x3 kernel's rows): three 21-bit lanes of an int64, plain Numba
   integer code. Each lane holds V_s[a] - lo_s, lo_s the smallest value of the column, so that
   it lies in 0..2**17 (M <= 65535 and zw*a <= 65025) and a lane's sum of three, and the sum
-  of three words' lanes, stay below 2**21: no lane ever carries into the next. A 3x3 kernel is three groups, run in one pass
-  over the output as independent chains (:func:`_chains3`).
+  of three words' lanes, stay below 2**21: no lane ever carries into the next. A 3x3 kernel
+  is three groups, run in one pass over the output as independent chains (:func:`_chains3`).
 * longer chains (a 5x5 kernel's rows): eight int32 lanes of an LLVM vector, the shift a lane
   shuffle (:func:`_lane_intrinsic`; generic vector IR, so any CPU runs it: AVX2 and NEON
   alike). Vector lanes do not carry, so they hold V_s itself. A 5x5 kernel is five groups of
@@ -57,10 +57,10 @@ from ._util import (block_bounds, load_planes, pick_kernel, serial_twin, store_p
 
 __all__ = ["group_plan", "tap_rows", "depthwise_packed"]
 
-# int64 words: three lanes of 21 bits (rows of at most WORD_SLOTS taps)
+# int64 words: three lanes of 21 bits (chains of at most WORD_SLOTS taps)
 WORD_SLOTS = 3
 LANE_BITS = 21
-# vectors: eight int32 lanes (wider rows, in groups of LANES slots)
+# vectors: eight int32 lanes (longer chains, in groups of LANES slots)
 LANES = 8
 # A word's column spanning this many values or more, or a vector lane's value this large in
 # magnitude, does not fit (only a table with products beyond 16 bits can): the lane-0 sum of
