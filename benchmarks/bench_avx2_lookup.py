@@ -287,6 +287,7 @@ def _case(table_name, name, n, c, hw, k, kernels, dw, cols_k, repeats):
     from approxdarts_np.approx.lut_conv import make_lut_plan
     from approxdarts_np.approx.multipliers import load_multiplier
     from approxdarts_np.kernels import byte_shuffle as bs, lut_conv as klut
+    from approxdarts_np.kernels._util import NO_INPUT, NO_INPUT_3D, image_group
 
     gt = make_lut_plan(np.asarray(load_multiplier(table_name).table, np.int32)).gather_table
     table_t = np.ascontiguousarray(gt.T)
@@ -303,12 +304,12 @@ def _case(table_name, name, n, c, hw, k, kernels, dw, cols_k, repeats):
                                            table_t=table_t)
         tabs, cst = bs.tap_tables(table_t, qw.reshape(c, k * k), zx, zw, kind="vbmi")
         h = hw + 2 * (k // 2)
-        group = max(1, min(n, bs._GROUP_CODES // (h * h)))
+        group = image_group(n, h * h)
 
         def vector(kind):
             t = _as_int32(tabs, k * k) if kernels[kind][1] else tabs
             out = np.empty((n, c, hw, hw), np.float32)
-            return dw[kind](qx, bs._NO_INPUT, 1.0, np.float32(1), t, cst, np.uint8(zx), k, k,
+            return dw[kind](qx, NO_INPUT, 1.0, np.float32(1), t, cst, np.uint8(zx), k, k,
                             *geom, hw, hw, 1.0, group, 1, out)
         lookups = n * c * hw * hw * k * k
     else:
@@ -318,12 +319,12 @@ def _case(table_name, name, n, c, hw, k, kernels, dw, cols_k, repeats):
         def entry():
             return klut.lut_bag_conv(cols, zx, qp, zw, gt, scale=1.0, table_t=table_t)
         tabs, cst = bs.tap_tables(table_t, qp, zx, zw, kind="vbmi")
-        group = max(1, min(n, bs._GROUP_CODES // (hw * hw)))
+        group = image_group(n, hw * hw)
 
         def vector(kind):
             t = _as_int32(tabs, c) if kernels[kind][1] else tabs
             out = np.empty((n, c, hw * hw), np.float32)
-            return cols_k[kind](cols, bs._NO_INPUT_3D, 1.0, np.float32(1), np.uint8(zx), t,
+            return cols_k[kind](cols, NO_INPUT_3D, 1.0, np.float32(1), np.uint8(zx), t,
                                 cst, 1.0, group, 1, out)
         lookups = n * c * c * hw * hw
     os.environ["APPROXDARTS_NP_TABLE_KERNELS"] = "scalar"

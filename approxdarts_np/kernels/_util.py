@@ -189,6 +189,32 @@ def pick_kernel(kernel, twin, size):
 
 # ----------------------------------------------------------------------------- Numba helpers
 
+# Stand-ins for "no float input" of the kernels that can quantise as they read (they then read
+# codes that are already there).
+NO_INPUT = np.zeros((0, 0, 0, 0), np.float32)
+NO_INPUT_3D = np.zeros((0, 0, 0), np.float32)
+# Codes per table pass the depthwise and column kernels aim for (images are grouped to reach
+# it): fewer, longer passes over the same per-tap tables. And the fixed cost of a depthwise
+# plane (border copy, output rows) in element-equivalents of SERIAL_BELOW, a rough rate that
+# only decides whether the thread team is woken, never the result.
+GROUP_CODES = 1024
+PLANE_ELEMENTS = 64
+
+
+def image_group(n_img, codes):
+    """Images per job for planes of ``codes`` codes each: enough for about GROUP_CODES codes
+    per pass, at least 1, at most ``n_img``."""
+    return max(1, min(n_img, GROUP_CODES // max(codes, 1)))
+
+
+def depthwise_group(x_shape, geom):
+    """:func:`image_group` for a depthwise kernel's jobs: x (N, C, H, W) split into the phase
+    planes of ``geom`` = (s_h, s_w, p_h, p_w, d_h, d_w) (bordered, as :func:`split_plane`)."""
+    n_img, _, h, wd = x_shape
+    s_h, s_w, p_h, p_w = geom[:4]
+    return image_group(n_img, -(-(h + 2 * p_h) // s_h) * -(-(wd + 2 * p_w) // s_w))
+
+
 @njit(cache=True)
 def block_bounds(block, n_blocks, n_items):
     """[lo, hi) of the ``block``-th of ``n_blocks`` near-equal contiguous ranges of items."""
@@ -242,6 +268,14 @@ def split_plane(src, buf, p_h, p_w, s_h, s_w, plane, wq, row0):
             dst = buf[base:base + unsigned(n_c)]
             for m in range(n_c):
                 dst[unsigned(m)] = row[unsigned(c0 + m * s_w)]
+
+
+@njit(cache=True, inline="always")
+def channel_job(job, n_groups, group, n_img):
+    """``(channel, first image, end image)`` of job ``job`` of a depthwise kernel whose jobs are
+    (channel, group of ``group`` images), channel-major, ``n_groups`` groups per channel."""
+    n0 = (job % n_groups) * group
+    return job // n_groups, n0, min(n_img, n0 + group)
 
 
 @njit(cache=True)

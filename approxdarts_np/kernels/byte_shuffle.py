@@ -65,8 +65,9 @@ from numba import njit, prange
 from numba.core import cgutils, config, types
 from numba.extending import intrinsic
 
-from ._util import (block_bounds, load_planes, pick_kernel, serial_twin, store_planes,
-                    tap_offsets, unsigned)
+from ._util import (NO_INPUT, NO_INPUT_3D, PLANE_ELEMENTS, block_bounds, channel_job,
+                    depthwise_group, image_group, load_planes, pick_kernel, serial_twin,
+                    store_planes, tap_offsets, unsigned)
 from ..errors import UserError
 from .codes import codes_plane
 
@@ -78,20 +79,12 @@ PATHS = ("vbmi", "avx2", "scalar")
 # the int32 total (below taps * 2**24) bounds them.
 MAX_TAPS = 257
 MAX_TAPS_3 = 127
-# Stand-ins for "no float input" (the kernels then read codes that are already there).
-_NO_INPUT = np.zeros((0, 0, 0, 0), np.float32)
-_NO_INPUT_3D = np.zeros((0, 0, 0), np.float32)
-# Lookups that cost about one element-equivalent of SERIAL_BELOW (kernels/_util.py), and the
-# fixed cost of a depthwise plane (border copy, output rows) in the same unit: rough rates
-# that only decide whether the thread team is woken, never the result.
+# Lookups that cost about one element-equivalent of SERIAL_BELOW (kernels/_util.py): a rough
+# rate that only decides whether the thread team is woken, never the result.
 LOOKUPS_PER_ELEMENT = 8
-PLANE_ELEMENTS = 64
 # The AVX2 column kernel's windows x output channels at which the scalar bag catches up
 # (column_windows).
 COLUMN_LOOKUPS = 128
-# Codes per table pass the kernels aim for (images are grouped to reach it): fewer, longer
-# passes over the same per-tap tables.
-_GROUP_CODES = 1024
 
 
 @lru_cache(maxsize=1)
@@ -565,8 +558,9 @@ def tap_tables(table_t, qw_taps, zx, zw, kind=None, max_windows=3):
     (C,) int64 is the per-channel constant (module docstring). ``kind`` is the path,
     :func:`path` when None; ``max_windows`` caps W. None when a column does not fit the path's
     tables (a spread over 24 bits; no sum of ``max_windows`` nibble windows, or a window spread
-    over 16 bits) or there are more taps than the 16-bit byte sums and the int32 total allow (:data:`MAX_TAPS` with two planes, :data:`MAX_TAPS_3`
-    with three, ``MAX_TAPS // W`` with W windows); the caller then runs its scalar kernel.
+    over 16 bits) or there are more taps than the 16-bit byte sums and the int32 total allow
+    (:data:`MAX_TAPS` with two planes, :data:`MAX_TAPS_3` with three, ``MAX_TAPS // W`` with W
+    windows); the caller then runs its portable kernels.
     """
     n_ch, n_taps = qw_taps.shape
     cst = np.empty(n_ch, np.int64)
@@ -620,9 +614,7 @@ def _depthwise_kernel(qx, x, x_scale, x_inv, tabs, cst, zx, k_h, k_w, s_h, s_w, 
         near = np.empty(h * wd if x.size else 0, np.uint8)
         lo, hi = block_bounds(thread, n_threads, n_jobs)
         for job in range(lo, hi):
-            ci = job // n_groups
-            n0 = (job % n_groups) * group
-            n1 = min(n_img, n0 + group)
+            ci, n0, n1 = channel_job(job, n_groups, group, n_img)
             load_planes(qx, x, x_scale, x_inv, zx, near, buf, ci, n0, n1, p_h, p_w, s_h, s_w,
                         rows * wq, wq, hq)
             _lookup_chunks(buf, offs, tabs[ci], acc, n_chunks)
@@ -646,16 +638,15 @@ def depthwise_lookup(qx, tabs, cst, zx, k_size, geom, out_hw, scale, out, x=None
     k_h, k_w = k_size
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     out_h, out_w = out_hw
-    n_img, n_ch, h, wd = qx.shape
-    phase_plane = -(-(h + 2 * p_h) // s_h) * -(-(wd + 2 * p_w) // s_w)
-    group = max(1, min(n_img, _GROUP_CODES // phase_plane))
+    n_img, n_ch = qx.shape[:2]
+    group = depthwise_group(qx.shape, geom)
     work = (n_img * n_ch * (out_h * out_w * k_h * k_w // LOOKUPS_PER_ELEMENT
                              + PLANE_ELEMENTS))
     kernels = ((_depthwise_kernel_avx2, _depthwise_kernel_avx2_serial) if _nibbles(tabs, k_h * k_w)
                else (_depthwise_kernel, _depthwise_kernel_serial))
     kernel, n_threads = pick_kernel(*kernels, work)
     n_threads = min(n_threads, n_ch * -(-n_img // group))
-    x = _NO_INPUT if x is None else x
+    x = NO_INPUT if x is None else x
     return kernel(qx, x, float(x_scale), np.float32(x_inv), tabs, cst, np.uint8(zx), k_h, k_w,
                   s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w, scale, group, n_threads, out)
 
@@ -734,12 +725,12 @@ def columns_lookup(cols, tabs, cst, scale, out, x=None, x_scale=1.0, x_inv=1.0, 
     """
     n_img, _, n_pix = cols.shape
     # images per job: about 1024 codes per table pass (fewer jobs, no short runs)
-    group = max(1, min(n_img, _GROUP_CODES // max(n_pix, 1)))
+    group = image_group(n_img, n_pix)
     work = n_img * n_pix * cols.shape[1] * tabs.shape[0] // LOOKUPS_PER_ELEMENT
     kernels = ((_columns_kernel_avx2, _columns_kernel_avx2_serial) if _nibbles(tabs, cols.shape[1])
                else (_columns_kernel, _columns_kernel_serial))
     kernel, n_threads = pick_kernel(*kernels, work)
     n_threads = min(n_threads, -(-n_img // group) * tabs.shape[0])
-    x = _NO_INPUT_3D if x is None else x
+    x = NO_INPUT_3D if x is None else x
     return kernel(cols, x, float(x_scale), np.float32(x_inv), np.uint8(zx), tabs, cst, scale,
                   group, n_threads, out)

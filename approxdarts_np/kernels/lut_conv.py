@@ -49,9 +49,9 @@ from numba.extending import intrinsic
 
 from . import byte_shuffle, packed_taps
 from .codes import codes_plane, float32_inverse
-from ._util import (as_pair, block_bounds, check_code_value, check_codes, check_float32_4d,
-                    conv_geometry, conv_output_hw, parallel_pays, pick_kernel, serial_twin,
-                    unsigned)
+from ._util import (NO_INPUT_3D, as_pair, block_bounds, check_code_value, check_codes,
+                    check_float32_4d, conv_geometry, conv_output_hw, parallel_pays, pick_kernel,
+                    serial_twin, unsigned)
 
 __all__ = [
     "code_features",
@@ -69,8 +69,6 @@ __all__ = [
 _BAG_ACC_BYTES = 1 << 18
 # Gathered low-rank features per job: about 512 KiB of float32 (or float64) per thread.
 _LOWRANK_X_BYTES = 1 << 19
-# Stand-in for "no float input" (the bag kernel then reads codes that are already there).
-_NO_INPUT_3D = np.zeros((0, 0, 0), np.float32)
 # Element-wise passes over fewer elements than this run on one thread (a thread team costs more,
 # see the same constant in approxdarts_np.approx.quantize).
 _PARALLEL_MIN = 1 << 20
@@ -561,7 +559,7 @@ def _bag_run(cols, qw_cols, zx, zw, table, factor, out, x=None, x_scale=1.0, x_i
     work = n_img * n_pix * n_taps * n_out // 16
     kernel, n_threads = pick_kernel(_lut_bag_kernel, _lut_bag_kernel_serial, work)
     n_threads = min(n_threads, n_img * (-(-n_pix // block)))
-    x = _NO_INPUT_3D if x is None else x
+    x = NO_INPUT_3D if x is None else x
     kernel(cols, x, float(x_scale), np.float32(x_inv), np.uint8(zx), rows, n_out, cst,
            np.int64(zw), factor, block, n_threads, out)
 

@@ -52,8 +52,9 @@ from numba.core import cgutils, types
 from numba.core.extending import overload
 from numba.extending import intrinsic
 
-from ._util import (block_bounds, load_planes, pick_kernel, serial_twin, store_planes,
-                    tap_offsets, unsigned)
+from ._util import (NO_INPUT, PLANE_ELEMENTS, block_bounds, channel_job, depthwise_group,
+                    load_planes, pick_kernel, serial_twin, store_planes, tap_offsets,
+                    unsigned)
 
 __all__ = ["group_plan", "tap_rows", "depthwise_packed"]
 
@@ -68,14 +69,10 @@ LANES = 8
 # sum of eight below 2**31 in magnitude.
 WORD_RANGE = (1 << LANE_BITS) // (3 * WORD_SLOTS)
 VECTOR_RANGE = (1 << 31) // LANES
-# Codes per pass the kernel aims for (images are grouped to reach it); chain steps (one group,
-# one output) that cost about one element-equivalent of SERIAL_BELOW (kernels/_util.py), and
-# the fixed cost of a plane in the same unit: rough rates that only decide the grouping and
-# whether the thread team is woken, never the result.
-_GROUP_CODES = 1024
+# Chain steps (one group, one output) that cost about one element-equivalent of SERIAL_BELOW
+# (kernels/_util.py): a rough rate that only decides whether the thread team is woken, never
+# the result.
 _STEPS_PER_ELEMENT = 2
-_PLANE_ELEMENTS = 64
-_NO_INPUT = np.zeros((0, 0, 0, 0), np.float32)
 
 
 def group_plan(k_size, geom):
@@ -399,9 +396,7 @@ def _packed_kernel(qx, x, x_scale, x_inv, rows, cst, group_taps, step, zx, k_h, 
         near = np.empty(h * wd if x.size else 0, np.uint8)
         lo, hi = block_bounds(thread, n_threads, n_jobs)
         for job in range(lo, hi):
-            ci = job // n_groups
-            n0 = (job % n_groups) * group
-            n1 = min(n_img, n0 + group)
+            ci, n0, n1 = channel_job(job, n_groups, group, n_img)
             load_planes(qx, x, x_scale, x_inv, zx, near, buf[lead:], ci, n0, n1, p_h, p_w, s_h,
                         s_w, plane, wq, hq)
             _groups(buf, offs, rows[ci], step, acc, length)
@@ -424,13 +419,12 @@ def depthwise_packed(qx, rows, cst, plan, zx, k_size, geom, out_hw, scale, out, 
     k_h, k_w = k_size
     s_h, s_w, p_h, p_w, d_h, d_w = geom
     out_h, out_w = out_hw
-    n_img, n_ch, h, wd = qx.shape
-    phase_plane = -(-(h + 2 * p_h) // s_h) * -(-(wd + 2 * p_w) // s_w)
-    group = max(1, min(n_img, _GROUP_CODES // phase_plane))
-    work = n_img * n_ch * (out_h * out_w * rows.shape[1] // _STEPS_PER_ELEMENT + _PLANE_ELEMENTS)
+    n_img, n_ch = qx.shape[:2]
+    group = depthwise_group(qx.shape, geom)
+    work = n_img * n_ch * (out_h * out_w * rows.shape[1] // _STEPS_PER_ELEMENT + PLANE_ELEMENTS)
     kernel, n_threads = pick_kernel(_packed_kernel, _packed_kernel_serial, work)
     n_threads = min(n_threads, n_ch * -(-n_img // group))
-    x = _NO_INPUT if x is None else x
+    x = NO_INPUT if x is None else x
     group_taps, step = plan
     return kernel(qx, x, float(x_scale), np.float32(x_inv), rows, cst, group_taps, step,
                   np.uint8(zx), k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w, out_h, out_w,
