@@ -16,9 +16,11 @@ DARTS first-order procedure as DARTS writes it: the architecture step also
 computes weight gradients and throws them away) and ``torch-float-frozen``
 (the same, with the weights' ``requires_grad`` off during the architecture
 step, as a careful torch user writes it). torch runs with its own OpenMP wait
-policy (loaded before the package sets ``OMP_WAIT_POLICY=passive`` for Numba)
-unless the environment sets one. Timing: median, min and max over the
-measured steps after warm-up steps (compilation, allocator and page faults
+policy (loaded before the package sets ``OMP_WAIT_POLICY`` and ``GOMP_SPINCOUNT``
+for Numba) unless the environment sets one. Our rows record those two variables
+and how many kernel calls per step ran serially because other processes took
+the cores (``crowded_serial_calls_per_step``, ``approxdarts_np/kernels/crowding.py``).
+Timing: median, min and max over the measured steps after warm-up steps (compilation, allocator and page faults
 excluded). Every row of ours records the table-kernel path of the run (``table_kernels``:
 vbmi, avx2 or scalar) and, over one untimed step, how many table convolutions ran on the
 shuffle kernels, on the packed-tap depthwise kernel, on the bag kernel and on the per-tap loop
@@ -252,10 +254,13 @@ def _peak_rss_gb() -> float:
 def _one(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict:
     """Child process: time ``steps`` search steps after ``warmup`` ones."""
     load_before = os.getloadavg()
-    user_policy = os.environ.get("OMP_WAIT_POLICY")
+    user_policy = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     step = _make_step(setting, mode, threads)
-    # torch's OpenMP read the variable before the package set it; ours read it after
-    policy = (user_policy if mode.startswith("torch-") else os.environ.get("OMP_WAIT_POLICY")) or "OpenMP default"
+    # torch's OpenMP read the variables before the package set them; ours read them after
+    policy = {k: (v if mode.startswith("torch-") else os.environ.get(k)) or "OpenMP default"
+              for k, v in user_policy.items()}
+    from approxdarts_np.kernels.crowding import crowding
+    crowd = crowding()
     cpu: list[float] = []
     pool = getattr(step, "pool", None)
     exchange = {}
@@ -263,7 +268,11 @@ def _one(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict
         # the kernels the table convolutions took, counted over one step (not a timed one)
         with _table_kernel_calls() as taken:
             _time(step, 0, 1)
+        serial_before = crowd.serial_calls
         times = _time(step, steps, max(warmup - 1, 0), cpu)
+        # calls that ran serially because other processes took the cores (kernels/crowding.py)
+        exchange["crowded_serial_calls_per_step"] = (crowd.serial_calls - serial_before) / max(
+            steps + max(warmup - 1, 0), 1)
     else:
         _time(step, 0, warmup)
         before = pool.counters()
@@ -274,7 +283,8 @@ def _one(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict
     return {"setting": setting, "mode": mode, "threads": threads, **SETTINGS[setting], **_summary(times, cpu),
             **exchange,
             "repeats": steps, "warmup": warmup, "peak_rss_gb": _peak_rss_gb(),
-            "omp_wait_policy": policy, **_kernel_path(mode),
+            "omp_wait_policy": policy["OMP_WAIT_POLICY"], "gomp_spincount": policy["GOMP_SPINCOUNT"],
+            **_kernel_path(mode),
             **({"table_kernel_calls": dict(taken)} if pool is None and "-" in mode
                and not mode.startswith("torch-") else {}),
             "load_before": load_before, "load_after": os.getloadavg()}

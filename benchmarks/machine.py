@@ -67,8 +67,8 @@ def machine_info(threads: int) -> dict:
         info["torch"] = None
     info["cpu"] = cpu_model()
     import approxdarts_np  # noqa: F401  (sets the package's threading defaults, recorded below)
-    info["env"] = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER",
-                                                  "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS",
+    info["env"] = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                                                  "NUMBA_THREADING_LAYER", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS",
                                                   "NUMBA_CPU_NAME", "APPROXDARTS_NP_TABLE_KERNELS")}
     from approxdarts_np.kernels import byte_shuffle
     # the table kernels this process runs (the target's features, or a forced path)

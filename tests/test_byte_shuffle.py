@@ -19,7 +19,7 @@ from approxdarts_np.approx import quantize
 from approxdarts_np.approx.lut_conv import approx_conv2d, make_lut_plan
 from approxdarts_np.approx.multipliers import bundled_names, load_multiplier
 from approxdarts_np.errors import UserError
-from approxdarts_np.kernels import _util, byte_shuffle
+from approxdarts_np.kernels import byte_shuffle
 from approxdarts_np.kernels import lut_conv as klut
 from test_lut_conv import reference_lut_conv
 
@@ -219,10 +219,9 @@ def _one_pass_cases():
 
 
 @pytest.mark.parametrize("name", ["2P7", "17KS", "exact"])
-def test_one_pass_equals_quantise_then_gather(shuffle_on, shuffle_calls, monkeypatch, name):
+def test_one_pass_equals_quantise_then_gather(shuffle_on, shuffle_calls, thread_team, monkeypatch, name):
     """lut_conv_codes: codes and outputs identical to quantising first and gathering, with the
     thread team forced on (the column kernel's jobs of one image split between threads)."""
-    monkeypatch.setattr(_util, "SERIAL_BELOW", 0)
     gt = gather_table(name)
     x, cases = _one_pass_cases()
     for kind, w_shape, stride, padding, dilation in cases:

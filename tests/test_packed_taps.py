@@ -17,7 +17,7 @@ import pytest
 from approxdarts_np.approx import quantize
 from approxdarts_np.approx.lut_conv import make_lut_plan
 from approxdarts_np.approx.multipliers import bundled_names, load_multiplier
-from approxdarts_np.kernels import _util, packed_taps
+from approxdarts_np.kernels import packed_taps
 from approxdarts_np.kernels import lut_conv as klut
 from test_byte_shuffle import _reference_dw
 from test_lut_conv import reference_lut_conv
@@ -129,12 +129,11 @@ def test_word_kinds_and_group_layout():
 
 
 @pytest.mark.parametrize("name", ["mul8u_L40", "mul8u_2P7"])
-def test_one_pass_equals_quantise_then_gather(packed_calls, monkeypatch, name):
+def test_one_pass_equals_quantise_then_gather(packed_calls, thread_team, monkeypatch, name):
     """lut_conv_codes on the portable kernels: depthwise convolutions (packed taps) and
     pointwise ones (the bag kernel) run in one pass, codes and outputs identical to
     quantising first and gathering; a pointwise one whose int32 sums could overflow refuses
     (the caller splits its taps)."""
-    monkeypatch.setattr(_util, "SERIAL_BELOW", 0)
     bags = []
     real_bag = klut._bag_run
     monkeypatch.setattr(klut, "_bag_run", lambda *a, **k: bags.append(k.get("x") is not None)
@@ -202,8 +201,7 @@ def test_lanes_hold_the_widest_columns_they_take(packed_calls, k_size, limit):
                                       err_msg=f"span {span}")
 
 
-def test_results_do_not_depend_on_thread_count(packed_calls, monkeypatch):
-    monkeypatch.setattr(_util, "SERIAL_BELOW", 0)
+def test_results_do_not_depend_on_thread_count(packed_calls, thread_team):
     gt = make_lut_plan(table_of("mul8u_L40")).gather_table
     rng = np.random.default_rng(12)
     qx = rng.integers(0, 256, (5, 6, 12, 12), dtype=np.uint8)

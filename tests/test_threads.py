@@ -138,28 +138,37 @@ def _kernel_results():
     return out
 
 
-def test_serial_twins_give_the_parallel_kernels_bits(monkeypatch):
+def test_serial_twins_give_the_parallel_kernels_bits():
     """Small calls run each kernel's serial twin; forcing every call onto the thread team
-    (SERIAL_BELOW = 0) must not change a single bit."""
+    must not change a single bit."""
     from approxdarts_np.kernels import _util
 
-    monkeypatch.setattr(_util, "SERIAL_BELOW", 1 << 40)
-    serial = _kernel_results()
-    monkeypatch.setattr(_util, "SERIAL_BELOW", 0)
-    parallel = _kernel_results()
+    before = _util.force_variant("serial")
+    try:
+        serial = _kernel_results()
+        _util.force_variant("parallel")
+        parallel = _kernel_results()
+    finally:
+        _util.force_variant(before)
     assert len(serial) == len(parallel) > 40
     for a, b in zip(serial, parallel):
         np.testing.assert_array_equal(a, b)
 
 
-def test_small_calls_take_the_serial_twin_and_large_ones_the_thread_team():
+def test_small_calls_take_the_serial_twin_and_large_ones_the_thread_team(uncrowded):
     from approxdarts_np.kernels import _util
     from approxdarts_np.kernels import depthwise as kdw
 
     kernel, n = _util.pick_kernel(kdw._depthwise_forward_kernel,
                                   kdw._depthwise_forward_kernel_serial, _util.SERIAL_BELOW - 1)
     assert kernel is kdw._depthwise_forward_kernel_serial and n == 1
-    kernel, n = _util.pick_kernel(kdw._depthwise_forward_kernel,
-                                  kdw._depthwise_forward_kernel_serial, _util.SERIAL_BELOW)
-    assert kernel is kdw._depthwise_forward_kernel and n == numba.get_num_threads()
+    if available_cores() >= 2:
+        with thread_policy(2):
+            kernel, n = _util.pick_kernel(kdw._depthwise_forward_kernel,
+                                          kdw._depthwise_forward_kernel_serial, _util.SERIAL_BELOW)
+            assert kernel is kdw._depthwise_forward_kernel and n == 2
+    with thread_policy(1):     # no team to wake
+        kernel, n = _util.pick_kernel(kdw._depthwise_forward_kernel,
+                                      kdw._depthwise_forward_kernel_serial, _util.SERIAL_BELOW)
+        assert kernel is kdw._depthwise_forward_kernel_serial and n == 1
     assert not kdw._depthwise_forward_kernel_serial.targetoptions.get("parallel")

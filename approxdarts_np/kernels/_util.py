@@ -6,12 +6,14 @@ of them, delete the ``__pycache__`` folders of the kernel modules.
 """
 import numbers
 import operator
+import os
 import types
 
 import numpy as np
 from numba import get_num_threads, njit
 
 from .codes import codes_plane
+from .crowding import crowded
 
 
 def as_pair(v, name):
@@ -123,11 +125,22 @@ def check_code_value(z, name):
 
 # ----------------------------------------------------------------------------- serial twins
 
-# Calls over fewer elements than this run a kernel's serial twin on the calling thread. Waking
-# the idle (passive, see approxdarts_np.kernels.threads) OpenMP workers has a fixed cost per
-# parallel call (bench_search.py's breakdown measures it), and a small step makes thousands of
-# calls; below this size the work a second thread would take is worth less than the wake-up.
-SERIAL_BELOW = 1 << 17
+def workers_spin(env=os.environ) -> bool:
+    """Whether idle OpenMP workers spin before they sleep (``GOMP_SPINCOUNT`` above 0, as the
+    package sets it unless told otherwise, or ``OMP_WAIT_POLICY=active``), so that a parallel
+    call finds them awake."""
+    spins = env.get("GOMP_SPINCOUNT", "").strip().lower()
+    if spins:
+        return spins.startswith("inf") or (spins.isdigit() and int(spins) > 0)
+    return env.get("OMP_WAIT_POLICY", "").strip().lower() == "active"
+
+
+# Calls over fewer elements than this run a kernel's serial twin on the calling thread. A parallel
+# call has a fixed cost, the workers' wake-up and the wait for the slowest of them
+# (bench_search.py's breakdown measures it), and a small step makes thousands of calls; below
+# this size the work a second thread would take is worth less than that. Workers that are still
+# spinning take a call in about a microsecond, sleeping ones in tens.
+SERIAL_BELOW = 1 << 15 if workers_spin() else 1 << 17
 
 
 def serial_twin(kernel):
@@ -166,25 +179,33 @@ def force_variant(variant):
     return before
 
 
-def parallel_pays(size, threshold=SERIAL_BELOW):
-    """Whether a call over ``size`` elements takes a kernel's parallel variant: at ``threshold``
-    elements or more, unless :func:`force_variant` decided. The results are the same bits
-    either way (every kernel splits its work by the thread count it is given only)."""
+def parallel_team(size, threshold=None):
+    """The threads a call over ``size`` elements runs on in a kernel's parallel variant, or 0
+    when it takes the serial twin: parallel at ``threshold`` elements or more (None:
+    :data:`SERIAL_BELOW`) with a team of two or more threads that other processes leave the
+    cores to (:func:`approxdarts_np.kernels.crowding.crowded`), unless :func:`force_variant`
+    decided. The results are the same bits either way (every kernel splits its work by the
+    thread count it is given only)."""
     forced = _FORCED[0]
     if forced is not None:
-        return forced == "parallel"
-    return size >= threshold
+        return get_num_threads() if forced == "parallel" else 0
+    if size < (SERIAL_BELOW if threshold is None else threshold):
+        return 0
+    team = get_num_threads()
+    return team if team > 1 and not crowded(team) else 0
+
+
+def parallel_pays(size, threshold=None):
+    """Whether a call over ``size`` elements takes a kernel's parallel variant
+    (:func:`parallel_team`)."""
+    return parallel_team(size, threshold) > 0
 
 
 def pick_kernel(kernel, twin, size):
-    """``(kernel or its serial twin, thread count)`` for a call over ``size`` elements.
-
-    Results never depend on the choice: every kernel splits its work by the thread count it is
-    given only, and gives the same bits for any count.
-    """
-    if not parallel_pays(size):
-        return twin, 1
-    return kernel, get_num_threads()
+    """``(kernel or its serial twin, thread count)`` for a call over ``size`` elements
+    (:func:`parallel_team`)."""
+    team = parallel_team(size)
+    return (kernel, team) if team else (twin, 1)
 
 
 # ----------------------------------------------------------------------------- Numba helpers

@@ -23,14 +23,14 @@ than :data:`PARALLEL_MIN` run on the calling thread (a thread team costs more th
 import numpy as np
 from numba import njit, prange
 
-from ._util import parallel_pays
+from ._util import SERIAL_BELOW, parallel_pays
 
 # Elements per work block: the split depends on the size only (deterministic sums).
 _BLOCK = 1 << 14
-# Fewer elements than this run on one thread: waking the sleeping thread team has a fixed cost
-# per call (benchmarks/results/bench_search.json, breakdown), comparable to one thread's pass
-# over this many elements.
-PARALLEL_MIN = 1 << 17
+# Fewer elements than this run on one thread: a parallel call has a fixed cost (the workers'
+# wake-up, benchmarks/results/bench_search.json, breakdown), comparable to one thread's pass
+# over this many elements; the same size as the other kernels'.
+PARALLEL_MIN = SERIAL_BELOW
 
 
 # The block functions loop over slices from index 0: with ``range(lo, hi)`` indices Numba keeps

@@ -10,9 +10,13 @@ One policy for the whole process, set once per run (not per kernel call):
   reasons in :mod:`approxdarts_np.kernels.conv`). Holding it once per
   run replaces a ``threadpoolctl`` limit around every kernel call, a fixed
   cost per call that dominated small steps.
-* Idle OpenMP workers sleep instead of spinning: the package sets
-  ``OMP_WAIT_POLICY=passive`` at import unless the environment sets it
-  (:mod:`approxdarts_np`), so a run shares the machine with other runs.
+* Idle OpenMP workers spin for a few microseconds, then sleep: the package
+  sets ``GOMP_SPINCOUNT`` and ``OMP_WAIT_POLICY=passive`` at import unless the
+  environment sets either (:mod:`approxdarts_np`). Back-to-back kernels find
+  the workers awake; between steps they sleep. While other processes take the
+  cores, the kernels run serially and leave the workers asleep
+  (:mod:`approxdarts_np.kernels.crowding`), so a run shares the machine with
+  other runs.
 
 Results are bit-identical for a fixed thread count (every kernel splits its
 work by the thread count only, never by timing); a run records the count it used.
