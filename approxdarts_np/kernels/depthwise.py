@@ -49,6 +49,9 @@ from .codes import check_code_args, codes_and_feature0, feature_plane, scale_row
 # channel share an item: 32x32 planes run best alone (stacking them was slower), 16x16 planes
 # 3-4 to an item, 8x8 planes 6 or more.
 _STACK_BUDGET = 1200
+# A zero Numba types as int64, not as the literal 0: a helper called with a literal 0 at one
+# site and an int64 at another is compiled twice (a first run's compile time).
+_ZERO = np.int64(0)
 
 __all__ = [
     "depthwise_conv2d",
@@ -113,7 +116,7 @@ def _dot_taps(g, src, offs, out_row):
     the compiled code, not by the data or the threads, so results are reproducible.
     """
     n_taps = offs.shape[0]
-    t = 0
+    t = _ZERO
     while t < n_taps:
         left = n_taps - t
         $groups _dots(g, src, offs, t, out_row)
@@ -352,8 +355,8 @@ def _depthwise_forward_kernel(x, w_taps, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
             _stack_phases(x, n0, count, ci, xbuf, p_h, p_w, s_h, s_w, wq, plane,
                           phase_stride, True)
             length = (count - 1) * plane + (out_h - 1) * wq + out_w
-            _gather_taps(acc, 0, length, xbuf, offs, w_taps[ci], 0, n_taps, True)
-            _stack_rows(y, n0, count, ci, acc, 0, wq, plane, False)
+            _gather_taps(acc, _ZERO, length, xbuf, offs, w_taps[ci], _ZERO, n_taps, True)
+            _stack_rows(y, n0, count, ci, acc, _ZERO, wq, plane, False)
     return y
 
 
@@ -394,9 +397,9 @@ def _depthwise_codes_kernel(x, scale, inv, zero_point, table_t, affine, w_taps, 
                         feature_plane(c3[n0 + g, ci], table_t, affine, j, s3[g, 0])
                 _stack_phases(stage, 0, count, 0, xbuf, p_h, p_w, s_h, s_w, wq, plane,
                               phase_stride, True)
-                _gather_taps(acc, 0, length, xbuf, offs, w_taps[ci * n_feat + j], 0, n_taps,
+                _gather_taps(acc, _ZERO, length, xbuf, offs, w_taps[ci * n_feat + j], _ZERO, n_taps,
                              j == 0)
-            _stack_rows(y, n0, count, ci, acc, 0, wq, plane, False)
+            _stack_rows(y, n0, count, ci, acc, _ZERO, wq, plane, False)
             for g in range(count):
                 scale_row(y3[n0 + g, ci], cst[ci], out_scale)
     return y, codes
@@ -477,7 +480,7 @@ def _depthwise_grad_weight_kernel(gy, x, s_h, s_w, p_h, p_w, d_h, d_w, k_h, k_w,
             grp = item // n_ch
             _stack_phases(x, n0, count, ci, xbuf, p_h, p_w, s_h, s_w, wq, plane,
                           phase_stride, True)
-            _stack_rows(gy, n0, count, ci, gybuf, 0, wq, plane, True)
+            _stack_rows(gy, n0, count, ci, gybuf, _ZERO, wq, plane, True)
             length = (count - 1) * plane + (out_h - 1) * wq + out_w
             _dot_taps(gybuf[:length], xbuf, offs, partial[ci, grp])
 

@@ -232,7 +232,8 @@ def _avg_pool2d_grad_kernel(gy3, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, count_incl
                     for ow in range(out_w):
                         row[_u(ow)] = gf[_u(oh * out_w + ow)] / _window_count(
                             oh, ow, k_h, k_w, s_h, s_w, p_h, p_w, h, wd, count_include_pad)
-                _plane_phases(shares, buf, 1, 1, 1, 1, hq, wq, True)
+                one = np.int64(1)    # not literal: one compiled _plane_phases for every call
+                _plane_phases(shares, buf, one, one, one, one, hq, wq, True)
                 gxf = gx[p].reshape(h * wd)
                 for r in range(h):
                     _sum3x3_row(buf, gxf, r * wd, wd, r, 1, 1, hq, wq)
@@ -319,8 +320,10 @@ def _pool3x3_stacked_kernel(x, is_max, s_h, s_w, p_h, p_w, out_h, out_w, count_i
     """3x3 max (``is_max``: returns y, argmax) or average pool (y, each window's sum divided
     by its :func:`_window_count`; argmax empty) of x (N, C, H, W) on stacked work items."""
     n_img, n_ch, h, wd = x.shape
+    # int64 (not literal) dilation and size: the depthwise kernels' geometry compiled once
+    one, three = np.int64(1), np.int64(3)
     wq, lead, plane, phase_stride, offs = _stack_geometry(h, wd, out_h, out_w, s_h, s_w, p_h,
-                                                          p_w, 1, 1, 3, 3, stack)
+                                                          p_w, one, one, three, three, stack)
     deltas = np.empty(9, np.int32)
     for t in range(9):
         deltas[t] = (t // 3) * wd + t % 3
