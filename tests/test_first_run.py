@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from approxdarts_np.kernels import _util, conv, elementwise
+from approxdarts_np.kernels.threads import available_cores
 from approxdarts_np.runs import first_run
 from approxdarts_np.runs.search import SearchConfig, run_search
 
@@ -143,3 +144,31 @@ def test_the_second_process_runs_one_small_epoch_on_the_parallel_variants(tmp_pa
     assert seen["forced"] == "parallel"
     assert (got.epochs, got.threads, got.warmup_epochs, got.output_dir) == (1, 1, 0, str(tmp_path / "c"))
     assert got.max_train_images == 4 * config.batch_size and got.channels == config.channels
+
+
+@pytest.mark.skipif(available_cores() < 2, reason="a one-thread run never splits")
+def test_a_default_search_on_an_empty_cache_splits_the_compiling(tmp_path):
+    """End to end, as the CLI's default search runs: when its first step starts, the second
+    process has been started, although the search runs its supernet before the loop (the count
+    of multiply-accumulates), which compiles and caches kernels."""
+    code = f"""
+import contextlib
+from approxdarts_np.runs import first_run, loop, search
+real, started = first_run.compile_split, []
+@contextlib.contextmanager
+def spy(*args, **kwargs):
+    with real(*args, **kwargs) as split:
+        started.append(split.process is not None)
+        yield split
+search.compile_split = loop.compile_split = spy
+def first_step(self, epoch, step):
+    print("SPLIT", started, flush=True)
+    raise SystemExit(0)
+search.Searcher.step = first_step
+search.run_search(search.SearchConfig(output_dir={str(tmp_path / "run")!r}, max_train_images=64, epochs=1))
+"""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("APPROXDARTS_NP_COMPILE_SPLIT", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert "SPLIT [True]" in done.stdout.split("\n"), done.stdout + done.stderr[-2000:]

@@ -77,9 +77,10 @@ class _Split:
 
 @contextlib.contextmanager
 def compile_split(kind: str, config, threads: int) -> Iterator[_Split]:
-    """Around a run's loop: split the compiling as the module docstring says; call ``poll()``
-    between steps. ``kind`` is "search" or "train", ``config`` the run's config, ``threads``
-    the number of kernel threads the run uses."""
+    """Around a run, from before it builds its network (a search's count of multiply-accumulates
+    runs the supernet, which compiles kernels) to its end: split the compiling as the module
+    docstring says; call ``poll()`` between steps. ``kind`` is "search" or "train", ``config``
+    the run's config, ``threads`` the number of kernel threads the run uses."""
     if os.environ.get(_CHILD_ENV):        # the second process itself: parallel variants only
         yield _Split(None, None)
         return

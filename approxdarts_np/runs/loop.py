@@ -24,6 +24,7 @@ holds and which result files it writes. Everything else is here, once:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -206,8 +207,12 @@ def check_config_matches(tree: dict, config, path: Path, config_path: Path) -> N
 class RunLoop:
     """Runs a task in a folder from start or from its checkpoint to the configured number of epochs."""
 
-    def __init__(self, task: RunTask, folder: str | Path, progress: ProgressCallback | None = None):
+    def __init__(self, task: RunTask, folder: str | Path, progress: ProgressCallback | None = None,
+                 split=None):
         self.task = task
+        # the compile split the run entered before it built the task (first_run.compile_split),
+        # or None: the loop enters its own
+        self.split = split
         self.folder = Path(folder)
         self.progress = progress or (lambda event: None)
         self.state = LoopState()
@@ -252,7 +257,8 @@ class RunLoop:
         self.progress({"event": "start", "epochs": epochs, "steps_per_epoch": task.steps_per_epoch,
                        "epoch": st.epoch, "step": st.step, "parameters": task.parameter_count()})
         with StopSignals(on_request=lambda signum: self.progress({"event": "stopping", "signal": signum})) as stop, \
-                compile_split(task.kind, task.config, numba.get_num_threads()) as split:
+                (contextlib.nullcontext(self.split) if self.split is not None
+                 else compile_split(task.kind, task.config, numba.get_num_threads())) as split:
             while st.epoch < epochs:
                 begun = task.begin_epoch(st.epoch)
                 while st.step < task.steps_per_epoch:

@@ -39,6 +39,7 @@ from approxdarts_np.nas.operations import PRIMITIVES
 from approxdarts_np.nn import SGD, Adam, clip_grad_norm, cosine_lr
 from approxdarts_np.runs.config import RunConfig, RunSettings, resolve_run_config, setting
 from approxdarts_np.runs.evaluate import evaluate
+from approxdarts_np.runs.first_run import compile_split
 from approxdarts_np.runs.loop import ProgressCallback, RunLoop, StepResult
 from approxdarts_np.runs.memory import check_memory, search_memory_bytes
 from approxdarts_np.runs.replicas import loss_and_backward
@@ -651,9 +652,11 @@ def run_search(config: SearchConfig | None = None, resume: str | Path | None = N
         # the search over workers builds on this module (Searcher, build_searcher): imported here
         from approxdarts_np.runs.workers import run_replicated_search
         return run_replicated_search(config, output_dir, resume is not None, progress, address)
-    searcher = build_searcher(config)
     threads = configure_threads(config.threads)
-    loop = RunLoop(searcher, output_dir, progress)
-    if resume is not None:
-        return loop.resume(resolved_facts(searcher, threads))
-    return loop.start(resolved_facts(searcher, threads))
+    # from before the build: the count of multiply-accumulates runs the supernet
+    with compile_split("search", config, threads) as split:
+        searcher = build_searcher(config)
+        loop = RunLoop(searcher, output_dir, progress, split=split)
+        if resume is not None:
+            return loop.resume(resolved_facts(searcher, threads))
+        return loop.start(resolved_facts(searcher, threads))

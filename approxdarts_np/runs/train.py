@@ -30,6 +30,7 @@ from approxdarts_np.nn import SGD, clip_grad_norm, cosine_lr
 from approxdarts_np.runs.config import (IMAGE_SIZE, RunConfig, RunSettings, genotype_setting, new_default,
                                         resolve_run_config, setting)
 from approxdarts_np.runs.evaluate import evaluate
+from approxdarts_np.runs.first_run import compile_split
 from approxdarts_np.runs.loop import ProgressCallback, RunLoop, StepResult, read_run_checkpoint
 from approxdarts_np.runs.memory import check_memory, train_memory_bytes
 
@@ -198,19 +199,20 @@ def run_train(config: TrainConfig | None = None, resume: str | Path | None = Non
 
     config, output_dir = resolve_run_config(TrainConfig, config, resume, overrides)
     arithmetic = None if config.arithmetic == GENOTYPE else arithmetic_from_spec(config.arithmetic)
-    trainer = Trainer(config, arithmetic=arithmetic)
     threads = configure_threads(config.threads)
-    genotype = Genotype.from_dict(config.genotype)
-    if arithmetic is not None:
-        used = arithmetic.name
-    elif config.arithmetic == GENOTYPE and genotype.has_multipliers:
-        used = "per op, from the genotype"
-    else:
-        used = "none"
-    resolved = {"threads": threads, "arithmetic": used,
-                "genotype_string": genotype.to_text(),
-                "parameters": trainer.parameter_count()}
-    loop = RunLoop(trainer, output_dir, progress)
-    if resume is not None:
-        return loop.resume(resolved)
-    return loop.start(resolved)
+    with compile_split("train", config, threads) as split:     # from before the build, as a search
+        trainer = Trainer(config, arithmetic=arithmetic)
+        genotype = Genotype.from_dict(config.genotype)
+        if arithmetic is not None:
+            used = arithmetic.name
+        elif config.arithmetic == GENOTYPE and genotype.has_multipliers:
+            used = "per op, from the genotype"
+        else:
+            used = "none"
+        resolved = {"threads": threads, "arithmetic": used,
+                    "genotype_string": genotype.to_text(),
+                    "parameters": trainer.parameter_count()}
+        loop = RunLoop(trainer, output_dir, progress, split=split)
+        if resume is not None:
+            return loop.resume(resolved)
+        return loop.start(resolved)
