@@ -8,7 +8,8 @@ Each (setting, policy, neighbours) runs in its own process, round-robin over ``-
   and, as before the spin, only calls of 2^17 elements or more wake them;
 - neighbours: that many CPU-bound busy loops started before the process and stopped after it.
 A row records the step medians, CPU seconds, how many kernel calls per step the crowding check
-sent to a serial twin, and the others' use the check saw last (cores).
+sent to a serial twin, the others' use the check saw last (cores), and what a call of an empty
+parallel (and serial) kernel costs back to back, measured after the steps.
 
     python benchmarks/bench_wake.py --settings tiny quick paper --neighbours 0 1 2 --rounds 2 \\
         --out benchmarks/results/bench_wake.json
@@ -43,7 +44,10 @@ def _child(setting: str, steps: int, warmup: int, threads: int) -> dict:
     serial_before = state.serial_calls
     cpu: list[float] = []
     times = bench_search._time(step, steps, 0, cpu)
-    return {"step_s_median": statistics.median(times), "step_s_all": times,
+    # what one parallel call of an empty kernel costs back to back (the wake-up), and a serial one
+    launch = {"empty_parallel_call_us": bench_search._launch_cost_us(True, threads),
+              "empty_serial_call_us": bench_search._launch_cost_us(False, threads)}
+    return {"step_s_median": statistics.median(times), "step_s_all": times, **launch,
             "cpu_s_median": statistics.median(cpu),
             "crowded_serial_calls_per_step": (state.serial_calls - serial_before) / steps,
             "others_cores_last_seen": state.others, "serial_below": _util.SERIAL_BELOW,
