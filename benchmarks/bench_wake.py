@@ -5,7 +5,8 @@ Each (setting, policy, neighbours) runs in its own process, round-robin over ``-
 - policy ``default``: the environment as the package leaves it (``GOMP_SPINCOUNT`` set at
   import, the check of ``approxdarts_np/kernels/crowding.py`` on);
 - policy ``passive``: ``OMP_WAIT_POLICY=passive`` set by the user, so the workers sleep at once
-  and, as before the spin, only calls of 2^17 elements or more wake them;
+  and, as before the spin, only calls of 2^17 elements or more wake them (the crowding check is
+  on in both policies);
 - neighbours: that many CPU-bound busy loops started before the process and stopped after it.
 A row records the step medians, CPU seconds, how many kernel calls per step the crowding check
 sent to a serial twin, the others' use the check saw last (cores), and what a call of an empty
