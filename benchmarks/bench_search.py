@@ -263,7 +263,7 @@ def _one(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict
     crowd = crowding()
     cpu: list[float] = []
     pool = getattr(step, "pool", None)
-    exchange = {}
+    exchange, crowded = {}, {}
     if pool is None:
         # the kernels the table convolutions took, counted over one step (not a timed one)
         with _table_kernel_calls() as taken:
@@ -271,7 +271,7 @@ def _one(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict
         serial_before = crowd.serial_calls
         times = _time(step, steps, max(warmup - 1, 0), cpu)
         # calls that ran serially because other processes took the cores (kernels/crowding.py)
-        exchange["crowded_serial_calls_per_step"] = (crowd.serial_calls - serial_before) / max(
+        crowded["crowded_serial_calls_per_step"] = (crowd.serial_calls - serial_before) / max(
             steps + max(warmup - 1, 0), 1)
     else:
         _time(step, 0, warmup)
@@ -281,7 +281,7 @@ def _one(setting: str, mode: str, steps: int, warmup: int, threads: int) -> dict
         exchange["workers"] = pool.size
         exchange["threads_per_worker"] = pool.threads
     return {"setting": setting, "mode": mode, "threads": threads, **SETTINGS[setting], **_summary(times, cpu),
-            **exchange,
+            **exchange, **crowded,
             "repeats": steps, "warmup": warmup, "peak_rss_gb": _peak_rss_gb(),
             "omp_wait_policy": policy["OMP_WAIT_POLICY"], "gomp_spincount": policy["GOMP_SPINCOUNT"],
             **_kernel_path(mode),

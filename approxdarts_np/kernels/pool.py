@@ -232,8 +232,9 @@ def _avg_pool2d_grad_kernel(gy3, h, wd, k_h, k_w, s_h, s_w, p_h, p_w, count_incl
                     for ow in range(out_w):
                         row[_u(ow)] = gf[_u(oh * out_w + ow)] / _window_count(
                             oh, ow, k_h, k_w, s_h, s_w, p_h, p_w, h, wd, count_include_pad)
-                one = np.int64(1)    # not literal: one compiled _plane_phases for every call
-                _plane_phases(shares, buf, one, one, one, one, hq, wq, True)
+                # p_h = p_w = s_h = s_w = 1 here; passed as the int64 arguments they are (a
+                # literal 1 would compile _plane_phases a second time)
+                _plane_phases(shares, buf, p_h, p_w, s_h, s_w, hq, wq, True)
                 gxf = gx[p].reshape(h * wd)
                 for r in range(h):
                     _sum3x3_row(buf, gxf, r * wd, wd, r, 1, 1, hq, wq)
